@@ -1,0 +1,77 @@
+"""`kandinsky-batch run | verify | build-tiny`; `python -m kandinsky_batch` is the same program."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE = 0, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kandinsky-batch", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    run = verbs.add_parser("run", help="render a Parquet prompt dataset to videos + a manifest")
+    run.add_argument("config", help="YAML job config (see configs/)")
+    run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output.uri=./outputs/x")
+    run.add_argument("--force", action="store_true",
+                     help="re-render rows the output prefix holds with other parameters")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verify = verbs.add_parser("verify", help="check every ok row's object exists whole with its checksum")
+    verify.add_argument("output_uri")
+    verify.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
+    tiny = verbs.add_parser("build-tiny", help="write the tiny random-weight pipeline in diffusers format")
+    tiny.add_argument("dir")
+    return parser
+
+
+def _run(args) -> int:
+    from kandinsky_batch.config import load_config
+    from kandinsky_batch.job import run
+
+    cfg = load_config(args.config, args.overrides)
+    result = run(cfg, force=args.force, progress=not args.no_progress)
+    print(f"done: {result.rows} rows: {result.ok} ok, {result.invalid} invalid, {result.failed} failed "
+          f"({result.rendered} rendered, {result.skipped} already done, {result.adopted} adopted, "
+          f"{result.retries} retries) in {result.seconds:.1f} s -> {cfg.output.uri}")
+    return EXIT_OK
+
+
+def _verify(args) -> int:
+    from kandinsky_batch.verify import verify
+
+    problems = verify(args.output_uri, json.loads(args.storage_options))
+    for problem in problems:
+        print(problem)
+    print("verify: ok" if not problems else f"verify: {len(problems)} problem(s)")
+    return EXIT_OK if not problems else 1
+
+
+def _build_tiny(args) -> int:
+    from pipelines import save_tiny
+
+    print(f"tiny Kandinsky 5 T2V pipeline (random weights) written to {save_tiny(args.dir)}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from kandinsky_batch.config import ConfigError
+    from kandinsky_batch.dataset import InputError
+    from kandinsky_batch.resume import ResumeConflict
+    from kandinsky_batch.scheduler import StorageOutage, WorkersFailed
+
+    try:
+        return {"run": _run, "verify": _verify, "build-tiny": _build_tiny}[args.verb](args)
+    except (ConfigError, InputError, ResumeConflict) as exc:
+        # Bad input is the user's to fix: one line, no traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (StorageOutage, WorkersFailed) as exc:
+        print(f"error: {exc}; progress is kept, re-run the same command to continue", file=sys.stderr)
+        return EXIT_INCOMPLETE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The job config: a typed schema merged from a YAML file and dotted overrides, validated up front.
+
+Unknown keys, wrong types and bad values fail here, before Ray starts, naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+FORMATS = ("mp4", "npy")
+MAX_SEED = 2**63 - 1  # seeds live in an int64 manifest column
+
+
+class ConfigError(ValueError):
+    """A config key has a bad or missing value; the message names the key and the value."""
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+@dataclass
+class InputConfig:
+    path: str = MISSING
+    """Parquet file or directory of Parquet files, at any fsspec URI."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options (credentials, endpoint) for `path`; never written anywhere."""
+
+    def __post_init__(self) -> None:
+        _require(bool(str(self.path).strip()), "input.path", self.path, "must name a Parquet file or directory")
+
+
+@dataclass
+class OutputConfig:
+    uri: str = MISSING
+    """Output prefix: videos under `{uri}/videos/`, the manifest under `{uri}/manifest/`."""
+    format: str = "mp4"
+    """`mp4` (H.264) or `npy` (raw uint8 frames, lossless)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for `uri`; never written anywhere."""
+
+    def __post_init__(self) -> None:
+        _require(bool(str(self.uri).strip()), "output.uri", self.uri, "must name an output prefix")
+        _require(self.format in FORMATS, "output.format", self.format, f"must be one of {', '.join(FORMATS)}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"
+    """`tiny` (random weights, built offline), a hub id, a local diffusers dir, or an fsspec URI of one."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options when `path` is an object-store URI."""
+
+
+@dataclass
+class RenderConfig:
+    """Defaults for every row; a row's own non-null column overrides them."""
+
+    height: int = 512
+    width: int = 768
+    num_frames: int = 121
+    """Must be 4k+1 (the VAE compresses time 4x)."""
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    """Classifier-free guidance; <= 1 turns it off (one transformer call per step)."""
+    negative_prompt: Optional[str] = None
+    """None: the pipeline's own default negative prompt (recorded in the manifest)."""
+    fps: int = 24
+    seed: int = 0
+    """Job seed: a row without `seed` gets one derived from this and its id."""
+
+    def __post_init__(self) -> None:
+        for key in ("height", "width", "num_frames", "num_inference_steps", "fps"):
+            value = getattr(self, key)
+            _require(value > 0, f"render.{key}", value, "must be a positive integer")
+        _require((self.num_frames - 1) % 4 == 0, "render.num_frames", self.num_frames, "must be 4k+1 (1, 5, ..., 121)")
+        _require(self.num_inference_steps <= 1000, "render.num_inference_steps", self.num_inference_steps,
+                 "must be at most 1000")
+        _require(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, "render.guidance_scale",
+                 self.guidance_scale, "must be a finite number >= 0")
+        _require(self.fps <= 240, "render.fps", self.fps, "must be at most 240")
+        _require(0 <= self.seed <= MAX_SEED, "render.seed", self.seed, f"must be in [0, {MAX_SEED}]")
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None
+    """Ray address to join (`auto` inside `ray job submit`); None starts a local Ray on loopback."""
+    replicas: Optional[int] = None
+    """Model replicas. None: one per GPU in the cluster, or 1 on a host without GPUs."""
+    max_attempts: int = 3
+    """Times a row is tried (actor deaths and render errors) before it is recorded as failed."""
+    num_cpus: Optional[int] = None
+    """CPUs for a local Ray (None: enough for the replicas, at least the host's count)."""
+
+    def __post_init__(self) -> None:
+        if self.replicas is not None:
+            _require(self.replicas >= 1, "cluster.replicas", self.replicas, "must be >= 1")
+        _require(self.max_attempts >= 1, "cluster.max_attempts", self.max_attempts, "must be >= 1")
+        if self.num_cpus is not None:
+            _require(self.num_cpus >= 1, "cluster.num_cpus", self.num_cpus, "must be >= 1")
+
+
+@dataclass
+class JobConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Merge schema defaults, the YAML file at `path` and `key=value` overrides; validate everything."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. output.uri=./outputs/demo)")
+    try:
+        merged = OmegaConf.structured(JobConfig)
+        if path is not None:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r}: no such file") from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
+
+
+def to_dict(cfg: JobConfig, redact: bool = True) -> dict:
+    """The config as plain data; storage options (credentials) are replaced by their key names."""
+    data = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    if redact:
+        for section in ("input", "output", "model"):
+            opts = data[section].get("storage_options") or {}
+            data[section]["storage_options"] = {k: "<redacted>" for k in opts}
+    return data

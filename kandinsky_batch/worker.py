@@ -1,0 +1,74 @@
+"""The render actor: one model replica, loaded once, pinned to one GPU (or the CPU).
+
+It renders a task, encodes it, uploads the object whole under its deterministic key and returns the
+row's manifest entry. Frames never travel back to the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+
+from kandinsky_batch.rows import Task
+from kandinsky_batch.storage import Storage, StorageUnavailable, object_key
+from kandinsky_batch.video import encode
+from pipelines import Renderer
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything an actor needs, picklable, credentials included (they stay in memory)."""
+
+    model_path: str
+    output_uri: str
+    format: str
+    fps: int
+    model_storage_options: dict = field(default_factory=dict)
+    output_storage_options: dict = field(default_factory=dict)
+    num_threads: int | None = None
+
+
+class RenderWorker:
+    """Ray actor class (wrapped with `ray.remote` by the scheduler, so this module knows no Ray)."""
+
+    def __init__(self, spec: WorkerSpec, replica: int):
+        import torch
+
+        if spec.num_threads:
+            # Several CPU replicas on one host would otherwise oversubscribe the cores.
+            torch.set_num_threads(spec.num_threads)
+        self.spec = spec
+        self.renderer = Renderer(spec.model_path, storage_options=spec.model_storage_options)
+        self.storage = Storage(spec.output_uri, spec.output_storage_options)
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES") if self.renderer.device.startswith("cuda") else None
+        where = f"gpu{gpu}" if gpu is not None else self.renderer.device
+        self.name = f"replica{replica}@{socket.gethostname()}:{os.getpid()}:{where}"
+
+    def ready(self) -> dict:
+        """Answer once the model is loaded: the driver waits for this before queueing rows."""
+        return {"worker": self.name, "device": self.renderer.device, "load_seconds": self.renderer.load_seconds}
+
+    def render(self, task: Task, attempt: int) -> dict:
+        """Render, encode and commit one task; return its manifest row (status ok or failed)."""
+        row = {**asdict(task), "attempts": attempt, "worker": self.name, "model": self.spec.model_path,
+               "format": self.spec.format, "fps": self.spec.fps}
+        try:
+            started = time.perf_counter()
+            frames = self.renderer.render(task.request())
+            row["render_seconds"] = time.perf_counter() - started
+            data = encode(frames, self.spec.format, self.spec.fps)
+            key = object_key(task.id, self.spec.format)
+            self.storage.put_bytes(key, data)
+        except StorageUnavailable as exc:
+            # Not the row's fault: the driver stops the job cleanly and a re-run continues.
+            return {**row, "status": "failed", "error": f"storage unavailable: {exc}", "storage_outage": True}
+        except Exception as exc:  # noqa: BLE001 - any pipeline error becomes a row-level failure
+            last = traceback.extract_tb(exc.__traceback__)[-1]
+            where = f" (at {os.path.basename(last.filename)}:{last.lineno})" if last else ""
+            return {**row, "status": "failed", "error": f"{type(exc).__name__}: {exc}{where}"}
+        return {**row, "status": "ok", "error": None, "uri": self.storage.url(key), "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest()}

@@ -1,0 +1,131 @@
+"""Where a model comes from (`model.path`) and what it can render (its limits).
+
+`model.path` is one of: the preset `tiny`, a local diffusers directory, an fsspec URI of one
+(s3://, gs://, az://, file://; copied to a local cache once per node), or a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.tiny import TEMPLATE_TOKENS, ensure_tiny
+
+TINY = "tiny"
+# What the system needs to validate rows without loading weights.
+SPEC_FILES = ["model_index.json", "transformer/config.json", "vae/config.json", "tokenizer/*"]
+# The pipeline's default `max_sequence_length`: prompt tokens kept after the template.
+MAX_PROMPT_TOKENS = 512
+
+
+def cache_root() -> Path:
+    """Per-node cache for the tiny build and copied checkpoints (`KANDINSKY_BATCH_CACHE` overrides)."""
+    return Path(os.environ.get("KANDINSKY_BATCH_CACHE", Path.home() / ".cache" / "kandinsky-batch"))
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _copy_once(uri: str, storage_options: dict | None, patterns: list[str] | None) -> Path:
+    """Copy a diffusers directory from object storage to the node cache (atomic rename, once)."""
+    import fsspec
+
+    tag = "spec" if patterns else "full"
+    target = cache_root() / "models" / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{tag}"
+    if (target / "model_index.json").exists():
+        return target
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".copy-", dir=target.parent))
+    try:
+        for pattern in patterns or ["**"]:
+            for src in fs.glob(f"{root.rstrip('/')}/{pattern}"):
+                if fs.isdir(src):
+                    continue
+                dst = tmp / os.path.relpath(src, root)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(src, str(dst))
+        if not (tmp / "model_index.json").exists():
+            raise FileNotFoundError(f"model.path {uri!r} holds no model_index.json (not a diffusers directory)")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(path: str, storage_options: dict | None = None, spec_only: bool = False) -> str:
+    """Turn `model.path` into something `from_pretrained` loads: a local directory or a hub id.
+
+    With `spec_only`, fetch only configs and the tokenizer (what validation needs), never weights.
+    """
+    if path == TINY:
+        return str(ensure_tiny(cache_root()))
+    if _is_uri(path):
+        return str(_copy_once(path, storage_options, SPEC_FILES if spec_only else None))
+    if os.path.isdir(path):
+        return path
+    if spec_only:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=SPEC_FILES)
+    return path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The limits of one checkpoint, read from its configs: what a row may ask of it."""
+
+    path: str
+    attention_type: str
+    num_heads: int
+    spatial_multiple: int
+    temporal_multiple: int
+    max_frames: int
+    max_size: int
+    max_prompt_tokens: int
+    tokenizer: object = field(repr=False, compare=False)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Qwen tokens the prompt occupies after the pipeline cleans it and wraps it in its template."""
+        from diffusers.pipelines.kandinsky5.pipeline_kandinsky import prompt_clean
+
+        from pipelines.render import PROMPT_TEMPLATE
+
+        ids = self.tokenizer(text=[PROMPT_TEMPLATE.format(prompt_clean(prompt))], return_tensors=None)["input_ids"][0]
+        # The pipeline keeps tokens [128:-2] (template head and the closing `<|im_end|>\n` dropped).
+        return len(ids) - TEMPLATE_TOKENS - 2
+
+
+def load_spec(path: str, storage_options: dict | None = None) -> ModelSpec:
+    """Read a model's limits from its configs and tokenizer, without loading any weights."""
+    from transformers import AutoProcessor
+
+    local = Path(resolve_model(path, storage_options, spec_only=True))
+    transformer = json.loads((local / "transformer" / "config.json").read_text())
+    vae = json.loads((local / "vae" / "config.json").read_text())
+    head_dim = sum(transformer["axes_dims"])
+    spatial = vae.get("spatial_compression_ratio", 8) * transformer["patch_size"][1]
+    temporal = vae.get("temporal_compression_ratio", 4)
+    nabla = transformer.get("attention_type") == "nabla"
+    # RoPE tables hold 128 positions per axis (Kandinsky5RoPE3D): latent frames and patched rows/cols.
+    return ModelSpec(
+        path=path,
+        attention_type=transformer.get("attention_type", "regular"),
+        num_heads=transformer["model_dim"] // head_dim,
+        spatial_multiple=128 if nabla else spatial,
+        temporal_multiple=temporal,
+        max_frames=temporal * 127 + 1,
+        max_size=spatial * 128,
+        max_prompt_tokens=MAX_PROMPT_TOKENS,
+        tokenizer=AutoProcessor.from_pretrained(local / "tokenizer"),
+    )

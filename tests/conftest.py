@@ -1,0 +1,106 @@
+"""Shared fixtures: a real S3 server (moto) on loopback and an `output_target` that runs a test on file:// and s3://."""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+S3_BUCKET = "kb-test"
+_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """Endpoint URL of a moto S3 server on 127.0.0.1, running for the whole session."""
+    saved = {name: os.environ.get(name) for name in _AWS_ENV}
+    os.environ.update(_AWS_ENV)
+    werkzeug_log = logging.getLogger("werkzeug")
+    saved_level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.WARNING)  # one access-log line per request drowns failure output
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()  # werkzeug closes the listening socket when serve_forever returns
+        werkzeug_log.setLevel(saved_level)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture
+def s3_storage_options(moto_endpoint: str) -> dict:
+    """fsspec options for a freshly reset moto holding an empty bucket `kb-test`."""
+    reset = urllib.request.Request(f"{moto_endpoint}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(reset, timeout=10) as response:
+        assert response.status == 200
+    boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=S3_BUCKET)
+    return {"client_kwargs": {"endpoint_url": moto_endpoint}, "key": "testing", "secret": "testing"}
+
+
+@pytest.fixture(params=["file", "s3"])
+def output_target(request: pytest.FixtureRequest, tmp_path) -> tuple[str, dict | None]:
+    """(uri, storage_options) of an empty output prefix, on local disk and on S3."""
+    if request.param == "file":
+        return f"file://{tmp_path / 'out'}", None
+    options = request.getfixturevalue("s3_storage_options")
+    return f"s3://{S3_BUCKET}/out-{uuid.uuid4().hex}", options
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Iterator[str]:
+    """A per-session node cache, so the tiny model is built once and never read from ~/.cache."""
+    path = str(tmp_path_factory.mktemp("model-cache"))
+    saved = os.environ.get("KANDINSKY_BATCH_CACHE")
+    os.environ["KANDINSKY_BATCH_CACHE"] = path
+    yield path
+    if saved is None:
+        os.environ.pop("KANDINSKY_BATCH_CACHE", None)
+    else:
+        os.environ["KANDINSKY_BATCH_CACHE"] = saved
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(model_cache):
+    """Plain diffusers: the tiny checkpoint loaded with `Kandinsky5T2VPipeline.from_pretrained` (the oracle)."""
+    from diffusers import Kandinsky5T2VPipeline
+
+    from pipelines import resolve_model
+
+    pipe = Kandinsky5T2VPipeline.from_pretrained(resolve_model("tiny"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def ray_local(model_cache) -> Iterator[None]:
+    """One loopback-only local Ray for the session; jobs run in-process join it instead of starting their own."""
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+    try:
+        yield
+    finally:
+        ray.shutdown()

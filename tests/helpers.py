@@ -1,0 +1,30 @@
+"""Test helpers: datasets written in code and the plain-diffusers oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipelines import to_uint8
+
+TINY_RENDER = ["render.height=32", "render.width=32", "render.num_frames=5", "render.num_inference_steps=2",
+               "render.fps=8"]
+
+
+def write_dataset(path, rows: list[dict], schema: pa.Schema | None = None) -> str:
+    """Write rows as a Parquet file and return its path."""
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return str(path)
+
+
+def oracle(pipe, row: dict) -> np.ndarray:
+    """What plain `Kandinsky5T2VPipeline(...)` renders for a manifest row's effective values."""
+    out = pipe(
+        prompt=row["prompt"], negative_prompt=row["negative_prompt"], height=row["height"], width=row["width"],
+        num_frames=row["num_frames"], num_inference_steps=row["num_inference_steps"],
+        guidance_scale=row["guidance_scale"], generator=torch.Generator("cpu").manual_seed(row["seed"]),
+        output_type="np",
+    ).frames
+    return to_uint8(out[0])
