@@ -56,11 +56,20 @@ def _build_tiny(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come before or after flags (`run cfg.yaml --force a=1 b=2`): argparse stops
+    # collecting positionals at the first flag, so gather the rest here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or args.verb != "run"]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if args.verb == "run":
+        args.overrides = list(args.overrides) + extra
     from kandinsky_batch.config import ConfigError
     from kandinsky_batch.dataset import InputError
     from kandinsky_batch.resume import ResumeConflict
     from kandinsky_batch.scheduler import StorageOutage, WorkersFailed
+    from kandinsky_batch.storage import StorageUnavailable
 
     try:
         return {"run": _run, "verify": _verify, "build-tiny": _build_tiny}[args.verb](args)
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is the user's to fix: one line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (StorageOutage, WorkersFailed) as exc:
+    except (StorageOutage, StorageUnavailable, WorkersFailed) as exc:
         print(f"error: {exc}; progress is kept, re-run the same command to continue", file=sys.stderr)
         return EXIT_INCOMPLETE
 

@@ -44,9 +44,15 @@ class OutputConfig:
     """`mp4` (H.264) or `npy` (raw uint8 frames, lossless)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for `uri`; never written anywhere."""
+    retries: int = 5
+    """Tries of a storage operation on transient errors before the job stops (progress kept)."""
+    retry_backoff: float = 0.5
+    """First backoff in seconds between tries; doubles each time (capped at 8 s), with jitter."""
 
     def __post_init__(self) -> None:
         _require(bool(str(self.uri).strip()), "output.uri", self.uri, "must name an output prefix")
+        _require(self.retries >= 1, "output.retries", self.retries, "must be >= 1")
+        _require(self.retry_backoff >= 0, "output.retry_backoff", self.retry_backoff, "must be >= 0")
         _require(self.format in FORMATS, "output.format", self.format, f"must be one of {', '.join(FORMATS)}")
 
 
@@ -131,7 +137,9 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"config file {path!r}: no such file") from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "config"
-        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
+        # Name the value too when it came from an override (`render.height=tall`, `bogus.key=1`).
+        given = [item for item in overrides if item.split("=", 1)[0] == key or item.startswith(key + ".")]
+        raise ConfigError(f"{given[-1] if given else key}: {str(exc).splitlines()[0]}") from None
 
 
 def to_dict(cfg: JobConfig, redact: bool = True) -> dict:

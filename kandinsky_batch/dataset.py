@@ -10,11 +10,18 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+
+def _is_text(t: pa.DataType) -> bool:
+    # Parquet strings come back as string, large_string or (pyarrow >= 16) string_view.
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or is_view(t)
+
+
 # Column -> predicate on its Arrow type, and the type named in errors.
 COLUMNS = {
-    "prompt": (pa.types.is_string, "string"),
-    "id": (lambda t: pa.types.is_string(t) or pa.types.is_integer(t), "string or integer"),
-    "negative_prompt": (pa.types.is_string, "string"),
+    "prompt": (_is_text, "string"),
+    "id": (lambda t: _is_text(t) or pa.types.is_integer(t), "string or integer"),
+    "negative_prompt": (_is_text, "string"),
     "seed": (pa.types.is_integer, "integer"),
     "height": (pa.types.is_integer, "integer"),
     "width": (pa.types.is_integer, "integer"),
@@ -22,51 +29,87 @@ COLUMNS = {
     "num_inference_steps": (pa.types.is_integer, "integer"),
     "guidance_scale": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "float"),
 }
+MAX_NAMED_COLUMNS = 20
 
 
 class InputError(ValueError):
     """The input dataset as a whole cannot be used; the message says why in one line."""
 
 
-def _is_null_type(t: pa.DataType) -> bool:
-    return pa.types.is_null(t)
+def _secrets(options) -> list[str]:
+    """Every string value in (nested) storage options: what must never appear in a message."""
+    if isinstance(options, dict):
+        return [s for value in options.values() for s in _secrets(value)]
+    if isinstance(options, (list, tuple)):
+        return [s for value in options for s in _secrets(value)]
+    return [options] if isinstance(options, str) and len(options) >= 4 else []
+
+
+def _reason(exc: BaseException, storage_options: dict | None) -> str:
+    """The first line of an exception, with any storage option value blanked out."""
+    text = str(exc).strip()
+    line = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    for secret in _secrets(storage_options):
+        line = line.replace(secret, "<redacted>")
+    return line
+
+
+def _read_file(fs, file: str) -> pa.Table:
+    table = pq.read_table(file, filesystem=fs)
+    # pandas categoricals come back dictionary-encoded; rows want plain values.
+    for name in COLUMNS:
+        for i in table.schema.get_all_field_indices(name):
+            if pa.types.is_dictionary(table.schema.field(i).type):
+                table = table.set_column(i, name, table.column(i).cast(table.schema.field(i).type.value_type))
+    return table
 
 
 def read_table(path: str, storage_options: dict | None = None) -> pa.Table:
-    """Read the whole dataset (a file or a directory of `*.parquet`) and check its columns."""
+    """Read the whole dataset (a file, or a directory of `*.parquet` in name order) and check its columns."""
+    where = f"input.path={path!r}"
     try:
-        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    except (ValueError, ImportError) as exc:
-        raise InputError(f"input.path={path!r}: cannot open ({exc})") from None
-    if not fs.exists(root):
-        raise InputError(f"input.path={path!r}: no such file or directory")
+        fs, root = fsspec.core.url_to_fs(path, skip_instance_cache=True, **(storage_options or {}))
+    except Exception as exc:  # noqa: BLE001 - unknown protocol, missing backend, bad options
+        raise InputError(f"{where}: cannot open ({_reason(exc, storage_options)})") from None
     try:
-        if fs.isdir(root):
-            files = sorted(f for f in fs.find(root) if f.endswith(".parquet"))
-            if not files:
-                raise InputError(f"input.path={path!r}: directory holds no .parquet files")
-            table = pa.concat_tables(
-                [pq.read_table(f, filesystem=fs) for f in files], promote_options="permissive"
-            )
-        else:
-            table = pq.read_table(root, filesystem=fs)
-    except InputError:
-        raise
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"input.path={path!r}: not a readable Parquet dataset ({first})") from None
+        exists = fs.exists(root)
+        files = sorted(f for f in fs.find(root) if f.endswith(".parquet")) if exists and fs.isdir(root) else None
+    except Exception as exc:  # noqa: BLE001 - credentials, network, permissions
+        raise InputError(f"{where}: cannot list ({_reason(exc, storage_options)})") from None
+    if not exists:
+        raise InputError(f"{where}: no such file or directory")
+    if files == []:
+        raise InputError(f"{where}: directory holds no .parquet files")
+
+    tables = []
+    for file in files or [root]:
+        try:
+            tables.append(_read_file(fs, file))
+        except Exception as exc:  # noqa: BLE001 - corrupt, truncated, not Parquet, unreadable
+            name = "" if files is None else f" file {file!r}"
+            raise InputError(f"{where}:{name} not a readable Parquet file ({_reason(exc, storage_options)})") from None
+    try:
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise InputError(f"{where}: the files' columns do not agree ({_reason(exc, storage_options)})") from None
     check_columns(table, path)
     return table
 
 
 def check_columns(table: pa.Table, path: str) -> None:
-    """Refuse a dataset without `prompt`, with a known column of the wrong type, or with no rows."""
-    if "prompt" not in table.column_names:
-        raise InputError(f"input.path={path!r}: required column 'prompt' is missing (columns: {table.column_names})")
+    """Refuse a dataset without `prompt`, with a known column of the wrong type or twice, or with no rows."""
+    where = f"input.path={path!r}"
+    names = table.column_names
+    if "prompt" not in names:
+        shown = names[:MAX_NAMED_COLUMNS] + (["..."] if len(names) > MAX_NAMED_COLUMNS else [])
+        raise InputError(f"{where}: required column 'prompt' is missing (columns: {shown})")
     for name, (ok, wanted) in COLUMNS.items():
-        if name in table.column_names:
+        count = names.count(name)
+        if count > 1:
+            raise InputError(f"{where}: column {name!r} appears {count} times")
+        if count:
             actual = table.schema.field(name).type
-            if not (ok(actual) or _is_null_type(actual) or pa.types.is_large_string(actual) and wanted == "string"):
-                raise InputError(f"input.path={path!r}: column {name!r} has type {actual}, expected {wanted}")
+            if not (ok(actual) or pa.types.is_null(actual)):
+                raise InputError(f"{where}: column {name!r} has type {actual}, expected {wanted}")
     if table.num_rows == 0:
-        raise InputError(f"input.path={path!r}: the dataset has no rows")
+        raise InputError(f"{where}: the dataset has no rows")

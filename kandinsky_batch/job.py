@@ -84,13 +84,15 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
     result = JobResult(rows=table.num_rows, invalid=len(invalid))
 
     # 2. Look at what the output prefix already holds: skip committed rows, adopt orphans.
-    storage = Storage(cfg.output.uri, cfg.output.storage_options)
+    storage = Storage(cfg.output.uri, cfg.output.storage_options, retries=cfg.output.retries,
+                      backoff=cfg.output.retry_backoff)
     storage.cleanup_temp("videos")
     plan = resume.plan(storage, tasks, cfg, force=force)
     result.skipped, result.adopted = len(plan.done), len(plan.adopted)
 
     # 3. Commit what needs no GPU: invalid rows and adopted videos.
-    writer = ManifestWriter(storage, run_id)
+    # Parts are published every few seconds, so a killed driver loses at most the rows in flight.
+    writer = ManifestWriter(storage, run_id, flush_seconds=5.0)
     for row in invalid + plan.adopted:
         writer.add(_stamp(row, cfg))
     writer.flush()
@@ -114,10 +116,11 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
             worker_spec = WorkerSpec(
                 model_path=cfg.model.path, output_uri=cfg.output.uri, format=cfg.output.format,
                 fps=cfg.render.fps, model_storage_options=cfg.model.storage_options,
-                output_storage_options=cfg.output.storage_options,
+                output_storage_options=cfg.output.storage_options, retries=cfg.output.retries,
+                retry_backoff=cfg.output.retry_backoff,
             )
             queue = WorkQueue(cluster.spawner(placement, worker_spec), min(placement.replicas, len(todo)),
-                              cfg.cluster.max_attempts, on_row)
+                              cfg.cluster.max_attempts, on_row, on_tick=writer.flush_if_due)
             try:
                 queue.run(todo)
             finally:

@@ -102,6 +102,12 @@ class ManifestWriter:
         if due:
             self.flush()
 
+    def flush_if_due(self) -> str | None:
+        """Publish buffered rows if the oldest has waited `flush_seconds` (call it periodically)."""
+        with self._lock:
+            due = bool(self._rows) and time.monotonic() - self._oldest >= self.flush_seconds
+        return self.flush() if due else None
+
     def flush(self) -> str | None:
         """Publish buffered rows as one part; returns its key, or None if nothing was buffered."""
         with self._lock:

@@ -9,7 +9,7 @@ never mixed in silently: the run refuses unless forced.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kandinsky_batch.config import JobConfig
 from kandinsky_batch.manifest import latest_outcomes
@@ -39,7 +39,7 @@ def identity(row: dict) -> tuple:
 
 
 def expected(task: Task, cfg: JobConfig) -> dict:
-    return {**asdict(task), "model": cfg.model.path, "format": cfg.output.format, "fps": cfg.render.fps}
+    return {**task.row(), "model": cfg.model.path, "format": cfg.output.format, "fps": cfg.render.fps}
 
 
 def _complete(data: bytes, task: Task, fmt: str) -> bool:
@@ -69,14 +69,18 @@ def plan(storage: Storage, tasks: list[Task], cfg: JobConfig, force: bool = Fals
             conflicts.append(f"id={task.id!r} ({', '.join(f'{k}: {before.get(k)!r} -> {want.get(k)!r}' for k in changed[:3])})")
             if not force:
                 continue
+            result.todo.append(replace(task, overwrite=True))
+            continue
         key = object_key(task.id, cfg.output.format)
-        if key in existing and before is None:
+        if key in existing:
             data = storage.get_bytes(key)
-            if _complete(data, task, cfg.output.format):
+            if before is None and _complete(data, task, cfg.output.format):
                 result.adopted.append({**want, "status": "ok", "error": None, "uri": storage.url(key),
                                        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                                        "attempts": 0, "worker": "adopted"})
                 continue
+            # Truncated, corrupt, or left by a failed row: this run's render replaces it.
+            task = replace(task, overwrite=True)
         result.todo.append(task)
     if conflicts and not force:
         raise ResumeConflict(

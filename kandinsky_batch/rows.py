@@ -14,11 +14,15 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from kandinsky_batch.config import MAX_SEED, JobConfig
+from kandinsky_batch.storage import object_key
 from pipelines import ModelSpec, RenderRequest
 
 MAX_ID_CHARS = 256
 MAX_STEPS = 1000
 PARAMS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")
+# Unicode categories an id may not contain: controls, format (zero-width, bidi), surrogates, private use,
+# and line/paragraph separators (they split log lines).
+_BAD_ID_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")
 
 
 def derive_seed(job_seed: int, row_id: str) -> int:
@@ -41,11 +45,19 @@ class Task:
     num_frames: int
     num_inference_steps: int
     guidance_scale: float
+    overwrite: bool = False
+    """Replace an object already under this row's key (a forced re-render, a truncated orphan)."""
 
     def request(self) -> RenderRequest:
-        fields = asdict(self)
+        fields = self.row()
         del fields["id"], fields["row_index"]
         return RenderRequest(**fields)
+
+    def row(self) -> dict:
+        """The task's manifest fields: its id, position and effective parameters."""
+        fields = asdict(self)
+        del fields["overwrite"]
+        return fields
 
     def cost(self) -> float:
         """Relative GPU cost: visual tokens x steps x transformer passes per step."""
@@ -53,25 +65,33 @@ class Task:
         return tokens * self.num_inference_steps * (2 if self.guidance_scale > 1.0 else 1)
 
 
-def _id_error(row_id: str) -> str | None:
+def _id_error(row_id: str | None) -> str | None:
+    if row_id is None:
+        return "id=None: missing (rule: ids must be non-empty; drop the column to use row positions)"
     if not row_id.strip():
         return f"id={row_id!r}: empty or blank (rule: ids must be non-empty)"
     if len(row_id) > MAX_ID_CHARS:
         return f"id={row_id[:40]!r}...: {len(row_id)} characters (rule: at most {MAX_ID_CHARS})"
-    bad = next((c for c in row_id if unicodedata.category(c) in ("Cc", "Cf")), None)
+    bad = next((c for c in row_id if unicodedata.category(c) in _BAD_ID_CATEGORIES), None)
     if bad is not None:
         return f"id={row_id!r}: contains control character U+{ord(bad):04X} (rule: printable characters only)"
-    if row_id.startswith("/") or any(part in (".", "..") for part in row_id.replace("\\", "/").split("/")):
+    path = row_id.replace("\\", "/")
+    if path.startswith("/") or any(part in (".", "..") for part in path.split("/")):
         return f"id={row_id!r}: would escape the output prefix (rule: no leading '/', no '.' or '..' segments)"
     return None
 
 
-def _text_error(field: str, text, spec: ModelSpec, required: bool) -> str | None:
+def _is_blank(text: str) -> bool:
+    # Whitespace, controls and zero-width characters only: the text encoder would see nothing.
+    return not any(not (c.isspace() or unicodedata.category(c)[0] in "CZ") for c in text)
+
+
+def _text_error(field: str, text, spec: ModelSpec, required: bool, count_tokens) -> str | None:
     if text is None:
         return f"{field}=None: missing (rule: required)" if required else None
-    if not text.strip():
-        return f"{field}={text!r}: empty or blank (rule: must contain text)"
-    tokens = spec.prompt_tokens(text)
+    if _is_blank(text):
+        return f"{field}={text[:40]!r}: empty or blank (rule: must contain text)"
+    tokens = count_tokens(text)
     if tokens > spec.max_prompt_tokens:
         return (f"{field}={text[:40]!r}...: {tokens} tokens (rule: the text encoder keeps at most "
                 f"{spec.max_prompt_tokens}; longer prompts would be truncated)")
@@ -114,8 +134,19 @@ def build_tasks(table: pa.Table, cfg: JobConfig, spec: ModelSpec) -> tuple[list[
     tasks: list[Task] = []
     invalid: list[dict] = []
     first_seen: dict[str, int] = {}
+    key_owner: dict[str, tuple[str, int]] = {}
+    token_counts: dict[str, int] = {}
+
+    def count_tokens(text: str) -> int:
+        # The default negative prompt repeats on every row: tokenize each distinct text once.
+        if text not in token_counts:
+            token_counts[text] = spec.prompt_tokens(text)
+        return token_counts[text]
+
     for index, row in enumerate(rows):
         raw_id = row.get("id")
+        missing_id = "id" in row and raw_id is None
+        # The manifest's id column is non-null: a null id is recorded as "" (and the row as invalid).
         row_id = str(index) if "id" not in row else ("" if raw_id is None else str(raw_id))
         params = {key: row.get(key) if row.get(key) is not None else getattr(defaults, key) for key in PARAMS}
         params["guidance_scale"] = float(params["guidance_scale"])
@@ -130,14 +161,21 @@ def build_tasks(table: pa.Table, cfg: JobConfig, spec: ModelSpec) -> tuple[list[
             prompt="", negative_prompt=negative, seed=0, **params
         ).effective_negative_prompt()
 
-        error = _id_error(row_id)
+        error = _id_error(None if missing_id else row_id)
         if error is None and row_id in first_seen:
             error = f"id={row_id!r}: duplicate of row {first_seen[row_id]} (rule: ids must be unique)"
         first_seen.setdefault(row_id, index)
-        error = (error or _text_error("prompt", candidate["prompt"], spec, required=True)
+        if error is None:
+            # Distinct ids must never share an object (a crafted id can equal another id's hashed key).
+            key = object_key(row_id, cfg.output.format)
+            owner = key_owner.setdefault(key, (row_id, index))
+            if owner[1] != index:
+                error = (f"id={row_id!r}: maps to object key {key!r} like the id {owner[0]!r} of row {owner[1]} "
+                         f"(rule: ids must map to distinct objects)")
+        error = (error or _text_error("prompt", candidate["prompt"], spec, True, count_tokens)
                  or _param_error(candidate, spec))
         if error is None and candidate["negative_prompt"] is not None:
-            error = _text_error("negative_prompt", candidate["negative_prompt"], spec, required=False)
+            error = _text_error("negative_prompt", candidate["negative_prompt"], spec, False, count_tokens)
         if error is None:
             tasks.append(Task(**candidate))
         else:

@@ -41,23 +41,50 @@ class WorkQueue:
     """Feed tasks to replicas created by `spawn(slot)` and hand each final row to `on_row`."""
 
     def __init__(self, spawn: Callable[[int], Any], replicas: int, max_attempts: int,
-                 on_row: Callable[[dict], None], prefetch: int = 2):
+                 on_row: Callable[[dict], None], prefetch: int = 2, on_tick: Callable[[], None] = lambda: None,
+                 tick_seconds: float = 1.0):
         self.spawn, self.replicas, self.max_attempts = spawn, replicas, max_attempts
         self.on_row, self.prefetch = on_row, prefetch
+        self.on_tick, self.tick_seconds = on_tick, tick_seconds
         self.restarts = 0
         self.retries = 0
         self.workers: list[dict] = []
 
     def _failed(self, task: Task, attempt: int, error: str) -> dict:
-        return {**task.__dict__, "status": "failed", "error": error, "attempts": attempt}
+        return {**task.row(), "status": "failed", "error": error, "attempts": attempt}
 
     def run(self, tasks: list[Task]) -> None:
-        # 1. Start every replica and wait until each has its model loaded (fail fast on a bad model).
-        actors = [self.spawn(slot) for slot in range(self.replicas)]
+        # 1. Start every replica; wait until each has its model loaded.
+        actors = self._start()
         try:
-            self.workers = ray.get([a.ready.remote() for a in actors])
-        except (RayActorError, RayTaskError) as exc:
-            raise WorkersFailed(f"replicas failed to start: {_cause(exc)}") from None
+            self._drain(actors, tasks)
+        finally:
+            # Release GPUs now, not whenever the handles are collected: the next job may be waiting.
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+
+    def _start(self) -> list:
+        """Spawn all replicas at once; a slot whose replica dies while loading is retried, a bad model fails fast."""
+        actors = [self.spawn(slot) for slot in range(self.replicas)]
+        self.workers = [{} for _ in range(self.replicas)]
+        tries = [1] * self.replicas
+        waiting = {actors[slot].ready.remote(): slot for slot in range(self.replicas)}
+        while waiting:
+            [ref], _ = ray.wait(list(waiting), num_returns=1)
+            slot = waiting.pop(ref)
+            try:
+                self.workers[slot] = ray.get(ref)
+            except (RayActorError, RayTaskError) as exc:
+                if tries[slot] >= self.max_attempts:
+                    raise WorkersFailed(f"replica {slot} failed to start {tries[slot]} times: {_cause(exc)}") from None
+                tries[slot] += 1
+                self.restarts += 1
+                actors[slot] = self.spawn(slot)
+                waiting[actors[slot].ready.remote()] = slot
+        return actors
+
+    def _drain(self, actors: list, tasks: list[Task]) -> None:
+        """Feed tasks until every one has its final row (or storage stays down)."""
         generations = [0] * self.replicas
         pending: deque[tuple[Task, int]] = deque((t, 0) for t in tasks)
         flights: dict[ray.ObjectRef, _Flight] = {}
@@ -81,7 +108,12 @@ class WorkQueue:
         for slot in range(self.replicas):
             feed(slot)
         while flights:
-            [ref], _ = ray.wait(list(flights), num_returns=1)
+            # A timeout lets the driver publish buffered manifest rows even while renders take minutes.
+            ready, _ = ray.wait(list(flights), num_returns=1, timeout=self.tick_seconds)
+            self.on_tick()
+            if not ready:
+                continue
+            ref = ready[0]
             flight = flights.pop(ref)
             try:
                 row = ray.get(ref)

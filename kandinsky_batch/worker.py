@@ -11,7 +11,7 @@ import os
 import socket
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from kandinsky_batch.rows import Task
 from kandinsky_batch.storage import Storage, StorageUnavailable, object_key
@@ -29,6 +29,8 @@ class WorkerSpec:
     fps: int
     model_storage_options: dict = field(default_factory=dict)
     output_storage_options: dict = field(default_factory=dict)
+    retries: int = 5
+    retry_backoff: float = 0.5
     num_threads: int | None = None
 
 
@@ -43,7 +45,8 @@ class RenderWorker:
             torch.set_num_threads(spec.num_threads)
         self.spec = spec
         self.renderer = Renderer(spec.model_path, storage_options=spec.model_storage_options)
-        self.storage = Storage(spec.output_uri, spec.output_storage_options)
+        self.storage = Storage(spec.output_uri, spec.output_storage_options, retries=spec.retries,
+                               backoff=spec.retry_backoff)
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES") if self.renderer.device.startswith("cuda") else None
         where = f"gpu{gpu}" if gpu is not None else self.renderer.device
         self.name = f"replica{replica}@{socket.gethostname()}:{os.getpid()}:{where}"
@@ -54,7 +57,7 @@ class RenderWorker:
 
     def render(self, task: Task, attempt: int) -> dict:
         """Render, encode and commit one task; return its manifest row (status ok or failed)."""
-        row = {**asdict(task), "attempts": attempt, "worker": self.name, "model": self.spec.model_path,
+        row = {**task.row(), "attempts": attempt, "worker": self.name, "model": self.spec.model_path,
                "format": self.spec.format, "fps": self.spec.fps}
         try:
             started = time.perf_counter()
@@ -62,7 +65,12 @@ class RenderWorker:
             row["render_seconds"] = time.perf_counter() - started
             data = encode(frames, self.spec.format, self.spec.fps)
             key = object_key(task.id, self.spec.format)
-            self.storage.put_bytes(key, data)
+            if task.overwrite:
+                self.storage.put_bytes(key, data)
+            elif not self.storage.put_bytes_if_absent(key, data):
+                # An earlier attempt of this row committed first (its replica died before answering):
+                # objects are created at most once per key, so that one stands and is what we record.
+                data = self.storage.get_bytes(key)
         except StorageUnavailable as exc:
             # Not the row's fault: the driver stops the job cleanly and a re-run continues.
             return {**row, "status": "failed", "error": f"storage unavailable: {exc}", "storage_outage": True}

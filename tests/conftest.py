@@ -99,7 +99,10 @@ def ray_local(model_cache) -> Iterator[None]:
     import ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1",
+             runtime_env={"worker_process_setup_hook": "tests.faults.install",
+                          "env_vars": {"PYTHONPATH": root}})
     try:
         yield
     finally:

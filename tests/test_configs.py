@@ -1,0 +1,92 @@
+"""configs/*.yaml load through the schema with the published defaults; bad configs fail naming key and value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kandinsky_batch.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+PLACEHOLDERS = ["input.path=x", "output.uri=y"]
+
+# variant -> (num_inference_steps, guidance_scale): Kandinsky 5.0 T2V Lite defaults (shared/FACTS.md).
+LITE = {"sft": (50, 5.0), "nocfg": (50, 1.0), "distilled16steps": (16, 1.0), "pretrain": (50, 5.0)}
+FRAMES = {"5s": 121, "10s": 241}
+
+
+def test_every_lite_variant_has_a_config():
+    names = {p.stem for p in CONFIGS}
+    assert {f"lite-{v}-{d}" for v in LITE for d in FRAMES} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_loads(path):
+    cfg = load_config(str(path), PLACEHOLDERS)
+    assert (cfg.input.path, cfg.output.uri) == ("x", "y")
+    assert cfg.cluster.address is None, "the submit recipe passes cluster.address, not the YAML"
+
+
+@pytest.mark.parametrize("variant", LITE)
+@pytest.mark.parametrize("duration", FRAMES)
+def test_lite_config_carries_published_defaults(variant, duration):
+    cfg = load_config(str(ROOT / "configs" / f"lite-{variant}-{duration}.yaml"), PLACEHOLDERS)
+    steps, guidance = LITE[variant]
+    assert cfg.model.path == f"kandinskylab/Kandinsky-5.0-T2V-Lite-{variant}-{duration}-Diffusers"
+    assert (cfg.render.num_inference_steps, cfg.render.guidance_scale) == (steps, guidance)
+    assert (cfg.render.num_frames, cfg.render.fps) == (FRAMES[duration], 24)
+    assert (cfg.render.height, cfg.render.width) == (512, 768)
+
+
+def test_lite_placeholders_are_meant_to_be_overridden():
+    for path in ROOT.glob("configs/lite-*.yaml"):
+        cfg = load_config(str(path))
+        assert cfg.input.path.startswith("s3://your-bucket/"), path.name
+        assert cfg.output.uri == f"s3://your-bucket/renders/{path.stem}"
+
+
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("render.bogus=7777", "render.bogus", "7777"),
+        ("render.height=tall", "render.height", "tall"),
+        ("render.num_frames=16", "render.num_frames", "16"),
+        ("output.format=gif", "output.format", "gif"),
+    ],
+    ids=["unknown-key", "wrong-type", "num-frames-not-4k+1", "unknown-format"],
+)
+def test_bad_value_names_key_and_value(override, key, value):
+    with pytest.raises(ConfigError) as info:
+        load_config(str(ROOT / "configs" / "tiny.yaml"), [override])
+    message = str(info.value)
+    assert key in message and value in message, message
+
+
+def test_missing_output_uri_is_named(tmp_path):
+    config = tmp_path / "no-output.yaml"
+    config.write_text("input:\n  path: prompts.parquet\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(config))
+    assert "output.uri" in str(info.value) and "missing" in str(info.value), str(info.value)
+
+
+def test_cli_rejects_unknown_key_before_ray_starts(tmp_path):
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path)}  # a Ray that started would leave tmp_path/ray behind
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "kandinsky_batch", "run", "configs/tiny.yaml", "bogus.key=1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "bogus" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "ray").exists(), "Ray started before the config was checked"
+    assert seconds < 10, f"a config error took {seconds:.1f} s"
