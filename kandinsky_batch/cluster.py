@@ -11,9 +11,20 @@ from typing import Iterator
 from kandinsky_batch.config import ClusterConfig
 from kandinsky_batch.worker import RenderWorker, WorkerSpec
 
-# Tell Ray this is a single-machine instance: every service then binds 127.0.0.1 only, never the
-# host's network address (../shared/FACTS.md). Set at import, before any Ray process can start.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+def loopback_only() -> None:
+    """Make the local Ray we are about to start a single-machine instance bound to 127.0.0.1 only.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when `ray` is first imported, and on Linux an unset
+    value means "bind the host's network address". So set the variable (for every Ray process we spawn)
+    and the constant already read from it (for this one), whatever the caller's environment says.
+    Only for a local Ray: a driver joining a real cluster must keep advertising its network address.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 @dataclass(frozen=True)
@@ -34,12 +45,12 @@ def connect(cfg: ClusterConfig) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     if cfg.address:
         ray.init(address=cfg.address, logging_level=logging.WARNING, log_to_driver=True)
     else:
         cpus = cfg.num_cpus or max(os.cpu_count() or 1, cfg.replicas or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+        loopback_only()
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
                  _node_ip_address="127.0.0.1")
     try:
         yield

@@ -139,7 +139,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         key = getattr(exc, "full_key", None) or "config"
         # Name the value too when it came from an override (`render.height=tall`, `bogus.key=1`).
         given = [item for item in overrides if item.split("=", 1)[0] == key or item.startswith(key + ".")]
-        raise ConfigError(f"{given[-1] if given else key}: {str(exc).splitlines()[0]}") from None
+        shown = given[-1] if given and "storage_options" not in key else key  # never echo credentials
+        raise ConfigError(f"{shown}: {str(exc).splitlines()[0]}") from None
 
 
 def to_dict(cfg: JobConfig, redact: bool = True) -> dict:

@@ -36,13 +36,19 @@ class InputError(ValueError):
     """The input dataset as a whole cannot be used; the message says why in one line."""
 
 
-def _secrets(options) -> list[str]:
-    """Every string value in (nested) storage options: what must never appear in a message."""
+# Option values that say where, not who: kept in messages unless they embed credentials (user:pass@host).
+_PUBLIC_OPTIONS = ("endpoint_url", "region_name", "region")
+
+
+def _secrets(options, name: str = "") -> list[str]:
+    """Every string value in (nested) storage options that could be a credential: never shown in a message."""
     if isinstance(options, dict):
-        return [s for value in options.values() for s in _secrets(value)]
+        return [s for key, value in options.items() for s in _secrets(value, str(key))]
     if isinstance(options, (list, tuple)):
-        return [s for value in options for s in _secrets(value)]
-    return [options] if isinstance(options, str) and len(options) >= 4 else []
+        return [s for value in options for s in _secrets(value, name)]
+    if not isinstance(options, str) or len(options) < 4:
+        return []
+    return [] if name in _PUBLIC_OPTIONS and "@" not in options else [options]
 
 
 def _reason(exc: BaseException, storage_options: dict | None) -> str:

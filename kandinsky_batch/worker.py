@@ -27,8 +27,9 @@ class WorkerSpec:
     output_uri: str
     format: str
     fps: int
-    model_storage_options: dict = field(default_factory=dict)
-    output_storage_options: dict = field(default_factory=dict)
+    # Credentials: kept out of the repr so no log line or error message can carry them.
+    model_storage_options: dict = field(default_factory=dict, repr=False)
+    output_storage_options: dict = field(default_factory=dict, repr=False)
     retries: int = 5
     retry_backoff: float = 0.5
     num_threads: int | None = None

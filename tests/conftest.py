@@ -12,6 +12,9 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+# Before any test module imports ray: Ray reads this once at import, and the test Ray must bind loopback only.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 S3_BUCKET = "kb-test"
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -98,7 +101,9 @@ def ray_local(model_cache) -> Iterator[None]:
     """One loopback-only local Ray for the session; jobs run in-process join it instead of starting their own."""
     import ray
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from kandinsky_batch.cluster import loopback_only
+
+    loopback_only()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1",
              runtime_env={"worker_process_setup_hook": "tests.faults.install",

@@ -332,6 +332,19 @@ def test_s3_inputs_read_and_a_missing_one_is_refused(s3_storage_options):
     assert "\n" not in str(info.value)
 
 
+def test_an_unreachable_store_is_refused_in_one_line_without_credentials():
+    options = {"key": "AKIDSECRETKEY123", "secret": "SuperSecretValue-XYZ",
+               "config_kwargs": {"retries": {"max_attempts": 1}},
+               "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}  # the discard port: nothing listens
+    for endpoint in ("http://127.0.0.1:9", "http://AKIDSECRETKEY123:SuperSecretValue-XYZ@127.0.0.1:9"):
+        options["client_kwargs"]["endpoint_url"] = endpoint
+        with pytest.raises(InputError) as info:
+            read_table("s3://bucket/x.parquet", options)
+        message = str(info.value)
+        assert message.startswith("input.path='s3://bucket/x.parquet': cannot list") and "\n" not in message
+        assert "AKIDSECRETKEY123" not in message and "SuperSecretValue-XYZ" not in message, message
+
+
 # ---- the CLI ---------------------------------------------------------------------------------------------------
 
 CLI_INPUTS = [
