@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from kandinsky_batch.rows import Task
 from kandinsky_batch.storage import Storage, StorageUnavailable, object_key
 from kandinsky_batch.video import encode
-from pipelines import Renderer
+from pipelines import open_renderer
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,13 @@ class RenderWorker:
     """Ray actor class (wrapped with `ray.remote` by the scheduler, so this module knows no Ray)."""
 
     def __init__(self, spec: WorkerSpec, replica: int):
-        import torch
+        if spec.num_threads and not spec.model_path.startswith("simulated"):
+            import torch
 
-        if spec.num_threads:
             # Several CPU replicas on one host would otherwise oversubscribe the cores.
             torch.set_num_threads(spec.num_threads)
         self.spec = spec
-        self.renderer = Renderer(spec.model_path, storage_options=spec.model_storage_options)
+        self.renderer = open_renderer(spec.model_path, storage_options=spec.model_storage_options)
         self.storage = Storage(spec.output_uri, spec.output_storage_options, retries=spec.retries,
                                backoff=spec.retry_backoff)
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES") if self.renderer.device.startswith("cuda") else None

@@ -1,10 +1,23 @@
-"""Model adapters over diffusers: turn render requests into frames. Knows nothing of Ray or storage."""
+"""Model adapters over diffusers: turn render requests into frames. Knows nothing of Ray or storage.
 
-from pipelines.models import TINY, ModelSpec, cache_root, load_spec, resolve_model
-from pipelines.render import DEFAULT_NEGATIVE_PROMPT, RenderRequest, Renderer, default_device, to_uint8
-from pipelines.tiny import build_tiny_pipeline, ensure_tiny, save_tiny
+Names are loaded on first use, so that importing the package (e.g. for `RenderRequest`) stays cheap
+and does not pull torch and diffusers into every process.
+"""
 
-__all__ = [
-    "DEFAULT_NEGATIVE_PROMPT", "ModelSpec", "RenderRequest", "Renderer", "TINY", "build_tiny_pipeline",
-    "cache_root", "default_device", "ensure_tiny", "load_spec", "resolve_model", "save_tiny", "to_uint8",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "DEFAULT_NEGATIVE_PROMPT": "pipelines.request", "RenderRequest": "pipelines.request",
+    "ModelSpec": "pipelines.models", "SIMULATED": "pipelines.models", "TINY": "pipelines.models",
+    "cache_root": "pipelines.models", "load_spec": "pipelines.models", "resolve_model": "pipelines.models",
+    "Renderer": "pipelines.render", "default_device": "pipelines.render", "to_uint8": "pipelines.render",
+    "build_tiny_pipeline": "pipelines.tiny", "ensure_tiny": "pipelines.tiny", "save_tiny": "pipelines.tiny",
+    "open_renderer": "pipelines.factory",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -17,6 +17,8 @@ from pathlib import Path
 from pipelines.tiny import TEMPLATE_TOKENS, ensure_tiny
 
 TINY = "tiny"
+# `simulated[:...]`: a stand-in that sleeps for each row's modelled GPU cost; for orchestration benchmarks only.
+SIMULATED = "simulated"
 # What the system needs to validate rows without loading weights.
 SPEC_FILES = ["model_index.json", "transformer/config.json", "vae/config.json", "tokenizer/*"]
 # The pipeline's default `max_sequence_length`: prompt tokens kept after the template.
@@ -99,15 +101,23 @@ class ModelSpec:
         """Qwen tokens the prompt occupies after the pipeline cleans it and wraps it in its template."""
         from diffusers.pipelines.kandinsky5.pipeline_kandinsky import prompt_clean
 
-        from pipelines.render import PROMPT_TEMPLATE
-
-        ids = self.tokenizer(text=[PROMPT_TEMPLATE.format(prompt_clean(prompt))], return_tensors=None)["input_ids"][0]
+        ids = self.tokenizer(text=[_prompt_template().format(prompt_clean(prompt))], return_tensors=None)["input_ids"][0]
         # The pipeline keeps tokens [128:-2] (template head and the closing `<|im_end|>\n` dropped).
         return len(ids) - TEMPLATE_TOKENS - 2
 
 
+def _prompt_template() -> str:
+    from diffusers import Kandinsky5T2VPipeline
+
+    return Kandinsky5T2VPipeline(None, None, None, None, None, None, None).prompt_template
+
+
 def load_spec(path: str, storage_options: dict | None = None) -> ModelSpec:
     """Read a model's limits from its configs and tokenizer, without loading any weights."""
+    if path.startswith(SIMULATED):
+        from pipelines.simulated import simulated_spec
+
+        return simulated_spec(path)
     from transformers import AutoProcessor
 
     local = Path(resolve_model(path, storage_options, spec_only=True))

@@ -14,8 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 # Bump when the architecture or the build recipe changes, so cached builds are not reused.
 TINY_VERSION = "1"
 
@@ -92,6 +90,7 @@ def build_tiny_pipeline():
         AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline,
         Kandinsky5Transformer3DModel,
     )
+    import torch
     from transformers import CLIPTextConfig, CLIPTextModel, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     processor, clip_tokenizer = build_tokenizers()

@@ -1,0 +1,16 @@
+"""Pick the renderer for a `model.path`: the real diffusers pipeline, or the simulated stand-in."""
+
+from __future__ import annotations
+
+from pipelines.models import SIMULATED
+
+
+def open_renderer(model_path: str, *, storage_options: dict | None = None, device: str | None = None):
+    """A loaded renderer with `.render(request) -> frames`, `.device` and `.load_seconds`."""
+    if model_path.startswith(SIMULATED):
+        from pipelines.simulated import SimulatedRenderer
+
+        return SimulatedRenderer(model_path)
+    from pipelines.render import Renderer
+
+    return Renderer(model_path, device=device, storage_options=storage_options)
