@@ -41,6 +41,7 @@ class JobResult:
     retries: int = 0
     restarts: int = 0
     seconds: float = 0.0
+    drain_seconds: float = 0.0
     workers: list = field(default_factory=list)
 
 
@@ -127,6 +128,7 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
                 writer.flush()
                 bar.close()
             result.retries, result.restarts, result.workers = queue.retries, queue.restarts, queue.workers
+            result.drain_seconds = queue.drain_seconds
     bar.close()
     writer.flush()
 

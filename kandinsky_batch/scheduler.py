@@ -8,6 +8,7 @@ rows queued behind it go back without one. A row is tried at most `max_attempts`
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -49,6 +50,8 @@ class WorkQueue:
         self.restarts = 0
         self.retries = 0
         self.workers: list[dict] = []
+        self.drain_seconds = 0.0
+        """Wall time from every replica ready to the last row settled (start-up excluded)."""
 
     def _failed(self, task: Task, attempt: int, error: str) -> dict:
         return {**task.row(), "status": "failed", "error": error, "attempts": attempt}
@@ -56,8 +59,10 @@ class WorkQueue:
     def run(self, tasks: list[Task]) -> None:
         # 1. Start every replica; wait until each has its model loaded.
         actors = self._start()
+        started = time.perf_counter()
         try:
             self._drain(actors, tasks)
+            self.drain_seconds = time.perf_counter() - started
         finally:
             # Release GPUs now, not whenever the handles are collected: the next job may be waiting.
             for actor in actors:
