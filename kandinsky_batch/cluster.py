@@ -1,16 +1,21 @@
-"""Joining Ray and placing replicas: a local Ray bound to loopback, or an existing cluster."""
+"""Joining Ray and placing replicas: a local Ray bound to loopback, or an existing cluster.
+
+A replica of several ranks (a gang) is placed with a placement group on one node, one GPU per rank
+(one CPU slot per rank on a host without GPUs), and its ranks rendezvous at rank 0's address.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
-from kandinsky_batch.config import ClusterConfig
+from kandinsky_batch.config import ClusterConfig, ReplicaGroup
+from kandinsky_batch.scheduler import WorkersFailed
 from kandinsky_batch.worker import RenderWorker, WorkerSpec
-
+from pipelines import ParallelSpec
 
 
 def loopback_only() -> None:
@@ -27,14 +32,9 @@ def loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-@dataclass(frozen=True)
-class Placement:
-    """How many replicas to start and what each one asks of Ray."""
-
-    replicas: int
-    num_gpus: float
-    num_cpus: float
-    threads: int | None
+def shape(group: ReplicaGroup) -> ParallelSpec:
+    return ParallelSpec(ulysses=group.sequence_parallel // group.ring_degree, ring=group.ring_degree,
+                        cfg=group.cfg_parallel)
 
 
 @contextmanager
@@ -48,36 +48,100 @@ def connect(cfg: ClusterConfig) -> Iterator[None]:
     if cfg.address:
         ray.init(address=cfg.address, logging_level=logging.WARNING, log_to_driver=True)
     else:
-        cpus = cfg.num_cpus or max(os.cpu_count() or 1, cfg.replicas or 1)
+        ranks = sum(shape(g).world_size * (g.replicas or 1) for g in cfg.replica_groups())
         loopback_only()
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, ranks),
+                 include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
     try:
         yield
     finally:
         ray.shutdown()
 
 
-def plan(cfg: ClusterConfig) -> Placement:
-    """One replica per GPU when the cluster has GPUs; otherwise `cluster.replicas` CPU replicas."""
+@dataclass(frozen=True)
+class Placement:
+    """One replica group's size and what each of its ranks asks of Ray."""
+
+    group: ReplicaGroup
+    parallel: ParallelSpec
+    replicas: int
+    num_gpus: float
+    num_cpus: float
+    threads: int | None
+
+
+def plan(cfg: ClusterConfig) -> list[Placement]:
+    """Size every replica group: one rank per GPU on a GPU cluster, CPU slots shared evenly otherwise."""
     import ray
 
+    groups = cfg.replica_groups()
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus:
-        return Placement(replicas=cfg.replicas or gpus, num_gpus=1, num_cpus=1, threads=None)
-    replicas = cfg.replicas or 1
     cpus = int(ray.cluster_resources().get("CPU", 1))
+    placements = []
+    if gpus:
+        fixed = sum(shape(g).world_size * g.replicas for g in groups if g.replicas)
+        flexible = [g for g in groups if not g.replicas]
+        for group in groups:
+            width = shape(group).world_size
+            replicas = group.replicas or max(0, (gpus - fixed) // len(flexible) // width)
+            if replicas < 1:
+                raise WorkersFailed(f"replica group {group.name!r} needs {width} GPU(s) per replica; "
+                                    f"the cluster has {gpus} GPU(s) and other groups take {fixed}")
+            placements.append(Placement(group, shape(group), replicas, num_gpus=1, num_cpus=1, threads=None))
+        return placements
+    ranks = sum(shape(g).world_size * (g.replicas or 1) for g in groups)
     # Share the cores evenly: CPU renders are compute bound, oversubscription only slows them.
-    threads = max(1, cpus // replicas)
-    return Placement(replicas=replicas, num_gpus=0, num_cpus=min(threads, cpus), threads=threads)
+    threads = max(1, cpus // ranks)
+    return [Placement(g, shape(g), g.replicas or 1, num_gpus=0, num_cpus=min(threads, cpus), threads=threads)
+            for g in groups]
+
+
+class ActorReplica:
+    """One model replica: a single actor, or a gang of actors placed together on one node."""
+
+    def __init__(self, placement: Placement, spec: WorkerSpec, index: int):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.ranks = placement.parallel.world_size
+        options = dict(num_gpus=placement.num_gpus, num_cpus=placement.num_cpus, max_restarts=0,
+                       max_task_retries=0)
+        actor_cls = ray.remote(RenderWorker)
+        self.group = None
+        if self.ranks == 1:
+            self.members = [actor_cls.options(**options).remote(spec, index)]
+            self._ready = [self.members[0].ready.remote()]
+            return
+        bundle = {"CPU": placement.num_cpus, **({"GPU": placement.num_gpus} if placement.num_gpus else {})}
+        # STRICT_PACK: all ranks on one node, where NVLink (or shared memory) carries the all-to-alls.
+        self.group = placement_group([bundle] * self.ranks, strategy="STRICT_PACK")
+        self.members = [
+            actor_cls.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.group, placement_group_bundle_index=rank)).remote(spec, index, rank)
+            for rank in range(self.ranks)
+        ]
+        address = self.members[0].rendezvous.remote()
+        self._ready = [member.join.remote(address) for member in self.members]
+
+    def ready(self) -> list:
+        return self._ready
+
+    def submit(self, task, attempt: int) -> list:
+        """Every rank gets the same row; rank 0's result carries the manifest row."""
+        return [member.render.remote(task, attempt) for member in self.members]
+
+    def kill(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for member in self.members:
+            ray.kill(member, no_restart=True)
+        if self.group is not None:
+            remove_placement_group(self.group)
 
 
 def spawner(placement: Placement, spec: WorkerSpec):
-    """A function slot -> new RenderWorker actor, as the work queue wants it."""
-    import ray
-
-    actor_cls = ray.remote(RenderWorker).options(
-        num_gpus=placement.num_gpus, num_cpus=placement.num_cpus, max_restarts=0, max_task_retries=0,
-    )
-    threaded = WorkerSpec(**{**spec.__dict__, "num_threads": placement.threads})
-    return lambda slot: actor_cls.remote(threaded, slot)
+    """A function index -> new replica of this group, as the work queue wants it."""
+    ranked = replace(spec, num_threads=placement.threads, parallel=placement.parallel, group=placement.group.name)
+    return lambda index: ActorReplica(placement, ranked, index)

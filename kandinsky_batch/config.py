@@ -94,16 +94,46 @@ class RenderConfig:
         _require(0 <= self.seed <= MAX_SEED, "render.seed", self.seed, f"must be in [0, {MAX_SEED}]")
 
 
+def _check_shape(prefix: str, sequence_parallel: int, ring_degree: int) -> None:
+    _require(sequence_parallel >= 1, f"{prefix}sequence_parallel", sequence_parallel, "must be >= 1")
+    _require(ring_degree >= 1, f"{prefix}ring_degree", ring_degree, "must be >= 1")
+    _require(sequence_parallel % ring_degree == 0, f"{prefix}ring_degree", ring_degree,
+             f"must divide {prefix}sequence_parallel={sequence_parallel} (Ulysses degree x ring degree)")
+
+
+@dataclass
+class ReplicaGroup:
+    """Same-shaped replicas for part of a mixed fleet (e.g. single-GPU for 5 s rows, SP-4 gangs for 10 s)."""
+
+    name: str = MISSING
+    replicas: Optional[int] = None
+    """Replicas in this group. None: as many as the cluster's GPUs allow after the other groups (1 on CPU)."""
+    sequence_parallel: int = 1
+    ring_degree: int = 1
+    cfg_parallel: bool = False
+    max_tokens: Optional[int] = None
+    """Largest row (visual tokens: latent frames x height/16 x width/16) routed here; None: no limit.
+    A row goes to the group with the smallest max_tokens that holds it (5 s 768x512 = 47,616; 10 s = 93,696)."""
+
+
 @dataclass
 class ClusterConfig:
     address: Optional[str] = None
     """Ray address to join (`auto` inside `ray job submit`); None starts a local Ray on loopback."""
     replicas: Optional[int] = None
-    """Model replicas. None: one per GPU in the cluster, or 1 on a host without GPUs."""
+    """Model replicas. None: one per GPU (per gang of GPUs) in the cluster, or 1 on a host without GPUs."""
     max_attempts: int = 3
-    """Times a row is tried (actor deaths and render errors) before it is recorded as failed."""
+    """Times a row is tried (replica deaths and render errors) before it is recorded as failed."""
     num_cpus: Optional[int] = None
-    """CPUs for a local Ray (None: enough for the replicas, at least the host's count)."""
+    """CPUs for a local Ray (None: enough for every rank, at least the host's count)."""
+    sequence_parallel: int = 1
+    """Ranks (GPUs) one replica's transformer is split across by sequence (Ulysses x ring); must divide the heads."""
+    ring_degree: int = 1
+    """Part of `sequence_parallel` done as ring attention (needs a GPU attention backend that returns LSE)."""
+    cfg_parallel: bool = False
+    """Run the cond and uncond branches of guidance on two ranks at once (doubles the ranks per replica)."""
+    groups: list[ReplicaGroup] = field(default_factory=list)
+    """Several replica groups instead of one uniform fleet; rows are routed by their size (`max_tokens`)."""
 
     def __post_init__(self) -> None:
         if self.replicas is not None:
@@ -111,6 +141,28 @@ class ClusterConfig:
         _require(self.max_attempts >= 1, "cluster.max_attempts", self.max_attempts, "must be >= 1")
         if self.num_cpus is not None:
             _require(self.num_cpus >= 1, "cluster.num_cpus", self.num_cpus, "must be >= 1")
+        _check_shape("cluster.", self.sequence_parallel, self.ring_degree)
+        names = [g.name for g in self.groups]
+        for i, group in enumerate(self.groups):
+            prefix = f"cluster.groups[{i}]."
+            _require(bool(group.name.strip()) and names.count(group.name) == 1, f"{prefix}name", group.name,
+                     "must be non-empty and unique")
+            _check_shape(prefix, group.sequence_parallel, group.ring_degree)
+            if group.replicas is not None:
+                _require(group.replicas >= 1, f"{prefix}replicas", group.replicas, "must be >= 1")
+            if group.max_tokens is not None:
+                _require(group.max_tokens >= 1, f"{prefix}max_tokens", group.max_tokens, "must be >= 1")
+        if self.groups:
+            uniform = (self.replicas, self.sequence_parallel, self.ring_degree, self.cfg_parallel)
+            _require(uniform == (None, 1, 1, False), "cluster.groups", names,
+                     "set replicas/sequence_parallel/ring_degree/cfg_parallel per group, not also for the cluster")
+
+    def replica_groups(self) -> list[ReplicaGroup]:
+        """The fleet as groups: the declared ones, or one uniform `default` group."""
+        if self.groups:
+            return list(self.groups)
+        return [ReplicaGroup(name="default", replicas=self.replicas, sequence_parallel=self.sequence_parallel,
+                             ring_degree=self.ring_degree, cfg_parallel=self.cfg_parallel)]
 
 
 @dataclass

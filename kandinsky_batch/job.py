@@ -19,7 +19,8 @@ from kandinsky_batch.config import JobConfig, to_dict
 from kandinsky_batch.dataset import read_table
 from kandinsky_batch.manifest import ManifestWriter, compact, latest_outcomes, read_manifest, to_table, write_success
 from kandinsky_batch.rows import Task, build_tasks
-from kandinsky_batch.scheduler import WorkQueue
+from kandinsky_batch.routing import check_shapes, route
+from kandinsky_batch.scheduler import Pool, WorkQueue
 from kandinsky_batch.storage import Storage
 from kandinsky_batch.worker import WorkerSpec
 from pipelines import load_spec
@@ -81,7 +82,12 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
     # 1. Read the input and the model's limits; whole-input errors stop here, before Ray starts.
     table = read_table(cfg.input.path, cfg.input.storage_options)
     spec = load_spec(cfg.model.path, cfg.model.storage_options)
+    check_shapes(cfg.cluster, spec)
     tasks, invalid = build_tasks(table, cfg, spec)
+    routed, unroutable = route(tasks, cfg.cluster)
+    if unroutable:
+        invalid = sorted(invalid + unroutable, key=lambda r: r["row_index"])
+        tasks = [t for ts in routed.values() for t in ts]
     result = JobResult(rows=table.num_rows, invalid=len(invalid))
 
     # 2. Look at what the output prefix already holds: skip committed rows, adopt orphans.
@@ -98,7 +104,8 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
         writer.add(_stamp(row, cfg))
     writer.flush()
 
-    # 4. Render the rest on Ray replicas, committing each row's manifest entry as it lands.
+    # 4. Render the rest on Ray replicas (each row on its group's), committing manifest rows as they land.
+    routed_set = {name: {t.id for t in ts} for name, ts in routed.items()}
     bar = tqdm(total=table.num_rows, initial=len(invalid) + len(plan.done) + len(plan.adopted),
                unit="row", disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 10,
                desc="render")
@@ -113,17 +120,18 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
     todo = sorted(plan.todo, key=lambda t: -t.cost())  # longest first shortens the tail
     if todo:
         with cluster.connect(cfg.cluster):
-            placement = cluster.plan(cfg.cluster)
             worker_spec = WorkerSpec(
                 model_path=cfg.model.path, output_uri=cfg.output.uri, format=cfg.output.format,
                 fps=cfg.render.fps, model_storage_options=cfg.model.storage_options,
                 output_storage_options=cfg.output.storage_options, retries=cfg.output.retries,
                 retry_backoff=cfg.output.retry_backoff,
             )
-            queue = WorkQueue(cluster.spawner(placement, worker_spec), min(placement.replicas, len(todo)),
-                              cfg.cluster.max_attempts, on_row, on_tick=writer.flush_if_due)
+            pools = [Pool(p.group.name, cluster.spawner(p, worker_spec), p.replicas,
+                          [t for t in todo if t.id in routed_set[p.group.name]])
+                     for p in cluster.plan(cfg.cluster)]
+            queue = WorkQueue(pools, cfg.cluster.max_attempts, on_row, on_tick=writer.flush_if_due)
             try:
-                queue.run(todo)
+                queue.run()
             finally:
                 writer.flush()
                 bar.close()

@@ -38,6 +38,7 @@ SCHEMA = pa.schema(
         pa.field("format", pa.string()),
         pa.field("model", pa.string()),
         pa.field("worker", pa.string()),
+        pa.field("gang", pa.string()),
         pa.field("attempts", pa.int32()),
         pa.field("render_seconds", pa.float64()),
         pa.field("finished_at", pa.timestamp("us", tz="UTC")),

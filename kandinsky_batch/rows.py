@@ -59,10 +59,13 @@ class Task:
         del fields["overwrite"]
         return fields
 
+    def tokens(self) -> int:
+        """Visual tokens the transformer sees: latent frames x (height/16) x (width/16)."""
+        return ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+
     def cost(self) -> float:
         """Relative GPU cost: visual tokens x steps x transformer passes per step."""
-        tokens = ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
-        return tokens * self.num_inference_steps * (2 if self.guidance_scale > 1.0 else 1)
+        return self.tokens() * self.num_inference_steps * (2 if self.guidance_scale > 1.0 else 1)
 
 
 def _id_error(row_id: str | None) -> str | None:

@@ -1,7 +1,9 @@
-"""The driver's work queue: rows go to whichever replica is free, never in fixed shards.
+"""The driver's work queue: rows go to whichever replica of their pool is free, never in fixed shards.
 
-Each replica keeps `prefetch` rows queued so its next row is ready the moment a render ends. A
-replica that dies is replaced; the row it was running counts an attempt and goes back to the queue,
+A replica is one actor or a gang of actors (sequence/CFG parallel) fed the same rows in lockstep; a
+pool is a group of same-shaped replicas with its own queue of rows. Each replica keeps `prefetch`
+rows queued so its next row is ready the moment a render ends. A replica that dies (any rank of a
+gang) is torn down and rebuilt; the row it was running counts an attempt and goes back to the queue,
 rows queued behind it go back without one. A row is tried at most `max_attempts` times.
 """
 
@@ -10,15 +12,15 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from kandinsky_batch.rows import Task
 
-_DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
+_FAILED = (RayActorError, ActorDiedError, ActorUnavailableError, RayTaskError)
 
 
 class WorkersFailed(RuntimeError):
@@ -29,134 +31,177 @@ class StorageOutage(RuntimeError):
     """The output store stayed unreachable beyond its retry budget; progress so far is kept."""
 
 
+class Replica(Protocol):
+    """One model replica as the queue sees it (see `cluster.ActorReplica`)."""
+
+    ranks: int
+
+    def ready(self) -> list[ray.ObjectRef]: ...            # resolve once every rank has its model loaded
+    def submit(self, task: Task, attempt: int) -> list[ray.ObjectRef]: ...  # [0] carries the manifest row
+    def kill(self) -> None: ...
+
+
 @dataclass
+class Pool:
+    """Same-shaped replicas and the rows routed to them."""
+
+    name: str
+    spawn: Callable[[int], Replica]
+    replicas: int
+    tasks: list[Task] = field(default_factory=list)
+
+
+@dataclass(eq=False)
 class _Flight:
     slot: int
-    generation: int
     seq: int
     task: Task
     attempt: int
+    refs: list
 
 
 class WorkQueue:
-    """Feed tasks to replicas created by `spawn(slot)` and hand each final row to `on_row`."""
+    """Feed each pool's tasks to its replicas and hand each final row to `on_row`."""
 
-    def __init__(self, spawn: Callable[[int], Any], replicas: int, max_attempts: int,
-                 on_row: Callable[[dict], None], prefetch: int = 2, on_tick: Callable[[], None] = lambda: None,
-                 tick_seconds: float = 1.0):
-        self.spawn, self.replicas, self.max_attempts = spawn, replicas, max_attempts
-        self.on_row, self.prefetch = on_row, prefetch
+    def __init__(self, pools: list[Pool], max_attempts: int, on_row: Callable[[dict], None], prefetch: int = 2,
+                 on_tick: Callable[[], None] = lambda: None, tick_seconds: float = 1.0):
+        self.pools = [p for p in pools if p.tasks]
+        self.max_attempts, self.on_row, self.prefetch = max_attempts, on_row, prefetch
         self.on_tick, self.tick_seconds = on_tick, tick_seconds
+        # slot -> (pool index, replica index within the pool)
+        self.slots = [(i, r) for i, p in enumerate(self.pools) for r in range(min(p.replicas, len(p.tasks)))]
         self.restarts = 0
         self.retries = 0
         self.workers: list[dict] = []
         self.drain_seconds = 0.0
         """Wall time from every replica ready to the last row settled (start-up excluded)."""
 
-    def _failed(self, task: Task, attempt: int, error: str) -> dict:
-        return {**task.row(), "status": "failed", "error": error, "attempts": attempt}
+    def _spawn(self, slot: int) -> Replica:
+        pool, index = self.slots[slot]
+        return self.pools[pool].spawn(index)
 
-    def run(self, tasks: list[Task]) -> None:
+    def run(self) -> None:
         # 1. Start every replica; wait until each has its model loaded.
-        actors = self._start()
+        replicas = self._start()
         started = time.perf_counter()
         try:
-            self._drain(actors, tasks)
+            self._drain(replicas)
             self.drain_seconds = time.perf_counter() - started
         finally:
             # Release GPUs now, not whenever the handles are collected: the next job may be waiting.
-            for actor in actors:
-                ray.kill(actor, no_restart=True)
+            for replica in replicas:
+                replica.kill()
 
-    def _start(self) -> list:
+    def _start(self) -> list[Replica]:
         """Spawn all replicas at once; a slot whose replica dies while loading is retried, a bad model fails fast."""
-        actors = [self.spawn(slot) for slot in range(self.replicas)]
-        self.workers = [{} for _ in range(self.replicas)]
-        tries = [1] * self.replicas
-        waiting = {actors[slot].ready.remote(): slot for slot in range(self.replicas)}
+        replicas = [self._spawn(slot) for slot in range(len(self.slots))]
+        self.workers = [{} for _ in replicas]
+        tries = [1] * len(replicas)
+        waiting = {ref: slot for slot, replica in enumerate(replicas) for ref in replica.ready()}
         while waiting:
             [ref], _ = ray.wait(list(waiting), num_returns=1)
             slot = waiting.pop(ref)
             try:
-                self.workers[slot] = ray.get(ref)
-            except (RayActorError, RayTaskError) as exc:
+                info = ray.get(ref)
+            except _FAILED as exc:
                 if tries[slot] >= self.max_attempts:
                     raise WorkersFailed(f"replica {slot} failed to start {tries[slot]} times: {_cause(exc)}") from None
                 tries[slot] += 1
                 self.restarts += 1
-                actors[slot] = self.spawn(slot)
-                waiting[actors[slot].ready.remote()] = slot
-        return actors
+                for other in [r for r, s in waiting.items() if s == slot]:
+                    del waiting[other]
+                replicas[slot].kill()
+                replicas[slot] = self._spawn(slot)
+                waiting.update({r: slot for r in replicas[slot].ready()})
+                continue
+            if not self.workers[slot]:
+                self.workers[slot] = info
+        return replicas
 
-    def _drain(self, actors: list, tasks: list[Task]) -> None:
+    def _drain(self, replicas: list[Replica]) -> None:
         """Feed tasks until every one has its final row (or storage stays down)."""
-        generations = [0] * self.replicas
-        pending: deque[tuple[Task, int]] = deque((t, 0) for t in tasks)
-        flights: dict[ray.ObjectRef, _Flight] = {}
+        pending = [deque((t, 0) for t in pool.tasks) for pool in self.pools]
+        in_flight = [0] * len(replicas)
+        waiting: dict[ray.ObjectRef, _Flight] = {}
         seq = itertools.count()
         outage: str | None = None
 
         def feed(slot: int) -> None:
-            while outage is None and pending and sum(f.slot == slot for f in flights.values()) < self.prefetch:
-                task, attempts = pending.popleft()
-                ref = actors[slot].render.remote(task, attempts + 1)
-                flights[ref] = _Flight(slot, generations[slot], next(seq), task, attempts + 1)
+            queue = pending[self.slots[slot][0]]
+            while outage is None and queue and in_flight[slot] < self.prefetch:
+                task, attempts = queue.popleft()
+                flight = _Flight(slot, next(seq), task, attempts + 1,
+                                 replicas[slot].submit(task, attempts + 1))
+                waiting.update({ref: flight for ref in flight.refs})
+                in_flight[slot] += 1
+
+        def land(flight: _Flight) -> None:
+            in_flight[flight.slot] -= 1
+            for ref in flight.refs:
+                waiting.pop(ref, None)
 
         def settle(flight: _Flight, row: dict) -> None:
             if row["status"] == "failed" and flight.attempt < self.max_attempts:
                 self.retries += 1
-                pending.appendleft((flight.task, flight.attempt))
+                pending[self.slots[flight.slot][0]].appendleft((flight.task, flight.attempt))
             else:
                 self.on_row(row)
 
-        # 2. Keep every replica `prefetch` rows deep until the queue drains.
-        for slot in range(self.replicas):
+        def rebuild(slot: int) -> None:
+            self.restarts += 1
+            if self.restarts > len(replicas) * self.max_attempts + 8:
+                raise WorkersFailed(f"replicas died {self.restarts} times; giving up")
+            replicas[slot].kill()
+            replicas[slot] = self._spawn(slot)
+
+        # 2. Keep every replica `prefetch` rows deep until the queues drain.
+        for slot in range(len(replicas)):
             feed(slot)
-        while flights:
+        while waiting:
             # A timeout lets the driver publish buffered manifest rows even while renders take minutes.
-            ready, _ = ray.wait(list(flights), num_returns=1, timeout=self.tick_seconds)
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=self.tick_seconds)
             self.on_tick()
             if not ready:
                 continue
             ref = ready[0]
-            flight = flights.pop(ref)
+            flight = waiting[ref]
             try:
-                row = ray.get(ref)
-            except _DEAD as exc:
-                # 3. A dead replica: its running row counts an attempt, rows queued behind it don't.
-                lost = [flight] + [flights.pop(r) for r, f in list(flights.items())
-                                   if f.slot == flight.slot and f.generation == flight.generation]
-                lost.sort(key=lambda f: f.seq)
-                running, queued = lost[0], lost[1:]
-                for f in reversed(queued):
-                    pending.appendleft((f.task, f.attempt - 1))
-                settle(running, self._failed(running.task, running.attempt, f"worker died: {_cause(exc)}"))
-                if generations[flight.slot] == flight.generation:
-                    self._respawn(actors, generations, flight.slot)
+                value = ray.get(ref)
+            except _FAILED as exc:
+                # 3. A rank died or raised: its row counts an attempt, rows queued behind it don't,
+                #    and the whole replica is rebuilt (a gang's collectives are out of step now).
+                lost = sorted({id(f): f for f in waiting.values() if f.slot == flight.slot}.values(),
+                              key=lambda f: f.seq)
+                for f in lost:
+                    land(f)
+                for f in reversed(lost[1:]):
+                    pending[self.slots[f.slot][0]].appendleft((f.task, f.attempt - 1))
+                running = lost[0]
+                settle(running, {**running.task.row(), "status": "failed", "attempts": running.attempt,
+                                 "error": f"worker died: {_cause(exc)}"})
+                rebuild(flight.slot)
                 feed(flight.slot)
                 continue
-            except RayTaskError as exc:
-                row = self._failed(flight.task, flight.attempt, _cause(exc))
-            if row.pop("storage_outage", False):
+            if ref != flight.refs[0]:
+                waiting.pop(ref)  # another rank finished its part; rank 0 carries the row
+                continue
+            land(flight)
+            if value.pop("storage_outage", False):
                 # 4. Storage is down beyond its retry budget: stop feeding, drain, keep progress.
-                outage = row["error"]
-                pending.appendleft((flight.task, flight.attempt - 1))
+                outage = value["error"]
+                pending[self.slots[flight.slot][0]].appendleft((flight.task, flight.attempt - 1))
             else:
-                settle(flight, row)
+                settle(flight, value)
+                if value["status"] == "failed" and replicas[flight.slot].ranks > 1:
+                    # Other ranks may still wait in a collective for this one: start the gang afresh.
+                    for f in sorted({id(f): f for f in waiting.values() if f.slot == flight.slot}.values(),
+                                    key=lambda f: -f.seq):
+                        land(f)
+                        pending[self.slots[f.slot][0]].appendleft((f.task, f.attempt - 1))
+                    rebuild(flight.slot)
             feed(flight.slot)
         if outage is not None:
             raise StorageOutage(outage)
-
-    def _respawn(self, actors: list, generations: list[int], slot: int) -> None:
-        self.restarts += 1
-        if self.restarts > self.replicas * self.max_attempts + 8:
-            raise WorkersFailed(f"replicas died {self.restarts} times; giving up")
-        try:
-            ray.kill(actors[slot], no_restart=True)
-        except Exception:  # noqa: BLE001 - it is already gone
-            pass
-        generations[slot] += 1
-        actors[slot] = self.spawn(slot)
 
 
 def _cause(exc: BaseException) -> str:

@@ -1,7 +1,8 @@
-"""The render actor: one model replica, loaded once, pinned to one GPU (or the CPU).
+"""The render actor: one rank of a model replica, loaded once, pinned to one GPU (or the CPU).
 
-It renders a task, encodes it, uploads the object whole under its deterministic key and returns the
-row's manifest entry. Frames never travel back to the driver.
+A replica is a gang of one or more ranks (sequence/CFG parallel). Every rank renders the same task in
+lockstep; rank 0 encodes the video, uploads it whole under its deterministic key and returns the row's
+manifest entry. Frames never travel back to the driver.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from kandinsky_batch.rows import Task
 from kandinsky_batch.storage import Storage, StorageUnavailable, object_key
 from kandinsky_batch.video import encode
-from pipelines import open_renderer
+from pipelines import ParallelSpec, open_renderer
 
 
 @dataclass(frozen=True)
@@ -33,33 +34,73 @@ class WorkerSpec:
     retries: int = 5
     retry_backoff: float = 0.5
     num_threads: int | None = None
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    group: str = "default"
 
 
 class RenderWorker:
-    """Ray actor class (wrapped with `ray.remote` by the scheduler, so this module knows no Ray)."""
+    """Ray actor class (wrapped with `ray.remote` by the cluster module, so this module knows no Ray).
 
-    def __init__(self, spec: WorkerSpec, replica: int):
+    A gang of one loads its model at once; the ranks of a larger gang load it in `join`, once the
+    driver has told them where rank 0 listens for the process-group rendezvous.
+    """
+
+    def __init__(self, spec: WorkerSpec, replica: int, rank: int = 0):
         if spec.num_threads and not spec.model_path.startswith("simulated"):
             import torch
 
             # Several CPU replicas on one host would otherwise oversubscribe the cores.
             torch.set_num_threads(spec.num_threads)
-        self.spec = spec
-        self.renderer = open_renderer(spec.model_path, storage_options=spec.model_storage_options)
+        self.spec, self.replica, self.rank = spec, replica, rank
+        self.renderer = None
+        if spec.parallel.world_size == 1:
+            self.renderer = open_renderer(spec.model_path, storage_options=spec.model_storage_options)
         self.storage = Storage(spec.output_uri, spec.output_storage_options, retries=spec.retries,
                                backoff=spec.retry_backoff)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: an address and free port for the gang's process group (loopback in a local Ray)."""
+        import ray
+
+        address = ray.util.get_node_ip_address()
+        with socket.socket() as probe:
+            probe.bind((address, 0))
+            return address, probe.getsockname()[1]
+
+    def join(self, address: tuple[str, int]) -> dict:
+        """Join the gang's process group and load this rank's part of the model."""
+        from pipelines.parallel import GangRenderer, init_gang
+        from pipelines.render import default_device
+
+        device = default_device()
+        init_gang(self.rank, self.spec.parallel.world_size, address[0], address[1], device)
+        self.renderer = GangRenderer(self.spec.model_path, self.spec.parallel, self.rank, device=device,
+                                     storage_options=self.spec.model_storage_options)
+        return self.ready()
+
+    @property
+    def name(self) -> str:
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES") if self.renderer.device.startswith("cuda") else None
         where = f"gpu{gpu}" if gpu is not None else self.renderer.device
-        self.name = f"replica{replica}@{socket.gethostname()}:{os.getpid()}:{where}"
+        group = "" if self.spec.group == "default" else f"{self.spec.group}/"
+        return f"{group}replica{self.replica}@{socket.gethostname()}:{os.getpid()}:{where}"
 
     def ready(self) -> dict:
         """Answer once the model is loaded: the driver waits for this before queueing rows."""
-        return {"worker": self.name, "device": self.renderer.device, "load_seconds": self.renderer.load_seconds}
+        return {"worker": self.name, "device": self.renderer.device, "load_seconds": self.renderer.load_seconds,
+                "gang": self.spec.parallel.name}
 
-    def render(self, task: Task, attempt: int) -> dict:
-        """Render, encode and commit one task; return its manifest row (status ok or failed)."""
+    def render(self, task: Task, attempt: int) -> dict | None:
+        """Render, encode and commit one task; return its manifest row (status ok or failed).
+
+        Ranks other than 0 take their part in the render and return None; an error there propagates,
+        so the driver rebuilds the gang (its collectives may be out of step).
+        """
+        if self.rank != 0:
+            self.renderer.render(task.request())
+            return None
         row = {**task.row(), "attempts": attempt, "worker": self.name, "model": self.spec.model_path,
-               "format": self.spec.format, "fps": self.spec.fps}
+               "format": self.spec.format, "fps": self.spec.fps, "gang": self.spec.parallel.name}
         try:
             started = time.perf_counter()
             frames = self.renderer.render(task.request())

@@ -12,7 +12,7 @@ _EXPORTS = {
     "cache_root": "pipelines.models", "load_spec": "pipelines.models", "resolve_model": "pipelines.models",
     "Renderer": "pipelines.render", "default_device": "pipelines.render", "to_uint8": "pipelines.render",
     "build_tiny_pipeline": "pipelines.tiny", "ensure_tiny": "pipelines.tiny", "save_tiny": "pipelines.tiny",
-    "open_renderer": "pipelines.factory",
+    "open_renderer": "pipelines.factory", "ParallelSpec": "pipelines.shape",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -30,3 +30,35 @@ class RenderRequest:
         if self.guidance_scale <= 1.0:
             return None
         return DEFAULT_NEGATIVE_PROMPT if self.negative_prompt is None else self.negative_prompt
+
+
+CACHES = ("magcache", "taylorseer")
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How a replica renders: speed options, all off by default. Each non-default one is recorded per row."""
+
+    attention_backend: str | None = None
+    """diffusers attention dispatch backend (`native`, `_native_cudnn`, `flash`, `sage`, `flex`, ...); None: default."""
+    compile: bool = False
+    """Regional `torch.compile` of the repeated transformer blocks (exact up to kernel numerics)."""
+    batched_guidance: bool = False
+    """Cond and uncond in one forward of batch 2 when their text lengths match (same math; within ±1 level)."""
+    offload_text_encoder: bool = False
+    """Keep the text encoders on the CPU between encodings (for Pro and 10 s clips when memory is tight)."""
+    cache: str | None = None
+    """Step caching through diffusers hooks: `magcache` or `taylorseer`. APPROXIMATE: skips transformer work."""
+    cache_args: tuple = ()
+    """(key, value) pairs for the diffusers cache config, e.g. (("mag_ratios", [...]), ("num_inference_steps", 50))."""
+
+    @property
+    def approximate(self) -> bool:
+        """Whether frames may differ from plain diffusers beyond rounding (step caching skips work)."""
+        return self.cache is not None
+
+    def recorded(self) -> dict:
+        """The non-default options, as the manifest records them."""
+        defaults = RenderOptions()
+        return {k: (dict(v) if k == "cache_args" else v) for k, v in self.__dict__.items()
+                if v != getattr(defaults, k)}

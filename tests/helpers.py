@@ -14,7 +14,10 @@ TINY_RENDER = ["render.height=32", "render.width=32", "render.num_frames=5", "re
 
 
 def write_dataset(path, rows: list[dict], schema: pa.Schema | None = None) -> str:
-    """Write rows as a Parquet file and return its path."""
+    """Write rows as a Parquet file and return its path (columns: the union of the rows' keys)."""
+    if schema is None:
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        rows = [{k: row.get(k) for k in keys} for row in rows]
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return str(path)
 

@@ -1,0 +1,35 @@
+"""Which replica group renders which row, and whether each group's gang shape fits the model."""
+
+from __future__ import annotations
+
+from kandinsky_batch.config import ClusterConfig, ConfigError
+from kandinsky_batch.rows import Task
+from pipelines import ModelSpec, ParallelSpec
+
+
+def check_shapes(cluster: ClusterConfig, spec: ModelSpec) -> None:
+    """Refuse, before Ray starts, gang shapes the model cannot run (Ulysses must divide the heads)."""
+    for index, group in enumerate(cluster.replica_groups()):
+        shape = ParallelSpec(ulysses=group.sequence_parallel // group.ring_degree, ring=group.ring_degree,
+                             cfg=group.cfg_parallel)
+        prefix = f"cluster.groups[{index}]." if cluster.groups else "cluster."
+        for problem in shape.problems(spec.num_heads, spec.attention_type):
+            raise ConfigError(f"{prefix}{problem} ({spec.path})")
+
+
+def route(tasks: list[Task], cluster: ClusterConfig) -> tuple[dict[str, list[Task]], list[dict]]:
+    """Send each row to the group with the smallest `max_tokens` that holds it; rows too big for all are invalid."""
+    groups = sorted(cluster.replica_groups(), key=lambda g: (g.max_tokens is None, g.max_tokens or 0))
+    routed: dict[str, list[Task]] = {g.name: [] for g in groups}
+    invalid = []
+    for task in tasks:
+        group = next((g for g in groups if g.max_tokens is None or task.tokens() <= g.max_tokens), None)
+        if group is None:
+            largest = max(g.max_tokens for g in groups)
+            invalid.append({**task.row(), "status": "invalid", "attempts": 0,
+                            "error": f"num_frames={task.num_frames}, height={task.height}, width={task.width}: "
+                                     f"{task.tokens()} visual tokens (rule: no replica group takes more than "
+                                     f"max_tokens={largest})"})
+        else:
+            routed[group.name].append(task)
+    return routed, invalid

@@ -1,0 +1,88 @@
+"""A stand-in renderer that sleeps for each request's modelled GPU cost: for orchestration benchmarks only.
+
+`model.path` is `simulated` or `simulated:SECONDS_PER_MEGAUNIT`. A request's cost is visual tokens x steps x
+transformer passes per step (2 with classifier-free guidance), in units of a million; the default makes a
+5 s 768x512 50-step CFG row sleep ~0.5 s and a 10 s row ~1 s. The frames are a tiny stack derived from the
+seed, so encoding and upload stay in the path but cost next to nothing. No torch, no diffusers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.models import MAX_PROMPT_TOKENS, SIMULATED, ModelSpec
+from pipelines.request import RenderRequest
+
+# 5 s 768x512, 50 steps, CFG: 31 x 32 x 48 tokens x 100 passes = 4.76 megaunits -> 0.50 s; 10 s -> 0.98 s.
+DEFAULT_SECONDS_PER_MEGAUNIT = 0.105
+FRAME_SHAPE = (1, 16, 16, 3)
+# Limits of the Lite checkpoints: 8x VAE x 2x patch, 4x temporal VAE, 28 heads of 64, RoPE 128 positions per axis.
+SPATIAL_MULTIPLE, TEMPORAL_MULTIPLE, NUM_HEADS = 16, 4, 28
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def cost(request: RenderRequest) -> float:
+    """Visual tokens x steps x transformer passes per step (the same model as `kandinsky_batch.rows.Task.cost`)."""
+    tokens = ((request.num_frames - 1) // TEMPORAL_MULTIPLE + 1) * (request.height // 16) * (request.width // 16)
+    return tokens * request.num_inference_steps * (2 if request.guidance_scale > 1.0 else 1)
+
+
+def seconds_per_megaunit(model_path: str) -> float:
+    """Parse `simulated` / `simulated:SECONDS_PER_MEGAUNIT`; ValueError naming the path otherwise."""
+    if model_path == SIMULATED:
+        return DEFAULT_SECONDS_PER_MEGAUNIT
+    head, sep, value = model_path.partition(":")
+    try:
+        seconds = float(value) if head == SIMULATED and sep else float("nan")
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds >= 0 and np.isfinite(seconds)):
+        raise ValueError(f"model.path={model_path!r}: expected 'simulated' or 'simulated:SECONDS_PER_MEGAUNIT' "
+                         f"with a finite number >= 0 (e.g. 'simulated:{DEFAULT_SECONDS_PER_MEGAUNIT}')")
+    return seconds
+
+
+@dataclass(frozen=True)
+class SimulatedSpec(ModelSpec):
+    """Lite's limits, with prompt length estimated without a tokenizer."""
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Words and punctuation marks: an approximation of Qwen tokens (no tokenizer is loaded)."""
+        return len(_WORD.findall(prompt))
+
+
+def simulated_spec(path: str) -> SimulatedSpec:
+    """The limits a simulated model enforces: those of the T2V Lite checkpoints."""
+    seconds_per_megaunit(path)  # a malformed path fails here, before Ray starts
+    return SimulatedSpec(
+        path=path, attention_type="regular", num_heads=NUM_HEADS, spatial_multiple=SPATIAL_MULTIPLE,
+        temporal_multiple=TEMPORAL_MULTIPLE, max_frames=TEMPORAL_MULTIPLE * 127 + 1,
+        max_size=SPATIAL_MULTIPLE * 128, max_prompt_tokens=MAX_PROMPT_TOKENS, tokenizer=None,
+    )
+
+
+class SimulatedRenderer:
+    """Renders by sleeping `seconds_per_megaunit x cost / 1e6`; `sleep` is injectable for tests."""
+
+    device = "simulated"
+
+    def __init__(self, model_path: str = SIMULATED, *, sleep: Callable[[float], None] = time.sleep):
+        started = time.perf_counter()
+        self.model_path = model_path
+        self.seconds_per_unit = seconds_per_megaunit(model_path) / 1e6
+        self.sleep = sleep
+        self.load_seconds = time.perf_counter() - started
+
+    def seconds(self, request: RenderRequest) -> float:
+        """How long `render` sleeps for this request."""
+        return self.seconds_per_unit * cost(request)
+
+    def render(self, request: RenderRequest) -> np.ndarray:
+        """Sleep for the request's modelled cost, then return a tiny uint8 stack that depends on the seed alone."""
+        self.sleep(self.seconds(request))
+        return np.random.default_rng(request.seed).integers(0, 256, FRAME_SHAPE, dtype=np.uint8)

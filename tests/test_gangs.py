@@ -1,0 +1,142 @@
+"""Gangs through the whole job path on a local Ray (CPU ranks, gloo on loopback).
+
+Oracles: frames bit-identical to plain diffusers on one device; a killed rank loses nothing.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from kandinsky_batch.config import ConfigError, load_config
+from kandinsky_batch.job import run
+from kandinsky_batch.manifest import read_manifest
+from kandinsky_batch.storage import Storage
+from kandinsky_batch.verify import verify
+from kandinsky_batch.video import decode
+from tests.helpers import TINY_RENDER, oracle, write_dataset
+from tests.test_faults import _render_workers
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROWS = [
+    {"id": "cat", "prompt": "a cat dancing"},
+    {"id": "car", "prompt": "a red car driving through a city street at night", "num_frames": 9},
+    {"id": "koi", "prompt": "koi fish", "guidance_scale": 1.0},
+    {"id": "tall", "prompt": "a lighthouse in a storm", "height": 48, "width": 32},
+]
+
+
+def _config(tmp_path, rows, extra=()):
+    data = write_dataset(tmp_path / "prompts.parquet", rows)
+    return load_config(None, [f"input.path={data}", f"output.uri=file://{tmp_path / 'out'}", "output.format=npy",
+                              *TINY_RENDER, *extra])
+
+
+def _check_frames(tmp_path, tiny_pipe, gang: str):
+    storage = Storage(f"file://{tmp_path / 'out'}")
+    manifest = read_manifest(storage).to_pylist()
+    assert [r["status"] for r in manifest] == ["ok"] * len(manifest)
+    for row in manifest:
+        assert row["gang"] == gang
+        frames = decode(storage.get_bytes(storage.key_of(row["uri"])), "npy")
+        assert np.array_equal(frames, oracle(tiny_pipe, row)), (gang, row["id"])
+    assert verify(f"file://{tmp_path / 'out'}") == []
+    return manifest
+
+
+@pytest.mark.parametrize("shape, gang", [
+    (["cluster.sequence_parallel=2"], "sp2"),
+    (["cluster.cfg_parallel=true"], "cfg2"),
+    (["cluster.sequence_parallel=2", "cluster.cfg_parallel=true"], "sp2xcfg2"),
+])
+def test_gang_job_frames_equal_a_single_device(tmp_path, ray_local, tiny_pipe, shape, gang):
+    result = run(_config(tmp_path, ROWS, ["cluster.replicas=1", *shape]), progress=False)
+    assert result.ok == len(ROWS) and result.restarts == 0
+    _check_frames(tmp_path, tiny_pipe, gang)
+
+
+def test_mixed_fleet_routes_rows_by_size(tmp_path, ray_local, tiny_pipe):
+    (tmp_path / "fleet.yaml").write_text(
+        "cluster:\n  groups:\n"
+        "    - {name: short, replicas: 1, max_tokens: 8}\n"
+        "    - {name: long, replicas: 1, sequence_parallel: 2}\n"
+    )
+    rows = [{"id": f"s{i}", "prompt": f"short clip {i}", "num_frames": None} for i in range(3)]
+    rows += [{"id": f"l{i}", "prompt": f"long clip {i}", "num_frames": 9} for i in range(3)]
+    data = write_dataset(tmp_path / "prompts.parquet", rows)
+    cfg = load_config(str(tmp_path / "fleet.yaml"), [f"input.path={data}", f"output.uri=file://{tmp_path / 'out'}",
+                                                     "output.format=npy", *TINY_RENDER])
+    run(cfg, progress=False)
+    storage = Storage(f"file://{tmp_path / 'out'}")
+    manifest = {r["id"]: r for r in read_manifest(storage).to_pylist()}
+    # 5 frames of 32x32 = 2 x 2 x 2 = 8 tokens fit `short`; 9 frames (3 latent frames) = 12 go to `long`.
+    assert {manifest[f"s{i}"]["gang"] for i in range(3)} == {"1"}
+    assert {manifest[f"l{i}"]["gang"] for i in range(3)} == {"sp2"}
+    assert all(manifest[f"s{i}"]["worker"].startswith("short/") for i in range(3))
+    for row in manifest.values():
+        frames = decode(storage.get_bytes(storage.key_of(row["uri"])), "npy")
+        assert np.array_equal(frames, oracle(tiny_pipe, row)), row["id"]
+
+
+def test_row_too_big_for_every_group_is_invalid(tmp_path, ray_local):
+    cfg = _config(tmp_path, ROWS[:2])
+    cfg.cluster.groups = [type(cfg.cluster.replica_groups()[0])(name="small", replicas=1, max_tokens=8)]
+    result = run(cfg, progress=False)
+    manifest = {r["id"]: r for r in read_manifest(Storage(f"file://{tmp_path / 'out'}")).to_pylist()}
+    assert (result.ok, result.invalid) == (1, 1)
+    assert manifest["car"]["status"] == "invalid" and "max_tokens=8" in manifest["car"]["error"]
+
+
+def test_gang_member_killed_mid_row_is_recovered(tmp_path, ray_local, tiny_pipe):
+    rows = [{"id": f"r{i}", "prompt": f"scene {i}"} for i in range(8)]
+    cfg = _config(tmp_path, rows, ["cluster.replicas=1", "cluster.sequence_parallel=2", "cluster.max_attempts=5"])
+    storage = Storage(f"file://{tmp_path / 'out'}")
+    killed = []
+
+    def kill_one_rank():
+        # Once the gang has committed a row, kill one of its ranks while it is inside a render
+        # (Ray retitles a busy actor process `ray::RenderWorker.render`).
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            busy = [p for p in _render_workers() if " ".join(p.cmdline()).startswith("ray::RenderWorker.render")]
+            if storage.list("videos") and busy:
+                os.kill(busy[-1].pid, signal.SIGKILL)
+                killed.append(busy[-1].pid)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_one_rank, daemon=True)
+    killer.start()
+    result = run(cfg, progress=False)
+    killer.join()
+    assert killed and result.restarts >= 1
+    manifest = _check_frames(tmp_path, tiny_pipe, "sp2")
+    assert len(manifest) == len(rows)
+    again = run(_config(tmp_path, rows, ["cluster.replicas=1", "cluster.sequence_parallel=2"]), progress=False)
+    assert again.rendered == 0
+
+
+@pytest.mark.parametrize("override, key", [
+    (["cluster.sequence_parallel=3"], "cluster.sequence_parallel=3"),
+    (["cluster.sequence_parallel=8", "cluster.cfg_parallel=true"], "cluster.sequence_parallel=8"),
+])
+def test_invalid_degree_is_refused_before_ray_starts(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        run(_config(tmp_path, ROWS, override), progress=False)
+    assert "4 attention heads" in str(err.value)
+    data = write_dataset(tmp_path / "p.parquet", ROWS)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "kandinsky_batch", "run", "configs/tiny.yaml", f"input.path={data}",
+                           f"output.uri={tmp_path / 'cli'}", *override], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and key in proc.stderr
+    assert not (tmp_path / "ray").exists(), "no Ray may start for a config error"
+    assert time.monotonic() - started < 60
