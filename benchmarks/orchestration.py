@@ -17,6 +17,8 @@ Definitions (the same for both systems):
 - idle per row: (replicas x makespan - sum of render_seconds) / rows, the replica time each row costs beyond
   its render (dispatch, encode, upload, result, and the tail).
 - host CPU during the makespan, by process name (sampled from /proc), to see what a 2-core host spends it on.
+- row gap (job.run): per replica, the time between two consecutive commits minus the later row's render:
+  what a row costs its replica besides the render, as the driver sees it (median and 90th percentile).
 
 Run: .venv/bin/python benchmarks/orchestration.py [--replicas 64 --rows 2000 --seconds-per-megaunit 0.105]
 """
@@ -127,13 +129,17 @@ def run_job(rows: list[dict], replicas: int, model: str, workdir: Path) -> dict:
         raise RuntimeError(f"job.run: {result.ok} of {len(rows)} rows ok ({result.failed} failed)")
     manifest = read_manifest(Storage(uri)).to_pylist()
     render = defaultdict(list)
+    commits = defaultdict(list)
     for row in manifest:
         render[row["worker"]].append(row["render_seconds"])
+        commits[row["worker"]].append((row["finished_at"].timestamp(), row["render_seconds"]))
+    gaps = sorted(b[0] - a[0] - b[1] for c in commits.values() for a, b in zip(sorted(c), sorted(c)[1:]))
     modelled = [SimulatedRenderer(model).seconds(_request(r)) for r in rows]
     # The manifest's commit times place the drain window on the wall clock.
     last = max(row["finished_at"] for row in manifest).timestamp()
     return _summary("kandinsky-batch job.run", result.drain_seconds, modelled, render, replicas, result.seconds,
-                    watch, (last - result.drain_seconds, last), restarts=result.restarts, retries=result.retries)
+                    watch, (last - result.drain_seconds, last), restarts=result.restarts, retries=result.retries,
+                    row_gap_ms={"median": 1000 * gaps[len(gaps) // 2], "p90": 1000 * gaps[int(len(gaps) * 0.9)]})
 
 
 class SimulatedCallable:
@@ -222,6 +228,7 @@ def main() -> int:
     parser.add_argument("--workdir", help="where outputs go (default: a temp dir, removed afterwards)")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/orchestration.json)")
     args = parser.parse_args()
+    load = os.getloadavg()[0]
 
     model = f"simulated:{args.seconds_per_megaunit}"
     rows = build_rows(args.rows, args.mix)
@@ -246,9 +253,12 @@ def main() -> int:
                            r["startup_s"], r["peak_memory_gib"]] for r in results]))
     for r in results:
         print(f"{r['system']}: CPU cores during the makespan by process: {r['cpu_cores_by_process']}")
+        if "row_gap_ms" in r:
+            print(f"{r['system']}: row gap ms {r['row_gap_ms']}, replica restarts {r['restarts']}")
     path = write_json("orchestration", {
         "benchmark": "orchestration", "machine": machine(),
         "params": {"replicas": args.replicas, "rows": args.rows, "mix": args.mix, "model": model},
+        "loadavg_before": load,
         "targets": {"ratio_max": 1.03, "busy_mean_min": 0.98}, "results": results,
     }, args.out)
     print(f"wrote {path}")

@@ -13,6 +13,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 FORMATS = ("mp4", "npy")
+CACHES = ("magcache", "taylorseer")  # pipelines.request.CACHES; repeated so config stays import-light
 MAX_SEED = 2**63 - 1  # seeds live in an int64 manifest column
 
 
@@ -62,6 +63,32 @@ class ModelConfig:
     """`tiny` (random weights, built offline), a hub id, a local diffusers dir, or an fsspec URI of one."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options when `path` is an object-store URI."""
+    attention_backend: Optional[str] = None
+    """diffusers attention backend (`native`, `_native_cudnn`, `flash`, `sage`, `flex`, ...); None: diffusers' default."""
+    compile: bool = False
+    """Regional torch.compile of the repeated transformer blocks."""
+    batched_guidance: bool = False
+    """Cond and uncond in one forward when their text lengths match (same math, within ±1 uint8 level)."""
+    offload_text_encoder: bool = False
+    """Keep the text encoders on the CPU between encodings (memory for Pro / 10 s clips)."""
+    cache: Optional[str] = None
+    """Step caching, APPROXIMATE: `magcache` (needs calibrated `mag_ratios` in cache_args) or `taylorseer`."""
+    cache_args: dict[str, Any] = field(default_factory=dict)
+    """Arguments of the diffusers cache config (MagCacheConfig / TaylorSeerCacheConfig)."""
+
+    def __post_init__(self) -> None:
+        if self.cache is not None:
+            _require(self.cache in CACHES, "model.cache", self.cache, f"must be one of {', '.join(CACHES)} or null")
+        elif self.cache_args:
+            _require(False, "model.cache_args", dict(self.cache_args), "needs model.cache to be set")
+
+    def options(self):
+        """The renderer options these keys describe."""
+        from pipelines import RenderOptions
+
+        return RenderOptions(attention_backend=self.attention_backend, compile=self.compile,
+                             batched_guidance=self.batched_guidance, offload_text_encoder=self.offload_text_encoder,
+                             cache=self.cache, cache_args=tuple(sorted(dict(self.cache_args).items())))
 
 
 @dataclass

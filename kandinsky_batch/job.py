@@ -124,7 +124,7 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
                 model_path=cfg.model.path, output_uri=cfg.output.uri, format=cfg.output.format,
                 fps=cfg.render.fps, model_storage_options=cfg.model.storage_options,
                 output_storage_options=cfg.output.storage_options, retries=cfg.output.retries,
-                retry_backoff=cfg.output.retry_backoff,
+                retry_backoff=cfg.output.retry_backoff, options=cfg.model.options(),
             )
             pools = [Pool(p.group.name, cluster.spawner(p, worker_spec), p.replicas,
                           [t for t in todo if t.id in routed_set[p.group.name]])

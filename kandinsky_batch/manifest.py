@@ -39,6 +39,8 @@ SCHEMA = pa.schema(
         pa.field("model", pa.string()),
         pa.field("worker", pa.string()),
         pa.field("gang", pa.string()),
+        pa.field("options", pa.string()),
+        pa.field("approximate", pa.bool_()),
         pa.field("attempts", pa.int32()),
         pa.field("render_seconds", pa.float64()),
         pa.field("finished_at", pa.timestamp("us", tz="UTC")),

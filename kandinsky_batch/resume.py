@@ -16,10 +16,11 @@ from kandinsky_batch.manifest import latest_outcomes
 from kandinsky_batch.rows import Task
 from kandinsky_batch.storage import Storage, object_key
 from kandinsky_batch.video import decode
+from kandinsky_batch.worker import recorded_options
 
 # What decides a row's pixels and bytes: if any differs, an old object is not this row's output.
 IDENTITY = ("prompt", "negative_prompt", "seed", "height", "width", "num_frames", "num_inference_steps",
-            "guidance_scale", "model", "format", "fps")
+            "guidance_scale", "model", "format", "fps", "options")
 
 
 class ResumeConflict(ValueError):
@@ -39,7 +40,9 @@ def identity(row: dict) -> tuple:
 
 
 def expected(task: Task, cfg: JobConfig) -> dict:
-    return {**task.row(), "model": cfg.model.path, "format": cfg.output.format, "fps": cfg.render.fps}
+    options = cfg.model.options()
+    return {**task.row(), "model": cfg.model.path, "format": cfg.output.format, "fps": cfg.render.fps,
+            "options": recorded_options(options), "approximate": options.approximate}
 
 
 def _complete(data: bytes, task: Task, fmt: str) -> bool:

@@ -8,6 +8,7 @@ manifest entry. Frames never travel back to the driver.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from kandinsky_batch.rows import Task
 from kandinsky_batch.storage import Storage, StorageUnavailable, object_key
 from kandinsky_batch.video import encode
-from pipelines import ParallelSpec, open_renderer
+from pipelines import ParallelSpec, RenderOptions, open_renderer
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,13 @@ class WorkerSpec:
     num_threads: int | None = None
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     group: str = "default"
+    options: RenderOptions = field(default_factory=RenderOptions)
+
+
+def recorded_options(options: RenderOptions) -> str | None:
+    """The manifest's `options` value: the non-default render options as JSON, or null."""
+    recorded = options.recorded()
+    return json.dumps(recorded, sort_keys=True) if recorded else None
 
 
 class RenderWorker:
@@ -54,7 +62,8 @@ class RenderWorker:
         self.spec, self.replica, self.rank = spec, replica, rank
         self.renderer = None
         if spec.parallel.world_size == 1:
-            self.renderer = open_renderer(spec.model_path, storage_options=spec.model_storage_options)
+            self.renderer = open_renderer(spec.model_path, storage_options=spec.model_storage_options,
+                                          options=spec.options)
         self.storage = Storage(spec.output_uri, spec.output_storage_options, retries=spec.retries,
                                backoff=spec.retry_backoff)
 
@@ -75,7 +84,7 @@ class RenderWorker:
         device = default_device()
         init_gang(self.rank, self.spec.parallel.world_size, address[0], address[1], device)
         self.renderer = GangRenderer(self.spec.model_path, self.spec.parallel, self.rank, device=device,
-                                     storage_options=self.spec.model_storage_options)
+                                     storage_options=self.spec.model_storage_options, options=self.spec.options)
         return self.ready()
 
     @property
@@ -100,7 +109,8 @@ class RenderWorker:
             self.renderer.render(task.request())
             return None
         row = {**task.row(), "attempts": attempt, "worker": self.name, "model": self.spec.model_path,
-               "format": self.spec.format, "fps": self.spec.fps, "gang": self.spec.parallel.name}
+               "format": self.spec.format, "fps": self.spec.fps, "gang": self.spec.parallel.name,
+               "options": recorded_options(self.spec.options), "approximate": self.spec.options.approximate}
         try:
             started = time.perf_counter()
             frames = self.renderer.render(task.request())

@@ -8,6 +8,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "DEFAULT_NEGATIVE_PROMPT": "pipelines.request", "RenderRequest": "pipelines.request",
+    "RenderOptions": "pipelines.request", "CACHES": "pipelines.request",
     "ModelSpec": "pipelines.models", "SIMULATED": "pipelines.models", "TINY": "pipelines.models",
     "cache_root": "pipelines.models", "load_spec": "pipelines.models", "resolve_model": "pipelines.models",
     "Renderer": "pipelines.render", "default_device": "pipelines.render", "to_uint8": "pipelines.render",

@@ -5,12 +5,16 @@ from __future__ import annotations
 from pipelines.models import SIMULATED
 
 
-def open_renderer(model_path: str, *, storage_options: dict | None = None, device: str | None = None):
-    """A loaded renderer with `.render(request) -> frames`, `.device` and `.load_seconds`."""
+def open_renderer(model_path: str, *, storage_options: dict | None = None, device: str | None = None,
+                  options=None):
+    """A loaded renderer with `.render(request) -> frames`, `.device`, `.options` and `.load_seconds`."""
     if model_path.startswith(SIMULATED):
         from pipelines.simulated import SimulatedRenderer
 
         return SimulatedRenderer(model_path)
     from pipelines.render import Renderer
+    from pipelines.request import RenderOptions
 
-    return Renderer(model_path, device=device, storage_options=storage_options)
+    renderer = Renderer(model_path, device=device, storage_options=storage_options, options=options or RenderOptions())
+    renderer.apply_options()
+    return renderer

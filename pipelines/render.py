@@ -3,26 +3,26 @@
 The seed contract: for a request with seed `s`, the frames equal
 `np.round(Kandinsky5T2VPipeline(...)(..., generator=torch.Generator("cpu").manual_seed(s),
 output_type="np").frames[0] * 255).astype(np.uint8)` — bit for bit, on the same device.
+
+Prompts are encoded with the pipeline's own `encode_prompt` and passed back in as embeddings, so each
+distinct prompt and negative prompt is encoded once per replica (the same tensors the pipeline would
+compute itself).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from collections import OrderedDict
 
 import numpy as np
 import torch
 
+from pipelines.guidance import GuidedSteps, negative_inputs
 from pipelines.models import resolve_model
-from pipelines.request import RenderRequest
+from pipelines.request import RenderOptions, RenderRequest
 
-def _pipeline_template() -> str:
-    from diffusers import Kandinsky5T2VPipeline
-
-    return Kandinsky5T2VPipeline(None, None, None, None, None, None, None).prompt_template
-
-
-PROMPT_TEMPLATE = _pipeline_template()
+MAX_SEQUENCE_LENGTH = 512  # the pipeline's default
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -37,7 +37,8 @@ def default_device() -> str:
 class Renderer:
     """A Kandinsky 5 T2V pipeline loaded once on one device, rendering requests to frames."""
 
-    def __init__(self, model_path: str, *, device: str | None = None, storage_options: dict | None = None):
+    def __init__(self, model_path: str, *, device: str | None = None, storage_options: dict | None = None,
+                 options: RenderOptions = RenderOptions(), skip: tuple[str, ...] = (), text_cache: int = 1024):
         import diffusers
         import transformers
         from diffusers import Kandinsky5T2VPipeline
@@ -45,24 +46,85 @@ class Renderer:
         # Per-component loading bars from every replica would drown the job's own progress bar.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+        started = time.perf_counter()
+        self.model_path, self.options = model_path, options
         self.device = device or default_device()
         # bf16 is what the checkpoints are trained and published in; CPUs run fp32.
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        started = time.perf_counter()
         local = resolve_model(model_path, storage_options)
-        self.pipe = Kandinsky5T2VPipeline.from_pretrained(local, dtype=self.dtype, use_safetensors=True)
+        self.pipe = Kandinsky5T2VPipeline.from_pretrained(
+            local, dtype=self.dtype, use_safetensors=True, **{name: None for name in skip})
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        if options.offload_text_encoder:
+            self._text_encoders("cpu")
+        self._texts: OrderedDict[str, tuple] = OrderedDict()
+        self._text_cache = text_cache
+        self.steps: GuidedSteps | None = None
         self.load_seconds = time.perf_counter() - started
-        self.model_path = model_path
+
+    def apply_options(self, exchange_group=None, branch: int = 0) -> None:
+        """Attention backend, step cache, compilation and the guidance wrapper, applied from outside the model."""
+        transformer, options = self.pipe.transformer, self.options
+        if options.attention_backend:
+            transformer.set_attention_backend(options.attention_backend)
+        if options.cache:
+            import diffusers
+
+            config = {"magcache": diffusers.MagCacheConfig, "taylorseer": diffusers.TaylorSeerCacheConfig}[options.cache]
+            transformer.enable_cache(config(**dict(options.cache_args)))
+        if options.compile:
+            transformer.compile_repeated_blocks(fullgraph=True)
+        if options.cache or options.batched_guidance or exchange_group is not None:
+            self.steps = GuidedSteps(transformer, batched=options.batched_guidance, exchange_group=exchange_group,
+                                     branch=branch, cache_contexts=options.cache is not None)
+
+    def _text_encoders(self, device: str) -> None:
+        for name in TEXT_COMPONENTS:
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.to(device)
+
+    @torch.no_grad()
+    def encode(self, text: str) -> tuple:
+        """The pipeline's own (qwen embeds, clip pooled, cu_seqlens) for a text, computed once per replica."""
+        if text in self._texts:
+            self._texts.move_to_end(text)
+            return self._texts[text]
+        if self.options.offload_text_encoder:
+            self._text_encoders(self.device)
+        try:
+            encoded = self.pipe.encode_prompt(text, max_sequence_length=MAX_SEQUENCE_LENGTH, device=self.device,
+                                              dtype=self.pipe.transformer.dtype)
+        finally:
+            if self.options.offload_text_encoder:
+                self._text_encoders("cpu")
+        self._texts[text] = encoded
+        if len(self._texts) > self._text_cache:
+            self._texts.popitem(last=False)
+        return encoded
+
+    def embeddings(self, request: RenderRequest) -> dict:
+        """Pipeline kwargs for the request's prompt and (effective) negative prompt embeddings."""
+        qwen, clip, cu = self.encode(request.prompt)
+        embeds = {"prompt_embeds_qwen": qwen, "prompt_embeds_clip": clip, "prompt_cu_seqlens": cu}
+        negative = request.effective_negative_prompt()
+        if negative is not None:
+            qwen, clip, cu = self.encode(negative)
+            embeds.update(negative_prompt_embeds_qwen=qwen, negative_prompt_embeds_clip=clip,
+                          negative_prompt_cu_seqlens=cu)
+        return embeds
+
+    def denoise(self, request: RenderRequest, embeds: dict, output_type: str = "np"):
+        """One pipeline call from embeddings, seeded per the seed contract."""
+        if self.steps is not None:
+            self.steps.arm(negative_inputs(embeds, self.device) if request.guidance_scale > 1.0 else None)
+        return self.pipe(
+            **embeds, height=request.height, width=request.width, num_frames=request.num_frames,
+            num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(request.seed), output_type=output_type,
+        ).frames
 
     def render(self, request: RenderRequest) -> np.ndarray:
         """Frames (num_frames, height, width, 3) uint8 for one request, per the seed contract."""
-        args = asdict(request)
-        seed = args.pop("seed")
-        out = self.pipe(
-            **args,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="np",
-        ).frames
-        return to_uint8(np.asarray(out[0]))
+        return to_uint8(np.asarray(self.denoise(request, self.embeddings(request))[0]))

@@ -1,0 +1,91 @@
+"""Per-video speed options: exact ones keep the seed contract, batched guidance stays within ±1 uint8
+level, approximate ones are recorded as such in the manifest."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kandinsky_batch.config import ConfigError, load_config
+from kandinsky_batch.job import run
+from kandinsky_batch.manifest import read_manifest
+from kandinsky_batch.storage import Storage
+from pipelines import RenderOptions, RenderRequest, load_spec, open_renderer
+from tests.helpers import TINY_RENDER, oracle, write_dataset
+
+
+def test_each_distinct_text_is_encoded_once_per_replica(model_cache, tiny_pipe):
+    renderer = open_renderer("tiny")
+    calls = []
+    encode = renderer.pipe.encode_prompt
+    renderer.pipe.encode_prompt = lambda text, **kw: calls.append(text) or encode(text, **kw)
+    requests = [RenderRequest("a cat", None, 32, 32, 5, 2, 5.0, seed) for seed in range(3)]
+    requests.append(RenderRequest("a dog", "blurry", 32, 32, 5, 2, 5.0, 9))
+    for request in requests:
+        assert np.array_equal(renderer.render(request), oracle(tiny_pipe, request.__dict__))
+    assert sorted(calls) == sorted(["a cat", requests[0].effective_negative_prompt(), "a dog", "blurry"])
+
+
+def _same_length_negative(prompt: str) -> str:
+    """A negative prompt with exactly as many text tokens as `prompt`, so the two branches can share a batch."""
+    spec = load_spec("tiny")
+    target = spec.prompt_tokens(prompt)
+    for words in range(1, 40):
+        candidate = " ".join(["blurry"] * words)
+        if spec.prompt_tokens(candidate) == target:
+            return candidate
+    raise AssertionError("no same-length negative prompt found")
+
+
+def test_batched_guidance_stays_within_one_level(model_cache, tiny_pipe):
+    renderer = open_renderer("tiny", options=RenderOptions(batched_guidance=True))
+    prompt = "a cat dancing in the rain"
+    request = RenderRequest(prompt, _same_length_negative(prompt), 48, 32, 9, 3, 5.0, 4)
+    frames = renderer.render(request)
+    assert renderer.steps.batched_steps == request.num_inference_steps, "both branches ran as one batch"
+    diff = np.abs(frames.astype(int) - oracle(tiny_pipe, request.__dict__).astype(int))
+    assert diff.max() <= 1
+    # Different text lengths cannot share a batch without padding: those fall back to two exact calls.
+    other = RenderRequest(prompt, "blurry, low quality, ugly, deformed, static cartoon", 32, 32, 5, 2, 5.0, 4)
+    assert np.array_equal(renderer.render(other), oracle(tiny_pipe, other.__dict__))
+    assert renderer.steps.batched_steps == 0
+
+
+@pytest.mark.parametrize("options", [RenderOptions(attention_backend="native"),
+                                     RenderOptions(offload_text_encoder=True)], ids=["native", "offload"])
+def test_exact_options_keep_the_seed_contract(options, model_cache, tiny_pipe):
+    request = RenderRequest("a red car", None, 32, 32, 5, 2, 5.0, 21)
+    assert np.array_equal(open_renderer("tiny", options=options).render(request), oracle(tiny_pipe, request.__dict__))
+
+
+def test_step_cache_keeps_cond_and_uncond_apart(model_cache, tiny_pipe):
+    """TaylorSeer runs through diffusers' hooks with separate cache contexts for the two branches."""
+    renderer = open_renderer("tiny", options=RenderOptions(cache="taylorseer"))
+    contexts = []
+    enter = renderer.pipe.transformer.cache_context
+    renderer.pipe.transformer.cache_context = lambda name: contexts.append(name) or enter(name)
+    frames = renderer.render(RenderRequest("a cat", None, 32, 32, 5, 4, 5.0, 1))
+    assert frames.shape == (5, 32, 32, 3)
+    assert contexts == ["cond", "uncond"] * 4
+
+
+@pytest.mark.slow
+def test_options_and_approximation_are_recorded_in_the_manifest(tmp_path, ray_local):
+    data = write_dataset(tmp_path / "p.parquet", [{"id": "a", "prompt": "a cat"}, {"id": "b", "prompt": "a dog"}])
+    base = [f"input.path={data}", "output.format=npy", "cluster.replicas=1", *TINY_RENDER]
+    run(load_config(None, [*base, f"output.uri=file://{tmp_path / 'exact'}"]), progress=False)
+    run(load_config(None, [*base, f"output.uri=file://{tmp_path / 'cached'}", "model.cache=taylorseer",
+                           "model.batched_guidance=true"]), progress=False)
+    exact = read_manifest(Storage(f"file://{tmp_path / 'exact'}")).to_pylist()
+    cached = read_manifest(Storage(f"file://{tmp_path / 'cached'}")).to_pylist()
+    assert {(r["options"], r["approximate"]) for r in exact} == {(None, False)}
+    assert {r["approximate"] for r in cached} == {True}
+    assert json.loads(cached[0]["options"]) == {"batched_guidance": True, "cache": "taylorseer"}
+    # Re-running the approximate prefix without the cache would mix outputs: refused, naming the option.
+    with pytest.raises(Exception, match="options"):
+        run(load_config(None, [*base, f"output.uri=file://{tmp_path / 'cached'}"]), progress=False)
+
+
+def test_bad_cache_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="model.cache='firstblock'"):
+        load_config(None, ["input.path=x", "output.uri=y", "model.cache=firstblock"])
