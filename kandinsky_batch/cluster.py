@@ -6,6 +6,7 @@ A replica of several ranks (a gang) is placed with a placement group on one node
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from contextlib import contextmanager
@@ -105,8 +106,9 @@ class ActorReplica:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.ranks = placement.parallel.world_size
+        self.tickets = itertools.count()
         options = dict(num_gpus=placement.num_gpus, num_cpus=placement.num_cpus, max_restarts=0,
-                       max_task_retries=0)
+                       max_task_retries=0, max_concurrency=RenderWorker.CONCURRENCY)
         actor_cls = ray.remote(RenderWorker)
         self.group = None
         if self.ranks == 1:
@@ -128,8 +130,9 @@ class ActorReplica:
         return self._ready
 
     def submit(self, task, attempt: int) -> list:
-        """Every rank gets the same row; rank 0's result carries the manifest row."""
-        return [member.render.remote(task, attempt) for member in self.members]
+        """Every rank gets the same row and ticket; rank 0's result carries the manifest row."""
+        ticket = next(self.tickets)
+        return [member.render.remote(task, attempt, ticket) for member in self.members]
 
     def kill(self) -> None:
         import ray

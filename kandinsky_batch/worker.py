@@ -11,8 +11,10 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from kandinsky_batch.rows import Task
@@ -46,12 +48,39 @@ def recorded_options(options: RenderOptions) -> str | None:
     return json.dumps(recorded, sort_keys=True) if recorded else None
 
 
+class Turnstile:
+    """Lets calls through one at a time in ticket order, whatever order their threads arrive in.
+
+    Renders must use the device one at a time and, in a gang, in the same order on every rank (their
+    collectives pair up by order); the driver numbers each replica's rows, so every rank agrees.
+    """
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._turn = threading.Condition()
+
+    @contextmanager
+    def turn(self, ticket: int):
+        with self._turn:
+            self._turn.wait_for(lambda: self._next == ticket)
+        try:
+            yield
+        finally:
+            with self._turn:
+                self._next += 1
+                self._turn.notify_all()
+
+
 class RenderWorker:
     """Ray actor class (wrapped with `ray.remote` by the cluster module, so this module knows no Ray).
 
     A gang of one loads its model at once; the ranks of a larger gang load it in `join`, once the
-    driver has told them where rank 0 listens for the process-group rendezvous.
+    driver has told them where rank 0 listens for the process-group rendezvous. The actor runs two
+    calls at a time (`CONCURRENCY`): while one row is encoded, checksummed and uploaded, the next one
+    is already rendering; the turnstile keeps renders one at a time and in order.
     """
+
+    CONCURRENCY = 2
 
     def __init__(self, spec: WorkerSpec, replica: int, rank: int = 0):
         if spec.num_threads and not spec.model_path.startswith("simulated"):
@@ -61,9 +90,12 @@ class RenderWorker:
             torch.set_num_threads(spec.num_threads)
         self.spec, self.replica, self.rank = spec, replica, rank
         self.renderer = None
+        self.turnstile = Turnstile()
+        self.loaded = threading.Event()
         if spec.parallel.world_size == 1:
             self.renderer = open_renderer(spec.model_path, storage_options=spec.model_storage_options,
                                           options=spec.options)
+            self.loaded.set()
         self.storage = Storage(spec.output_uri, spec.output_storage_options, retries=spec.retries,
                                backoff=spec.retry_backoff)
 
@@ -85,6 +117,7 @@ class RenderWorker:
         init_gang(self.rank, self.spec.parallel.world_size, address[0], address[1], device)
         self.renderer = GangRenderer(self.spec.model_path, self.spec.parallel, self.rank, device=device,
                                      storage_options=self.spec.model_storage_options, options=self.spec.options)
+        self.loaded.set()
         return self.ready()
 
     @property
@@ -99,22 +132,29 @@ class RenderWorker:
         return {"worker": self.name, "device": self.renderer.device, "load_seconds": self.renderer.load_seconds,
                 "gang": self.spec.parallel.name}
 
-    def render(self, task: Task, attempt: int) -> dict | None:
+    def _render(self, task: Task, ticket: int):
+        # Rows of a gang arrive while `join` is still loading the model on this actor's other thread.
+        self.loaded.wait()
+        with self.turnstile.turn(ticket):
+            return self.renderer.render(task.request())
+
+    def render(self, task: Task, attempt: int, ticket: int) -> dict | None:
         """Render, encode and commit one task; return its manifest row (status ok or failed).
 
-        Ranks other than 0 take their part in the render and return None; an error there propagates,
-        so the driver rebuilds the gang (its collectives may be out of step).
+        `ticket` numbers this replica's rows from 0. Ranks other than 0 take their part in the render
+        and return None; an error there propagates, so the driver rebuilds the gang.
         """
         if self.rank != 0:
-            self.renderer.render(task.request())
+            self._render(task, ticket)
             return None
         row = {**task.row(), "attempts": attempt, "worker": self.name, "model": self.spec.model_path,
                "format": self.spec.format, "fps": self.spec.fps, "gang": self.spec.parallel.name,
                "options": recorded_options(self.spec.options), "approximate": self.spec.options.approximate}
         try:
             started = time.perf_counter()
-            frames = self.renderer.render(task.request())
+            frames = self._render(task, ticket)
             row["render_seconds"] = time.perf_counter() - started
+            # Off the render path from here: the next row renders while this one encodes and uploads.
             data = encode(frames, self.spec.format, self.spec.fps)
             key = object_key(task.id, self.spec.format)
             if task.overwrite:
