@@ -129,10 +129,10 @@ class ActorReplica:
     def ready(self) -> list:
         return self._ready
 
-    def submit(self, task, attempt: int) -> list:
-        """Every rank gets the same row and ticket; rank 0's result carries the manifest row."""
+    def submit(self, batch: list) -> list:
+        """Every rank gets the same rows and ticket; rank 0's result carries the manifest rows."""
         ticket = next(self.tickets)
-        return [member.render.remote(task, attempt, ticket) for member in self.members]
+        return [member.render.remote(batch, ticket) for member in self.members]
 
     def kill(self) -> None:
         import ray

@@ -107,6 +107,9 @@ class RenderConfig:
     fps: int = 24
     seed: int = 0
     """Job seed: a row without `seed` gets one derived from this and its id."""
+    batch_size: int = 1
+    """Rows rendered in one batched forward when they share size, frames, steps, guidance and text lengths
+    (e.g. a seed sweep); each keeps its own seed. 1 is bit-exact; larger batches stay within ±1 uint8 level."""
 
     def __post_init__(self) -> None:
         for key in ("height", "width", "num_frames", "num_inference_steps", "fps"):
@@ -119,6 +122,7 @@ class RenderConfig:
                  self.guidance_scale, "must be a finite number >= 0")
         _require(self.fps <= 240, "render.fps", self.fps, "must be at most 240")
         _require(0 <= self.seed <= MAX_SEED, "render.seed", self.seed, f"must be in [0, {MAX_SEED}]")
+        _require(1 <= self.batch_size <= 64, "render.batch_size", self.batch_size, "must be in [1, 64]")
 
 
 def _check_shape(prefix: str, sequence_parallel: int, ring_degree: int) -> None:

@@ -129,7 +129,8 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
             pools = [Pool(p.group.name, cluster.spawner(p, worker_spec), p.replicas,
                           [t for t in todo if t.id in routed_set[p.group.name]])
                      for p in cluster.plan(cfg.cluster)]
-            queue = WorkQueue(pools, cfg.cluster.max_attempts, on_row, on_tick=writer.flush_if_due)
+            queue = WorkQueue(pools, cfg.cluster.max_attempts, on_row, on_tick=writer.flush_if_due,
+                              batch_size=cfg.render.batch_size)
             try:
                 queue.run()
             finally:

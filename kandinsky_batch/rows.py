@@ -47,6 +47,8 @@ class Task:
     guidance_scale: float
     overwrite: bool = False
     """Replace an object already under this row's key (a forced re-render, a truncated orphan)."""
+    text_tokens: tuple = (0, 0)
+    """Tokens of the prompt and the effective negative prompt: rows batch together only when equal."""
 
     def request(self) -> RenderRequest:
         fields = self.row()
@@ -56,8 +58,14 @@ class Task:
     def row(self) -> dict:
         """The task's manifest fields: its id, position and effective parameters."""
         fields = asdict(self)
-        del fields["overwrite"]
+        del fields["overwrite"], fields["text_tokens"]
         return fields
+
+    def batch_key(self) -> tuple:
+        """Rows with equal keys can share one batched forward. The transformer has no text attention
+        mask, so prompts of different token lengths would attend to padding: lengths are in the key."""
+        return (self.height, self.width, self.num_frames, self.num_inference_steps, self.guidance_scale,
+                self.text_tokens)
 
     def tokens(self) -> int:
         """Visual tokens the transformer sees: latent frames x (height/16) x (width/16)."""
@@ -180,7 +188,9 @@ def build_tasks(table: pa.Table, cfg: JobConfig, spec: ModelSpec) -> tuple[list[
         if error is None and candidate["negative_prompt"] is not None:
             error = _text_error("negative_prompt", candidate["negative_prompt"], spec, False, count_tokens)
         if error is None:
-            tasks.append(Task(**candidate))
+            negative = candidate["negative_prompt"]
+            tokens = (count_tokens(candidate["prompt"]), count_tokens(negative) if negative is not None else 0)
+            tasks.append(Task(**candidate, text_tokens=tokens))
         else:
             invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
     return tasks, invalid

@@ -37,7 +37,7 @@ class Replica(Protocol):
     ranks: int
 
     def ready(self) -> list[ray.ObjectRef]: ...            # resolve once every rank has its model loaded
-    def submit(self, task: Task, attempt: int) -> list[ray.ObjectRef]: ...  # [0] carries the manifest row
+    def submit(self, batch: list[tuple[Task, int]]) -> list[ray.ObjectRef]: ...  # [0] carries the rows
     def kill(self) -> None: ...
 
 
@@ -55,8 +55,7 @@ class Pool:
 class _Flight:
     slot: int
     seq: int
-    task: Task
-    attempt: int
+    batch: list  # [(task, attempt)]: rows rendered together, each counting its own attempts
     refs: list
 
 
@@ -64,9 +63,10 @@ class WorkQueue:
     """Feed each pool's tasks to its replicas and hand each final row to `on_row`."""
 
     def __init__(self, pools: list[Pool], max_attempts: int, on_row: Callable[[dict], None], prefetch: int = 2,
-                 on_tick: Callable[[], None] = lambda: None, tick_seconds: float = 1.0):
+                 on_tick: Callable[[], None] = lambda: None, tick_seconds: float = 1.0, batch_size: int = 1):
         self.pools = [p for p in pools if p.tasks]
         self.max_attempts, self.on_row, self.prefetch = max_attempts, on_row, prefetch
+        self.batch_size = batch_size
         self.on_tick, self.tick_seconds = on_tick, tick_seconds
         # slot -> (pool index, replica index within the pool)
         self.slots = [(i, r) for i, p in enumerate(self.pools) for r in range(min(p.replicas, len(p.tasks)))]
@@ -126,12 +126,25 @@ class WorkQueue:
         seq = itertools.count()
         outage: str | None = None
 
+        def take(queue: deque) -> list[tuple[Task, int]]:
+            """The next row and, up to batch_size, rows further on that can share its forward."""
+            batch = [queue.popleft()]
+            if self.batch_size > 1:
+                key = batch[0][0].batch_key()
+                # Look a bounded way ahead: rows are sorted by cost, so alike rows sit close together.
+                for item in list(itertools.islice(queue, 8 * self.batch_size)):
+                    if len(batch) == self.batch_size:
+                        break
+                    if item[0].batch_key() == key:
+                        queue.remove(item)
+                        batch.append(item)
+            return [(task, attempts + 1) for task, attempts in batch]
+
         def feed(slot: int) -> None:
             queue = pending[self.slots[slot][0]]
             while outage is None and queue and in_flight[slot] < self.prefetch:
-                task, attempts = queue.popleft()
-                flight = _Flight(slot, next(seq), task, attempts + 1,
-                                 replicas[slot].submit(task, attempts + 1))
+                batch = take(queue)
+                flight = _Flight(slot, next(seq), batch, replicas[slot].submit(batch))
                 waiting.update({ref: flight for ref in flight.refs})
                 in_flight[slot] += 1
 
@@ -140,10 +153,15 @@ class WorkQueue:
             for ref in flight.refs:
                 waiting.pop(ref, None)
 
-        def settle(flight: _Flight, row: dict) -> None:
-            if row["status"] == "failed" and flight.attempt < self.max_attempts:
+        def requeue(flight: _Flight) -> None:
+            """Back to the front of its pool's queue, the attempt not counted (it never ran)."""
+            for task, attempt in reversed(flight.batch):
+                pending[self.slots[flight.slot][0]].appendleft((task, attempt - 1))
+
+        def settle(slot: int, attempt: int, task: Task, row: dict) -> None:
+            if row["status"] == "failed" and attempt < self.max_attempts:
                 self.retries += 1
-                pending[self.slots[flight.slot][0]].appendleft((flight.task, flight.attempt))
+                pending[self.slots[slot][0]].appendleft((task, attempt))
             else:
                 self.on_row(row)
 
@@ -168,37 +186,38 @@ class WorkQueue:
             try:
                 value = ray.get(ref)
             except _FAILED as exc:
-                # 3. A rank died or raised: its row counts an attempt, rows queued behind it don't,
+                # 3. A rank died or raised: its rows count an attempt, rows queued behind them don't,
                 #    and the whole replica is rebuilt (a gang's collectives are out of step now).
                 lost = sorted({id(f): f for f in waiting.values() if f.slot == flight.slot}.values(),
                               key=lambda f: f.seq)
                 for f in lost:
                     land(f)
                 for f in reversed(lost[1:]):
-                    pending[self.slots[f.slot][0]].appendleft((f.task, f.attempt - 1))
-                running = lost[0]
-                settle(running, {**running.task.row(), "status": "failed", "attempts": running.attempt,
-                                 "error": f"worker died: {_cause(exc)}"})
+                    requeue(f)
+                for task, attempt in lost[0].batch:
+                    settle(flight.slot, attempt, task, {**task.row(), "status": "failed", "attempts": attempt,
+                                                        "error": f"worker died: {_cause(exc)}"})
                 rebuild(flight.slot)
                 feed(flight.slot)
                 continue
             if ref != flight.refs[0]:
-                waiting.pop(ref)  # another rank finished its part; rank 0 carries the row
+                waiting.pop(ref)  # another rank finished its part; rank 0 carries the rows
                 continue
             land(flight)
-            if value.pop("storage_outage", False):
-                # 4. Storage is down beyond its retry budget: stop feeding, drain, keep progress.
-                outage = value["error"]
-                pending[self.slots[flight.slot][0]].appendleft((flight.task, flight.attempt - 1))
-            else:
-                settle(flight, value)
-                if value["status"] == "failed" and replicas[flight.slot].ranks > 1:
-                    # Other ranks may still wait in a collective for this one: start the gang afresh.
-                    for f in sorted({id(f): f for f in waiting.values() if f.slot == flight.slot}.values(),
-                                    key=lambda f: -f.seq):
-                        land(f)
-                        pending[self.slots[f.slot][0]].appendleft((f.task, f.attempt - 1))
-                    rebuild(flight.slot)
+            for (task, attempt), row in zip(flight.batch, value):
+                if row.pop("storage_outage", False):
+                    # 4. Storage is down beyond its retry budget: stop feeding, drain, keep progress.
+                    outage = row["error"]
+                    pending[self.slots[flight.slot][0]].appendleft((task, attempt - 1))
+                else:
+                    settle(flight.slot, attempt, task, row)
+            if any(row["status"] == "failed" for row in value) and replicas[flight.slot].ranks > 1:
+                # Other ranks may still wait in a collective for this one: start the gang afresh.
+                for f in sorted({id(f): f for f in waiting.values() if f.slot == flight.slot}.values(),
+                                key=lambda f: -f.seq):
+                    land(f)
+                    requeue(f)
+                rebuild(flight.slot)
             feed(flight.slot)
         if outage is not None:
             raise StorageOutage(outage)

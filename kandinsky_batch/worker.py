@@ -132,29 +132,43 @@ class RenderWorker:
         return {"worker": self.name, "device": self.renderer.device, "load_seconds": self.renderer.load_seconds,
                 "gang": self.spec.parallel.name}
 
-    def _render(self, task: Task, ticket: int):
-        # Rows of a gang arrive while `join` is still loading the model on this actor's other thread.
-        self.loaded.wait()
+    def _render(self, tasks: list[Task], ticket: int) -> list | None:
+        requests = [task.request() for task in tasks]
         with self.turnstile.turn(ticket):
-            return self.renderer.render(task.request())
+            if len(requests) == 1:
+                frames = self.renderer.render(requests[0])
+                return None if frames is None else [frames]
+            return self.renderer.render_batch(requests)
 
-    def render(self, task: Task, attempt: int, ticket: int) -> dict | None:
-        """Render, encode and commit one task; return its manifest row (status ok or failed).
+    def render(self, batch: list[tuple[Task, int]], ticket: int) -> list[dict] | None:
+        """Render, encode and commit a batch of (task, attempt); return their manifest rows (ok or failed).
 
-        `ticket` numbers this replica's rows from 0. Ranks other than 0 take their part in the render
+        `ticket` numbers this replica's batches from 0. Ranks other than 0 take their part in the render
         and return None; an error there propagates, so the driver rebuilds the gang.
         """
+        # Rows of a gang arrive while `join` is still loading the model on this actor's other thread.
+        self.loaded.wait()
+        tasks = [task for task, _ in batch]
         if self.rank != 0:
-            self._render(task, ticket)
+            self._render(tasks, ticket)
             return None
-        row = {**task.row(), "attempts": attempt, "worker": self.name, "model": self.spec.model_path,
-               "format": self.spec.format, "fps": self.spec.fps, "gang": self.spec.parallel.name,
-               "options": recorded_options(self.spec.options), "approximate": self.spec.options.approximate}
+        rows = [{**task.row(), "attempts": attempt, "worker": self.name, "model": self.spec.model_path,
+                 "format": self.spec.format, "fps": self.spec.fps, "gang": self.spec.parallel.name,
+                 "options": recorded_options(self.spec.options), "approximate": self.spec.options.approximate}
+                for task, attempt in batch]
         try:
             started = time.perf_counter()
-            frames = self._render(task, ticket)
-            row["render_seconds"] = time.perf_counter() - started
-            # Off the render path from here: the next row renders while this one encodes and uploads.
+            frames = self._render(tasks, ticket)
+            seconds = (time.perf_counter() - started) / len(tasks)
+        except Exception as exc:  # noqa: BLE001 - any pipeline error becomes a row-level failure
+            return [{**row, "status": "failed", "error": _describe(exc)} for row in rows]
+        # Off the render path from here: the next batch renders while this one encodes and uploads.
+        return [self._commit(task, row, f, seconds) for task, row, f in zip(tasks, rows, frames)]
+
+    def _commit(self, task: Task, row: dict, frames, seconds: float) -> dict:
+        """Encode one row's frames and create its object whole, at most once per key."""
+        row["render_seconds"] = seconds
+        try:
             data = encode(frames, self.spec.format, self.spec.fps)
             key = object_key(task.id, self.spec.format)
             if task.overwrite:
@@ -166,9 +180,14 @@ class RenderWorker:
         except StorageUnavailable as exc:
             # Not the row's fault: the driver stops the job cleanly and a re-run continues.
             return {**row, "status": "failed", "error": f"storage unavailable: {exc}", "storage_outage": True}
-        except Exception as exc:  # noqa: BLE001 - any pipeline error becomes a row-level failure
-            last = traceback.extract_tb(exc.__traceback__)[-1]
-            where = f" (at {os.path.basename(last.filename)}:{last.lineno})" if last else ""
-            return {**row, "status": "failed", "error": f"{type(exc).__name__}: {exc}{where}"}
+        except Exception as exc:  # noqa: BLE001 - an encode error fails this row only
+            return {**row, "status": "failed", "error": _describe(exc)}
         return {**row, "status": "ok", "error": None, "uri": self.storage.url(key), "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message (at file:line)`: enough to tell a row's failure apart without a traceback."""
+    last = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" (at {os.path.basename(last.filename)}:{last.lineno})" if last else ""
+    return f"{type(exc).__name__}: {exc}{where}"

@@ -17,11 +17,10 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines.render import TEXT_COMPONENTS, Renderer, to_uint8
+from pipelines.render import TEXT_COMPONENTS, Renderer
 from pipelines.request import RenderOptions, RenderRequest
 from pipelines.shape import ParallelSpec
 
@@ -75,10 +74,11 @@ class GangRenderer(Renderer):
         from diffusers.models._modeling_parallel import ContextParallelConfig
 
         started = time.perf_counter()
-        self.spec, self.rank, self.writer = spec, rank, rank == 0
+        self.spec, self.rank = spec, rank
         # Only rank 0 encodes text and decodes video: the others skip the 7 B Qwen, CLIP and the VAE.
-        skip = () if self.writer else (*TEXT_COMPONENTS, "vae")
+        skip = () if rank == 0 else (*TEXT_COMPONENTS, "vae")
         super().__init__(model_path, device=device, storage_options=storage_options, options=options, skip=skip)
+        self.writer = rank == 0
         mesh = dist.device_mesh.init_device_mesh(
             "cuda" if self.device.startswith("cuda") else "cpu", (2 if spec.cfg else 1, spec.ring, spec.ulysses),
             mesh_dim_names=("cfg", "ring", "ulysses"))
@@ -100,14 +100,9 @@ class GangRenderer(Renderer):
 
     def embeddings(self, request: RenderRequest) -> dict:
         """Rank 0 encodes prompt and negative prompt (once per replica); every rank receives the same tensors."""
-        payload = [{k: v.cpu() for k, v in super().embeddings(request).items()} if self.writer else None]
+        payload = [{k: v.cpu() for k, v in super().embeddings(request).items()} if self.rank == 0 else None]
         dist.broadcast_object_list(payload, src=0)
         return {k: v.to(self.device) for k, v in payload[0].items()}
-
-    def render(self, request: RenderRequest) -> np.ndarray | None:
-        """Run the pipeline on every rank; frames (per the seed contract) on rank 0, None elsewhere."""
-        out = self.denoise(request, self.embeddings(request), "np" if self.writer else "latent")
-        return to_uint8(np.asarray(out[0])) if self.writer else None
 
     def close(self) -> None:
         if dist.is_initialized():

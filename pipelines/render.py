@@ -61,6 +61,7 @@ class Renderer:
         self._texts: OrderedDict[str, tuple] = OrderedDict()
         self._text_cache = text_cache
         self.steps: GuidedSteps | None = None
+        self.writer = True  # whether `render` returns frames (in a gang only rank 0 does)
         self.load_seconds = time.perf_counter() - started
 
     def apply_options(self, exchange_group=None, branch: int = 0) -> None:
@@ -115,16 +116,40 @@ class Renderer:
                           negative_prompt_cu_seqlens=cu)
         return embeds
 
-    def denoise(self, request: RenderRequest, embeds: dict, output_type: str = "np"):
-        """One pipeline call from embeddings, seeded per the seed contract."""
+    def denoise(self, requests: list[RenderRequest], embeds: dict):
+        """One pipeline call from embeddings; each row seeded by its own CPU generator (the seed contract)."""
+        first = requests[0]
         if self.steps is not None:
-            self.steps.arm(negative_inputs(embeds, self.device) if request.guidance_scale > 1.0 else None)
+            self.steps.arm(negative_inputs(embeds, self.device) if first.guidance_scale > 1.0 else None)
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
         return self.pipe(
-            **embeds, height=request.height, width=request.width, num_frames=request.num_frames,
-            num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(request.seed), output_type=output_type,
+            **embeds, height=first.height, width=first.width, num_frames=first.num_frames,
+            num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+            generator=generators[0] if len(generators) == 1 else generators,
+            output_type="np" if self.writer else "latent",
         ).frames
 
-    def render(self, request: RenderRequest) -> np.ndarray:
+    def render(self, request: RenderRequest) -> np.ndarray | None:
         """Frames (num_frames, height, width, 3) uint8 for one request, per the seed contract."""
-        return to_uint8(np.asarray(self.denoise(request, self.embeddings(request))[0]))
+        out = self.denoise([request], self.embeddings(request))
+        return to_uint8(np.asarray(out[0])) if self.writer else None
+
+    def render_batch(self, requests: list[RenderRequest]) -> list[np.ndarray] | None:
+        """Frames for several requests of one shape and text length in a single batched pipeline call.
+
+        Latents come from each row's own generator, as in single calls; the batched forward differs
+        from single calls by float rounding only (within ±1 uint8 level).
+        """
+        if len(requests) == 1:
+            out = self.render(requests[0])
+            return [out] if self.writer else None
+        parts = [self.embeddings(r) for r in requests]
+        embeds = {}
+        for key in parts[0]:
+            if key.endswith("cu_seqlens"):
+                lengths = torch.cat([p[key].diff() for p in parts])
+                embeds[key] = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+            else:
+                embeds[key] = torch.cat([p[key] for p in parts])
+        out = self.denoise(requests, embeds)
+        return [to_uint8(np.asarray(frames)) for frames in out] if self.writer else None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.models import MAX_PROMPT_TOKENS, SIMULATED, ModelSpec
-from pipelines.request import RenderRequest
+from pipelines.request import RenderOptions, RenderRequest
 
 # 5 s 768x512, 50 steps, CFG: 31 x 32 x 48 tokens x 100 passes = 4.76 megaunits -> 0.50 s; 10 s -> 0.98 s.
 DEFAULT_SECONDS_PER_MEGAUNIT = 0.105
@@ -67,13 +67,18 @@ def simulated_spec(path: str) -> SimulatedSpec:
 
 
 class SimulatedRenderer:
-    """Renders by sleeping `seconds_per_megaunit x cost / 1e6`; `sleep` is injectable for tests."""
+    """Renders by sleeping `seconds_per_megaunit x cost / 1e6`; `sleep` is injectable for tests.
+
+    Speed options do not change the modelled cost: they are kept (`.options`) but change nothing.
+    """
 
     device = "simulated"
 
-    def __init__(self, model_path: str = SIMULATED, *, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, model_path: str = SIMULATED, *, options: RenderOptions | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
         started = time.perf_counter()
         self.model_path = model_path
+        self.options = options or RenderOptions()
         self.seconds_per_unit = seconds_per_megaunit(model_path) / 1e6
         self.sleep = sleep
         self.load_seconds = time.perf_counter() - started
@@ -85,4 +90,13 @@ class SimulatedRenderer:
     def render(self, request: RenderRequest) -> np.ndarray:
         """Sleep for the request's modelled cost, then return a tiny uint8 stack that depends on the seed alone."""
         self.sleep(self.seconds(request))
-        return np.random.default_rng(request.seed).integers(0, 256, FRAME_SHAPE, dtype=np.uint8)
+        return _frames(request.seed)
+
+    def render_batch(self, requests: list[RenderRequest]) -> list[np.ndarray]:
+        """One sleep for the whole batch (a batched forward costs its rows' sum), then each row's frames."""
+        self.sleep(sum(self.seconds(request) for request in requests))
+        return [_frames(request.seed) for request in requests]
+
+
+def _frames(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, FRAME_SHAPE, dtype=np.uint8)

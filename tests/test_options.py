@@ -89,3 +89,34 @@ def test_options_and_approximation_are_recorded_in_the_manifest(tmp_path, ray_lo
 def test_bad_cache_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="model.cache='firstblock'"):
         load_config(None, ["input.path=x", "output.uri=y", "model.cache=firstblock"])
+
+
+def test_a_batch_of_rows_stays_within_one_level_of_single_calls(model_cache, tiny_pipe):
+    renderer = open_renderer("tiny")
+    requests = [RenderRequest("a cat dancing", None, 32, 48, 9, 3, 5.0, seed) for seed in (0, 7, 2**40)]
+    frames = renderer.render_batch(requests)
+    assert len(frames) == len(requests)
+    for request, got in zip(requests, frames):
+        single = oracle(tiny_pipe, request.__dict__)
+        assert got.shape == single.shape
+        assert np.abs(got.astype(int) - single.astype(int)).max() <= 1, request.seed
+    assert not np.array_equal(frames[0], frames[1]), "each row keeps its own seed"
+
+
+@pytest.mark.slow
+def test_job_batches_alike_rows_and_keeps_each_seed(tmp_path, ray_local, tiny_pipe):
+    # A seed sweep (batchable) plus one row of another size (its own batch).
+    rows = [{"id": f"sweep-{s}", "prompt": "a cat dancing", "seed": s, "height": None} for s in range(5)]
+    rows.append({"id": "other", "prompt": "a cat dancing", "seed": 1, "height": 48})
+    data = write_dataset(tmp_path / "p.parquet", rows)
+    cfg = load_config(None, [f"input.path={data}", f"output.uri=file://{tmp_path / 'out'}", "output.format=npy",
+                             "cluster.replicas=1", "render.batch_size=3", *TINY_RENDER])
+    assert run(cfg, progress=False).ok == len(rows)
+    storage = Storage(f"file://{tmp_path / 'out'}")
+    manifest = read_manifest(storage).to_pylist()
+    # Rows of one batch share its render time; the sweep of 5 forms batches of 3 and 2.
+    sizes = sorted(np.unique([r["render_seconds"] for r in manifest], return_counts=True)[1].tolist())
+    assert sizes == [1, 2, 3]
+    for row in manifest:
+        got = np.load(__import__("io").BytesIO(storage.get_bytes(storage.key_of(row["uri"]))))
+        assert np.abs(got.astype(int) - oracle(tiny_pipe, row).astype(int)).max() <= 1, row["id"]

@@ -46,6 +46,15 @@ def test_render_sleeps_for_the_modelled_cost():
     assert slept == pytest.approx([2e-6 * base, 2e-6 * base * 61 / 31, 1e-6 * base, 1e-6 * base * 16 / 50])
 
 
+def test_a_batch_sleeps_once_for_the_sum_and_keeps_each_rows_frames():
+    slept = []
+    renderer = SimulatedRenderer("simulated:1", sleep=slept.append)
+    requests = [_request(seed=3), _request(seed=4, num_frames=241)]
+    frames = renderer.render_batch(requests)
+    assert slept == pytest.approx([renderer.seconds(requests[0]) + renderer.seconds(requests[1])])
+    assert [f.tolist() for f in frames] == [renderer.render(r).tolist() for r in requests]
+
+
 def test_default_unit_makes_a_5s_row_about_half_a_second():
     slept = []
     renderer = SimulatedRenderer("simulated", sleep=slept.append)
