@@ -107,9 +107,11 @@ class ActorReplica:
 
         self.ranks = placement.parallel.world_size
         self.tickets = itertools.count()
-        options = dict(num_gpus=placement.num_gpus, num_cpus=placement.num_cpus, max_restarts=0,
-                       max_task_retries=0, max_concurrency=RenderWorker.CONCURRENCY)
-        actor_cls = ray.remote(RenderWorker)
+        # Renders get their own threads (`render` group); rendezvous/join/ready run on the default one,
+        # so rows queued ahead can never take the thread a gang's `join` needs to load the model.
+        options = dict(num_gpus=placement.num_gpus, num_cpus=placement.num_cpus)
+        actor_cls = ray.remote(max_restarts=0, max_task_retries=0,
+                               concurrency_groups={"render": RenderWorker.CONCURRENCY})(RenderWorker)
         self.group = None
         if self.ranks == 1:
             self.members = [actor_cls.options(**options).remote(spec, index)]
@@ -132,7 +134,7 @@ class ActorReplica:
     def submit(self, batch: list) -> list:
         """Every rank gets the same rows and ticket; rank 0's result carries the manifest rows."""
         ticket = next(self.tickets)
-        return [member.render.remote(batch, ticket) for member in self.members]
+        return [member.render.options(concurrency_group="render").remote(batch, ticket) for member in self.members]
 
     def kill(self) -> None:
         import ray

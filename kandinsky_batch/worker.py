@@ -76,8 +76,9 @@ class RenderWorker:
 
     A gang of one loads its model at once; the ranks of a larger gang load it in `join`, once the
     driver has told them where rank 0 listens for the process-group rendezvous. The actor runs two
-    calls at a time (`CONCURRENCY`): while one row is encoded, checksummed and uploaded, the next one
-    is already rendering; the turnstile keeps renders one at a time and in order.
+    `render` calls at a time (`CONCURRENCY`, in their own concurrency group): while one row is encoded,
+    checksummed and uploaded, the next one is already rendering; the turnstile keeps renders one at a
+    time and in order.
     """
 
     CONCURRENCY = 2
@@ -92,6 +93,7 @@ class RenderWorker:
         self.renderer = None
         self.turnstile = Turnstile()
         self.loaded = threading.Event()
+        self.load_error: BaseException | None = None
         if spec.parallel.world_size == 1:
             self.renderer = open_renderer(spec.model_path, storage_options=spec.model_storage_options,
                                           options=spec.options)
@@ -114,10 +116,15 @@ class RenderWorker:
         from pipelines.render import default_device
 
         device = default_device()
-        init_gang(self.rank, self.spec.parallel.world_size, address[0], address[1], device)
-        self.renderer = GangRenderer(self.spec.model_path, self.spec.parallel, self.rank, device=device,
-                                     storage_options=self.spec.model_storage_options, options=self.spec.options)
-        self.loaded.set()
+        try:
+            init_gang(self.rank, self.spec.parallel.world_size, address[0], address[1], device)
+            self.renderer = GangRenderer(self.spec.model_path, self.spec.parallel, self.rank, device=device,
+                                         storage_options=self.spec.model_storage_options, options=self.spec.options)
+        except BaseException as exc:
+            self.load_error = exc  # rows waiting for the model fail with this instead of waiting forever
+            raise
+        finally:
+            self.loaded.set()
         return self.ready()
 
     @property
@@ -148,6 +155,8 @@ class RenderWorker:
         """
         # Rows of a gang arrive while `join` is still loading the model on this actor's other thread.
         self.loaded.wait()
+        if self.load_error is not None:
+            raise RuntimeError(f"this rank failed to load the model: {self.load_error!r}")
         tasks = [task for task, _ in batch]
         if self.rank != 0:
             self._render(tasks, ticket)

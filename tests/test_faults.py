@@ -52,11 +52,15 @@ def _assert_complete(uri, options, n_rows):
 
 
 def _render_workers() -> list[psutil.Process]:
+    """Render actors of this test process's own Ray (driver -> raylet -> worker), never anyone else's."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if cmdline.startswith("ray::RenderWorker"):
-            found.append(proc)
+    for raylet in psutil.Process().children():
+        for proc in raylet.children():
+            try:
+                if " ".join(proc.cmdline()).startswith("ray::RenderWorker"):
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                pass
     return found
 
 
