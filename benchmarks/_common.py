@@ -45,9 +45,11 @@ def machine() -> dict:
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
                                 text=True, timeout=10).stdout.strip()
-        info["commit"] = commit or None
     except (OSError, subprocess.SubprocessError):
-        pass
+        commit = ""
+    # A tree copied without .git (an exported snapshot, the GPU machine) names its commit through the environment.
+    info["commit"] = commit or os.environ.get("KB_BENCH_COMMIT")
+    info["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return info
 
 
@@ -143,10 +145,3 @@ def used_gib() -> float:
     except OSError:
         return 0.0
     return (fields["MemTotal"] - fields["MemAvailable"]) / 2**20
-
-
-def timed(fn, *args, **kwargs) -> tuple[float, object]:
-    """(seconds, result) of one call."""
-    started = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return time.perf_counter() - started, result

@@ -223,8 +223,9 @@ def main() -> int:
 
     print(table(["option", "s/step (CFG)", "first step s", "TFLOP/s", "VAE decode s", "s/video",
                  "vs 139 s", "vs floor", "peak GiB", "note"],
-                [[r["config"], r.get("step_s"), r.get("first_step_s"), r.get("tflops"), decode if "step_s" in r else None,
-                  r.get("per_video_s"), r.get("vs_published"), r.get("vs_floor"), r.get("peak_gib"), r.get("error")]
+                [[r["config"], r.get("step_s"), r.get("first_step_s"), r.get("tflops"),
+                  decode if "step_s" in r else None, r.get("per_video_s"), r.get("vs_published"), r.get("vs_floor"),
+                  r.get("peak_gib"), r.get("error")]
                  for r in results]))
     print(f"floor: {2 * args.steps} forwards x {flops:.3g} FLOP / {peak:.3g} TFLOP/s = {floor:.3g} s"
           + ("" if args.dims == "lite" else "  (tiny dims: a smoke test, not a measurement)"))

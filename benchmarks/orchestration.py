@@ -4,21 +4,21 @@ The simulated model (`model.path=simulated:S`, `pipelines/simulated.py`) sleeps 
 modelled cost (visual tokens x steps x passes) and returns a 16x16 frame, so everything but the GPU runs for
 real: the actors, the work queue, npy encoding, whole-object uploads, the manifest.
 
-Definitions (the same for both systems):
+Definitions (the same for both systems, which run in one loopback Ray this script starts as `cluster.connect`
+would, num_cpus = max(host cores, replicas); `job.run` joins it):
 - makespan: wall time from every replica ready (models loaded) to the last row settled at the driver; for
   `job.run` that is `JobResult.drain_seconds`. Ray Data is run with `wait_for_min_actors_s` so that no row
   starts before its whole pool is up; its makespan runs from the last actor's end of `__init__` to the
   return of `take_all()`.
 - lower bound: max(sum of modelled row seconds / replicas, longest row).
-- mean replica busy fraction: sum of time inside `render` (manifest `render_seconds`) / (replicas x makespan).
-- sleep overshoot: sum of `render_seconds` / sum of modelled seconds - 1 (late wake-ups on a loaded host).
-- packing floor: the makespan / lower bound of an ideal work queue (same order, same prefetch, zero overhead):
-  what is left above it is per-row overhead and sleep overshoot.
-- idle per row: (replicas x makespan - sum of render_seconds) / rows, the replica time each row costs beyond
-  its render (dispatch, encode, upload, result, and the tail).
-- host CPU during the makespan, by process name (sampled from /proc), to see what a 2-core host spends it on.
-- row gap (job.run): per replica, the time between two consecutive commits minus the later row's render:
-  what a row costs its replica besides the render, as the driver sees it (median and 90th percentile).
+- busy fraction: per replica, the time its simulated renders ran within the makespan / the makespan; mean and
+  min over replicas. Renders are traced inside every actor (a Ray worker setup hook wraps
+  `SimulatedRenderer.render` and logs each call's wall-clock interval): neither system's own accounting is used.
+- sleep overshoot: traced render time / modelled seconds - 1 (late wake-ups of sleepers on a loaded host).
+- gap: per replica, the start of a render minus the end of its previous one (median, 90th percentile): what a
+  row costs its replica besides the render (result, dispatch, and whatever runs on the render's thread).
+- packing floor: the makespan / lower bound of an ideal work queue (same order, same prefetch, zero overhead).
+- host CPU during the makespan, by process name (sampled from /proc): what a 2-core host spends it on.
 
 Run: .venv/bin/python benchmarks/orchestration.py [--replicas 64 --rows 2000 --seconds-per-megaunit 0.105]
 """
@@ -36,6 +36,8 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -92,54 +94,97 @@ def ideal_makespan(seconds: list[float], replicas: int, prefetch: int = 2) -> fl
     return end
 
 
-def _summary(name: str, makespan: float, modelled: list[float], render: dict[str, list[float]], replicas: int,
-             total: float, watch: HostWatch, window: tuple[float, float], **extra) -> dict:
+TRACE_ENV = "KB_BENCH_TRACE_DIR"
+
+
+def trace_renders() -> None:
+    """Ray worker setup hook: append each simulated render's (start, end, modelled) to $KB_BENCH_TRACE_DIR/PID."""
+    from pipelines import simulated
+
+    path = os.path.join(os.environ[TRACE_ENV], str(os.getpid()))
+    render = simulated.SimulatedRenderer.render
+
+    def traced(self, request):
+        started = time.time()
+        frames = render(self, request)
+        with open(path, "a") as f:
+            f.write(f"{started} {time.time()} {self.seconds(request)}\n")
+        return frames
+
+    simulated.SimulatedRenderer.render = traced
+
+
+@contextmanager
+def local_ray(replicas: int, trace_dir: Path) -> Iterator[None]:
+    """A loopback-only local Ray sized as `cluster.connect` sizes one, with every render traced."""
+    import ray
+
+    from kandinsky_batch.cluster import loopback_only
+
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
+    loopback_only()
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False,
+             logging_level=logging.WARNING, _node_ip_address="127.0.0.1",
+             runtime_env={"worker_process_setup_hook": "orchestration.trace_renders",
+                          "env_vars": {TRACE_ENV: str(trace_dir), "PYTHONPATH": path}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _summary(name: str, makespan: float, window: tuple[float, float], rows: list[dict], model: str,
+             replicas: int, trace_dir: Path, watch: HostWatch, total: float, **extra) -> dict:
+    modelled = [SimulatedRenderer(model).seconds(_request(r)) for r in rows]
     bound = max(sum(modelled) / replicas, max(modelled))
-    busy = [sum(v) / makespan for v in render.values()] + [0.0] * (replicas - len(render))
-    rendered = sum(sum(v) for v in render.values())
-    cpu = watch.cpu_by_process(*window)
+    traces = [sorted(tuple(map(float, line.split())) for line in path.read_text().splitlines())
+              for path in trace_dir.iterdir()]
+    t0, t1 = window
+    inside = [sum(max(0.0, min(end, t1) - max(start, t0)) for start, end, _ in calls) for calls in traces]
+    busy = [seconds / makespan for seconds in inside] + [0.0] * (replicas - len(traces))
+    rendered = sum(end - start for calls in traces for start, end, _ in calls)
+    gaps = sorted(b[0] - a[1] for calls in traces for a, b in zip(calls, calls[1:]))
+    cpu = watch.cpu_by_process(t0, t1)
     span = cpu.pop("(window s)", 0.0) or 1.0
-    return {"system": name, "makespan_s": makespan, "lower_bound_s": bound, "ratio": makespan / bound,
-            "packing_floor": ideal_makespan(modelled, replicas) / bound,
-            "busy_mean": statistics.fmean(busy), "busy_min": min(busy), "replicas_used": len(render),
-            "overshoot": rendered / sum(modelled) - 1,
-            "idle_per_row_ms": 1000 * (replicas * makespan - rendered) / len(modelled),
-            "startup_s": total - makespan, "total_s": total, "peak_memory_gib": watch.peak_gib,
-            "host_cpu_cores": sum(cpu.values()) / span,
+    ratio = lambda a, b: a / b if b else None  # noqa: E731 - zero-cost rows (a throughput probe) have no bound
+    return {"system": name, "makespan_s": makespan, "lower_bound_s": bound, "ratio": ratio(makespan, bound),
+            "packing_floor": ratio(ideal_makespan(modelled, replicas), bound),
+            "busy_mean": statistics.fmean(busy), "busy_min": min(busy), "replicas_traced": len(traces),
+            "renders_traced": sum(map(len, traces)),
+            "overshoot": ratio(rendered, sum(modelled)) - 1 if sum(modelled) else None,
+            "gap_ms": gaps and {"median": 1000 * gaps[len(gaps) // 2], "p90": 1000 * gaps[int(len(gaps) * 0.9)]},
+            "rows_per_s": len(rows) / makespan, "startup_s": total - makespan, "total_s": total,
+            "peak_memory_gib": watch.peak_gib, "host_cpu_cores": sum(cpu.values()) / span,
             "cpu_cores_by_process": {k: round(v / span, 3) for k, v in list(cpu.items())[:8]}, **extra}
 
 
 def run_job(rows: list[dict], replicas: int, model: str, workdir: Path) -> dict:
-    """Our system: `job.run` with npy output to local disk; figures from JobResult and the manifest."""
+    """Our system: `job.run` with npy output to local disk."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from kandinsky_batch.config import load_config
     from kandinsky_batch.job import run
     from kandinsky_batch.manifest import read_manifest
     from kandinsky_batch.storage import Storage
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     data = workdir / "prompts.parquet"
     pq.write_table(pa.Table.from_pylist(rows), data)
-    uri = f"file://{workdir / 'job'}"
+    uri = f"file://{workdir / 'out'}"
     cfg = load_config(None, [f"input.path={data}", f"output.uri={uri}", "output.format=npy",
                              f"model.path={model}", f"cluster.replicas={replicas}"])
-    with HostWatch() as watch:
+    started = time.perf_counter()
+    with local_ray(replicas, workdir / "traces"), HostWatch() as watch:
         result = run(cfg, progress=False)
+    total = time.perf_counter() - started
     if result.ok != len(rows):
         raise RuntimeError(f"job.run: {result.ok} of {len(rows)} rows ok ({result.failed} failed)")
-    manifest = read_manifest(Storage(uri)).to_pylist()
-    render = defaultdict(list)
-    commits = defaultdict(list)
-    for row in manifest:
-        render[row["worker"]].append(row["render_seconds"])
-        commits[row["worker"]].append((row["finished_at"].timestamp(), row["render_seconds"]))
-    gaps = sorted(b[0] - a[0] - b[1] for c in commits.values() for a, b in zip(sorted(c), sorted(c)[1:]))
-    modelled = [SimulatedRenderer(model).seconds(_request(r)) for r in rows]
     # The manifest's commit times place the drain window on the wall clock.
-    last = max(row["finished_at"] for row in manifest).timestamp()
-    return _summary("kandinsky-batch job.run", result.drain_seconds, modelled, render, replicas, result.seconds,
-                    watch, (last - result.drain_seconds, last), restarts=result.restarts, retries=result.retries,
-                    row_gap_ms={"median": 1000 * gaps[len(gaps) // 2], "p90": 1000 * gaps[int(len(gaps) * 0.9)]})
+    last = max(row["finished_at"] for row in read_manifest(Storage(uri)).to_pylist()).timestamp()
+    return _summary("kandinsky-batch job.run", result.drain_seconds, (last - result.drain_seconds, last), rows,
+                    model, replicas, workdir / "traces", watch, total, restarts=result.restarts,
+                    retries=result.retries)
 
 
 class SimulatedCallable:
@@ -151,7 +196,6 @@ class SimulatedCallable:
         self.renderer = SimulatedRenderer(model)
         self.storage = Storage(uri)
         self.ready_at = time.time()
-        self.name = f"pid{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
         import hashlib
@@ -162,17 +206,13 @@ class SimulatedCallable:
         out = defaultdict(list)
         for i in range(len(batch["id"])):
             row = {k: v[i].item() if hasattr(v[i], "item") else v[i] for k, v in batch.items()}
-            started = time.perf_counter()
-            frames = self.renderer.render(_request(row))
-            out["render_seconds"].append(time.perf_counter() - started)
-            data = encode(frames, "npy", 24)
+            data = encode(self.renderer.render(_request(row)), "npy", 24)
             key = object_key(row["id"], "npy")
             if not self.storage.put_bytes_if_absent(key, data):
                 data = self.storage.get_bytes(key)
             out["id"].append(row["id"])
             out["uri"].append(self.storage.url(key))
             out["sha256"].append(hashlib.sha256(data).hexdigest())
-            out["worker"].append(self.name)
             out["ready_at"].append(self.ready_at)
         return {k: np.asarray(v) for k, v in out.items()}
 
@@ -181,39 +221,26 @@ def run_ray_data(rows: list[dict], replicas: int, model: str, workdir: Path) -> 
     """The reference: `from_items(...).map_batches(SimulatedCallable, concurrency=replicas, batch_size=1)`."""
     import ray
 
-    from kandinsky_batch.cluster import loopback_only
-
     started = time.perf_counter()
-    loopback_only()
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False,
-             logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
-    try:
+    with local_ray(replicas, workdir / "traces"):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.wait_for_min_actors_s = 600  # the whole pool up before the first row, as our work queue does
-        uri = f"file://{workdir / 'ray-data'}"
         # One row per block, longest first, like job.run: otherwise rows travel to actors in blocks of many.
         ordered = sorted(rows, key=lambda r: -SimulatedRenderer(model).seconds(_request(r)))
         with HostWatch() as watch:
             ds = ray.data.from_items(ordered, override_num_blocks=len(ordered)).map_batches(
-                SimulatedCallable, fn_constructor_kwargs={"model": model, "uri": uri}, concurrency=replicas,
-                batch_size=1, num_cpus=1,
+                SimulatedCallable, fn_constructor_kwargs={"model": model, "uri": f"file://{workdir / 'out'}"},
+                concurrency=replicas, batch_size=1, num_cpus=1,
             )
             out = ds.take_all()
             ended = time.time()
-    finally:
-        ray.shutdown()
     total = time.perf_counter() - started
     if len(out) != len(rows):
         raise RuntimeError(f"Ray Data: {len(out)} of {len(rows)} rows came back")
     ready = max(r["ready_at"] for r in out)
-    render = defaultdict(list)
-    for row in out:
-        render[row["worker"]].append(float(row["render_seconds"]))
-    modelled = [SimulatedRenderer(model).seconds(_request(r)) for r in rows]
-    makespan = ended - ready
-    return _summary("Ray Data map_batches (actor pool)", makespan, modelled, render, replicas, total, watch,
-                    (ready, ended))
+    return _summary("Ray Data map_batches (actor pool)", ended - ready, (ready, ended), rows, model, replicas,
+                    workdir / "traces", watch, total)
 
 
 def main() -> int:
@@ -245,16 +272,18 @@ def main() -> int:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    pct = lambda x: None if x is None else f"{100 * x:.1f} %"  # noqa: E731
     headers = ["system", "replicas", "rows", "makespan s", "lower bound s", "ratio", "packing floor", "busy mean",
-               "busy min", "sleep overshoot", "idle/row ms", "host CPU cores", "start-up s", "peak mem GiB"]
+               "busy min", "sleep overshoot", "gap ms (median/p90)", "rows/s", "host CPU cores", "start-up s",
+               "peak mem GiB"]
     print(table(headers, [[r["system"], args.replicas, args.rows, r["makespan_s"], r["lower_bound_s"], r["ratio"],
-                           r["packing_floor"], f"{100 * r['busy_mean']:.1f} %", f"{100 * r['busy_min']:.1f} %",
-                           f"{100 * r['overshoot']:.2f} %", r["idle_per_row_ms"], r["host_cpu_cores"],
-                           r["startup_s"], r["peak_memory_gib"]] for r in results]))
+                           r["packing_floor"], pct(r["busy_mean"]), pct(r["busy_min"]), pct(r["overshoot"]),
+                           r["gap_ms"] and f"{r['gap_ms']['median']:.1f} / {r['gap_ms']['p90']:.1f}",
+                           r["rows_per_s"], r["host_cpu_cores"], r["startup_s"], r["peak_memory_gib"]]
+                          for r in results]))
     for r in results:
-        print(f"{r['system']}: CPU cores during the makespan by process: {r['cpu_cores_by_process']}")
-        if "row_gap_ms" in r:
-            print(f"{r['system']}: row gap ms {r['row_gap_ms']}, replica restarts {r['restarts']}")
+        print(f"{r['system']}: CPU cores during the makespan by process: {r['cpu_cores_by_process']}"
+              + (f"; replica restarts {r['restarts']}" if "restarts" in r else ""))
     path = write_json("orchestration", {
         "benchmark": "orchestration", "machine": machine(),
         "params": {"replicas": args.replicas, "rows": args.rows, "mix": args.mix, "model": model},

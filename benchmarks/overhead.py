@@ -56,8 +56,8 @@ def bare(data: str, outdir: str, threads: int) -> dict:
         frames = pipe(
             prompt=row["prompt"], negative_prompt=None, height=RENDER["height"], width=RENDER["width"],
             num_frames=RENDER["num_frames"], num_inference_steps=RENDER["num_inference_steps"],
-            guidance_scale=RENDER["guidance_scale"], generator=torch.Generator("cpu").manual_seed(derive_seed(0, row["id"])),
-            output_type="np",
+            guidance_scale=RENDER["guidance_scale"], output_type="np",
+            generator=torch.Generator("cpu").manual_seed(derive_seed(0, row["id"])),
         ).frames[0]
         (out / f"{row['id']}.mp4").write_bytes(encode_mp4(np.round(frames * 255).astype(np.uint8), RENDER["fps"]))
     return {"load_s": loaded - started, "loop_s": time.perf_counter() - loaded}
@@ -65,8 +65,10 @@ def bare(data: str, outdir: str, threads: int) -> dict:
 
 def _run_bare(data: Path, outdir: Path, threads: int) -> dict:
     started = time.perf_counter()
+    # Ray sets OMP_NUM_THREADS to an actor's CPUs; the bare process gets the same.
     proc = subprocess.run([sys.executable, __file__, "_bare", str(data), str(outdir), str(threads)],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return {"wall_s": time.perf_counter() - started, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
@@ -118,10 +120,12 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     n, n2 = args.rows, 2 * args.rows
-    best = {key: min(v, key=lambda r: r["wall_s"]) for key, v in runs.items()}
+    # A run that lost rows (a replica killed from outside, say) measures something else: it never counts.
+    complete = {key: [r for r in v if r.get("ok", key[1]) == key[1]] or v for key, v in runs.items()}
+    best = {key: min(v, key=lambda r: r["wall_s"]) for key, v in complete.items()}
     marginal = {s: (best[(s, n2)]["wall_s"] - best[(s, n)]["wall_s"]) / n for s in ("bare", "job")}
     bare_loop = (best[("bare", n2)]["loop_s"] - best[("bare", n)]["loop_s"]) / n
-    job_drain = (min(r["drain_s"] for r in runs[("job", n2)]) - min(r["drain_s"] for r in runs[("job", n)])) / n
+    job_drain = (min(r["drain_s"] for r in complete[("job", n2)]) - min(r["drain_s"] for r in complete[("job", n)])) / n
     ratio = marginal["job"] / marginal["bare"]
     print(table(["measure", "bare loop s/video", "job s/video", "job / bare"], [
         ["marginal wall (start-up cancelled)", marginal["bare"], marginal["job"], ratio],

@@ -139,13 +139,17 @@ class RenderWorker:
         return {"worker": self.name, "device": self.renderer.device, "load_seconds": self.renderer.load_seconds,
                 "gang": self.spec.parallel.name}
 
-    def _render(self, tasks: list[Task], ticket: int) -> list | None:
+    def _render(self, tasks: list[Task], ticket: int) -> tuple[list | None, float]:
+        """Frames per task (rank 0; None elsewhere) and the seconds spent rendering, turnstile wait excluded."""
         requests = [task.request() for task in tasks]
         with self.turnstile.turn(ticket):
+            started = time.perf_counter()
             if len(requests) == 1:
                 frames = self.renderer.render(requests[0])
-                return None if frames is None else [frames]
-            return self.renderer.render_batch(requests)
+                frames = None if frames is None else [frames]
+            else:
+                frames = self.renderer.render_batch(requests)
+            return frames, time.perf_counter() - started
 
     def render(self, batch: list[tuple[Task, int]], ticket: int) -> list[dict] | None:
         """Render, encode and commit a batch of (task, attempt); return their manifest rows (ok or failed).
@@ -166,9 +170,8 @@ class RenderWorker:
                  "options": recorded_options(self.spec.options), "approximate": self.spec.options.approximate}
                 for task, attempt in batch]
         try:
-            started = time.perf_counter()
-            frames = self._render(tasks, ticket)
-            seconds = (time.perf_counter() - started) / len(tasks)
+            frames, seconds = self._render(tasks, ticket)
+            seconds /= len(tasks)
         except Exception as exc:  # noqa: BLE001 - any pipeline error becomes a row-level failure
             return [{**row, "status": "failed", "error": _describe(exc)} for row in rows]
         # Off the render path from here: the next batch renders while this one encodes and uploads.

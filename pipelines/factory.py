@@ -11,7 +11,7 @@ def open_renderer(model_path: str, *, storage_options: dict | None = None, devic
     if model_path.startswith(SIMULATED):
         from pipelines.simulated import SimulatedRenderer
 
-        return SimulatedRenderer(model_path)
+        return SimulatedRenderer(model_path, options=options)
     from pipelines.render import Renderer
     from pipelines.request import RenderOptions
 
