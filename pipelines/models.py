@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -106,7 +107,9 @@ class ModelSpec:
         return len(ids) - TEMPLATE_TOKENS - 2
 
 
+@functools.lru_cache(maxsize=1)
 def _prompt_template() -> str:
+    """The pipeline's Qwen prompt template (built once: it lives on a pipeline instance)."""
     from diffusers import Kandinsky5T2VPipeline
 
     return Kandinsky5T2VPipeline(None, None, None, None, None, None, None).prompt_template
