@@ -33,11 +33,6 @@ def loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def shape(group: ReplicaGroup) -> ParallelSpec:
-    return ParallelSpec(ulysses=group.sequence_parallel // group.ring_degree, ring=group.ring_degree,
-                        cfg=group.cfg_parallel)
-
-
 @contextmanager
 def connect(cfg: ClusterConfig) -> Iterator[None]:
     """Join `cluster.address`, or start a local loopback-only Ray; shut down only what we started."""
@@ -49,7 +44,7 @@ def connect(cfg: ClusterConfig) -> Iterator[None]:
     if cfg.address:
         ray.init(address=cfg.address, logging_level=logging.WARNING, log_to_driver=True)
     else:
-        ranks = sum(shape(g).world_size * (g.replicas or 1) for g in cfg.replica_groups())
+        ranks = sum(g.parallel().world_size * (g.replicas or 1) for g in cfg.replica_groups())
         loopback_only()
         ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, ranks),
                  include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
@@ -80,20 +75,20 @@ def plan(cfg: ClusterConfig) -> list[Placement]:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     placements = []
     if gpus:
-        fixed = sum(shape(g).world_size * g.replicas for g in groups if g.replicas)
+        fixed = sum(g.parallel().world_size * g.replicas for g in groups if g.replicas)
         flexible = [g for g in groups if not g.replicas]
         for group in groups:
-            width = shape(group).world_size
+            width = group.parallel().world_size
             replicas = group.replicas or max(0, (gpus - fixed) // len(flexible) // width)
             if replicas < 1:
                 raise WorkersFailed(f"replica group {group.name!r} needs {width} GPU(s) per replica; "
                                     f"the cluster has {gpus} GPU(s) and other groups take {fixed}")
-            placements.append(Placement(group, shape(group), replicas, num_gpus=1, num_cpus=1, threads=None))
+            placements.append(Placement(group, group.parallel(), replicas, num_gpus=1, num_cpus=1, threads=None))
         return placements
-    ranks = sum(shape(g).world_size * (g.replicas or 1) for g in groups)
+    ranks = sum(g.parallel().world_size * (g.replicas or 1) for g in groups)
     # Share the cores evenly: CPU renders are compute bound, oversubscription only slows them.
     threads = max(1, cpus // ranks)
-    return [Placement(g, shape(g), g.replicas or 1, num_gpus=0, num_cpus=min(threads, cpus), threads=threads)
+    return [Placement(g, g.parallel(), g.replicas or 1, num_gpus=0, num_cpus=min(threads, cpus), threads=threads)
             for g in groups]
 
 

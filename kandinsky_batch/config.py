@@ -12,8 +12,10 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipelines.request import CACHES, RenderOptions  # torch-free, like pipelines.shape
+from pipelines.shape import ParallelSpec
+
 FORMATS = ("mp4", "npy")
-CACHES = ("magcache", "taylorseer")  # pipelines.request.CACHES; repeated so config stays import-light
 MAX_SEED = 2**63 - 1  # seeds live in an int64 manifest column
 
 
@@ -82,10 +84,8 @@ class ModelConfig:
         elif self.cache_args:
             _require(False, "model.cache_args", dict(self.cache_args), "needs model.cache to be set")
 
-    def options(self):
+    def options(self) -> RenderOptions:
         """The renderer options these keys describe."""
-        from pipelines import RenderOptions
-
         return RenderOptions(attention_backend=self.attention_backend, compile=self.compile,
                              batched_guidance=self.batched_guidance, offload_text_encoder=self.offload_text_encoder,
                              cache=self.cache, cache_args=tuple(sorted(dict(self.cache_args).items())))
@@ -145,6 +145,11 @@ class ReplicaGroup:
     max_tokens: Optional[int] = None
     """Largest row (visual tokens: latent frames x height/16 x width/16) routed here; None: no limit.
     A row goes to the group with the smallest max_tokens that holds it (5 s 768x512 = 47,616; 10 s = 93,696)."""
+
+    def parallel(self) -> ParallelSpec:
+        """This group's gang shape: Ulysses x ring ranks per branch, x2 with CFG parallel."""
+        return ParallelSpec(ulysses=self.sequence_parallel // self.ring_degree, ring=self.ring_degree,
+                            cfg=self.cfg_parallel)
 
 
 @dataclass

@@ -64,12 +64,13 @@ def _stamp(row: dict, cfg: JobConfig) -> dict:
 
 def _final_rows(storage: Storage, tasks: list[Task], invalid: list[dict]) -> pa.Table:
     """Exactly one manifest row per input row: this run's invalid rows, the latest outcome of the rest."""
-    latest = latest_outcomes(storage)
+    manifest = read_manifest(storage).to_pylist()
+    latest = latest_outcomes(manifest)
     missing = [t.id for t in tasks if t.id not in latest]
     if missing:
         raise RuntimeError(f"rows without a final manifest row: ids {missing[:10]} ({len(missing)} in all)")
     rows = [{**latest[t.id], "row_index": t.row_index} for t in tasks]
-    current = {(r["id"], r["row_index"]): r for r in read_manifest(storage).to_pylist() if r["status"] == "invalid"}
+    current = {(r["id"], r["row_index"]): r for r in manifest if r["status"] == "invalid"}
     rows += [current[(r["id"], r["row_index"])] for r in invalid]
     return to_table(sorted(rows, key=lambda r: r["row_index"]))
 
@@ -118,28 +119,27 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
         bar.set_postfix(failed=counts["failed"], invalid=len(invalid), refresh=False)
 
     todo = sorted(plan.todo, key=lambda t: -t.cost())  # longest first shortens the tail
-    if todo:
-        with cluster.connect(cfg.cluster):
-            worker_spec = WorkerSpec(
-                model_path=cfg.model.path, output_uri=cfg.output.uri, format=cfg.output.format,
-                fps=cfg.render.fps, model_storage_options=cfg.model.storage_options,
-                output_storage_options=cfg.output.storage_options, retries=cfg.output.retries,
-                retry_backoff=cfg.output.retry_backoff, options=cfg.model.options(),
-            )
-            pools = [Pool(p.group.name, cluster.spawner(p, worker_spec), p.replicas,
-                          [t for t in todo if t.id in routed_set[p.group.name]])
-                     for p in cluster.plan(cfg.cluster)]
-            queue = WorkQueue(pools, cfg.cluster.max_attempts, on_row, on_tick=writer.flush_if_due,
-                              batch_size=cfg.render.batch_size)
-            try:
+    try:
+        if todo:
+            with cluster.connect(cfg.cluster):
+                worker_spec = WorkerSpec(
+                    model_path=cfg.model.path, output_uri=cfg.output.uri, format=cfg.output.format,
+                    fps=cfg.render.fps, model_storage_options=cfg.model.storage_options,
+                    output_storage_options=cfg.output.storage_options, retries=cfg.output.retries,
+                    retry_backoff=cfg.output.retry_backoff, options=cfg.model.options(),
+                )
+                pools = [Pool(p.group.name, cluster.spawner(p, worker_spec), p.replicas,
+                              [t for t in todo if t.id in routed_set[p.group.name]])
+                         for p in cluster.plan(cfg.cluster)]
+                queue = WorkQueue(pools, cfg.cluster.max_attempts, on_row, on_tick=writer.flush_if_due,
+                                  batch_size=cfg.render.batch_size)
                 queue.run()
-            finally:
-                writer.flush()
-                bar.close()
-            result.retries, result.restarts, result.workers = queue.retries, queue.restarts, queue.workers
-            result.drain_seconds = queue.drain_seconds
-    bar.close()
-    writer.flush()
+                result.retries, result.restarts, result.workers = queue.retries, queue.restarts, queue.workers
+                result.drain_seconds = queue.drain_seconds
+    finally:
+        # Whatever stopped the queue, publish what landed: a re-run continues from it.
+        writer.flush()
+        bar.close()
 
     # 5. Every input row has its final manifest row: compact the parts, then write _SUCCESS last.
     final = compact(storage, run_id, _final_rows(storage, tasks, invalid))

@@ -181,9 +181,9 @@ def read_manifest(storage: Storage) -> pa.Table:
     return _resolve(tables)
 
 
-def latest_outcomes(storage: Storage) -> dict[str, dict]:
-    """The latest render outcome (ok or failed) per id, whatever row it sat at; invalid rows excluded."""
-    rows = [r for r in read_manifest(storage).to_pylist() if r["status"] != "invalid"]
+def latest_outcomes(rows: list[dict]) -> dict[str, dict]:
+    """The latest render outcome (ok or failed) per id among manifest rows, whatever row it sat at."""
+    rows = [r for r in rows if r["status"] != "invalid"]
     rows.sort(key=lambda r: (r["finished_at"] is not None, r["finished_at"] or 0))
     return {r["id"]: r for r in rows}
 

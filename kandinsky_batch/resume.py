@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field, replace
 
 from kandinsky_batch.config import JobConfig
-from kandinsky_batch.manifest import latest_outcomes
+from kandinsky_batch.manifest import latest_outcomes, read_manifest
 from kandinsky_batch.rows import Task
 from kandinsky_batch.storage import Storage, object_key
 from kandinsky_batch.video import decode
@@ -58,7 +58,7 @@ def plan(storage: Storage, tasks: list[Task], cfg: JobConfig, force: bool = Fals
     """Split tasks into done (skip), adopted (commit without rendering) and todo (render)."""
     result = Plan()
     # Latest render outcome per id; `invalid` rows are re-derived from the input on every run.
-    result.previous = latest_outcomes(storage)
+    result.previous = latest_outcomes(read_manifest(storage).to_pylist())
     existing = set(storage.list("videos"))
     conflicts: list[str] = []
     for task in tasks:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from kandinsky_batch.config import ClusterConfig, ConfigError
 from kandinsky_batch.rows import Task
-from pipelines import ModelSpec, ParallelSpec
+from pipelines import ModelSpec
 
 
 def check_shapes(cluster: ClusterConfig, spec: ModelSpec) -> None:
     """Refuse, before Ray starts, gang shapes the model cannot run (Ulysses must divide the heads)."""
     for index, group in enumerate(cluster.replica_groups()):
-        shape = ParallelSpec(ulysses=group.sequence_parallel // group.ring_degree, ring=group.ring_degree,
-                             cfg=group.cfg_parallel)
+        shape = group.parallel()
         prefix = f"cluster.groups[{index}]." if cluster.groups else "cluster."
         for problem in shape.problems(spec.num_heads, spec.attention_type):
             raise ConfigError(f"{prefix}{problem} ({spec.path})")
