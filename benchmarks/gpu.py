@@ -14,7 +14,11 @@ one H100, PyTorch 2.8, FlashAttention 3).
 Options, `--configs` (comma-separated; `+` joins modifiers): an attention backend for
 `set_attention_backend` (native, _native_flash, _native_cudnn, _native_efficient, flash, sage; one whose package
 is missing is reported unavailable), `+compile` (regional `compile_repeated_blocks(fullgraph=True)`),
-`+batched` (cond and uncond in one batch-2 forward; equal text lengths here, a real pipeline would pad).
+`+batched` (cond and uncond in one batch-2 forward; equal text lengths here, a real pipeline would pad),
+`+nabla` (NABLA sparse attention with the 10 s checkpoints' P/STA window, the pipeline's own sparse params;
+forces the flex backend, so name it as `flex+nabla` or `flex+nabla+compile`). Step caches (MagCache,
+FirstBlockCache) skip whole steps: their per-video cost is computed steps x step, and on random weights
+the skip count means nothing, so they are left to a run with real checkpoints.
 
 Run on a GPU: python benchmarks/gpu.py
 Smoke test on CPU: .venv/bin/python benchmarks/gpu.py --dims tiny --device cpu
@@ -28,9 +32,13 @@ import statistics
 import sys
 import time
 
+from pathlib import Path
+
 import torch
 
 from _common import machine, table, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pipelines` on a GPU box with no install
 
 LITE = dict(in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=768, time_dim=512,
             patch_size=(1, 2, 2), model_dim=1792, ff_dim=7168, num_text_blocks=2, num_visual_blocks=32,
@@ -41,9 +49,9 @@ TINY = dict(LITE, in_text_dim=32, in_text_dim2=32, time_dim=32, model_dim=64, ff
 VAE_LITE: dict = {}
 VAE_TINY = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
 DIMS = {"lite": (LITE, VAE_LITE, dict(num_frames=121, height=512, width=768, text_tokens=300)),
-        "tiny": (TINY, VAE_TINY, dict(num_frames=17, height=64, width=64, text_tokens=16))}
+        "tiny": (TINY, VAE_TINY, dict(num_frames=17, height=128, width=128, text_tokens=16))}
 DEFAULT_CONFIGS = ("native,_native_flash,_native_cudnn,flash,sage,native+batched,native+compile,"
-                   "_native_cudnn+compile+batched")
+                   "_native_cudnn+compile+batched,flex+nabla,flex+nabla+compile")
 PUBLISHED_SECONDS = 139.0
 H100_PEAK_TFLOPS = 798.0
 
@@ -110,6 +118,15 @@ def inputs(dims: dict, video: dict, device: str, dtype: torch.dtype, batch: int)
     )
 
 
+def sparse_params(model, latents, device: str) -> dict:
+    """NABLA's per-call parameters, built by the pipeline's own method from the model's config."""
+    from diffusers import Kandinsky5T2VPipeline
+
+    holder = Kandinsky5T2VPipeline.__new__(Kandinsky5T2VPipeline)
+    holder.__dict__["transformer"] = model  # get_sparse_params reads only the transformer's config
+    return Kandinsky5T2VPipeline.get_sparse_params(holder, latents, device)
+
+
 def time_steps(model, args: dict, batched: bool, device: str, warmup: int, repeats: int) -> tuple[float, float]:
     """(first step seconds, median step seconds) of a CFG step: two forwards, or one batch-2 forward."""
 
@@ -159,11 +176,16 @@ def run_config(name: str, dims: dict, video: dict, device: str, dtype: torch.dty
                repeats: int) -> dict:
     """Build a fresh DiT (compiled regions never leak into the next option) and time one CFG step."""
     backend, *mods = name.split("+")
-    unknown = set(mods) - {"compile", "batched"}
+    unknown = set(mods) - {"compile", "batched", "nabla"}
     if unknown:
-        raise ValueError(f"--configs: {name!r} has unknown modifiers {sorted(unknown)} (allowed: compile, batched)")
+        raise ValueError(f"--configs: {name!r} has unknown modifiers {sorted(unknown)} "
+                         "(allowed: compile, batched, nabla)")
     batched = "batched" in mods
     model = build_transformer(dims, device, dtype)
+    if "nabla" in mods:
+        from pipelines.nabla import set_attention_type
+
+        set_attention_type(model, "nabla")
     try:
         try:
             model.set_attention_backend(backend)
@@ -172,6 +194,8 @@ def run_config(name: str, dims: dict, video: dict, device: str, dtype: torch.dty
         if "compile" in mods:
             model.compile_repeated_blocks(fullgraph=True)
         args = inputs(dims, video, device, dtype, batch=2 if batched else 1)
+        if "nabla" in mods:
+            args["sparse_params"] = sparse_params(model, args["hidden_states"], device)
         first, step = time_steps(model, args, batched, device, warmup + (2 if "compile" in mods else 0), repeats)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
         return {"config": name, "step_s": step, "first_step_s": first, "peak_gib": peak}

@@ -2,10 +2,10 @@
 
 Both render the same rows with the tiny model (64x64, 17 frames, 4 steps, CFG 5, the seeds the job derives),
 encode each to mp4 with `kandinsky_batch.video.encode_mp4` and write it to local disk; each runs in its own
-process with the same torch thread count (`--threads`: the job gets `cluster.num_cpus=THREADS`, and a local
-Ray gives its one replica all of them, see `cluster.plan`) and x264 with its fixed thread count.
-The default is 1 thread: on a 2-core host shared with other work, 2 OpenMP threads collapse whenever one is
-descheduled (a tiny-model call measured 0.33 s alone and 2-5 s beside another test run), 1 thread holds ~0.4 s.
+process with one torch thread (CPU replicas always render with one, see `cluster.plan`: the seed contract
+must not depend on the fleet's shape; `--threads` sets the bare loop's, default 1, and the job's
+`cluster.num_cpus`) and x264 with its fixed thread count. One thread is also the steadier figure here: on a
+2-core host shared with other work, 2 OpenMP threads collapse whenever one is descheduled.
 
 Marginal per-video time = (wall(2N rows) - wall(N rows)) / N, so start-up (imports, model load, Ray start,
 actor start, manifest compaction) cancels. Each size runs `--repeats` times, interleaved, and the fastest

@@ -86,9 +86,11 @@ def plan(cfg: ClusterConfig) -> list[Placement]:
             placements.append(Placement(group, group.parallel(), replicas, num_gpus=1, num_cpus=1, threads=None))
         return placements
     ranks = sum(g.parallel().world_size * (g.replicas or 1) for g in groups)
-    # Share the cores evenly: CPU renders are compute bound, oversubscription only slows them.
-    threads = max(1, cpus // ranks)
-    return [Placement(g, g.parallel(), g.replicas or 1, num_gpus=0, num_cpus=min(threads, cpus), threads=threads)
+    # Share the cores evenly for scheduling, but render with one thread each: CPU GEMMs over a few rows
+    # (text tokens) round differently with 1 and 2 threads, and the seed contract must hold whatever the
+    # fleet's shape. CPU parallelism comes from replicas.
+    share = max(1, cpus // ranks)
+    return [Placement(g, g.parallel(), g.replicas or 1, num_gpus=0, num_cpus=min(share, cpus), threads=1)
             for g in groups]
 
 

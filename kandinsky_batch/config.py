@@ -12,7 +12,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipelines.request import CACHES, RenderOptions  # torch-free, like pipelines.shape
+from pipelines.request import ATTENTION_TYPES, CACHES, NABLA_ARGS, RenderOptions  # torch-free, like pipelines.shape
 from pipelines.shape import ParallelSpec
 
 FORMATS = ("mp4", "npy")
@@ -74,21 +74,39 @@ class ModelConfig:
     offload_text_encoder: bool = False
     """Keep the text encoders on the CPU between encodings (memory for Pro / 10 s clips)."""
     cache: Optional[str] = None
-    """Step caching, APPROXIMATE: `magcache` (needs calibrated `mag_ratios` in cache_args) or `taylorseer`."""
+    """Step caching, APPROXIMATE: `magcache` (calibrated ratios shipped for the Lite/Pro sft and nocfg
+    checkpoints), `firstblock` (FirstBlockCache) or `taylorseer`."""
     cache_args: dict[str, Any] = field(default_factory=dict)
-    """Arguments of the diffusers cache config (MagCacheConfig / TaylorSeerCacheConfig)."""
+    """Arguments of the diffusers cache config (MagCacheConfig / FirstBlockCacheConfig / TaylorSeerCacheConfig)."""
+    attention_type: Optional[str] = None
+    """`nabla` (block-sparse, APPROXIMATE; flex backend; 128-px sizes) or `regular`; None: the checkpoint's own."""
+    nabla_args: dict[str, Any] = field(default_factory=dict)
+    """NABLA overrides: `P` (attention mass kept per head, in (0, 1]), `wT`/`wH`/`wW` (odd STA window sizes)."""
 
     def __post_init__(self) -> None:
         if self.cache is not None:
             _require(self.cache in CACHES, "model.cache", self.cache, f"must be one of {', '.join(CACHES)} or null")
         elif self.cache_args:
             _require(False, "model.cache_args", dict(self.cache_args), "needs model.cache to be set")
+        if self.attention_type is not None:
+            _require(self.attention_type in ATTENTION_TYPES, "model.attention_type", self.attention_type,
+                     f"must be one of {', '.join(ATTENTION_TYPES)} or null")
+        for key, value in dict(self.nabla_args).items():
+            _require(key in NABLA_ARGS, "model.nabla_args", key, f"unknown key (known: {', '.join(NABLA_ARGS)})")
+            if key == "P":
+                ok = isinstance(value, (int, float)) and 0 < value <= 1
+                _require(ok, "model.nabla_args.P", value, "must be in (0, 1]")
+            else:
+                ok = isinstance(value, int) and value >= 1 and value % 2 == 1
+                _require(ok, f"model.nabla_args.{key}", value, "must be an odd positive integer")
 
     def options(self) -> RenderOptions:
-        """The renderer options these keys describe."""
+        """The renderer options these keys describe (before the checkpoint's own attention is known)."""
         return RenderOptions(attention_backend=self.attention_backend, compile=self.compile,
                              batched_guidance=self.batched_guidance, offload_text_encoder=self.offload_text_encoder,
-                             cache=self.cache, cache_args=tuple(sorted(dict(self.cache_args).items())))
+                             cache=self.cache, cache_args=tuple(sorted(dict(self.cache_args).items())),
+                             attention_type=self.attention_type,
+                             nabla_args=tuple(sorted(dict(self.nabla_args).items())))
 
 
 @dataclass

@@ -18,6 +18,7 @@ from kandinsky_batch import cluster, resume
 from kandinsky_batch.config import JobConfig, to_dict
 from kandinsky_batch.dataset import read_table
 from kandinsky_batch.manifest import ManifestWriter, compact, latest_outcomes, read_manifest, to_table, write_success
+from kandinsky_batch.options import effective_options
 from kandinsky_batch.rows import Task, build_tasks
 from kandinsky_batch.routing import check_shapes, route
 from kandinsky_batch.scheduler import Pool, WorkQueue
@@ -83,7 +84,8 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
     # 1. Read the input and the model's limits; whole-input errors stop here, before Ray starts.
     table = read_table(cfg.input.path, cfg.input.storage_options)
     spec = load_spec(cfg.model.path, cfg.model.storage_options)
-    check_shapes(cfg.cluster, spec)
+    options, spec = effective_options(cfg.model, spec)
+    check_shapes(cfg.cluster, spec, options)
     tasks, invalid = build_tasks(table, cfg, spec)
     routed, unroutable = route(tasks, cfg.cluster)
     if unroutable:
@@ -95,7 +97,7 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
     storage = Storage(cfg.output.uri, cfg.output.storage_options, retries=cfg.output.retries,
                       backoff=cfg.output.retry_backoff)
     storage.cleanup_temp("videos")
-    plan = resume.plan(storage, tasks, cfg, force=force)
+    plan = resume.plan(storage, tasks, cfg, options, force=force)
     result.skipped, result.adopted = len(plan.done), len(plan.adopted)
 
     # 3. Commit what needs no GPU: invalid rows and adopted videos.
@@ -126,7 +128,7 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
                     model_path=cfg.model.path, output_uri=cfg.output.uri, format=cfg.output.format,
                     fps=cfg.render.fps, model_storage_options=cfg.model.storage_options,
                     output_storage_options=cfg.output.storage_options, retries=cfg.output.retries,
-                    retry_backoff=cfg.output.retry_backoff, options=cfg.model.options(),
+                    retry_backoff=cfg.output.retry_backoff, options=options,
                 )
                 pools = [Pool(p.group.name, cluster.spawner(p, worker_spec), p.replicas,
                               [t for t in todo if t.id in routed_set[p.group.name]])

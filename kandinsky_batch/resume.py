@@ -17,6 +17,7 @@ from kandinsky_batch.rows import Task
 from kandinsky_batch.storage import Storage, object_key
 from kandinsky_batch.video import decode
 from kandinsky_batch.worker import recorded_options
+from pipelines.request import RenderOptions
 
 # What decides a row's pixels and bytes: if any differs, an old object is not this row's output.
 IDENTITY = ("prompt", "negative_prompt", "seed", "height", "width", "num_frames", "num_inference_steps",
@@ -39,8 +40,7 @@ def identity(row: dict) -> tuple:
     return tuple(row.get(k) for k in IDENTITY)
 
 
-def expected(task: Task, cfg: JobConfig) -> dict:
-    options = cfg.model.options()
+def expected(task: Task, cfg: JobConfig, options: RenderOptions) -> dict:
     return {**task.row(), "model": cfg.model.path, "format": cfg.output.format, "fps": cfg.render.fps,
             "options": recorded_options(options), "approximate": options.approximate}
 
@@ -54,7 +54,7 @@ def _complete(data: bytes, task: Task, fmt: str) -> bool:
     return frames.shape == (task.num_frames, task.height, task.width, 3)
 
 
-def plan(storage: Storage, tasks: list[Task], cfg: JobConfig, force: bool = False) -> Plan:
+def plan(storage: Storage, tasks: list[Task], cfg: JobConfig, options: RenderOptions, force: bool = False) -> Plan:
     """Split tasks into done (skip), adopted (commit without rendering) and todo (render)."""
     result = Plan()
     # Latest render outcome per id; `invalid` rows are re-derived from the input on every run.
@@ -62,7 +62,7 @@ def plan(storage: Storage, tasks: list[Task], cfg: JobConfig, force: bool = Fals
     existing = set(storage.list("videos"))
     conflicts: list[str] = []
     for task in tasks:
-        want = expected(task, cfg)
+        want = expected(task, cfg, options)
         before = result.previous.get(task.id)
         if before is not None and before["status"] == "ok":
             if identity(before) == identity(want):

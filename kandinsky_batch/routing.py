@@ -5,14 +5,15 @@ from __future__ import annotations
 from kandinsky_batch.config import ClusterConfig, ConfigError
 from kandinsky_batch.rows import Task
 from pipelines import ModelSpec
+from pipelines.request import RenderOptions
 
 
-def check_shapes(cluster: ClusterConfig, spec: ModelSpec) -> None:
+def check_shapes(cluster: ClusterConfig, spec: ModelSpec, options: RenderOptions) -> None:
     """Refuse, before Ray starts, gang shapes the model cannot run (Ulysses must divide the heads)."""
     for index, group in enumerate(cluster.replica_groups()):
         shape = group.parallel()
         prefix = f"cluster.groups[{index}]." if cluster.groups else "cluster."
-        for problem in shape.problems(spec.num_heads, spec.attention_type):
+        for problem in shape.problems(spec.num_heads, spec.attention_type, options.cache):
             raise ConfigError(f"{prefix}{problem} ({spec.path})")
 
 

@@ -2,7 +2,7 @@
 
 `Kandinsky5T2VPipeline.__call__` calls the transformer with the cond inputs, then with the uncond
 ones, every step. Wrapping the transformer's forward lets us, without touching the pipeline:
-- keep step caches (MagCache, TaylorSeer) apart for the two branches (`cache_context`), which the
+- keep step caches (MagCache, FirstBlockCache, TaylorSeer) apart for the two branches (`cache_context`), which the
   pipeline itself does not do;
 - batch both branches into one forward when their text lengths match (same math, one launch);
 - run the branches on two ranks at once (CFG parallel) and exchange the results.
@@ -61,7 +61,8 @@ class GuidedSteps:
         joined = dict(cond)
         for key in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"):
             joined[key] = torch.cat([cond[key], uncond[key]])
-        out = self.forward(**joined)
+        with self._context("cond+uncond"):  # a step cache then tracks the pair as one stream
+            out = self.forward(**joined)
         first, second = out.sample.chunk(2)
         self.uncond = type(out)(sample=second)
         out.sample = first

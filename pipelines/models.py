@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipelines.tiny import TEMPLATE_TOKENS, ensure_tiny
@@ -97,6 +97,13 @@ class ModelSpec:
     max_size: int
     max_prompt_tokens: int
     tokenizer: object = field(repr=False, compare=False)
+
+    def with_attention(self, kind: str) -> "ModelSpec":
+        """The limits when the model runs `regular` or `nabla` attention (NABLA groups 8x8 patches: 128 px)."""
+        if kind == self.attention_type:
+            return self
+        patch = self.spatial_multiple // 8 if self.attention_type == "nabla" else self.spatial_multiple
+        return replace(self, attention_type=kind, spatial_multiple=patch * 8 if kind == "nabla" else patch)
 
     def prompt_tokens(self, prompt: str) -> int:
         """Qwen tokens the prompt occupies after the pipeline cleans it and wraps it in its template."""

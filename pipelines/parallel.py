@@ -3,7 +3,7 @@
 Every rank of a gang runs the real pipeline `__call__` on the same request and the same CPU-seeded
 latents. Parallelism is applied from outside, as diffusers intends:
 - Sequence parallel: diffusers' context parallelism with a Kandinsky 5 split/gather plan (the model
-  ships none). The visual tokens, their rope and the text keys/values are split across the ranks at
+  ships none). The visual tokens and their rope are split across the ranks at
   the visual blocks; the text blocks (a few hundred tokens) run whole on every rank.
 - CFG parallel: the pipeline calls the transformer twice per step (cond, then uncond). The two CFG
   ranks each compute one branch on the first call and exchange results, so the second call is free
@@ -20,25 +20,24 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from pipelines.nabla import use_ulysses_processors
 from pipelines.render import TEXT_COMPONENTS, Renderer
 from pipelines.request import RenderOptions, RenderRequest
 from pipelines.shape import ParallelSpec
 
 
 def kandinsky5_cp_plan(num_visual_blocks: int) -> dict:
-    """Split visual tokens, visual rope and text keys/values at the visual blocks; gather after the last.
+    """Split visual tokens and visual rope at the visual blocks; gather after the last.
 
     `visual_embed` is split once (at block 0; later blocks receive block outputs, already split);
-    `text_embed` and `rope` come from the model's forward to every block, so every block splits them.
+    `rope` comes from the model's forward to every block, so every block splits it. The text stays
+    whole: cross-attention takes each rank's head slice of it (`pipelines.nabla.UlyssesAttnProcessor`).
     """
     from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
     return {
         "visual_transformer_blocks.0": {"visual_embed": ContextParallelInput(split_dim=1, expected_dims=3)},
-        "visual_transformer_blocks.*": {
-            "text_embed": ContextParallelInput(split_dim=1, expected_dims=3),
-            "rope": ContextParallelInput(split_dim=1),
-        },
+        "visual_transformer_blocks.*": {"rope": ContextParallelInput(split_dim=1)},
         f"visual_transformer_blocks.{num_visual_blocks - 1}": ContextParallelOutput(gather_dim=1, expected_dims=3),
     }
 
@@ -92,6 +91,7 @@ class GangRenderer(Renderer):
             with _cpu_device_count():
                 transformer.enable_parallelism(
                     config=config, cp_plan=kandinsky5_cp_plan(len(transformer.visual_transformer_blocks)))
+            use_ulysses_processors(transformer, mesh["ulysses"].get_group(), nabla=transformer.attention_type == "nabla")
         if spec.cfg:
             self.apply_options(exchange_group=mesh["cfg"].get_group(), branch=mesh["cfg"].get_local_rank())
         else:

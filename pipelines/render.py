@@ -17,8 +17,10 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from pipelines.caching import cache_config
 from pipelines.guidance import GuidedSteps, negative_inputs
 from pipelines.models import resolve_model
+from pipelines.nabla import set_attention_type
 from pipelines.request import RenderOptions, RenderRequest
 
 MAX_SEQUENCE_LENGTH = 512  # the pipeline's default
@@ -56,6 +58,9 @@ class Renderer:
             local, dtype=self.dtype, use_safetensors=True, **{name: None for name in skip})
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        if options.attention_type or options.nabla_args:
+            set_attention_type(self.pipe.transformer, options.attention_type, dict(options.nabla_args))
+        self._cache_steps: int | None = None
         if options.offload_text_encoder:
             self._text_encoders("cpu")
         self._texts: OrderedDict[str, tuple] = OrderedDict()
@@ -69,16 +74,23 @@ class Renderer:
         transformer, options = self.pipe.transformer, self.options
         if options.attention_backend:
             transformer.set_attention_backend(options.attention_backend)
-        if options.cache:
-            import diffusers
-
-            config = {"magcache": diffusers.MagCacheConfig, "taylorseer": diffusers.TaylorSeerCacheConfig}[options.cache]
-            transformer.enable_cache(config(**dict(options.cache_args)))
+        if options.cache and options.cache != "magcache":  # MagCache waits for the first request's step count
+            transformer.enable_cache(cache_config(options.cache, dict(options.cache_args), steps=0))
         if options.compile:
             transformer.compile_repeated_blocks(fullgraph=True)
         if options.cache or options.batched_guidance or exchange_group is not None:
             self.steps = GuidedSteps(transformer, batched=options.batched_guidance, exchange_group=exchange_group,
                                      branch=branch, cache_contexts=options.cache is not None)
+
+    def _magcache_for(self, steps: int) -> None:
+        """MagCache's ratios are per step: (re)build its hooks when a request's step count differs."""
+        if self.options.cache != "magcache" or steps == self._cache_steps:
+            return
+        transformer = self.pipe.transformer
+        if self._cache_steps is not None:
+            transformer.disable_cache()
+        transformer.enable_cache(cache_config("magcache", dict(self.options.cache_args), steps))
+        self._cache_steps = steps
 
     def _text_encoders(self, device: str) -> None:
         for name in TEXT_COMPONENTS:
@@ -119,6 +131,7 @@ class Renderer:
     def denoise(self, requests: list[RenderRequest], embeds: dict):
         """One pipeline call from embeddings; each row seeded by its own CPU generator (the seed contract)."""
         first = requests[0]
+        self._magcache_for(first.num_inference_steps)
         if self.steps is not None:
             self.steps.arm(negative_inputs(embeds, self.device) if first.guidance_scale > 1.0 else None)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]

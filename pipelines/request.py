@@ -32,7 +32,9 @@ class RenderRequest:
         return DEFAULT_NEGATIVE_PROMPT if self.negative_prompt is None else self.negative_prompt
 
 
-CACHES = ("magcache", "taylorseer")
+CACHES = ("magcache", "firstblock", "taylorseer")
+ATTENTION_TYPES = ("regular", "nabla")
+NABLA_ARGS = ("P", "wT", "wH", "wW")
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,32 @@ class RenderOptions:
     cache: str | None = None
     """Step caching through diffusers hooks: `magcache` or `taylorseer`. APPROXIMATE: skips transformer work."""
     cache_args: tuple = ()
-    """(key, value) pairs for the diffusers cache config, e.g. (("mag_ratios", [...]), ("num_inference_steps", 50))."""
+    """(key, value) pairs for the diffusers cache config, e.g. (("threshold", 0.1),); magcache: see pipelines.caching."""
+    attention_type: str | None = None
+    """`regular` (full attention) or `nabla` (block-sparse, APPROXIMATE); None: the checkpoint's own."""
+    nabla_args: tuple = ()
+    """(key, value) pairs overriding NABLA's P (attention mass kept) and wT/wH/wW (STA window)."""
 
     @property
     def approximate(self) -> bool:
-        """Whether frames may differ from plain diffusers beyond rounding (step caching skips work)."""
-        return self.cache is not None
+        """Whether frames approximate the model's full computation: step caching skips work, NABLA skips keys."""
+        return self.cache is not None or self.attention_type == "nabla"
+
+    def for_model(self, shipped_attention: str) -> "RenderOptions":
+        """These options with what the checkpoint implies made explicit, so the manifest records it.
+
+        A NABLA model (shipped or switched on) always runs flex attention, the one backend that takes
+        its block mask; `regular` on a regular checkpoint is no change, so it is not recorded.
+        """
+        from dataclasses import replace
+
+        kind = self.attention_type or shipped_attention
+        if kind == "nabla":
+            return replace(self, attention_type="nabla", attention_backend=self.attention_backend or "flex")
+        return replace(self, attention_type=None if shipped_attention == "regular" else "regular")
 
     def recorded(self) -> dict:
         """The non-default options, as the manifest records them."""
         defaults = RenderOptions()
-        return {k: (dict(v) if k == "cache_args" else v) for k, v in self.__dict__.items()
+        return {k: (dict(v) if k in ("cache_args", "nabla_args") else v) for k, v in self.__dict__.items()
                 if v != getattr(defaults, k)}

@@ -31,14 +31,19 @@ class ParallelSpec:
             parts.append("cfg2")
         return "x".join(parts) or "1"
 
-    def problems(self, num_heads: int, attention_type: str = "regular") -> list[str]:
-        """Why this shape cannot run a model with `num_heads` heads and this attention (empty if it can)."""
+    def problems(self, num_heads: int, attention_type: str = "regular", cache: str | None = None) -> list[str]:
+        """Why this shape cannot run a model with `num_heads` heads, this attention and step cache (empty if it can)."""
         found = []
-        if self.sequence > 1 and attention_type == "nabla":
-            # NABLA builds its block-sparse mask from q and k inside the attention processor, before
-            # diffusers' all-to-all: on a sequence shard that mask would be wrong, not just slower.
-            found.append(f"sequence_parallel={self.sequence}: this model uses NABLA sparse attention, which "
-                         "diffusers cannot split by sequence yet; use cfg_parallel or more replicas")
+        if self.ring > 1 and attention_type == "nabla":
+            # Ring attention passes key/value blocks around and merges partial softmaxes; NABLA's block
+            # mask needs flex attention over the whole key sequence. Ulysses (all-to-all) works.
+            found.append(f"ring_degree={self.ring}: NABLA sparse attention runs with Ulysses only; "
+                         "set ring_degree to 1")
+        if self.sequence > 1 and cache == "firstblock":
+            # FirstBlockCache decides to skip from the first block's output; each rank sees only its
+            # shard, so ranks could decide differently and deadlock in the next collective.
+            found.append(f"sequence_parallel={self.sequence}: FirstBlockCache decides per rank from a sequence "
+                         "shard; use magcache or taylorseer with sequence parallel")
         if self.ulysses < 1 or self.ring < 1:
             found.append(f"sequence_parallel={self.sequence}: degrees must be >= 1")
         if self.ulysses > 1 and num_heads % self.ulysses:

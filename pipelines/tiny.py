@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 # Bump when the architecture or the build recipe changes, so cached builds are not reused.
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 
 # The pipeline drops the first 128 tokens of its prompt template (the system prompt) from the
 # Qwen embeddings. The real Qwen tokenizer spends exactly those on the template; the tiny
@@ -129,11 +129,28 @@ def build_tiny_pipeline():
     ))
     torch.manual_seed(0)
     transformer = Kandinsky5Transformer3DModel(**TRANSFORMER)
+    _randomize_zero_init(transformer)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
     return Kandinsky5T2VPipeline(
         transformer=transformer.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=processor,
         text_encoder_2=text_encoder_2.eval(), tokenizer_2=clip_tokenizer, scheduler=scheduler,
     )
+
+
+def _randomize_zero_init(model) -> None:
+    """Give zero-initialized layers random weights too, so every block really shapes the output.
+
+    Kandinsky 5 zero-initializes its modulation layers (the gates of every attention and feed-forward
+    branch), as trained checkpoints start out. Left at zero, each block is the identity and attention
+    would not touch a single frame: the tiny model could not tell a right parallel split from a wrong one.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 def save_tiny(directory: str | os.PathLike) -> Path:

@@ -15,6 +15,12 @@ from moto.server import ThreadedMotoServer
 # Before any test module imports ray: Ray reads this once at import, and the test Ray must bind loopback only.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
+# CPU replicas render with one thread (kandinsky_batch.cluster); the in-process oracle must too: small
+# CPU GEMMs round differently with 1 and 2 threads.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 S3_BUCKET = "kb-test"
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -87,8 +87,63 @@ def test_options_and_approximation_are_recorded_in_the_manifest(tmp_path, ray_lo
 
 
 def test_bad_cache_is_refused_naming_the_key():
-    with pytest.raises(ConfigError, match="model.cache='firstblock'"):
-        load_config(None, ["input.path=x", "output.uri=y", "model.cache=firstblock"])
+    with pytest.raises(ConfigError, match="model.cache='teacache'"):
+        load_config(None, ["input.path=x", "output.uri=y", "model.cache=teacache"])
+
+
+def _tail_runs(renderer) -> list:
+    """Counts the last visual block's attention calls: a skipped step never reaches it."""
+    calls = []
+    renderer.pipe.transformer.visual_transformer_blocks[-1].self_attention.register_forward_hook(
+        lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("options", [
+    RenderOptions(cache="firstblock", cache_args=(("threshold", 10.0),)),
+    RenderOptions(cache="magcache", cache_args=(("mag_ratios", "lite-sft-5s"),)),
+], ids=["firstblock", "magcache"])
+def test_step_caches_skip_blocks_and_are_approximate(options, model_cache, tiny_pipe):
+    """FirstBlockCache binds Kandinsky 5's `visual_embed` blocks; MagCache runs with published ratios."""
+    renderer = open_renderer("tiny", options=options)
+    runs = _tail_runs(renderer)
+    request = RenderRequest("a cat", None, 32, 32, 5, 10, 5.0, 1)
+    frames = renderer.render(request)
+    assert 0 < len(runs) < 2 * request.num_inference_steps, "some steps skipped the tail blocks"
+    assert not np.array_equal(frames, oracle(tiny_pipe, request.__dict__)), "approximate, as recorded"
+    assert options.approximate
+    # Another step count: MagCache re-interpolates its ratios; both caches start afresh per video.
+    runs.clear()
+    shorter = RenderRequest("a cat", None, 32, 32, 5, 6, 5.0, 1)
+    assert renderer.render(shorter).shape == (5, 32, 32, 3)
+    assert 0 < len(runs) < 2 * shorter.num_inference_steps
+
+
+def test_published_mag_ratios_are_picked_from_the_checkpoint_name():
+    from pipelines.caching import published_ratios, ratios_for_model
+    from pipelines.mag_ratios import PUBLISHED
+
+    assert ratios_for_model("kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers") == "lite-sft-5s"
+    assert ratios_for_model("s3://models/Kandinsky-5.0-T2V-Pro-sft-10s-Diffusers") == "pro-sft-10s"
+    assert ratios_for_model("kandinskylab/Kandinsky-5.0-T2V-Lite-distilled16steps-5s-Diffusers") is None
+    assert ratios_for_model("tiny") is None
+    for name, (_, _, interleaved) in PUBLISHED.items():
+        ratios = published_ratios(name)
+        assert len(ratios) == 50 and ratios[0] == 1.0, name  # one per step of the 50-step calibration run
+        assert ratios[1] == pytest.approx(interleaved[0] if not any(interleaved[1::2])
+                                          else (interleaved[0] + interleaved[1]) / 2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.cache=magcache"], "model.cache_args.mag_ratios=None: .*no.* published"),
+    (["model.cache=magcache", "model.cache_args={mag_ratios: lite-sft-7s}"], "mag_ratios='lite-sft-7s'"),
+    (["model.cache=firstblock", "cluster.sequence_parallel=2"], "FirstBlockCache"),
+])
+def test_cache_settings_the_model_cannot_use_are_refused_before_ray(tmp_path, model_cache, overrides, message):
+    data = write_dataset(tmp_path / "p.parquet", [{"prompt": "a cat"}])
+    cfg = load_config(None, [f"input.path={data}", f"output.uri=file://{tmp_path / 'out'}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, progress=False)
 
 
 def test_a_batch_of_rows_stays_within_one_level_of_single_calls(model_cache, tiny_pipe):

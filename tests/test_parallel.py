@@ -27,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, spec, port, cache, requests, queue):
+def _rank_main(rank, spec, port, cache, requests, queue, options=None):
     import os
 
     os.environ["KANDINSKY_BATCH_CACHE"] = cache
@@ -38,7 +38,9 @@ def _rank_main(rank, spec, port, cache, requests, queue):
 
     try:
         init_gang(rank, spec.world_size, "127.0.0.1", port, "cpu", timeout_s=120)
-        gang = GangRenderer("tiny", spec, rank, device="cpu")
+        from pipelines import RenderOptions
+
+        gang = GangRenderer("tiny", spec, rank, device="cpu", options=options or RenderOptions())
         frames = [gang.render(r) for r in requests]
         gang.close()
         queue.put((rank, frames, None))
@@ -46,11 +48,12 @@ def _rank_main(rank, spec, port, cache, requests, queue):
         queue.put((rank, None, repr(exc)))
 
 
-def _run_gang(spec: ParallelSpec, cache: str, requests) -> list:
+def run_gang(spec: ParallelSpec, cache: str, requests, options=None) -> list:
+    """Rank 0's frames for `requests`, rendered by a gang of spawned CPU processes joined with gloo."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, spec, port, cache, requests, queue)) for r in range(spec.world_size)]
+    procs = [ctx.Process(target=_rank_main, args=(r, spec, port, cache, requests, queue, options)) for r in range(spec.world_size)]
     for p in procs:
         p.start()
     try:
@@ -69,7 +72,7 @@ def _run_gang(spec: ParallelSpec, cache: str, requests) -> list:
 @pytest.mark.parametrize("spec", [ParallelSpec(ulysses=2), ParallelSpec(cfg=True), ParallelSpec(ulysses=2, cfg=True)],
                          ids=lambda s: s.name)
 def test_gang_frames_equal_a_single_device(spec, model_cache, tiny_pipe):
-    frames = _run_gang(spec, model_cache, REQUESTS)
+    frames = run_gang(spec, model_cache, REQUESTS)
     for request, got in zip(REQUESTS, frames):
         assert np.array_equal(got, oracle(tiny_pipe, request.__dict__)), (spec.name, request)
 
@@ -81,6 +84,12 @@ def test_shape_names_and_head_divisibility():
     assert ParallelSpec(ulysses=7).problems(28) == []
     [problem] = ParallelSpec(ulysses=8).problems(28)
     assert "sequence_parallel=8" in problem and "28" in problem and "7" in problem
-    [nabla] = ParallelSpec(ulysses=2).problems(28, "nabla")
-    assert "NABLA" in nabla
+    # NABLA runs with Ulysses (mask built after the all-to-all), not with ring attention.
+    assert ParallelSpec(ulysses=2).problems(28, "nabla") == []
+    [ring] = ParallelSpec(ulysses=2, ring=2).problems(28, "nabla")
+    assert "ring_degree=2" in ring and "NABLA" in ring
     assert ParallelSpec(cfg=True).problems(28, "nabla") == []
+    # FirstBlockCache decides from a shard: refused with sequence parallel, fine with CFG parallel.
+    [fbc] = ParallelSpec(ulysses=2).problems(28, cache="firstblock")
+    assert "FirstBlockCache" in fbc
+    assert ParallelSpec(cfg=True).problems(28, cache="firstblock") == []

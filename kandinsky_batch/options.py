@@ -1,0 +1,40 @@
+"""What a replica will really run: the config's render options made explicit for the checkpoint.
+
+The manifest records these per row, so a row says how it was made even where the config said
+nothing (a NABLA checkpoint, a MagCache calibration picked from the model name). Options that cannot
+work with this checkpoint are refused here, before Ray starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from kandinsky_batch.config import ConfigError, ModelConfig
+from pipelines import ModelSpec
+from pipelines.caching import PUBLISHED, ratio_problem, ratios_for_model
+from pipelines.request import RenderOptions
+
+
+def effective_options(model: ModelConfig, spec: ModelSpec) -> tuple[RenderOptions, ModelSpec]:
+    """The options every replica gets, and the model's limits under them (NABLA needs 128-px sizes)."""
+    options = model.options().for_model(spec.attention_type)
+    kind = options.attention_type or spec.attention_type
+    if kind == "nabla" and options.attention_backend != "flex":
+        raise ConfigError(f"model.attention_backend={options.attention_backend!r}: NABLA attention needs `flex`, "
+                          "the backend that takes its block mask (leave it unset)")
+    if options.nabla_args and kind != "nabla":
+        raise ConfigError(f"model.nabla_args={dict(options.nabla_args)!r}: needs NABLA attention "
+                          f"(model.attention_type: nabla); {spec.path} runs {kind} attention")
+    if options.cache == "magcache":
+        args = dict(options.cache_args)
+        if "mag_ratios" not in args:
+            name = ratios_for_model(spec.path)
+            if name is None:
+                raise ConfigError(f"model.cache_args.mag_ratios=None: MagCache needs ratios calibrated for the "
+                                  f"checkpoint and none are published for {spec.path}; name one of "
+                                  f"{', '.join(PUBLISHED)} or give a list (calibrate with diffusers' "
+                                  "MagCacheConfig(calibrate=True))")
+            options = replace(options, cache_args=tuple(sorted({**args, "mag_ratios": name}.items())))
+        elif problem := ratio_problem(args["mag_ratios"]):
+            raise ConfigError(f"model.cache_args.mag_ratios={args['mag_ratios']!r}: {problem}")
+    return options, spec.with_attention(kind)
