@@ -91,7 +91,8 @@ class GangRenderer(Renderer):
             with _cpu_device_count():
                 transformer.enable_parallelism(
                     config=config, cp_plan=kandinsky5_cp_plan(len(transformer.visual_transformer_blocks)))
-            use_ulysses_processors(transformer, mesh["ulysses"].get_group(), nabla=transformer.attention_type == "nabla")
+            use_ulysses_processors(transformer, mesh["ulysses"].get_group(),
+                                   nabla=transformer.attention_type == "nabla")
         if spec.cfg:
             self.apply_options(exchange_group=mesh["cfg"].get_group(), branch=mesh["cfg"].get_local_rank())
         else:

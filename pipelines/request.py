@@ -50,9 +50,9 @@ class RenderOptions:
     offload_text_encoder: bool = False
     """Keep the text encoders on the CPU between encodings (for Pro and 10 s clips when memory is tight)."""
     cache: str | None = None
-    """Step caching through diffusers hooks: `magcache` or `taylorseer`. APPROXIMATE: skips transformer work."""
+    """Step caching through diffusers hooks: `magcache`, `firstblock` or `taylorseer`. APPROXIMATE: skips work."""
     cache_args: tuple = ()
-    """(key, value) pairs for the diffusers cache config, e.g. (("threshold", 0.1),); magcache: see pipelines.caching."""
+    """(key, value) pairs for the diffusers cache config, e.g. (("threshold", 0.1),); see pipelines.caching."""
     attention_type: str | None = None
     """`regular` (full attention) or `nabla` (block-sparse, APPROXIMATE); None: the checkpoint's own."""
     nabla_args: tuple = ()
