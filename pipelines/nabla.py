@@ -20,7 +20,6 @@ import torch
 
 # The 10 s Lite checkpoints' values, used when NABLA is switched on for a model that ships without it.
 NABLA_DEFAULTS = {"P": 0.9, "wT": 11, "wH": 3, "wW": 3, "add_sta": True, "method": "topcdf"}
-NABLA_BACKEND = "flex"  # diffusers' native SDPA cannot take a BlockMask
 
 
 def set_attention_type(transformer, attention_type: str | None, nabla_args: dict | None = None) -> str:
