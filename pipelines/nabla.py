@@ -28,6 +28,8 @@ def set_attention_type(transformer, attention_type: str | None, nabla_args: dict
     The pipeline reads `transformer.config.attention_type` and `attention_*` each call to build its
     sparse parameters, so changing the config is all it takes.
     """
+    from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor
+
     config = transformer.config
     kind = attention_type or config.attention_type
     if kind == "nabla":
@@ -37,7 +39,69 @@ def set_attention_type(transformer, attention_type: str | None, nabla_args: dict
     else:
         transformer.register_to_config(attention_type=kind)
     transformer.attention_type = kind
+    for block in transformer.visual_transformer_blocks:
+        block.self_attention.set_processor(NablaAttnProcessor() if kind == "nabla" else Kandinsky5AttnProcessor())
     return kind
+
+
+# NABLA's mask is made of 64-token blocks; flex's fused kernel tiles must divide them. diffusers 0.42.1 pins
+# only BLOCK_M and leaves BLOCK_N to torch, whose default on Hopper (torch 2.11) is 128: the compiled kernel
+# then refuses the mask ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N"), seen on an H200.
+NABLA_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
+def nabla_attention(query, key, value, sparse_params: dict):
+    """NABLA attention of (B, S, H, D) tensors: the pipeline's block mask (`nablaT_v2`), then flex attention.
+
+    On CUDA the fused flex kernel is compiled here when the caller is not already being compiled: eager
+    flex materialises every score (236 GiB for one 5 s 768x512 Lite layer, seen on an H200). On the CPU
+    eager flex is what diffusers runs too, so frames stay bit-identical to it.
+    """
+    from diffusers.models.transformers.transformer_kandinsky import nablaT_v2
+    from torch.nn.attention.flex_attention import flex_attention
+
+    mask = nablaT_v2(query, key, sparse_params["sta_mask"], thr=sparse_params["P"])
+    query, key, value = (x.permute(0, 2, 1, 3) for x in (query, key, value))
+    if query.is_cuda:
+        attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+        out = attend(query, key, value, block_mask=mask, kernel_options=NABLA_KERNEL_OPTIONS)
+    else:
+        out = flex_attention(query, key, value, block_mask=mask)
+    return out.permute(0, 2, 1, 3)
+
+
+_COMPILED_FLEX = []
+
+
+def _compiled_flex():
+    """flex_attention compiled once per process (torch's own advice for running it outside a compiled model)."""
+    if not _COMPILED_FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0]
+
+
+class NablaAttnProcessor:
+    """Single-device Kandinsky 5 self-attention with NABLA: the stock processor's projections, `nabla_attention`.
+
+    Installed on the visual self-attention blocks by `set_attention_type`; without sparse params (a call
+    with regular attention) it attends through diffusers' dispatcher exactly as the stock processor does.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, rotary_emb=None, sparse_params=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        query, key, value = _projected(attn, hidden_states, encoder_hidden_states, rotary_emb)
+        if sparse_params is None:
+            out = dispatch_attention_fn(query, key, value, backend=self._attention_backend,
+                                        parallel_config=self._parallel_config)
+        else:
+            out = nabla_attention(query, key, value, sparse_params)
+        return attn.out_layer(out.flatten(-2, -1))
 
 
 def _projected(attn, hidden_states, encoder_hidden_states, rotary_emb):
@@ -89,7 +153,6 @@ class UlyssesAttnProcessor:
             dispatch_attention_fn,
             ulysses_anything_metadata,
         )
-        from diffusers.models.transformers.transformer_kandinsky import nablaT_v2
 
         query, key, value = _projected(attn, hidden_states, encoder_hidden_states, rotary_emb)
         # (B, S_local, H, D) -> (B, S, H_local, D); the "any" helpers allow shards of unequal length.
@@ -101,10 +164,10 @@ class UlyssesAttnProcessor:
             query = all_to_all_single_any_qkv_async(query, self.group, **metadata)()
             heads, rank = query.shape[2], dist.get_rank(self.group)  # rank r receives head chunk r
             key, value = (x[:, :, rank * heads:(rank + 1) * heads] for x in (key, value))
-        mask = None
         if sparse_params is not None:
-            mask = nablaT_v2(query, key, sparse_params["sta_mask"], thr=sparse_params["P"])
-        out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=self._attention_backend)
+            out = nabla_attention(query, key, value, sparse_params)
+        else:
+            out = dispatch_attention_fn(query, key, value, backend=self._attention_backend)
         out = all_to_all_single_any_o_async(out, self.group, **metadata)()
         return attn.out_layer(out.flatten(-2, -1))
 

@@ -35,13 +35,21 @@ def nabla_pipe(model_cache):
     from diffusers import Kandinsky5T2VPipeline
 
     from pipelines import resolve_model
-    from pipelines.nabla import set_attention_type
 
     pipe = Kandinsky5T2VPipeline.from_pretrained(resolve_model("tiny"))
     pipe.set_progress_bar_config(disable=True)
-    set_attention_type(pipe.transformer, "nabla")
-    pipe.transformer.set_attention_backend("flex")
+    enable_nabla_as_documented(pipe)
     return pipe
+
+
+def enable_nabla_as_documented(pipe) -> None:
+    """NABLA on a plain pipeline with diffusers' own processors (the oracle never runs ours)."""
+    from pipelines.nabla import NABLA_DEFAULTS
+
+    pipe.transformer.register_to_config(attention_type="nabla",
+                                        **{f"attention_{k}": v for k, v in NABLA_DEFAULTS.items()})
+    pipe.transformer.attention_type = "nabla"
+    pipe.transformer.set_attention_backend("flex")
 
 
 def test_a_head_slice_of_the_mask_is_the_mask_of_that_head_slice():
@@ -56,6 +64,38 @@ def test_a_head_slice_of_the_mask_is_the_mask_of_that_head_slice():
     for start in (0, 2):
         part = nablaT_v2(q[:, :, start:start + 2], k[:, :, start:start + 2], sta, thr=0.7).to_dense()
         assert torch.equal(part, full[:, start:start + 2])
+
+
+def test_fused_flex_tiles_divide_nablas_blocks():
+    """On an H200 (torch 2.11) compiled flex refused NABLA's mask with torch's default 128-wide KV tile:
+    the tiles we pin must divide the mask's own block size in both directions."""
+    from diffusers import Kandinsky5T2VPipeline
+    from diffusers.models.transformers.transformer_kandinsky import nablaT_v2
+
+    from pipelines.nabla import NABLA_KERNEL_OPTIONS
+
+    q = torch.randn(1, 256, 2, 16, generator=torch.Generator().manual_seed(0))
+    sta = Kandinsky5T2VPipeline.fast_sta_nabla(1, 2, 2, 3, 1, 1, device="cpu")[None, None]
+    q_block, kv_block = nablaT_v2(q, q, sta, thr=0.9).BLOCK_SIZE
+    assert q_block % NABLA_KERNEL_OPTIONS["BLOCK_M"] == 0 and kv_block % NABLA_KERNEL_OPTIONS["BLOCK_N"] == 0
+
+
+def test_nabla_processors_follow_the_attention_type(model_cache):
+    """NABLA runs through `nabla_attention` (compiled flex on CUDA: eager flex materialises every score,
+    236 GiB for one 5 s layer on an H200), whether NABLA is switched on or shipped; regular restores stock."""
+    from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor
+
+    from pipelines.factory import open_renderer
+    from pipelines.nabla import NablaAttnProcessor, set_attention_type
+
+    transformer = open_renderer("tiny", options=NABLA).pipe.transformer
+    kinds = {type(b.self_attention.processor) for b in transformer.visual_transformer_blocks}
+    assert kinds == {NablaAttnProcessor}
+    set_attention_type(transformer, "regular")
+    assert {type(b.self_attention.processor) for b in transformer.visual_transformer_blocks} == {Kandinsky5AttnProcessor}
+    transformer.register_to_config(attention_type="nabla")  # as a 10 s checkpoint ships
+    assert set_attention_type(transformer, None) == "nabla"
+    assert {type(b.self_attention.processor) for b in transformer.visual_transformer_blocks} == {NablaAttnProcessor}
 
 
 def test_nabla_renders_as_plain_diffusers(model_cache, nabla_pipe):

@@ -100,3 +100,17 @@ def test_tiny_loads_with_plain_diffusers(model_cache):
     pipe = Kandinsky5T2VPipeline.from_pretrained(resolve_model("tiny"))
     assert type(pipe).__name__ == "Kandinsky5T2VPipeline"
     assert pipe.transformer.config.model_dim == 64
+
+
+def test_uint8_on_the_frames_device_equals_the_contracts_numpy_rounding():
+    """`frames_uint8` (on the GPU in production) gives the bytes `to_uint8` gives on the pipeline's `np` output,
+    half-level values included (round half to even in both)."""
+    from pipelines.render import frames_uint8, to_uint8
+
+    generator = torch.Generator().manual_seed(0)
+    video = torch.rand(5, 3, 8, 6, generator=generator)  # (F, C, H, W), as output_type="pt" gives per row
+    video[0, 0, 0, :] = torch.tensor([0.5, 1.5, 2.5, 253.5, 254.5, 255.0]) / 255
+    for dtype in (torch.float32, torch.bfloat16):
+        v = video.to(dtype)
+        expected = to_uint8(v.permute(0, 2, 3, 1).float().numpy())  # what diffusers' `np` output goes through
+        assert np.array_equal(frames_uint8(v), expected), dtype
