@@ -119,7 +119,7 @@ def run_config(name: str, dims: dict, clip: dict, text_tokens: int, device: str,
     except Exception as exc:  # noqa: BLE001 - one option failing must not lose the others' figures
         return {"config": name, "error": error_text(exc)}
     finally:
-        del model
+        model = None  # noqa: F841 - freed before the next option is built
         gc.collect()
         reset_peak(device)
 
