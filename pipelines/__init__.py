@@ -13,7 +13,8 @@ _EXPORTS = {
     "cache_root": "pipelines.models", "load_spec": "pipelines.models", "resolve_model": "pipelines.models",
     "Renderer": "pipelines.render", "default_device": "pipelines.render", "to_uint8": "pipelines.render",
     "build_tiny_pipeline": "pipelines.tiny", "ensure_tiny": "pipelines.tiny", "save_tiny": "pipelines.tiny",
-    "open_renderer": "pipelines.factory", "ParallelSpec": "pipelines.shape",
+    "open_renderer": "pipelines.factory", "ParallelSpec": "pipelines.shape", "SHARD_TOLERANCE": "pipelines.shape",
+    "CPU_NUMERICS_ENV": "pipelines.numerics",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -106,12 +106,17 @@ class ModelSpec:
         return replace(self, attention_type=kind, spatial_multiple=patch * 8 if kind == "nabla" else patch)
 
     def prompt_tokens(self, prompt: str) -> int:
-        """Qwen tokens the prompt occupies after the pipeline cleans it and wraps it in its template."""
+        """Qwen tokens the prompt takes of the pipeline's `max_sequence_length` window, after it cleans the prompt
+        and wraps it in its template: the prompt's own plus the template's closing `<|im_end|>`.
+
+        diffusers 0.42.1 tokenizes at most 128 (template head) + max_sequence_length tokens and warns that it
+        truncated exactly when this count exceeds max_sequence_length (tests/test_pipelines.py checks the boundary
+        with the real Qwen tokenizer).
+        """
         from diffusers.pipelines.kandinsky5.pipeline_kandinsky import prompt_clean
 
         ids = self.tokenizer(text=[_prompt_template().format(prompt_clean(prompt))], return_tensors=None)["input_ids"][0]
-        # The pipeline keeps tokens [128:-2] (template head and the closing `<|im_end|>\n` dropped).
-        return len(ids) - TEMPLATE_TOKENS - 2
+        return len(ids) - TEMPLATE_TOKENS
 
 
 @functools.lru_cache(maxsize=1)

@@ -46,6 +46,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _hidden_states_only(text_encoder) -> None:
+    """Have the Qwen encoder skip the logits the pipeline throws away (it reads the last hidden states).
+
+    Over Qwen's 151,665-token vocabulary the logits of every prompt token cost more than the rest of a small
+    encoder (65 ms of a 107 ms tiny-preset render on a CPU); the hidden states, and so the frames, are unchanged.
+    """
+    import inspect
+
+    if text_encoder is None or "logits_to_keep" not in inspect.signature(text_encoder.forward).parameters:
+        return
+    text_encoder.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "logits_to_keep": 1}),
+                                           with_kwargs=True)
+
+
 class Renderer:
     """A Kandinsky 5 T2V pipeline loaded once on one device, rendering requests to frames."""
 
@@ -69,6 +83,7 @@ class Renderer:
             local, dtype=self.dtype, use_safetensors=True, **{name: None for name in skip})
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        _hidden_states_only(getattr(self.pipe, "text_encoder", None))
         # Always: a checkpoint that ships NABLA gets its attention processor even with no option set.
         set_attention_type(self.pipe.transformer, options.attention_type, dict(options.nabla_args))
         self._cache_steps: int | None = None

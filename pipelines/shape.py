@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# What a sequence-parallel gang's frames promise against one device's on any x86 CPU in fp32: at most this
+# many uint8 levels apart, on at most this fraction of values. A shard runs GEMMs over fewer rows than the
+# whole sequence, and a CPU's BLAS may round those differently (seen on an Intel Xeon: 1 level on 1 of
+# 15,360 values of a 32x32 clip). In bf16 (GPUs) no bound is promised: see README, "Gangs".
+SHARD_TOLERANCE = (1, 1e-3)
+
+
 @dataclass(frozen=True)
 class ParallelSpec:
     """A gang's shape: Ulysses degree x ring degree ranks per branch, x2 with CFG parallel."""
@@ -16,6 +23,12 @@ class ParallelSpec:
     @property
     def sequence(self) -> int:
         return self.ulysses * self.ring
+
+    @property
+    def bit_identical(self) -> bool:
+        """Whether frames equal one device's bit for bit on any CPU or GPU: CFG parallel alone runs the same
+        GEMMs on the same rows; a sequence shard does not (`SHARD_TOLERANCE`)."""
+        return self.sequence == 1
 
     @property
     def world_size(self) -> int:

@@ -2,8 +2,10 @@
 
 Every component is the real class the hub checkpoints use (Kandinsky5Transformer3DModel,
 AutoencoderKLHunyuanVideo, Qwen2_5_VLForConditionalGeneration + Qwen2VLProcessor, CLIPTextModel +
-CLIPTokenizer, FlowMatchEulerDiscreteScheduler), only small. It is saved in diffusers format and
-loaded back through `Kandinsky5T2VPipeline.from_pretrained`, the same path real checkpoints take.
+CLIPTokenizer, FlowMatchEulerDiscreteScheduler), only small. The Qwen tokenizer is the real one (its
+vocabulary from the BPE ranks Alibaba's dashscope SDK ships), so prompts count as many tokens as on the
+real checkpoints and validation agrees with them. It is saved in diffusers format and loaded back
+through `Kandinsky5T2VPipeline.from_pretrained`, the same path real checkpoints take.
 Its videos are noise: the weights are random.
 """
 
@@ -15,20 +17,21 @@ import tempfile
 from pathlib import Path
 
 # Bump when the architecture or the build recipe changes, so cached builds are not reused.
-TINY_VERSION = "2"
+TINY_VERSION = "3"
 
 # The pipeline drops the first 128 tokens of its prompt template (the system prompt) from the
-# Qwen embeddings. The real Qwen tokenizer spends exactly those on the template; the tiny
-# tokenizer is trained on the template so that it does too, and prompt-length limits mean the same.
+# Qwen embeddings; with the real Qwen tokenizer the template's head is exactly that long (checked at build).
 TEMPLATE_TOKENS = 128
-_QWEN_SPECIAL = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+# Qwen2.5-VL's special tokens, in id order after the 151,643 BPE tokens (ids 151643-151664).
+QWEN_SPECIAL = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
 ]
 _CLIP_SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
-_QWEN_VOCAB = 568  # the size at which the template prefix is exactly TEMPLATE_TOKENS
 _CLIP_VOCAB = 600
-# A little ordinary prompt language besides the template, so prompts tokenize like text, not bytes.
+# A little ordinary prompt language, so the tiny CLIP tokenizer tokenizes like text, not bytes.
 _CORPUS = [
     "a cat dancing in the rain", "a dog running on the beach at sunset",
     "a red car driving through a city street at night", "slow motion waves crashing on rocks",
@@ -64,18 +67,75 @@ def _train_bpe(tokenizer, vocab_size: int, special: list[str], corpus: list[str]
     return tokenizer
 
 
-def build_tokenizers():
-    """Qwen2VLProcessor and CLIPTokenizer with byte-level BPE vocabularies trained in-process."""
-    from transformers import (
-        CLIPTokenizer, Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor,
-    )
+def qwen_bpe_ranks() -> str:
+    """The path of Qwen's byte-level BPE ranks (`qwen.tiktoken`), as Alibaba's dashscope SDK ships them.
 
+    Qwen2 and Qwen2.5 use Qwen's tokenizer unchanged (151,643 BPE tokens; the Qwen2 report, section 3.1),
+    so these ranks and the Qwen2 pre-tokenizer give the real checkpoints' token ids. Located without
+    importing the SDK (only its data file is needed).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("dashscope")
+    path = Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken" if spec else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError("Qwen's BPE ranks not found: the tiny preset needs the `dashscope` package "
+                                "(its resources/qwen.tiktoken)")
+    return str(path)
+
+
+def _vocab_and_merges(ranks_path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE ranks as a vocabulary and one merge per multi-byte token, in rank order.
+
+    A token's merge is the pair that byte-pair encoding of its bytes with the lower ranks ends on: the
+    151,387 merges of Qwen2's own merges.txt. (transformers' TikTokenConverter lists every valid split,
+    294,166 merges that tokenize the same but make each process load the tokenizer 0.5 s slower.)
+    """
+    from tiktoken.load import load_tiktoken_bpe
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    ranks = load_tiktoken_bpe(ranks_path)
+    to_text = bytes_to_unicode()
+    text = lambda token: "".join(to_text[byte] for byte in token)  # noqa: E731
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = [bytes([byte]) for byte in token]
+        while len(parts) > 2:
+            merged, i = min((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            if merged >= rank:  # no lower-ranked pair left: not a token BPE could build (none in Qwen's ranks)
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append((text(parts[0]), text(parts[1])))
+    return {text(token): rank for token, rank in ranks.items()}, merges
+
+
+def build_qwen_tokenizer():
+    """Qwen2.5-VL's tokenizer, built offline: the real vocabulary, merges, pre-tokenizer, NFC and special tokens."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _vocab_and_merges(qwen_bpe_ranks())
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)  # adds <|endoftext|> as id 151643
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL])
+    ids = tokenizer.convert_tokens_to_ids(QWEN_SPECIAL)
+    if ids != list(range(len(vocab), len(vocab) + len(QWEN_SPECIAL))):
+        raise RuntimeError(f"Qwen special tokens got ids {ids}, expected them right after the {len(vocab)} BPE tokens")
+    return tokenizer
+
+
+def build_tokenizers():
+    """Qwen2VLProcessor around the real Qwen tokenizer, and a CLIPTokenizer with a BPE trained in-process.
+
+    CLIP's tokens are cut at 77 by the pipeline and never validated, so a small vocabulary does there.
+    """
+    from transformers import CLIPTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    qwen = build_qwen_tokenizer()
     prefix = _template_prefix()
-    qwen = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[])
-    _train_bpe(qwen, _QWEN_VOCAB, _QWEN_SPECIAL, [prefix] + _CORPUS)
     n = len(qwen(prefix)["input_ids"])
     if n != TEMPLATE_TOKENS:
-        raise RuntimeError(f"tiny Qwen tokenizer encodes the template in {n} tokens, expected {TEMPLATE_TOKENS}")
+        raise RuntimeError(f"the Qwen tokenizer encodes the template in {n} tokens, expected {TEMPLATE_TOKENS}")
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(), tokenizer=qwen, video_processor=Qwen2VLVideoProcessor()
     )

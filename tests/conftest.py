@@ -15,8 +15,12 @@ from moto.server import ThreadedMotoServer
 # Before any test module imports ray: Ray reads this once at import, and the test Ray must bind loopback only.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-# CPU replicas render with one thread (kandinsky_batch.cluster); the in-process oracle must too: small
-# CPU GEMMs round differently with 1 and 2 threads.
+# CPU replicas render on one pinned BLAS code path (pipelines.numerics) with one thread (kandinsky_batch.cluster);
+# the in-process oracle must too: small CPU GEMMs round differently per code path and per thread count. The
+# variables are read when torch loads, so before it is imported; spawned test processes inherit them.
+from pipelines.numerics import CPU_NUMERICS_ENV  # noqa: E402
+
+os.environ.update(CPU_NUMERICS_ENV)
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -68,13 +72,29 @@ def s3_storage_options(moto_endpoint: str) -> dict:
     return {"client_kwargs": {"endpoint_url": moto_endpoint}, "key": "testing", "secret": "testing"}
 
 
-@pytest.fixture(params=["file", "s3"])
-def output_target(request: pytest.FixtureRequest, tmp_path) -> tuple[str, dict | None]:
-    """(uri, storage_options) of an empty output prefix, on local disk and on S3."""
-    if request.param == "file":
+def _output(request: pytest.FixtureRequest, tmp_path, backend: str) -> tuple[str, dict | None]:
+    if backend == "file":
         return f"file://{tmp_path / 'out'}", None
     options = request.getfixturevalue("s3_storage_options")
     return f"s3://{S3_BUCKET}/out-{uuid.uuid4().hex}", options
+
+
+@pytest.fixture(params=["file", "s3"])
+def output_target(request: pytest.FixtureRequest, tmp_path) -> tuple[str, dict | None]:
+    """(uri, storage_options) of an empty output prefix, on local disk and on S3: for the storage layer's tests."""
+    return _output(request, tmp_path, request.param)
+
+
+@pytest.fixture
+def s3_output(request: pytest.FixtureRequest, tmp_path) -> tuple[str, dict | None]:
+    """An S3 output prefix. End-to-end tests run on one backend each (the storage layer is tested on both)."""
+    return _output(request, tmp_path, "s3")
+
+
+@pytest.fixture
+def file_output(request: pytest.FixtureRequest, tmp_path) -> tuple[str, dict | None]:
+    """A local-disk output prefix, for end-to-end tests that run on one backend."""
+    return _output(request, tmp_path, "file")
 
 
 @pytest.fixture(scope="session")

@@ -80,8 +80,8 @@ class _Killer(threading.Thread):
                 self.killed += 1
 
 
-def test_replicas_sigkilled_at_random_points(tmp_path, output_target, ray_local):
-    uri, options = output_target
+def test_replicas_sigkilled_at_random_points(tmp_path, s3_output, ray_local):
+    uri, options = s3_output
     rows = _rows(16)
     cfg = _config(tmp_path, uri, options, rows, extra=["cluster.max_attempts=6"])
     killer = _Killer(kills=3, seed=len(uri))
@@ -117,8 +117,8 @@ def test_deterministic_row_failure_is_recorded_after_its_attempts(tmp_path, ray_
     assert (again.rendered, again.skipped, again.failed) == (1, 4, 1)
 
 
-def test_orphaned_video_is_adopted_and_a_truncated_one_rendered_again(tmp_path, output_target, ray_local):
-    uri, options = output_target
+def test_orphaned_video_is_adopted_and_a_truncated_one_rendered_again(tmp_path, file_output, ray_local):
+    uri, options = file_output
     rows = _rows(5)
     run(_config(tmp_path, uri, options, rows), progress=False)
     storage = Storage(uri, options)
@@ -157,8 +157,8 @@ def _cli(tmp_path, uri, options, data, extra=()) -> list[str]:
     return args
 
 
-def test_driver_sigkilled_mid_job_then_rerun(tmp_path, output_target, model_cache):
-    uri, options = output_target
+def test_driver_sigkilled_mid_job_then_rerun(tmp_path, s3_output, model_cache):
+    uri, options = s3_output
     rows = _rows(24)
     data = write_dataset(tmp_path / "prompts.parquet", rows)
     storage = Storage(uri, options)

@@ -42,9 +42,9 @@ def _config(tmp_path, uri, options, fmt="npy", rows=ROWS, extra=()):
     return cfg
 
 
-def test_seed_contract_end_to_end(tmp_path, output_target, ray_local, tiny_pipe):
+def test_seed_contract_end_to_end(tmp_path, s3_output, ray_local, tiny_pipe):
     """npy output equals plain diffusers for every row, with and without per-row overrides, on any replica."""
-    uri, options = output_target
+    uri, options = s3_output
     cfg = _config(tmp_path, uri, options)
     result = run(cfg, progress=False)
     assert (result.rows, result.ok, result.rendered) == (len(ROWS), len(ROWS), len(ROWS))
@@ -73,8 +73,8 @@ def test_seed_contract_end_to_end(tmp_path, output_target, ray_local, tiny_pipe)
     assert success["versions"]["diffusers"]
 
 
-def test_mp4_videos_decode_to_the_manifest_frame_count_and_size(tmp_path, output_target, ray_local):
-    uri, options = output_target
+def test_mp4_videos_decode_to_the_manifest_frame_count_and_size(tmp_path, file_output, ray_local):
+    uri, options = file_output
     run(_config(tmp_path, uri, options, fmt="mp4"), progress=False)
     storage = Storage(uri, options)
     for row in read_manifest(storage).to_pylist():

@@ -18,7 +18,7 @@ from kandinsky_batch.job import run
 from kandinsky_batch.manifest import read_manifest
 from kandinsky_batch.storage import Storage
 from pipelines import ParallelSpec, RenderOptions, RenderRequest
-from tests.helpers import TINY_RENDER, oracle, write_dataset
+from tests.helpers import TINY_RENDER, assert_like_one_device, oracle, write_dataset
 from tests.test_parallel import run_gang
 
 NABLA = RenderOptions(attention_type="nabla", attention_backend="flex")
@@ -107,12 +107,14 @@ def test_nabla_renders_as_plain_diffusers(model_cache, nabla_pipe):
     assert np.array_equal(renderer.render(request), oracle(nabla_pipe, request.__dict__))
 
 
-@pytest.mark.parametrize("spec", [ParallelSpec(ulysses=2), ParallelSpec(ulysses=2, cfg=True)], ids=lambda s: s.name)
-def test_sequence_parallel_nabla_equals_a_single_device(spec, model_cache, nabla_pipe):
+# SP 2 x CFG 2 composes this with CFG parallel's branch exchange, which no attention processor touches
+# (tests/test_parallel.py runs that shape): SP 2 alone here.
+def test_sequence_parallel_nabla_matches_a_single_device(model_cache, nabla_pipe, record_property):
     """The stock processor would build the mask from a 160-token shard (and fail to tile it by 64)."""
+    spec = ParallelSpec(ulysses=2)
     frames = run_gang(spec, model_cache, REQUESTS, options=NABLA)
-    for request, got in zip(REQUESTS, frames):
-        assert np.array_equal(got, oracle(nabla_pipe, request.__dict__)), (spec.name, request)
+    exact = [assert_like_one_device(got, oracle(nabla_pipe, r.__dict__), spec, r) for r, got in zip(REQUESTS, frames)]
+    record_property("bit_identical", f"{sum(exact)}/{len(exact)}")
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -152,6 +154,6 @@ def test_nabla_gang_job_records_approximate_sparse_attention(tmp_path, ray_local
     ok, small = manifest["a"], manifest["small"]
     assert ok["status"] == "ok" and ok["approximate"] is True and ok["gang"] == "sp2"
     assert json.loads(ok["options"]) == {"attention_backend": "flex", "attention_type": "nabla"}
-    assert np.array_equal(np.load(ok["uri"].removeprefix("file://")), oracle(nabla_pipe, ok))
+    assert_like_one_device(np.load(ok["uri"].removeprefix("file://")), oracle(nabla_pipe, ok), ParallelSpec(ulysses=2))
     # NABLA tiles 8x8 latent patches: 64 px is not a multiple of 128, so the row is invalid, not rendered.
     assert small["status"] == "invalid" and "multiple of 128" in small["error"]

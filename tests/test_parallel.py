@@ -1,17 +1,17 @@
 """Sequence- and CFG-parallel gangs in the model layer: CPU processes joined with gloo on loopback.
 
-The oracle: rank 0's frames equal plain `Kandinsky5T2VPipeline(...)` output bit for bit.
+The oracle: plain `Kandinsky5T2VPipeline(...)` output on one device. CFG parallel must equal it bit for bit;
+sequence parallel within `SHARD_TOLERANCE`, on the pinned CPU code path the replicas use and on this
+host's own fastest one (AVX-512 on an Intel Xeon), where shard GEMMs round differently from the whole.
 """
 
 import socket
 
-import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
-from pipelines import RenderRequest
-from pipelines import ParallelSpec
-from tests.helpers import oracle
+from pipelines import CPU_NUMERICS_ENV, ParallelSpec, RenderRequest
+from tests.helpers import assert_like_one_device, oracle
 
 REQUESTS = [
     RenderRequest("a cat dancing", None, 64, 64, 17, 3, 5.0, 3),
@@ -71,10 +71,44 @@ def run_gang(spec: ParallelSpec, cache: str, requests, options=None) -> list:
 
 @pytest.mark.parametrize("spec", [ParallelSpec(ulysses=2), ParallelSpec(cfg=True), ParallelSpec(ulysses=2, cfg=True)],
                          ids=lambda s: s.name)
-def test_gang_frames_equal_a_single_device(spec, model_cache, tiny_pipe):
+def test_gang_frames_match_a_single_device(spec, model_cache, tiny_pipe, record_property):
     frames = run_gang(spec, model_cache, REQUESTS)
-    for request, got in zip(REQUESTS, frames):
-        assert np.array_equal(got, oracle(tiny_pipe, request.__dict__)), (spec.name, request)
+    exact = [assert_like_one_device(got, oracle(tiny_pipe, r.__dict__), spec, r) for r, got in zip(REQUESTS, frames)]
+    record_property("bit_identical", f"{sum(exact)}/{len(exact)}")
+
+
+def _oracle_main(cache, requests, queue):
+    import os
+
+    os.environ["KANDINSKY_BATCH_CACHE"] = cache
+    import torch
+
+    torch.set_num_threads(1)
+    from diffusers import Kandinsky5T2VPipeline
+
+    from pipelines import resolve_model
+
+    pipe = Kandinsky5T2VPipeline.from_pretrained(resolve_model("tiny"))
+    pipe.set_progress_bar_config(disable=True)
+    queue.put([oracle(pipe, r.__dict__) for r in requests])
+
+
+def test_sequence_parallel_keeps_its_tolerance_on_the_hosts_own_blas_path(model_cache, monkeypatch, record_property):
+    """The promise may not rest on the pinned AVX2 path: gang and oracle both on this host's native kernels."""
+    for name in CPU_NUMERICS_ENV:
+        monkeypatch.delenv(name)  # spawned processes inherit the environment as it is now
+    spec = ParallelSpec(ulysses=2)
+    frames = run_gang(spec, model_cache, REQUESTS)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_oracle_main, args=(model_cache, REQUESTS, queue))
+    proc.start()
+    try:
+        wanted = queue.get(timeout=240)
+    finally:
+        proc.join(timeout=30)
+    exact = [assert_like_one_device(got, want, spec, r) for r, got, want in zip(REQUESTS, frames, wanted)]
+    record_property("bit_identical", f"{sum(exact)}/{len(exact)}")
 
 
 def test_shape_names_and_head_divisibility():
