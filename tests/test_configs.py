@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -78,15 +77,12 @@ def test_missing_output_uri_is_named(tmp_path):
 
 def test_cli_rejects_unknown_key_before_ray_starts(tmp_path):
     env = {**os.environ, "RAY_TMPDIR": str(tmp_path)}  # a Ray that started would leave tmp_path/ray behind
-    started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "kandinsky_batch", "run", "configs/tiny.yaml", "bogus.key=1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
-    seconds = time.perf_counter() - started
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "bogus" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "ray").exists(), "Ray started before the config was checked"
-    assert seconds < 10, f"a config error took {seconds:.1f} s"

@@ -157,7 +157,7 @@ def _cli(tmp_path, uri, options, data, extra=()) -> list[str]:
     return args
 
 
-def test_driver_sigkilled_mid_job_then_rerun(tmp_path, s3_output, model_cache):
+def test_driver_sigkilled_mid_job_then_rerun(tmp_path, s3_output, model_cache, ray_local):
     uri, options = s3_output
     rows = _rows(24)
     data = write_dataset(tmp_path / "prompts.parquet", rows)
@@ -190,9 +190,9 @@ def test_driver_sigkilled_mid_job_then_rerun(tmp_path, s3_output, model_cache):
     print(f"\ndriver kill: {len(committed)} of {len(rows)} committed before the kill; "
           f"re-run: {rerun.stdout.strip().splitlines()[-1]}; resume took {resume_seconds:.1f} s")
     assert sum(r["worker"] == "adopted" for r in manifest) + sum(r["attempts"] >= 1 for r in manifest) == len(rows)
-    final = subprocess.run(_cli(tmp_path, uri, options, data), cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert final.returncode == 0 and "0 rendered" in final.stdout
+    # And a third run renders nothing (in-process: the same `run` path the CLI takes, without another Ray start).
+    final = run(_config(tmp_path, uri, options, rows, ["cluster.replicas=1"]), progress=False)
+    assert (final.ok, final.rendered) == (len(rows), 0)
 
 
 class _RestartableS3:

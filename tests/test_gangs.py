@@ -135,11 +135,9 @@ def test_invalid_degree_is_refused_before_ray_starts(tmp_path, override, key):
     if key != "cluster.sequence_parallel=3":
         return  # the CLI path below is the same for every bad degree: run it once
     data = write_dataset(tmp_path / "p.parquet", ROWS)
-    started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "kandinsky_batch", "run", "configs/tiny.yaml", f"input.path={data}",
                            f"output.uri={tmp_path / 'cli'}", *override], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and key in proc.stderr
     assert not (tmp_path / "ray").exists(), "no Ray may start for a config error"
-    assert time.monotonic() - started < 60

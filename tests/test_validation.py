@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -363,21 +362,18 @@ def test_cli_refuses_bad_input_in_one_line_before_ray_starts(tmp_path, model_cac
     ray_tmp = tempfile.mkdtemp(prefix="kbv-", dir="/tmp")  # where a Ray started by mistake would leave its session
     env = {**os.environ, "KANDINSKY_BATCH_CACHE": model_cache, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    started = time.monotonic()
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "kandinsky_batch", "run", "configs/tiny.yaml", f"input.path={path}",
              f"output.uri={out}", "--no-progress"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
         )
-        seconds = time.monotonic() - started
         assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: input.path="), proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and proc.stdout == ""
         assert os.listdir(ray_tmp) == [], "Ray started for an input that was refused"
         assert not out.exists(), "output objects were written for an input that was refused"
-        assert seconds < 15, f"refusing a bad input took {seconds:.1f} s"
     finally:
         import shutil
 
