@@ -14,7 +14,7 @@ _EXPORTS = {
     "Renderer": "pipelines.render", "default_device": "pipelines.render", "to_uint8": "pipelines.render",
     "build_tiny_pipeline": "pipelines.tiny", "ensure_tiny": "pipelines.tiny", "save_tiny": "pipelines.tiny",
     "open_renderer": "pipelines.factory", "ParallelSpec": "pipelines.shape", "SHARD_TOLERANCE": "pipelines.shape",
-    "CPU_NUMERICS_ENV": "pipelines.numerics",
+    "CPU_NUMERICS_ENV": "pipelines.numerics", "cpu_numerics_env": "pipelines.numerics",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -8,4 +8,13 @@ libraries, so they must be in the environment before torch is imported: CPU repl
 system layer; `tests/conftest.py` sets them for the in-process oracle. GPU replicas do not need them.
 """
 
+import os
+
 CPU_NUMERICS_ENV = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# `native` leaves the host's own kernels (and any MKL_CBWR etc. already set): to test on another code path.
+SWITCH = "KANDINSKY_BATCH_CPU_NUMERICS"
+
+
+def cpu_numerics_env() -> dict[str, str]:
+    """The variables a CPU replica starts with: the pinned AVX2 path, or none when SWITCH is `native`."""
+    return {} if os.environ.get(SWITCH) == "native" else dict(CPU_NUMERICS_ENV)

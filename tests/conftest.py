@@ -18,9 +18,10 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # CPU replicas render on one pinned BLAS code path (pipelines.numerics) with one thread (kandinsky_batch.cluster);
 # the in-process oracle must too: small CPU GEMMs round differently per code path and per thread count. The
 # variables are read when torch loads, so before it is imported; spawned test processes inherit them.
-from pipelines.numerics import CPU_NUMERICS_ENV  # noqa: E402
+# KANDINSKY_BATCH_CPU_NUMERICS=native runs the whole suite on the host's own kernels instead.
+from pipelines.numerics import cpu_numerics_env  # noqa: E402
 
-os.environ.update(CPU_NUMERICS_ENV)
+os.environ.update(cpu_numerics_env())
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
