@@ -8,7 +8,8 @@ one row encodes (H.264), checksums and uploads (local disk) while the next rende
 
 After one warm-up row, over the next `--rows` rows: the GPU's busy fraction between the first and the last
 render from the CUDA kernels' own timestamps (torch.profiler; the union of kernel intervals over the window),
-the host-side gaps between consecutive renders, and NVML's utilization samples where NVML answers.
+the host-side gaps between consecutive renders, NVML's utilization samples where NVML answers, and where the
+GPU idled: the longest gaps between kernels with the host ops that ran in them (to find what is left to overlap).
 
     python benchmarks/gpu_overlap.py                                          # on the GPU
     .venv/bin/python benchmarks/gpu_overlap.py --dims tiny --device cpu --clip tiny   # smoke test
@@ -84,17 +85,36 @@ def union_seconds(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def kernel_spans(prof) -> list[tuple[float, float]]:
-    """(start, end) seconds of every GPU kernel and copy the profiler saw."""
+def profiled_spans(prof) -> tuple[list[tuple[float, float]], list[tuple[float, float, str]]]:
+    """(GPU kernel and copy spans, host op spans with names), in seconds on the profiler's one clock."""
     from torch.autograd import DeviceType
 
     try:
-        events = prof.profiler.kineto_results.events()
-        return [(e.start_ns() / 1e9, (e.start_ns() + e.duration_ns()) / 1e9) for e in events
-                if e.device_type() == DeviceType.CUDA]
+        events = [(e.device_type(), e.start_ns() / 1e9, (e.start_ns() + e.duration_ns()) / 1e9, e.name())
+                  for e in prof.profiler.kineto_results.events()]
     except AttributeError:  # another torch's private API: the public, slower one
-        return [(e.time_range.start / 1e6, e.time_range.end / 1e6) for e in prof.events()
-                if e.device_type == DeviceType.CUDA]
+        events = [(e.device_type, e.time_range.start / 1e6, e.time_range.end / 1e6, e.name) for e in prof.events()]
+    gpu = [(start, end) for kind, start, end, _ in events if kind == DeviceType.CUDA]
+    host = [(start, end, name) for kind, start, end, name in events if kind == DeviceType.CPU]
+    return gpu, host
+
+
+def idle_gaps(spans: list[tuple[float, float]], host: list[tuple[float, float, str]], top: int = 8) -> dict:
+    """Where the device idled: total idle split by gap length, and the longest gaps with the host ops inside."""
+    from collections import Counter
+
+    gaps, end = [], None
+    for start, stop in sorted(spans):
+        if end is not None and start > end:
+            gaps.append((start - end, end, start))
+        end = stop if end is None else max(end, stop)
+    gaps.sort(reverse=True)
+    longest = []
+    for seconds, a, b in gaps[:top]:
+        ops = Counter(name for start, stop, name in host if start < b and stop > a)
+        longest.append({"ms": seconds * 1000, "host_ops": ops.most_common(6)})
+    return {"idle_s": sum(g[0] for g in gaps), "idle_in_gaps_under_1ms_s": sum(g[0] for g in gaps if g[0] < 1e-3),
+            "gaps": len(gaps), "longest": longest}
 
 
 class NvmlSampler:
@@ -167,7 +187,7 @@ def main() -> int:
     if warm["status"] != "ok":
         raise RuntimeError(f"warm-up row failed: {warm['error']}")
     renders.spans.clear(), encodes.spans.clear()
-    activities = [torch.profiler.ProfilerActivity.CUDA] if cuda else [torch.profiler.ProfilerActivity.CPU]
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with NvmlSampler() as nvml, torch.profiler.profile(activities=activities) as prof:
         with ThreadPoolExecutor(max_workers=RenderWorker.CONCURRENCY) as pool:
             futures = [pool.submit(worker.render, [(task, 1)], ticket) for ticket, task in enumerate(tasks[1:], 1)]
@@ -180,17 +200,20 @@ def main() -> int:
     spans = sorted(renders.spans)
     window = (spans[0][0], spans[-1][1])
     gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
-    kernels = kernel_spans(prof) if cuda else []
+    kernels, host = profiled_spans(prof)
     busy_gpu = None
     if kernels:
         first, last = min(s for s, _ in kernels), max(e for _, e in kernels)
         busy_gpu = union_seconds(kernels) / (last - first)
+    # On the CPU (dry run) there are no kernels: the gap analysis runs over the host ops instead.
+    idle = idle_gaps(kernels or [(a, b) for a, b, _ in host], host)
     result = {
         "rows": args.rows, "steps": args.steps, **clip, "model_saved_s": saved_s,
         "load_s": worker.renderer.load_seconds, "window_s": window[1] - window[0],
         "render_s": [e - s for s, e in spans], "encode_commit_s": [e - s for s, e in sorted(encodes.spans)],
         "gaps_ms": [g * 1000 for g in gaps], "busy_host": union_seconds(spans) / (window[1] - window[0]),
         "busy_gpu_kernels": busy_gpu, "kernels": len(kernels), "busy_nvml": nvml.mean(*window),
+        "idle": idle if kernels else {"dry_run_over_host_ops": idle},
         "bytes": [row["bytes"] for row in rows],
     }
     print(table(["rows", "steps", "window s", "render s (median)", "encode s (median)", "max gap ms",
@@ -198,6 +221,8 @@ def main() -> int:
                 [[args.rows, args.steps, result["window_s"], statistics.median(result["render_s"]),
                   statistics.median(result["encode_commit_s"]), max(result["gaps_ms"], default=0.0),
                   result["busy_host"], busy_gpu, result["busy_nvml"]]]))
+    print(f"idle: {idle['idle_s']:.3f} s in {idle['gaps']} gaps ({idle['idle_in_gaps_under_1ms_s']:.3f} s in gaps "
+          f"under 1 ms); longest: {idle['longest'][:3]}" + ("" if kernels else "  (dry run: host ops, not kernels)"))
     path = write_json("gpu_overlap", {"benchmark": "gpu_overlap", "machine": machine(),
                                       "params": {"dims": args.dims, "device": args.device}, "result": result},
                       args.out)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 # What a sequence-parallel gang's frames promise against one device's on any x86 CPU in fp32: at most this
 # many uint8 levels apart, on at most this fraction of values. A shard runs GEMMs over fewer rows than the
-# whole sequence, and a CPU's BLAS may round those differently (seen on an Intel Xeon: 1 level on 1 of
-# 15,360 values of a 32x32 clip). In bf16 (GPUs) no bound is promised: see README, "Gangs".
-SHARD_TOLERANCE = (1, 1e-3)
+# whole sequence, and a CPU's BLAS may round those differently: seen on an Intel Xeon, 1 level on up to
+# 0.17 % of a 32x32 clip's values (native AVX-512 kernels), up to 0.008 % on the pinned AVX2 path.
+# In bf16 (GPUs) no bound is promised: see README, "Gangs".
+SHARD_TOLERANCE = (1, 1e-2)
 
 
 @dataclass(frozen=True)
