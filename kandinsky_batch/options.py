@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from kandinsky_batch.config import ConfigError, ModelConfig
 from pipelines import ModelSpec
-from pipelines.caching import PUBLISHED, ratio_problem, ratios_for_model
+from pipelines.caching import PUBLISHED, cache_args_problem, ratio_problem, ratios_for_model
 from pipelines.request import RenderOptions
 
 
@@ -37,4 +37,8 @@ def effective_options(model: ModelConfig, spec: ModelSpec) -> tuple[RenderOption
             options = replace(options, cache_args=tuple(sorted({**args, "mag_ratios": name}.items())))
         elif problem := ratio_problem(args["mag_ratios"]):
             raise ConfigError(f"model.cache_args.mag_ratios={args['mag_ratios']!r}: {problem}")
+    if options.cache and (problem := cache_args_problem(options.cache, dict(options.cache_args))):
+        key, why = problem
+        value = dict(options.cache_args).get(key) if key else dict(options.cache_args)
+        raise ConfigError(f"model.cache_args{'.' + key if key else ''}={value!r}: {why}")
     return options, spec.with_attention(kind)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -36,6 +35,15 @@ def _check_object(storage: Storage, row: dict) -> tuple[str | None, str | None]:
     return key, None
 
 
+def _repeated(table: pa.Table, keys: list[str]) -> list[tuple]:
+    """Key tuples that occur more than once in `table`."""
+    if table.num_rows == 0:
+        return []
+    counts = table.select(keys).group_by(keys).aggregate([([], "count_all")])
+    counts = counts.filter(pc.greater(counts["count_all"], 1))
+    return list(zip(*(counts[key].to_pylist() for key in keys)))
+
+
 def verify(uri: str, storage_options: dict | None = None) -> list[str]:
     """Problems found in the output at `uri`, one line each; [] when it is complete and consistent."""
     storage = Storage(uri, storage_options)
@@ -48,11 +56,15 @@ def verify(uri: str, storage_options: dict | None = None) -> list[str]:
         problems.append("manifest is missing: no manifest/*.parquet parts")
     elif raw.num_rows == 0:
         problems.append("manifest is empty")
-    duplicates = sorted(i for i, n in Counter(raw["id"].to_pylist()).items() if n > 1)
+    # One row per input row: a duplicate id's own `invalid` row has its own row_index and is no duplicate.
+    duplicates = sorted(_repeated(raw, ["id", "row_index"]))
     if duplicates:
-        problems.append(f"manifest has {len(duplicates)} duplicate ids across {len(parts)} parts: {duplicates[:10]}")
+        problems.append(f"manifest has {len(duplicates)} input rows recorded twice across {len(parts)} parts: "
+                        f"{duplicates[:10]}")
 
     table = read_manifest(storage)
+    for rid in sorted(_repeated(table.filter(pc.equal(table["status"], "ok")), ["id"])):
+        problems.append(f"id={rid[0]!r}: more than one ok row (one object key per id)")
     bad_status = table.filter(pc.invert(pc.is_in(table["status"], pa.array(STATUSES))))
     for row in bad_status.select(["id", "status"]).to_pylist():
         problems.append(f"id={row['id']!r}: status {row['status']!r} is not one of {list(STATUSES)}")

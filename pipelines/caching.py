@@ -75,6 +75,32 @@ def _register_kandinsky_blocks() -> None:
                                  hidden_states_argument_name=current.hidden_states_argument_name))
 
 
+# Set per row by the renderer, never by the user.
+_SET_BY_RENDERER = {"num_inference_steps"}
+
+
+def cache_args_problem(name: str, args: dict) -> tuple[str, str] | None:
+    """(key, why) for the first `cache_args` entry diffusers' config for this cache would refuse, else None.
+
+    Checked before any replica starts: a typo (`threshhold`) would otherwise fail every row on the replicas.
+    """
+    import dataclasses
+
+    import diffusers
+
+    cls = {"magcache": diffusers.MagCacheConfig, "firstblock": diffusers.FirstBlockCacheConfig,
+           "taylorseer": diffusers.TaylorSeerCacheConfig}[name]
+    known = sorted({field.name for field in dataclasses.fields(cls)} - _SET_BY_RENDERER)
+    for key in args:
+        if key not in known:
+            return key, f"not an argument of diffusers.{cls.__name__} (known: {', '.join(known)})"
+    try:
+        cache_config(name, args, steps=50)
+    except (TypeError, ValueError) as exc:
+        return "", f"diffusers.{cls.__name__} refuses these arguments: {exc}"
+    return None
+
+
 def cache_config(name: str, args: dict, steps: int):
     """The diffusers cache config for pipeline calls of `steps` steps (MagCache interpolates its ratios to them)."""
     import diffusers

@@ -135,3 +135,4 @@ def test_duplicate_ids_keep_one_manifest_row_per_input_row(tmp_path, ray_local):
         assert [(r["row_index"], r["id"], r["status"]) for r in manifest] == [
             (0, "a", "ok"), (1, "b", "ok"), (2, "a", "invalid")]
         assert "duplicate of row 0" in manifest[2]["error"]
+        assert verify(uri) == [], "a duplicate id's invalid row is no problem of the output"

@@ -138,6 +138,11 @@ def test_published_mag_ratios_are_picked_from_the_checkpoint_name():
     (["model.cache=magcache"], "model.cache_args.mag_ratios=None: .*no.* published"),
     (["model.cache=magcache", "model.cache_args={mag_ratios: lite-sft-7s}"], "mag_ratios='lite-sft-7s'"),
     (["model.cache=firstblock", "cluster.sequence_parallel=2"], "FirstBlockCache"),
+    # A typo in an argument would fail every row on the replicas: named before Ray starts instead.
+    (["model.cache=magcache", "model.cache_args={mag_ratios: lite-sft-5s, threshhold: 0.1}"],
+     r"model\.cache_args\.threshhold=0\.1: not an argument of diffusers\.MagCacheConfig \(known: .*threshold"),
+    (["model.cache=firstblock", "model.cache_args={treshold: 0.1}"], r"model\.cache_args\.treshold=0\.1"),
+    (["model.cache=taylorseer", "model.cache_args={num_inference_steps: 8}"], "num_inference_steps"),
 ])
 def test_cache_settings_the_model_cannot_use_are_refused_before_ray(tmp_path, model_cache, overrides, message):
     data = write_dataset(tmp_path / "p.parquet", [{"prompt": "a cat"}])

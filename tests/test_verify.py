@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timezone
 
-from kandinsky_batch.manifest import ManifestWriter, compact, write_success
+from kandinsky_batch.manifest import ManifestWriter, compact, read_manifest, write_success
 from kandinsky_batch.storage import Storage, object_key
 from kandinsky_batch.verify import verify
 
@@ -80,7 +80,16 @@ def test_missing_success_and_duplicate_ids_are_reported(output_target):
     problems = verify(*output_target)
     assert len(problems) == 2
     assert "_SUCCESS is missing" in problems[0]
-    assert "1 duplicate ids" in problems[1] and "'clip-3'" in problems[1]
+    assert "1 input rows recorded twice" in problems[1] and "('clip-3', 3)" in problems[1]
+
+
+def test_two_ok_rows_for_one_id_are_reported(output_target):
+    storage = make_output(*output_target)
+    first = read_manifest(storage).to_pylist()[0]
+    late = ManifestWriter(storage, "run2")
+    late.add({**first, "row_index": 7})  # the same id committed again as another input row
+    late.flush()
+    assert verify(*output_target) == [f"id={first['id']!r}: more than one ok row (one object key per id)"]
 
 
 def test_empty_output_reports_missing_manifest(output_target):
