@@ -16,7 +16,7 @@ from typing import Iterator
 from kandinsky_batch.config import ClusterConfig, ReplicaGroup
 from kandinsky_batch.scheduler import WorkersFailed
 from kandinsky_batch.worker import RenderWorker, WorkerSpec
-from pipelines import ParallelSpec, cpu_numerics_env
+from pipelines import SIMULATED, ParallelSpec, cpu_numerics_env
 
 
 def loopback_only() -> None:
@@ -107,7 +107,7 @@ class ActorReplica:
         # Renders get their own threads (`render` group); rendezvous/join/ready run on the default one,
         # so rows queued ahead can never take the thread a gang's `join` needs to load the model.
         options = dict(num_gpus=placement.num_gpus, num_cpus=placement.num_cpus)
-        if not placement.num_gpus and cpu_numerics_env():
+        if not placement.num_gpus and cpu_numerics_env() and not spec.model_path.startswith(SIMULATED):
             # One BLAS code path on every x86 CPU (AMD or Intel), read when the actor's process loads torch.
             options["runtime_env"] = {"env_vars": cpu_numerics_env()}
         actor_cls = ray.remote(max_restarts=0, max_task_retries=0,
