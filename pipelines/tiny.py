@@ -70,7 +70,7 @@ def _train_bpe(tokenizer, vocab_size: int, special: list[str], corpus: list[str]
 def qwen_bpe_ranks() -> str:
     """The path of Qwen's byte-level BPE ranks (`qwen.tiktoken`), as Alibaba's dashscope SDK ships them.
 
-    Qwen2 and Qwen2.5 use Qwen's tokenizer unchanged (151,643 BPE tokens; the Qwen2 report, section 3.1),
+    Qwen2 and Qwen2.5 use Qwen's tokenizer unchanged (151,643 BPE tokens; the Qwen2 technical report),
     so these ranks and the Qwen2 pre-tokenizer give the real checkpoints' token ids. Located without
     importing the SDK (only its data file is needed).
     """
