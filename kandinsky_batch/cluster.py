@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 
 from kandinsky_batch.config import ClusterConfig, ReplicaGroup
-from kandinsky_batch.scheduler import WorkersFailed
+from kandinsky_batch.scheduler import ReplicaLost
 from kandinsky_batch.worker import RenderWorker, WorkerSpec
 from pipelines import SIMULATED, ParallelSpec, cpu_numerics_env
 
@@ -56,42 +56,91 @@ def connect(cfg: ClusterConfig) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Placement:
-    """One replica group's size and what each of its ranks asks of Ray."""
+    """One replica group and what each rank of its replicas asks of Ray."""
 
     group: ReplicaGroup
     parallel: ParallelSpec
-    replicas: int
     num_gpus: float
     num_cpus: float
     threads: int | None
 
 
 def plan(cfg: ClusterConfig) -> list[Placement]:
-    """Size every replica group: one rank per GPU on a GPU cluster, CPU slots shared evenly otherwise."""
+    """What each group's ranks ask of Ray: one GPU each on a GPU cluster, an even share of the CPUs otherwise."""
     import ray
 
     groups = cfg.replica_groups()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if ray.cluster_resources().get("GPU", 0):
+        return [Placement(g, g.parallel(), num_gpus=1, num_cpus=1, threads=None) for g in groups]
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    placements = []
-    if gpus:
-        fixed = sum(g.parallel().world_size * g.replicas for g in groups if g.replicas)
-        flexible = [g for g in groups if not g.replicas]
-        for group in groups:
-            width = group.parallel().world_size
-            replicas = group.replicas or max(0, (gpus - fixed) // len(flexible) // width)
-            if replicas < 1:
-                raise WorkersFailed(f"replica group {group.name!r} needs {width} GPU(s) per replica; "
-                                    f"the cluster has {gpus} GPU(s) and other groups take {fixed}")
-            placements.append(Placement(group, group.parallel(), replicas, num_gpus=1, num_cpus=1, threads=None))
-        return placements
     ranks = sum(g.parallel().world_size * (g.replicas or 1) for g in groups)
     # Share the cores evenly for scheduling, but render with one thread each: CPU GEMMs over a few rows
     # (text tokens) round differently with 1 and 2 threads, and the seed contract must hold whatever the
     # fleet's shape. CPU parallelism comes from replicas.
     share = max(1, cpus // ranks)
-    return [Placement(g, g.parallel(), g.replicas or 1, num_gpus=0, num_cpus=min(share, cpus), threads=1)
-            for g in groups]
+    return [Placement(g, g.parallel(), num_gpus=0, num_cpus=min(share, cpus), threads=1) for g in groups]
+
+
+def fleet_size(groups: list[ReplicaGroup], gpus: int) -> dict[str, int]:
+    """Replicas per group that `gpus` GPUs hold: fixed groups first (their `replicas` is a cap), the rest
+    split evenly among the groups without one. A cluster without GPUs runs each group's `replicas` (or 1)."""
+    if not gpus:
+        return {g.name: g.replicas or 1 for g in groups}
+    size, left = {}, gpus
+    for group in [g for g in groups if g.replicas]:
+        size[group.name] = min(group.replicas, left // group.parallel().world_size)
+        left -= size[group.name] * group.parallel().world_size
+    flexible = [g for g in groups if not g.replicas]
+    for group in flexible:
+        size[group.name] = left // len(flexible) // group.parallel().world_size
+    return size
+
+
+class RayFleet:
+    """The fleet the cluster holds now: GPUs of the nodes alive (joined or lost mid-job), asked every call."""
+
+    def __init__(self, cfg: ClusterConfig):
+        self.groups = cfg.replica_groups()
+
+    def capacity(self) -> dict[str, int]:
+        import ray
+
+        return fleet_size(self.groups, int(ray.cluster_resources().get("GPU", 0)))
+
+
+def wait(refs: list, timeout: float) -> list:
+    """Ray's wait for the work queue: whatever finished within `timeout` (at least a short pause)."""
+    import time
+
+    import ray
+
+    if not refs:
+        time.sleep(min(timeout, 0.05))
+        return []
+    ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+    if ready:
+        # Take everything else that is already done too: one wakeup per burst, not per row.
+        more, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        ready = list({r: None for r in ready + more})
+    return ready
+
+
+def get(ref):
+    """Ray's get for the work queue: a dead actor or a raising call becomes `ReplicaLost` with its cause."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+    try:
+        return ray.get(ref)
+    except (RayActorError, ActorDiedError, ActorUnavailableError, RayTaskError) as exc:
+        raise ReplicaLost(_cause(exc)) from None
+
+
+def _cause(exc: BaseException) -> str:
+    """A one-line reason from a Ray exception (its cause's message, not the whole traceback)."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}".strip()
 
 
 class ActorReplica:
@@ -147,6 +196,6 @@ class ActorReplica:
 
 
 def spawner(placement: Placement, spec: WorkerSpec):
-    """A function index -> new replica of this group, as the work queue wants it."""
+    """A function index -> new replica of this group, as the work queue's pool wants it."""
     ranked = replace(spec, num_threads=placement.threads, parallel=placement.parallel, group=placement.group.name)
     return lambda index: ActorReplica(placement, ranked, index)

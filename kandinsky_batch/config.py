@@ -178,6 +178,9 @@ class ClusterConfig:
     """Model replicas. None: one per GPU (per gang of GPUs) in the cluster, or 1 on a host without GPUs."""
     max_attempts: int = 3
     """Times a row is tried (replica deaths and render errors) before it is recorded as failed."""
+    no_replica_timeout: float = 900.0
+    """Seconds the job waits with rows left while no replica is ready (none placed yet, models loading, or
+    every node lost) before it stops with exit 3, progress kept. Replicas follow the cluster's GPUs meanwhile."""
     num_cpus: Optional[int] = None
     """CPUs for a local Ray (None: enough for every rank, at least the host's count)."""
     sequence_parallel: int = 1
@@ -193,6 +196,7 @@ class ClusterConfig:
         if self.replicas is not None:
             _require(self.replicas >= 1, "cluster.replicas", self.replicas, "must be >= 1")
         _require(self.max_attempts >= 1, "cluster.max_attempts", self.max_attempts, "must be >= 1")
+        _require(self.no_replica_timeout > 0, "cluster.no_replica_timeout", self.no_replica_timeout, "must be > 0")
         if self.num_cpus is not None:
             _require(self.num_cpus >= 1, "cluster.num_cpus", self.num_cpus, "must be >= 1")
         _check_shape("cluster.", self.sequence_parallel, self.ring_degree)

@@ -1,10 +1,13 @@
 """Read the prompt dataset: a Parquet file or directory at any fsspec URI.
 
 Whole-input problems (missing path, not Parquet, no `prompt` column, wrong column types, no rows)
-raise InputError with a one-line message before Ray starts.
+raise InputError with a one-line message before Ray starts: they are all visible in the Parquet footers,
+so opening a dataset of any size reads no rows. Rows are then streamed a row group at a time.
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import fsspec
 import pyarrow as pa
@@ -60,52 +63,103 @@ def _reason(exc: BaseException, storage_options: dict | None) -> str:
     return line
 
 
-def _read_file(fs, file: str) -> pa.Table:
-    table = pq.read_table(file, filesystem=fs)
-    # pandas categoricals come back dictionary-encoded; rows want plain values.
+def _plain(schema: pa.Schema) -> pa.Schema:
+    """The schema with known columns' dictionary types (pandas categoricals) read as their plain values."""
     for name in COLUMNS:
-        for i in table.schema.get_all_field_indices(name):
-            if pa.types.is_dictionary(table.schema.field(i).type):
-                table = table.set_column(i, name, table.column(i).cast(table.schema.field(i).type.value_type))
-    return table
+        for i in schema.get_all_field_indices(name):
+            if pa.types.is_dictionary(schema.field(i).type):
+                schema = schema.set(i, schema.field(i).with_type(schema.field(i).type.value_type))
+    return schema
+
+
+class Dataset:
+    """An opened prompt dataset: files, unified schema and row count from Parquet footers, rows read on demand."""
+
+    def __init__(self, path: str, storage_options: dict | None = None):
+        self.path, self.storage_options = path, storage_options
+        where = f"input.path={path!r}"
+        try:
+            self.fs, root = fsspec.core.url_to_fs(path, skip_instance_cache=True, **(storage_options or {}))
+        except Exception as exc:  # noqa: BLE001 - unknown protocol, missing backend, bad options
+            raise InputError(f"{where}: cannot open ({_reason(exc, storage_options)})") from None
+        try:
+            exists = self.fs.exists(root)
+            files = (sorted(f for f in self.fs.find(root) if f.endswith(".parquet"))
+                     if exists and self.fs.isdir(root) else None)
+        except Exception as exc:  # noqa: BLE001 - credentials, network, permissions
+            raise InputError(f"{where}: cannot list ({_reason(exc, storage_options)})") from None
+        if not exists:
+            raise InputError(f"{where}: no such file or directory")
+        if files == []:
+            raise InputError(f"{where}: directory holds no .parquet files")
+        self.files = files or [root]
+        # Footers only: the schema and the row count are known before any row is read.
+        self._meta = [self._footer(file, files is not None) for file in self.files]
+        for meta in self._meta:
+            check_columns(_plain(meta.schema.to_arrow_schema()), 1, path)
+        try:
+            self.schema = pa.unify_schemas([_plain(m.schema.to_arrow_schema()) for m in self._meta],
+                                           promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise InputError(f"{where}: the files' columns do not agree ({_reason(exc, storage_options)})") from None
+        self.num_rows = sum(m.num_rows for m in self._meta)
+        check_columns(self.schema, self.num_rows, path)
+
+    def _footer(self, file: str, named: bool) -> pq.FileMetaData:
+        try:
+            with self.fs.open(file, "rb") as handle:
+                return pq.ParquetFile(handle).metadata
+        except Exception as exc:  # noqa: BLE001 - corrupt, truncated, not Parquet, unreadable
+            self._refuse(file, named, exc)
+
+    def _refuse(self, file: str, named: bool, exc: BaseException):
+        name = f" file {file!r}" if named else ""
+        raise InputError(f"input.path={self.path!r}:{name} not a readable Parquet file "
+                         f"({_reason(exc, self.storage_options)})") from None
+
+    def batches(self, columns: list[str] | None = None, batch_size: int = 8192) -> Iterator[pa.Table]:
+        """The rows in order, `batch_size` at a time (one row group read at a time), as tables of the unified
+        schema (or its `columns`); a file missing a column gives nulls there."""
+        schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
+        for file in self.files:
+            try:
+                with self.fs.open(file, "rb") as handle:
+                    reader = pq.ParquetFile(handle)
+                    present = [c for c in schema.names if c in reader.schema_arrow.names]
+                    for batch in reader.iter_batches(batch_size=batch_size, columns=present):
+                        yield _conform(pa.Table.from_batches([batch]), schema)
+            except InputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a page that does not decode
+                self._refuse(file, len(self.files) > 1, exc)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column of every row (nulls where a file lacks it): cheap, for whole-dataset checks such as ids."""
+        return pa.chunked_array([t.column(0) for t in self.batches([name], batch_size=1 << 20)],
+                                self.schema.field(name).type)
+
+    def read(self) -> pa.Table:
+        """Every row at once (small datasets and tests)."""
+        return pa.concat_tables(self.batches())
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A file's rows in the dataset's unified schema: missing columns as nulls, types promoted."""
+    columns = [table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays([c if c.type == f.type else c.cast(f.type) for c, f in zip(columns, schema)],
+                                schema=schema)
 
 
 def read_table(path: str, storage_options: dict | None = None) -> pa.Table:
     """Read the whole dataset (a file, or a directory of `*.parquet` in name order) and check its columns."""
-    where = f"input.path={path!r}"
-    try:
-        fs, root = fsspec.core.url_to_fs(path, skip_instance_cache=True, **(storage_options or {}))
-    except Exception as exc:  # noqa: BLE001 - unknown protocol, missing backend, bad options
-        raise InputError(f"{where}: cannot open ({_reason(exc, storage_options)})") from None
-    try:
-        exists = fs.exists(root)
-        files = sorted(f for f in fs.find(root) if f.endswith(".parquet")) if exists and fs.isdir(root) else None
-    except Exception as exc:  # noqa: BLE001 - credentials, network, permissions
-        raise InputError(f"{where}: cannot list ({_reason(exc, storage_options)})") from None
-    if not exists:
-        raise InputError(f"{where}: no such file or directory")
-    if files == []:
-        raise InputError(f"{where}: directory holds no .parquet files")
-
-    tables = []
-    for file in files or [root]:
-        try:
-            tables.append(_read_file(fs, file))
-        except Exception as exc:  # noqa: BLE001 - corrupt, truncated, not Parquet, unreadable
-            name = "" if files is None else f" file {file!r}"
-            raise InputError(f"{where}:{name} not a readable Parquet file ({_reason(exc, storage_options)})") from None
-    try:
-        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-        raise InputError(f"{where}: the files' columns do not agree ({_reason(exc, storage_options)})") from None
-    check_columns(table, path)
-    return table
+    return Dataset(path, storage_options).read()
 
 
-def check_columns(table: pa.Table, path: str) -> None:
+def check_columns(schema: pa.Schema, num_rows: int, path: str) -> None:
     """Refuse a dataset without `prompt`, with a known column of the wrong type or twice, or with no rows."""
     where = f"input.path={path!r}"
-    names = table.column_names
+    names = schema.names
     if "prompt" not in names:
         shown = names[:MAX_NAMED_COLUMNS] + (["..."] if len(names) > MAX_NAMED_COLUMNS else [])
         raise InputError(f"{where}: required column 'prompt' is missing (columns: {shown})")
@@ -114,8 +168,8 @@ def check_columns(table: pa.Table, path: str) -> None:
         if count > 1:
             raise InputError(f"{where}: column {name!r} appears {count} times")
         if count:
-            actual = table.schema.field(name).type
+            actual = schema.field(name).type
             if not (ok(actual) or pa.types.is_null(actual)):
                 raise InputError(f"{where}: column {name!r} has type {actual}, expected {wanted}")
-    if table.num_rows == 0:
+    if num_rows == 0:
         raise InputError(f"{where}: the dataset has no rows")

@@ -11,22 +11,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
-import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
-from kandinsky_batch import cluster, resume
+from kandinsky_batch import cluster
 from kandinsky_batch.config import JobConfig, to_dict
-from kandinsky_batch.dataset import read_table
-from kandinsky_batch.manifest import ManifestWriter, compact, latest_outcomes, read_manifest, to_table, write_success
-from kandinsky_batch.options import effective_options
-from kandinsky_batch.rows import Task, build_tasks
-from kandinsky_batch.routing import check_shapes, route
+from kandinsky_batch.intake import Intake
+from kandinsky_batch.manifest import ManifestWriter, compact, final_rows, write_success
+from kandinsky_batch.metrics import JobMetrics
+from kandinsky_batch.preflight import preflight
 from kandinsky_batch.scheduler import Pool, WorkQueue
-from kandinsky_batch.storage import Storage
 from kandinsky_batch.worker import WorkerSpec
-from pipelines import load_spec
 
 LIBRARIES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "av")
+METRICS_SECONDS = 2.0
 
 
 @dataclass
@@ -44,6 +42,8 @@ class JobResult:
     restarts: int = 0
     seconds: float = 0.0
     drain_seconds: float = 0.0
+    first_render_seconds: float | None = None
+    """From `run` to the first batch handed to a replica (preflight, Ray start, model load included)."""
     workers: list = field(default_factory=list)
 
 
@@ -57,98 +57,95 @@ def _versions() -> dict:
     return found
 
 
-def _stamp(row: dict, cfg: JobConfig) -> dict:
-    """Complete a manifest row with the job-level effective values and the commit time."""
-    return {"model": cfg.model.path, "format": cfg.output.format, "fps": cfg.render.fps, **row,
-            "finished_at": datetime.now(timezone.utc)}
+class _Progress:
+    """The progress bar and the live metrics, fed from the manifest rows as they are committed."""
 
+    def __init__(self, total: int, run_id: str, enabled: bool):
+        self.bar = tqdm(total=total, unit="row", disable=not enabled, desc="render",
+                        mininterval=0.5 if sys.stderr.isatty() else 10)
+        self.metrics = JobMetrics(run_id)
+        self.counts = {"ok": 0, "failed": 0, "invalid": 0, "skipped": 0}
+        self._next_metrics = 0.0
 
-def _final_rows(storage: Storage, tasks: list[Task], invalid: list[dict]) -> pa.Table:
-    """Exactly one manifest row per input row: this run's invalid rows, the latest outcome of the rest."""
-    manifest = read_manifest(storage).to_pylist()
-    latest = latest_outcomes(manifest)
-    missing = [t.id for t in tasks if t.id not in latest]
-    if missing:
-        raise RuntimeError(f"rows without a final manifest row: ids {missing[:10]} ({len(missing)} in all)")
-    rows = [{**latest[t.id], "row_index": t.row_index} for t in tasks]
-    current = {(r["id"], r["row_index"]): r for r in manifest if r["status"] == "invalid"}
-    rows += [current[(r["id"], r["row_index"])] for r in invalid]
-    return to_table(sorted(rows, key=lambda r: r["row_index"]))
+    def settled(self, status: str) -> None:
+        self.counts[status] += 1
+        self.metrics.settled(status)
+
+    def update(self, intake: Intake, queue: WorkQueue | None = None) -> None:
+        self.counts["skipped"] = intake.counts.skipped
+        done = sum(self.counts.values())
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(failed=self.counts["failed"], invalid=self.counts["invalid"], refresh=False)
+        now = time.monotonic()
+        if queue is not None and now >= self._next_metrics:
+            self._next_metrics = now + METRICS_SECONDS
+            self.metrics.queued(queue.queued())
+            for slot in queue.slots:
+                if slot.info:
+                    self.metrics.busy(slot.info["worker"], slot.busy_fraction(now))
+            self.metrics.tick()
 
 
 def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult:
     """Render every row of `cfg.input` that is not already committed under `cfg.output.uri`."""
-    started = time.perf_counter()
+    started, started_clock = time.perf_counter(), time.monotonic()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
-    # 1. Read the input and the model's limits; whole-input errors stop here, before Ray starts.
-    table = read_table(cfg.input.path, cfg.input.storage_options)
-    spec = load_spec(cfg.model.path, cfg.model.storage_options)
-    options, spec = effective_options(cfg.model, spec)
-    check_shapes(cfg.cluster, spec, options)
-    tasks, invalid = build_tasks(table, cfg, spec)
-    routed, unroutable = route(tasks, cfg.cluster)
-    if unroutable:
-        invalid = sorted(invalid + unroutable, key=lambda r: r["row_index"])
-        tasks = [t for ts in routed.values() for t in ts]
-    result = JobResult(rows=table.num_rows, invalid=len(invalid))
-
-    # 2. Look at what the output prefix already holds: skip committed rows, adopt orphans.
-    storage = Storage(cfg.output.uri, cfg.output.storage_options, retries=cfg.output.retries,
-                      backoff=cfg.output.retry_backoff)
+    # 1. Preflight: config, dataset, model limits, options, ids and resume conflicts, all before Ray.
+    checked = preflight(cfg, force=force)
+    storage = checked.storage
     storage.cleanup_temp("videos")
-    plan = resume.plan(storage, tasks, cfg, options, force=force)
-    result.skipped, result.adopted = len(plan.done), len(plan.adopted)
+    result = JobResult(rows=checked.dataset.num_rows)
 
-    # 3. Commit what needs no GPU: invalid rows and adopted videos.
+    # 2. Stream the rows: invalid and adopted rows are committed as they are read, the rest queue for replicas.
     # Parts are published every few seconds, so a killed driver loses at most the rows in flight.
-    writer = ManifestWriter(storage, run_id, flush_seconds=5.0)
-    for row in invalid + plan.adopted:
-        writer.add(_stamp(row, cfg))
-    writer.flush()
+    writer = ManifestWriter(storage, run_id, flush_rows=4096, flush_seconds=5.0)
+    bar = _Progress(checked.dataset.num_rows, run_id, progress)
 
-    # 4. Render the rest on Ray replicas (each row on its group's), committing manifest rows as they land.
-    routed_set = {name: {t.id for t in ts} for name, ts in routed.items()}
-    bar = tqdm(total=table.num_rows, initial=len(invalid) + len(plan.done) + len(plan.adopted),
-               unit="row", disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 10,
-               desc="render")
-    counts = {"ok": 0, "failed": 0}
+    def commit(row: dict) -> None:
+        writer.add({**row, "finished_at": datetime.now(timezone.utc)})
+        bar.settled(row["status"])
 
-    def on_row(row: dict) -> None:
-        writer.add(_stamp(row, cfg))
-        counts[row["status"]] += 1
-        bar.update(1)
-        bar.set_postfix(failed=counts["failed"], invalid=len(invalid), refresh=False)
-
-    todo = sorted(plan.todo, key=lambda t: -t.cost())  # longest first shortens the tail
+    intake = Intake(checked.dataset, checked.validator, cfg.cluster, checked.state, checked.stamp, commit).start()
     try:
-        if todo:
+        # 3. Render on Ray replicas, if anything is left to render; the fleet follows the cluster's GPUs.
+        if intake.wait_first():
             with cluster.connect(cfg.cluster):
-                worker_spec = WorkerSpec(
-                    model_path=cfg.model.path, output_uri=cfg.output.uri, format=cfg.output.format,
-                    fps=cfg.render.fps, model_storage_options=cfg.model.storage_options,
+                spec = WorkerSpec(
+                    model_path=cfg.model.path, output_uri=cfg.output.uri, stamp=checked.stamp,
+                    model_storage_options=cfg.model.storage_options,
                     output_storage_options=cfg.output.storage_options, retries=cfg.output.retries,
-                    retry_backoff=cfg.output.retry_backoff, options=options,
+                    retry_backoff=cfg.output.retry_backoff,
                 )
-                pools = [Pool(p.group.name, cluster.spawner(p, worker_spec), p.replicas,
-                              [t for t in todo if t.id in routed_set[p.group.name]])
-                         for p in cluster.plan(cfg.cluster)]
-                queue = WorkQueue(pools, cfg.cluster.max_attempts, on_row, on_tick=writer.flush_if_due,
-                                  batch_size=cfg.render.batch_size)
+                pools = [Pool(p.group.name, cluster.spawner(p, spec)) for p in cluster.plan(cfg.cluster)]
+                queue = WorkQueue(
+                    pools, cluster.RayFleet(cfg.cluster), intake, max_attempts=cfg.cluster.max_attempts,
+                    on_row=commit, wait=cluster.wait, get=cluster.get, batch_size=cfg.render.batch_size,
+                    no_replica_timeout=cfg.cluster.no_replica_timeout,
+                    on_tick=lambda q: (writer.flush_if_due(), bar.update(intake, q)),
+                )
                 queue.run()
+                if queue.first_dispatch is not None:
+                    result.first_render_seconds = queue.first_dispatch - started_clock
                 result.retries, result.restarts, result.workers = queue.retries, queue.restarts, queue.workers
                 result.drain_seconds = queue.drain_seconds
     finally:
-        # Whatever stopped the queue, publish what landed: a re-run continues from it.
+        # Whatever stopped the job, publish what landed: a re-run continues from it.
+        intake.close()
         writer.flush()
-        bar.close()
+        bar.update(intake)
+        bar.bar.close()
 
-    # 5. Every input row has its final manifest row: compact the parts, then write _SUCCESS last.
-    final = compact(storage, run_id, _final_rows(storage, tasks, invalid))
-    statuses = final.column("status").to_pylist()
-    result.ok, result.failed = statuses.count("ok"), statuses.count("failed")
-    result.invalid = statuses.count("invalid")
-    result.rendered = counts["ok"] + counts["failed"]
+    # 4. Every input row has its final manifest row: compact the parts, then write _SUCCESS last.
+    intake.check()
+    rendered, invalid = intake.keys()
+    final = compact(storage, run_id, final_rows(storage, rendered, invalid))
+    counts = dict(zip(*(lambda v: (v.field("values").to_pylist(), v.field("counts").to_pylist()))(
+        pc.value_counts(final["status"]))))
+    result.ok, result.failed, result.invalid = counts.get("ok", 0), counts.get("failed", 0), counts.get("invalid", 0)
+    result.skipped, result.adopted = intake.counts.skipped, intake.counts.adopted
+    result.rendered = bar.counts["ok"] + bar.counts["failed"] - intake.counts.adopted
     result.seconds = time.perf_counter() - started
     write_success(storage, {
         "run_id": run_id, "finished_at": datetime.now(timezone.utc).isoformat(),

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -48,17 +49,25 @@ SCHEMA = pa.schema(
 )
 
 
+_NAMES = frozenset(SCHEMA.names)
+
+
+def check_row(row: dict) -> None:
+    """The checks Arrow does not make on Python rows: known keys, a string id, a known status (ValueError)."""
+    unknown = set(row) - _NAMES
+    if unknown:
+        raise ValueError(f"manifest row id={row.get('id')!r} has unknown keys {sorted(unknown)}; allowed: {SCHEMA.names}")
+    # Arrow does not enforce nullable=False when converting Python objects, so check here.
+    if not isinstance(row.get("id"), str):
+        raise ValueError(f"manifest row needs a string 'id', got {row.get('id')!r}")
+    if row.get("status") is not None and row["status"] not in STATUSES:
+        raise ValueError(f"manifest row id={row['id']!r} has status={row['status']!r}; allowed: {list(STATUSES)}")
+
+
 def to_table(rows: list[dict]) -> pa.Table:
     """Rows as a table with SCHEMA; missing keys become null, unknown keys and bad values raise ValueError."""
     for row in rows:
-        unknown = sorted(set(row) - set(SCHEMA.names))
-        if unknown:
-            raise ValueError(f"manifest row id={row.get('id')!r} has unknown keys {unknown}; allowed: {SCHEMA.names}")
-        # Arrow does not enforce nullable=False when converting Python objects, so check here.
-        if not isinstance(row.get("id"), str):
-            raise ValueError(f"manifest row needs a string 'id', got {row.get('id')!r}")
-        if row.get("status") is not None and row["status"] not in STATUSES:
-            raise ValueError(f"manifest row id={row['id']!r} has status={row['status']!r}; allowed: {list(STATUSES)}")
+        check_row(row)
     try:
         return pa.Table.from_pylist(rows, schema=SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -95,8 +104,8 @@ class ManifestWriter:
         self._lock = threading.Lock()
 
     def add(self, row: dict) -> None:
-        """Buffer one row (validated now, so a bad row fails at its source); may flush."""
-        to_table([row])
+        """Buffer one row (its keys, id and status checked now, so a bad row fails at its source); may flush."""
+        check_row(row)
         with self._lock:
             if not self._rows:
                 self._oldest = time.monotonic()
@@ -181,25 +190,94 @@ def read_manifest(storage: Storage) -> pa.Table:
     return _resolve(tables)
 
 
-def latest_outcomes(rows: list[dict]) -> dict[str, dict]:
+def _ranked(table: pa.Table) -> pa.Table:
+    """Positions of `table` as columns, with commit time ranked (null = oldest)."""
+    return pa.table({"id": table["id"], "row_index": table["row_index"], "status": table["status"],
+                     "_t": pc.fill_null(table["finished_at"].cast(pa.int64()), -(2**63)),
+                     "_pos": pa.array(np.arange(table.num_rows))})
+
+
+def _first_per(table: pa.Table, key: str) -> pa.Table:
+    """The first row of each run of equal `key` values (the table is sorted by it)."""
+    values = table[key].combine_chunks()
+    n = len(values)
+    if n == 0:
+        return table
+    changed = pc.fill_null(pc.not_equal(values.slice(1), values.slice(0, n - 1)), True)
+    return table.filter(pa.concat_arrays([pa.array([True]), changed]))
+
+
+def latest_outcomes(table: pa.Table) -> pa.Table:
     """The latest render outcome (ok or failed) per id among manifest rows, whatever row it sat at."""
-    rows = [r for r in rows if r["status"] != "invalid"]
-    rows.sort(key=lambda r: (r["finished_at"] is not None, r["finished_at"] or 0))
-    return {r["id"]: r for r in rows}
+    ranked = _ranked(table).filter(pc.not_equal(pc.field("status"), "invalid"))
+    order = ranked.sort_by([("id", "ascending"), ("_t", "descending"), ("_pos", "descending")])
+    return table.take(_first_per(order, "id")["_pos"])
+
+
+def final_rows(storage: Storage, rendered: pa.Table, invalid: pa.Table) -> pa.Table:
+    """Exactly one manifest row per input row: this run's `invalid` rows, the latest outcome of the rest.
+
+    `rendered` and `invalid` hold the (id, row_index) of every input row that had a task or was invalid
+    this run. Works on Arrow columns only, so a million-row job needs no Python object per row.
+    """
+    tables, _ = _load_parts(storage)
+    every = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    ranked = _ranked(every)
+    # 1. Rows with a task: the id's latest render outcome, moved to this run's row_index.
+    outcomes = _first_per(ranked.filter(pc.not_equal(pc.field("status"), "invalid"))
+                          .sort_by([("id", "ascending"), ("_t", "descending"), ("_pos", "descending")]), "id")
+    joined = rendered.select(["id", "row_index"]).join(outcomes.select(["id", "_pos"]), "id", join_type="left outer")
+    missing = joined.filter(pc.is_null(joined["_pos"]))
+    if missing.num_rows:
+        raise RuntimeError(f"rows without a final manifest row: ids {missing['id'].to_pylist()[:10]} "
+                           f"({missing.num_rows} in all)")
+    # 2. This run's invalid rows: the latest row recorded at that (id, row_index) with status invalid.
+    marked = (ranked.filter(pc.equal(pc.field("status"), "invalid"))
+              .join(invalid.select(["id", "row_index"]), ["id", "row_index"], join_type="inner")
+              .sort_by([("id", "ascending"), ("row_index", "ascending"), ("_t", "descending"),
+                        ("_pos", "descending")]))
+    marked = marked.take(_first_unique(marked))
+    if marked.num_rows != invalid.num_rows:
+        raise RuntimeError(f"{invalid.num_rows - marked.num_rows} invalid rows have no manifest row")
+    final = pa.concat_tables([
+        every.take(joined["_pos"]).set_column(SCHEMA.get_field_index("row_index"), "row_index",
+                                              joined["row_index"].cast(pa.int64())),
+        every.take(marked["_pos"]),
+    ])
+    return final.sort_by([("row_index", "ascending")])
+
+
+def _first_unique(table: pa.Table) -> pa.Array:
+    """Indices of the first row of each (id, row_index) run in a table sorted by them."""
+    if table.num_rows == 0:
+        return pa.array([], pa.int64())
+    ids, rows = table["id"].combine_chunks(), table["row_index"].combine_chunks()
+    n = len(ids)
+    changed = pc.or_(pc.not_equal(ids.slice(1), ids.slice(0, n - 1)), pc.not_equal(rows.slice(1), rows.slice(0, n - 1)))
+    keep = pa.concat_arrays([pa.array([True]), pc.fill_null(changed, True)])
+    return pa.array(np.flatnonzero(keep.to_numpy(zero_copy_only=False)))
+
+
+FINAL_PART_ROWS = 250_000
 
 
 def compact(storage: Storage, run_id: str, table: pa.Table | None = None) -> pa.Table:
-    """Rewrite the manifest as the single part `part-{run_id}-final.parquet`; returns what it wrote.
+    """Rewrite the manifest as final parts `part-{run_id}-final[-NNN].parquet`; returns what it wrote.
 
-    `table` (the job's final rows, one per input row) replaces the resolved union of the parts.
+    `table` (the job's final rows, one per input row) replaces the resolved union of the parts. Up to
+    FINAL_PART_ROWS rows go to one part; a larger manifest is several, in row order.
     """
     tables, keys = _load_parts(storage)
     table = _resolve(tables) if table is None else table
-    final = f"{MANIFEST_DIR}/part-{run_id}-final.parquet"
-    storage.put_bytes(final, _to_parquet(table))
-    # Delete only what was read: a part published meanwhile holds rows the final part lacks.
+    slices = [table.slice(i, FINAL_PART_ROWS) for i in range(0, max(table.num_rows, 1), FINAL_PART_ROWS)]
+    written = []
+    for i, part in enumerate(slices):
+        name = f"part-{run_id}-final.parquet" if len(slices) == 1 else f"part-{run_id}-final-{i:03d}.parquet"
+        written.append(f"{MANIFEST_DIR}/{name}")
+        storage.put_bytes(written[-1], _to_parquet(part))
+    # Delete only what was read: a part published meanwhile holds rows the final parts lack.
     for key in keys:
-        if key != final:
+        if key not in written:
             storage.delete(key)
     return table
 

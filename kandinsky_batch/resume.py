@@ -3,7 +3,10 @@
 A row is done when the manifest holds it `ok` with the same effective parameters. A video that sits
 under its key without a manifest row (the driver died after the upload) is adopted once it decodes
 to the expected shape; a truncated one is rendered again. Rows committed with other parameters are
-never mixed in silently: the run refuses unless forced.
+never mixed in silently: `check_conflicts` refuses them before anything renders, unless forced.
+
+The manifest and the object listing are loaded once as Arrow arrays; each window of tasks is then
+looked up against them, so a resumed million-row job holds no Python object per committed row.
 """
 
 from __future__ import annotations
@@ -11,17 +14,19 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, replace
 
-from kandinsky_batch.config import JobConfig
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from kandinsky_batch.manifest import latest_outcomes, read_manifest
+from kandinsky_batch.record import Stamp
 from kandinsky_batch.rows import Task
 from kandinsky_batch.storage import Storage, object_key
 from kandinsky_batch.video import decode
-from kandinsky_batch.worker import recorded_options
-from pipelines.request import RenderOptions
 
 # What decides a row's pixels and bytes: if any differs, an old object is not this row's output.
 IDENTITY = ("prompt", "negative_prompt", "seed", "height", "width", "num_frames", "num_inference_steps",
             "guidance_scale", "model", "format", "fps", "options")
+MAX_NAMED = 3
 
 
 class ResumeConflict(ValueError):
@@ -29,20 +34,17 @@ class ResumeConflict(ValueError):
 
 
 @dataclass
-class Plan:
+class Split:
+    """One window of tasks against the output prefix."""
+
     todo: list[Task] = field(default_factory=list)
-    done: list[dict] = field(default_factory=list)
+    done: int = 0
     adopted: list[dict] = field(default_factory=list)
-    previous: dict[str, dict] = field(default_factory=dict)
+    conflicts: list[str] = field(default_factory=list)
 
 
 def identity(row: dict) -> tuple:
     return tuple(row.get(k) for k in IDENTITY)
-
-
-def expected(task: Task, cfg: JobConfig, options: RenderOptions) -> dict:
-    return {**task.row(), "model": cfg.model.path, "format": cfg.output.format, "fps": cfg.render.fps,
-            "options": recorded_options(options), "approximate": options.approximate}
 
 
 def _complete(data: bytes, task: Task, fmt: str) -> bool:
@@ -54,40 +56,72 @@ def _complete(data: bytes, task: Task, fmt: str) -> bool:
     return frames.shape == (task.num_frames, task.height, task.width, 3)
 
 
-def plan(storage: Storage, tasks: list[Task], cfg: JobConfig, options: RenderOptions, force: bool = False) -> Plan:
-    """Split tasks into done (skip), adopted (commit without rendering) and todo (render)."""
-    result = Plan()
-    # Latest render outcome per id; `invalid` rows are re-derived from the input on every run.
-    result.previous = latest_outcomes(read_manifest(storage).to_pylist())
-    existing = set(storage.list("videos"))
-    conflicts: list[str] = []
-    for task in tasks:
-        want = expected(task, cfg, options)
-        before = result.previous.get(task.id)
-        if before is not None and before["status"] == "ok":
-            if identity(before) == identity(want):
-                result.done.append(before)
+def _describe(task: Task, before: dict, want: dict) -> str:
+    changed = [k for k in IDENTITY if before.get(k) != want.get(k)]
+    return f"id={task.id!r} ({', '.join(f'{k}: {before.get(k)!r} -> {want.get(k)!r}' for k in changed[:3])})"
+
+
+class OutputState:
+    """The latest outcome per id and the objects under `videos/`, as Arrow arrays (read once per run)."""
+
+    def __init__(self, storage: Storage, stamp: Stamp, force: bool = False):
+        self.storage, self.stamp, self.force = storage, stamp, force
+        # `invalid` rows are re-derived from the input on every run: only render outcomes count here.
+        self.outcomes = latest_outcomes(read_manifest(storage))
+        self.committed = int(pc.sum(pc.equal(self.outcomes["status"], "ok")).as_py() or 0)
+        self.objects = pa.array(storage.list("videos"), pa.string())
+
+    def _previous(self, tasks: list[Task]) -> dict[str, dict]:
+        if self.outcomes.num_rows == 0:
+            return {}
+        ids = pa.array([t.id for t in tasks], pa.string())
+        return {r["id"]: r for r in self.outcomes.filter(pc.is_in(self.outcomes["id"], ids)).to_pylist()}
+
+    def split(self, tasks: list[Task]) -> Split:
+        """Sort a window of tasks into done (skip), adopted (commit without rendering) and todo (render)."""
+        result = Split()
+        previous = self._previous(tasks)
+        fmt = self.stamp.format
+        keys = [object_key(t.id, fmt) for t in tasks]
+        present = (pc.is_in(pa.array(keys, pa.string()), self.objects).to_pylist() if len(self.objects)
+                   else [False] * len(tasks))
+        for task, key, exists in zip(tasks, keys, present):
+            want = self.stamp.row(task.row())
+            before = previous.get(task.id)
+            if before is not None and before["status"] == "ok":
+                if identity(before) == identity(want):
+                    result.done += 1
+                else:
+                    result.conflicts.append(_describe(task, before, want))
+                    result.todo.append(replace(task, overwrite=True))
                 continue
-            changed = [k for k in IDENTITY if before.get(k) != want.get(k)]
-            conflicts.append(f"id={task.id!r} ({', '.join(f'{k}: {before.get(k)!r} -> {want.get(k)!r}' for k in changed[:3])})")
-            if not force:
-                continue
-            result.todo.append(replace(task, overwrite=True))
-            continue
-        key = object_key(task.id, cfg.output.format)
-        if key in existing:
-            data = storage.get_bytes(key)
-            if before is None and _complete(data, task, cfg.output.format):
-                result.adopted.append({**want, "status": "ok", "error": None, "uri": storage.url(key),
-                                       "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                                       "attempts": 0, "worker": "adopted"})
-                continue
-            # Truncated, corrupt, or left by a failed row: this run's render replaces it.
-            task = replace(task, overwrite=True)
-        result.todo.append(task)
-    if conflicts and not force:
+            if exists:
+                data = self.storage.get_bytes(key)
+                if before is None and _complete(data, task, fmt):
+                    result.adopted.append(self.stamp.row(
+                        task.row(), status="ok", error=None, uri=self.storage.url(key), bytes=len(data),
+                        sha256=hashlib.sha256(data).hexdigest(), attempts=0, worker="adopted"))
+                    continue
+                # Truncated, corrupt, or left by a failed row: this run's render replaces it.
+                task = replace(task, overwrite=True)
+            result.todo.append(task)
+        return result
+
+
+def check_conflicts(state: OutputState, windows, uri: str) -> None:
+    """Refuse, before anything renders, an output prefix holding rows rendered with other parameters.
+
+    `windows` yields lists of the run's tasks whose ids the manifest holds `ok` (only those are compared).
+    """
+    if state.force or state.committed == 0:
+        return
+    found, first = 0, None
+    for tasks in windows:
+        split = state.split(tasks)
+        found += len(split.conflicts)
+        first = first or (split.conflicts[0] if split.conflicts else None)
+    if found:
         raise ResumeConflict(
-            f"output.uri={cfg.output.uri!r} already holds {len(conflicts)} row(s) rendered with other parameters, "
-            f"e.g. {conflicts[0]}; use a new output.uri, or --force to re-render them in place"
+            f"output.uri={uri!r} already holds {found} row(s) rendered with other parameters, e.g. {first}; "
+            f"use a new output.uri, or --force to re-render them in place"
         )
-    return result

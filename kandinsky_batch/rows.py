@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import math
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from kandinsky_batch.config import MAX_SEED, JobConfig
 from kandinsky_batch.storage import object_key
@@ -97,12 +99,11 @@ def _is_blank(text: str) -> bool:
     return not any(not (c.isspace() or unicodedata.category(c)[0] in "CZ") for c in text)
 
 
-def _text_error(field: str, text, spec: ModelSpec, required: bool, count_tokens) -> str | None:
+def _text_error(field: str, text, spec: ModelSpec, required: bool, tokens: int | None) -> str | None:
     if text is None:
         return f"{field}=None: missing (rule: required)" if required else None
     if _is_blank(text):
         return f"{field}={text[:40]!r}: empty or blank (rule: must contain text)"
-    tokens = count_tokens(text)
     if tokens > spec.max_prompt_tokens:
         return (f"{field}={text[:40]!r}...: {tokens} tokens (rule: the text encoder keeps at most "
                 f"{spec.max_prompt_tokens}; longer prompts would be truncated)")
@@ -138,59 +139,167 @@ def _fit_columns(values: dict) -> dict:
             for k, v in values.items()}
 
 
+# Ids that pass every id rule at a glance (no control, space, slash or leading dot; short): the rest are
+# checked one by one with `_id_error`, so every message stays exactly what it is.
+_PLAIN_ID = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,255}$"
+_SAFE_KEY = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # storage._SAFE_ID: such an id is its own object key
+_HAS_WORD = r"[A-Za-z0-9]"  # a text with a letter or digit is not blank
+
+
+def row_ids(column: pa.ChunkedArray | pa.Array | None, rows: np.ndarray) -> pa.Array:
+    """The rows' ids as strings: the `id` column stringified (null as ""), or the row positions `rows`."""
+    if column is None:
+        return pa.array(rows, pa.int64()).cast(pa.string())
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return pc.fill_null(column.cast(pa.string()), "")
+
+
+@dataclass
+class IdIndex:
+    """Id errors of the whole dataset, found from its id column alone before any row is validated.
+
+    Exact over every row: ids that break a rule, duplicates (naming the first row) and distinct ids that
+    would share an object key. Only rows with an error are held, so its size follows the bad rows, not N.
+    """
+
+    errors: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, column: pa.ChunkedArray | None, num_rows: int, fmt: str) -> "IdIndex":
+        index = cls()
+        if column is None:
+            return index  # positions: valid and distinct
+        nulls = set(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)).tolist())
+        rows = np.arange(num_rows)
+        ids = row_ids(column, rows)
+        # 1. Rule breakers (rare): checked in Python for their exact message.
+        plain = pc.match_substring_regex(ids, _PLAIN_ID).to_numpy(zero_copy_only=False)
+        for row in np.flatnonzero(~plain):
+            error = _id_error(None if row in nulls else ids[row].as_py())
+            if error is not None:
+                index.errors[int(row)] = error
+        # 2. Duplicates: every row after the first with its id (first_seen counts rows with bad ids too).
+        table = pa.table({"id": ids, "row": rows})
+        first = table.group_by("id", use_threads=False).aggregate([("row", "min"), ("row", "count")])
+        first = first.filter(pc.greater(first["row_count"], 1))
+        if first.num_rows:
+            dups = table.join(first, "id").filter(pc.not_equal(pc.field("row"), pc.field("row_min")))
+            for row, owner in zip(dups["row"].to_pylist(), dups["row_min"].to_pylist()):
+                if row not in index.errors:
+                    index.errors[row] = (f"id={ids[row].as_py()!r}: duplicate of row {owner} "
+                                         f"(rule: ids must be unique)")
+        # 3. Distinct ids sharing an object key (a crafted id can equal another's hashed key).
+        safe = pc.and_(pc.match_substring_regex(ids, _SAFE_KEY), pc.invert(pc.match_substring(ids, "..")))
+        unsafe = np.flatnonzero(~safe.to_numpy(zero_copy_only=False))
+        stems = ids.to_pylist() if len(unsafe) else None
+        for row in unsafe:
+            if row not in index.errors:
+                stems[row] = object_key(stems[row], fmt)[len("videos/"):-len(fmt) - 1]
+        keyed = pa.table({"stem": pa.array(stems, pa.string()) if stems else ids, "row": rows})
+        if index.errors:
+            keyed = keyed.filter(pc.invert(pc.is_in(keyed["row"], pa.array(list(index.errors), pa.int64()))))
+        owners = keyed.group_by("stem", use_threads=False).aggregate([("row", "min"), ("row", "count")])
+        owners = owners.filter(pc.greater(owners["row_count"], 1))
+        if owners.num_rows:
+            clashes = keyed.join(owners, "stem").filter(pc.not_equal(pc.field("row"), pc.field("row_min")))
+            for row, owner in zip(clashes["row"].to_pylist(), clashes["row_min"].to_pylist()):
+                row_id, key = ids[row].as_py(), object_key(ids[row].as_py(), fmt)
+                index.errors[row] = (f"id={row_id!r}: maps to object key {key!r} like the id "
+                                     f"{ids[owner].as_py()!r} of row {owner} (rule: ids must map to distinct objects)")
+        return index
+
+
+@dataclass
+class Validated:
+    """One batch of input rows resolved: valid rows as Arrow columns of Task fields, the rest `invalid` rows."""
+
+    tasks: pa.Table
+    invalid: list[dict]
+
+    def task_list(self) -> list[Task]:
+        return [Task(**{k: v for k, v in row.items() if k not in ("prompt_tokens", "negative_tokens")},
+                     text_tokens=(row["prompt_tokens"], row["negative_tokens"]))
+                for row in self.tasks.to_pylist()]
+
+
+TASK_SCHEMA = pa.schema([
+    ("id", pa.string()), ("row_index", pa.int64()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
+    ("seed", pa.int64()), ("height", pa.int64()), ("width", pa.int64()), ("num_frames", pa.int64()),
+    ("num_inference_steps", pa.int64()), ("guidance_scale", pa.float64()),
+    ("prompt_tokens", pa.int64()), ("negative_tokens", pa.int64()),
+])
+
+
+def _numbers(batch: pa.Table, key: str, default) -> list:
+    """A parameter column with the config's default where null, as Python numbers."""
+    if key not in batch.column_names:
+        return [default] * batch.num_rows
+    return pc.fill_null(batch.column(key), default).to_pylist() if default is not None else batch.column(key).to_pylist()
+
+
+class RowValidator:
+    """Validates batches of input rows against the config's defaults and the model's limits.
+
+    Columns leave Arrow once per batch; texts go to the tokenizer in one batch call, each distinct text
+    once (the default negative prompt repeats on every row). Nothing per row outlives the batch.
+    """
+
+    def __init__(self, cfg: JobConfig, spec: ModelSpec, ids: IdIndex):
+        self.defaults, self.spec, self.ids = cfg.render, spec, ids
+        self._tokens: dict[str, int] = {}
+
+    def _count(self, texts: list[str]) -> None:
+        new = list({t: None for t in texts if t not in self._tokens})
+        if new:
+            self._tokens.update(zip(new, self.spec.count_tokens(new)))
+        if len(self._tokens) > 65536:  # a cache, not a record: keep the driver's memory flat
+            self._tokens = {t: self._tokens[t] for t in texts}
+
+    def validate(self, batch: pa.Table, rows: np.ndarray) -> Validated:
+        """The dataset's rows `rows` (their positions), given as `batch`."""
+        n, d = batch.num_rows, self.defaults
+        ids = row_ids(batch.column("id") if "id" in batch.column_names else None, rows).to_pylist()
+        positions = rows.tolist()
+        prompts = batch.column("prompt").to_pylist()
+        negatives = batch.column("negative_prompt").to_pylist() if "negative_prompt" in batch.column_names \
+            else [None] * n
+        seeds = _numbers(batch, "seed", None)
+        params = {key: _numbers(batch, key, getattr(d, key)) for key in PARAMS}
+        guidance = [float(g) for g in params["guidance_scale"]]
+        default_negative = RenderRequest(prompt="", negative_prompt=d.negative_prompt, seed=0, height=1, width=1,
+                                         num_frames=1, num_inference_steps=1, guidance_scale=2.0)
+        fallback = default_negative.effective_negative_prompt()
+        effective = [None if g <= 1.0 else (fallback if neg is None else neg) for g, neg in zip(guidance, negatives)]
+        # 1. Texts: blank ones and those over the token limit (every distinct text counted once, in one call).
+        self._count([p for p in prompts if p is not None] + [t for t in effective if t is not None])
+        valid, invalid = [], []
+        for i in range(n):
+            index = positions[i]
+            row_id = ids[i]
+            seed = seeds[i]
+            candidate = dict(id=row_id, row_index=index, prompt=prompts[i],
+                             seed=derive_seed(d.seed, row_id) if seed is None else int(seed),
+                             **{key: params[key][i] for key in PARAMS})
+            candidate["guidance_scale"] = guidance[i]
+            candidate["negative_prompt"] = effective[i]
+            error = (self.ids.errors.get(index)
+                     or _text_error("prompt", prompts[i], self.spec, True, self._tokens.get(prompts[i]))
+                     or _param_error(candidate, self.spec))
+            if error is None and effective[i] is not None:
+                error = _text_error("negative_prompt", effective[i], self.spec, False, self._tokens[effective[i]])
+            if error is None:
+                candidate["prompt_tokens"] = self._tokens[prompts[i]]
+                candidate["negative_tokens"] = 0 if effective[i] is None else self._tokens[effective[i]]
+                valid.append(candidate)
+            else:
+                invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
+        return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid)
+
+
 def build_tasks(table: pa.Table, cfg: JobConfig, spec: ModelSpec) -> tuple[list[Task], list[dict]]:
-    """Resolve every row: valid rows become Tasks, the rest manifest rows with status `invalid`."""
-    defaults = cfg.render
-    rows = table.to_pylist()
-    tasks: list[Task] = []
-    invalid: list[dict] = []
-    first_seen: dict[str, int] = {}
-    key_owner: dict[str, tuple[str, int]] = {}
-    token_counts: dict[str, int] = {}
-
-    def count_tokens(text: str) -> int:
-        # The default negative prompt repeats on every row: tokenize each distinct text once.
-        if text not in token_counts:
-            token_counts[text] = spec.prompt_tokens(text)
-        return token_counts[text]
-
-    for index, row in enumerate(rows):
-        raw_id = row.get("id")
-        missing_id = "id" in row and raw_id is None
-        # The manifest's id column is non-null: a null id is recorded as "" (and the row as invalid).
-        row_id = str(index) if "id" not in row else ("" if raw_id is None else str(raw_id))
-        params = {key: row.get(key) if row.get(key) is not None else getattr(defaults, key) for key in PARAMS}
-        params["guidance_scale"] = float(params["guidance_scale"])
-        negative = row.get("negative_prompt")
-        negative = defaults.negative_prompt if negative is None else negative
-        seed = row.get("seed")
-        candidate = dict(
-            id=row_id, row_index=index, prompt=row.get("prompt"),
-            seed=derive_seed(defaults.seed, row_id) if seed is None else int(seed), **params,
-        )
-        candidate["negative_prompt"] = RenderRequest(
-            prompt="", negative_prompt=negative, seed=0, **params
-        ).effective_negative_prompt()
-
-        error = _id_error(None if missing_id else row_id)
-        if error is None and row_id in first_seen:
-            error = f"id={row_id!r}: duplicate of row {first_seen[row_id]} (rule: ids must be unique)"
-        first_seen.setdefault(row_id, index)
-        if error is None:
-            # Distinct ids must never share an object (a crafted id can equal another id's hashed key).
-            key = object_key(row_id, cfg.output.format)
-            owner = key_owner.setdefault(key, (row_id, index))
-            if owner[1] != index:
-                error = (f"id={row_id!r}: maps to object key {key!r} like the id {owner[0]!r} of row {owner[1]} "
-                         f"(rule: ids must map to distinct objects)")
-        error = (error or _text_error("prompt", candidate["prompt"], spec, True, count_tokens)
-                 or _param_error(candidate, spec))
-        if error is None and candidate["negative_prompt"] is not None:
-            error = _text_error("negative_prompt", candidate["negative_prompt"], spec, False, count_tokens)
-        if error is None:
-            negative = candidate["negative_prompt"]
-            tokens = (count_tokens(candidate["prompt"]), count_tokens(negative) if negative is not None else 0)
-            tasks.append(Task(**candidate, text_tokens=tokens))
-        else:
-            invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
-    return tasks, invalid
+    """Resolve every row of a whole table: valid rows become Tasks, the rest manifest rows with status `invalid`."""
+    column = table.column("id") if "id" in table.column_names else None
+    ids = IdIndex.build(column, table.num_rows, cfg.output.format)
+    validated = RowValidator(cfg, spec, ids).validate(table, np.arange(table.num_rows))
+    return validated.task_list(), validated.invalid

@@ -1,34 +1,46 @@
 """The driver's work queue: rows go to whichever replica of their pool is free, never in fixed shards.
 
-A replica is one actor or a gang of actors (sequence/CFG parallel) fed the same rows in lockstep; a
-pool is a group of same-shaped replicas with its own queue of rows. Each replica keeps `prefetch`
-rows queued so its next row is ready the moment a render ends. A replica that dies (any rank of a
-gang) is torn down and rebuilt; the row it was running counts an attempt and goes back to the queue,
-rows queued behind it go back without one. A row is tried at most `max_attempts` times.
+A pool is a group of same-shaped replicas with its own queue of rows; a replica is one actor or a gang
+of actors (sequence/CFG parallel) fed the same rows in lockstep. Each replica lives in a `Slot`, a small
+state machine (starting -> ready -> dead -> starting ..., or retired) that holds its in-flight batches
+in dispatch order. The queue:
+
+- follows the fleet: every few seconds it asks `Fleet.capacity()` how many replicas each pool may have
+  now, starts slots up to it (GPUs joined) and retires starting slots beyond it (a node was lost). A slot
+  gets rows only once its replica is ready, so a replacement that cannot be placed never holds rows;
+- keeps each ready replica `prefetch` batches deep, so its next row is ready the moment a render ends;
+- on a replica's death (any rank of a gang, or its node): the batch it was running counts an attempt and
+  goes back to the queue, batches queued behind it go back without one, and the slot is rebuilt (or
+  retired if the fleet shrank). A row is tried at most `max_attempts` times;
+- stops cleanly (`WorkersFailed`) when no replica has been ready for `no_replica_timeout` seconds while
+  rows remain, and (`StorageOutage`) when the output store stays down; what landed is kept.
+
+Ray is injected (`wait`, `get`, the replicas' spawn functions), so tests drive every path with fakes.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
-import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-
+from kandinsky_batch.record import BatchResult
 from kandinsky_batch.rows import Task
-
-_FAILED = (RayActorError, ActorDiedError, ActorUnavailableError, RayTaskError)
 
 
 class WorkersFailed(RuntimeError):
-    """Replicas could not be started or keep dying; the job cannot make progress."""
+    """Replicas could not be started or none could run for too long; the job cannot make progress."""
 
 
 class StorageOutage(RuntimeError):
     """The output store stayed unreachable beyond its retry budget; progress so far is kept."""
+
+
+class ReplicaLost(RuntimeError):
+    """A replica's actor died or a call on it raised (what `get` raises for it)."""
 
 
 class Replica(Protocol):
@@ -36,195 +48,344 @@ class Replica(Protocol):
 
     ranks: int
 
-    def ready(self) -> list[ray.ObjectRef]: ...            # resolve once every rank has its model loaded
-    def submit(self, batch: list[tuple[Task, int]]) -> list[ray.ObjectRef]: ...  # [0] carries the rows
+    def ready(self) -> list: ...                             # resolve once every rank has its model loaded
+    def submit(self, batch: list[tuple[Task, int]]) -> list: ...  # refs; [0] resolves to a BatchResult
     def kill(self) -> None: ...
+
+
+class Fleet(Protocol):
+    def capacity(self) -> dict[str, int]: ...  # replicas each pool may run now
+
+
+class Source(Protocol):
+    """Rows as they become ready (validated, routed, longest first within a window)."""
+
+    def poll(self) -> list[dict[str, list[Task]]]: ...  # windows ready now, pool name -> tasks (may be [])
+    @property
+    def exhausted(self) -> bool: ...                      # no window will come any more
 
 
 @dataclass
 class Pool:
-    """Same-shaped replicas and the rows routed to them."""
+    """Same-shaped replicas: how to start one, and the rows waiting for them."""
 
     name: str
     spawn: Callable[[int], Replica]
-    replicas: int
-    tasks: list[Task] = field(default_factory=list)
+    pending: deque = field(default_factory=deque)  # (task, attempts so far)
+
+
+class SlotState(enum.Enum):
+    STARTING = "starting"  # replica spawned, model loading (or waiting for resources); holds no rows
+    READY = "ready"        # takes batches
+    DEAD = "dead"          # replica lost; its batches were handed back
+    RETIRED = "retired"    # gone for good (the fleet shrank, or the job ended)
 
 
 @dataclass(eq=False)
-class _Flight:
-    slot: int
+class Flight:
+    """One batch on a replica: the rows, their attempt numbers, and the refs still outstanding."""
+
     seq: int
-    batch: list  # [(task, attempt)]: rows rendered together, each counting its own attempts
+    batch: list  # [(task, attempt)]
     refs: list
+    outstanding: set = field(default_factory=set)
+
+
+class Slot:
+    """One replica slot of a pool; the transitions below are the only way its state changes."""
+
+    def __init__(self, pool: Pool, index: int, replica: Replica, now: float):
+        self.pool, self.index, self.replica = pool, index, replica
+        self.state = SlotState.STARTING
+        self.flights: deque[Flight] = deque()
+        self.starting = set(replica.ready())
+        self.start_failures = 0
+        self.info: dict = {}
+        self.busy_seconds, self._busy_since, self.ready_at = 0.0, None, now
+
+    def __repr__(self) -> str:
+        return f"Slot({self.pool.name}#{self.index}, {self.state.value}, {len(self.flights)} in flight)"
+
+    def _expect(self, *states: SlotState) -> None:
+        if self.state not in states:
+            raise RuntimeError(f"{self!r}: transition needs state {[s.value for s in states]}")
+
+    def started(self, info: dict, now: float) -> None:
+        """STARTING -> READY once every rank answered `ready`."""
+        self._expect(SlotState.STARTING)
+        self.state, self.info, self.start_failures, self.ready_at = SlotState.READY, info, 0, now
+        self.busy_seconds, self._busy_since = 0.0, None
+
+    def dispatch(self, flight: Flight, now: float) -> None:
+        """READY: one more batch queued on the replica."""
+        self._expect(SlotState.READY)
+        if not self.flights:
+            self._busy_since = now
+        flight.outstanding = set(flight.refs)
+        self.flights.append(flight)
+
+    def land(self, flight: Flight, now: float) -> None:
+        """READY: a batch came back."""
+        self._expect(SlotState.READY)
+        self.flights.remove(flight)
+        if not self.flights and self._busy_since is not None:
+            self.busy_seconds += now - self._busy_since
+            self._busy_since = None
+
+    def fail(self, now: float) -> list[Flight]:
+        """STARTING/READY -> DEAD: the replica is lost; returns its batches in dispatch order (first was running)."""
+        self._expect(SlotState.STARTING, SlotState.READY)
+        if self._busy_since is not None:
+            self.busy_seconds += now - self._busy_since
+            self._busy_since = None
+        lost, self.flights, self.starting = list(self.flights), deque(), set()
+        self.state = SlotState.DEAD
+        self.replica.kill()
+        return lost
+
+    def rebuild(self, replica: Replica) -> None:
+        """DEAD -> STARTING with a new replica."""
+        self._expect(SlotState.DEAD)
+        self.replica, self.state, self.starting = replica, SlotState.STARTING, set(replica.ready())
+
+    def retire(self) -> None:
+        """STARTING/DEAD/READY without batches -> RETIRED; the replica is released."""
+        self._expect(SlotState.STARTING, SlotState.DEAD, SlotState.READY)
+        if self.flights:
+            raise RuntimeError(f"{self!r}: cannot retire a slot with batches in flight")
+        if self.state is not SlotState.DEAD:
+            self.replica.kill()
+        self.state, self.starting = SlotState.RETIRED, set()
+
+    def busy_fraction(self, now: float) -> float:
+        """Share of the time since it became ready that the replica had a batch."""
+        busy = self.busy_seconds + (now - self._busy_since if self._busy_since is not None else 0.0)
+        return busy / max(now - self.ready_at, 1e-9)
 
 
 class WorkQueue:
-    """Feed each pool's tasks to its replicas and hand each final row to `on_row`."""
+    """Feed each pool's rows to its ready replicas and hand each final manifest row to `on_row`."""
 
-    def __init__(self, pools: list[Pool], max_attempts: int, on_row: Callable[[dict], None], prefetch: int = 2,
-                 on_tick: Callable[[], None] = lambda: None, tick_seconds: float = 1.0, batch_size: int = 1):
-        self.pools = [p for p in pools if p.tasks]
-        self.max_attempts, self.on_row, self.prefetch = max_attempts, on_row, prefetch
-        self.batch_size = batch_size
-        self.on_tick, self.tick_seconds = on_tick, tick_seconds
-        # slot -> (pool index, replica index within the pool)
-        self.slots = [(i, r) for i, p in enumerate(self.pools) for r in range(min(p.replicas, len(p.tasks)))]
-        self.restarts = 0
-        self.retries = 0
+    def __init__(self, pools: list[Pool], fleet: Fleet, source: Source, *, max_attempts: int,
+                 on_row: Callable[[dict], None], wait: Callable[[list, float], list], get: Callable[[Any], Any],
+                 prefetch: int = 2, batch_size: int = 1, tick_seconds: float = 1.0, fleet_seconds: float = 2.0,
+                 no_replica_timeout: float = 900.0, low_water: int = 4096,
+                 on_tick: Callable[["WorkQueue"], None] = lambda queue: None, clock: Callable[[], float] = time.monotonic):
+        self.pools = {p.name: p for p in pools}
+        self.fleet, self.source = fleet, source
+        self.max_attempts, self.on_row, self.wait, self.get = max_attempts, on_row, wait, get
+        self.prefetch, self.batch_size = prefetch, batch_size
+        self.tick_seconds, self.fleet_seconds, self.no_replica_timeout = tick_seconds, fleet_seconds, no_replica_timeout
+        self.low_water, self.on_tick, self.clock = low_water, on_tick, clock
+        self.slots: list[Slot] = []
+        self.refs: dict[Any, tuple[Slot, Flight | None]] = {}  # outstanding ref -> its slot and batch (None: ready)
+        self.seq = itertools.count()
+        self.restarts = self.retries = 0
         self.workers: list[dict] = []
+        self.outage: str | None = None
+        self.first_ready: float | None = None
+        self.first_dispatch: float | None = None
+        """Clock time the first batch went to a replica."""
         self.drain_seconds = 0.0
-        """Wall time from every replica ready to the last row settled (start-up excluded)."""
+        """Wall time from the first replica ready to the last row settled (start-up excluded)."""
 
-    def _spawn(self, slot: int) -> Replica:
-        pool, index = self.slots[slot]
-        return self.pools[pool].spawn(index)
+    # -- what the queue knows -------------------------------------------------------------------------
+
+    def queued(self) -> int:
+        """Rows waiting for a replica or on one."""
+        return (sum(len(p.pending) for p in self.pools.values())
+                + sum(len(f.batch) for s in self.slots for f in s.flights))
+
+    def live(self, pool: Pool) -> list[Slot]:
+        return [s for s in self.slots if s.pool is pool and s.state is not SlotState.RETIRED]
+
+    def _finished(self) -> bool:
+        return self.source.exhausted and self.queued() == 0
+
+    # -- the loop -------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        # 1. Start every replica; wait until each has its model loaded.
-        replicas = self._start()
-        started = time.perf_counter()
+        """Until every row has its final manifest row (or the job cannot go on)."""
+        stalled_since = next_fleet = self.clock()
         try:
-            self._drain(replicas)
-            self.drain_seconds = time.perf_counter() - started
+            while True:
+                now = self.clock()
+                # 1. Take rows the front end has ready, while few are waiting (memory stays bounded).
+                self._pull()
+                # 2. Follow the fleet: start replicas where GPUs joined, retire starting ones that cannot run.
+                if now >= next_fleet:
+                    self._reconcile(now)
+                    next_fleet = now + self.fleet_seconds
+                # 3. Keep every ready replica `prefetch` batches deep.
+                for slot in self.slots:
+                    self._feed(slot, now)
+                if self._finished() or (self.outage and not self.refs_in_flight()):
+                    break
+                # 4. Rows left but no replica ready for too long: stop, keeping what landed.
+                if any(s.state is SlotState.READY for s in self.slots):
+                    stalled_since = now
+                elif now - stalled_since > self.no_replica_timeout:
+                    raise WorkersFailed(self._stalled_reason())
+                # 5. Handle whatever comes back first (a timeout lets the driver publish manifest rows).
+                for ref in self.wait(list(self.refs), self.tick_seconds):
+                    self._handle(ref)
+                self.on_tick(self)
+            if self.first_ready is not None:
+                self.drain_seconds = self.clock() - self.first_ready
         finally:
-            # Release GPUs now, not whenever the handles are collected: the next job may be waiting.
-            for replica in replicas:
-                replica.kill()
+            # Release GPUs now, not whenever handles are collected: the next job may be waiting.
+            for slot in self.slots:
+                if slot.state is not SlotState.RETIRED:
+                    slot.flights.clear()
+                    slot.retire()
+        if self.outage is not None:
+            raise StorageOutage(self.outage)
 
-    def _start(self) -> list[Replica]:
-        """Spawn all replicas at once; a slot whose replica dies while loading is retried, a bad model fails fast."""
-        replicas = [self._spawn(slot) for slot in range(len(self.slots))]
-        self.workers = [{} for _ in replicas]
-        tries = [1] * len(replicas)
-        waiting = {ref: slot for slot, replica in enumerate(replicas) for ref in replica.ready()}
-        while waiting:
-            [ref], _ = ray.wait(list(waiting), num_returns=1)
-            slot = waiting.pop(ref)
-            try:
-                info = ray.get(ref)
-            except _FAILED as exc:
-                if tries[slot] >= self.max_attempts:
-                    raise WorkersFailed(f"replica {slot} failed to start {tries[slot]} times: {_cause(exc)}") from None
-                tries[slot] += 1
-                self.restarts += 1
-                for other in [r for r, s in waiting.items() if s == slot]:
-                    del waiting[other]
-                replicas[slot].kill()
-                replicas[slot] = self._spawn(slot)
-                waiting.update({r: slot for r in replicas[slot].ready()})
-                continue
-            if not self.workers[slot]:
-                self.workers[slot] = info
-        return replicas
+    def refs_in_flight(self) -> bool:
+        return any(flight is not None for _, flight in self.refs.values())
 
-    def _drain(self, replicas: list[Replica]) -> None:
-        """Feed tasks until every one has its final row (or storage stays down)."""
-        pending = [deque((t, 0) for t in pool.tasks) for pool in self.pools]
-        in_flight = [0] * len(replicas)
-        waiting: dict[ray.ObjectRef, _Flight] = {}
-        seq = itertools.count()
-        outage: str | None = None
+    def _stalled_reason(self) -> str:
+        wanted = {name: len(self.live(pool)) for name, pool in self.pools.items()}
+        return (f"no replica has been ready for {self.no_replica_timeout:.0f} s (cluster.no_replica_timeout) with "
+                f"{self.queued()} rows waiting; replicas starting per group: {wanted}, the cluster offers room for "
+                f"{self.fleet.capacity()}")
 
-        def take(queue: deque) -> list[tuple[Task, int]]:
-            """The next row and, up to batch_size, rows further on that can share its forward."""
-            batch = [queue.popleft()]
-            if self.batch_size > 1:
-                key = batch[0][0].batch_key()
-                # Look a bounded way ahead: rows are sorted by cost, so alike rows sit close together.
-                for item in list(itertools.islice(queue, 8 * self.batch_size)):
-                    if len(batch) == self.batch_size:
-                        break
-                    if item[0].batch_key() == key:
-                        queue.remove(item)
-                        batch.append(item)
-            return [(task, attempts + 1) for task, attempts in batch]
+    def _pull(self) -> None:
+        if sum(len(p.pending) for p in self.pools.values()) >= self.low_water:
+            return
+        for window in self.source.poll():
+            for name, tasks in window.items():
+                self.pools[name].pending.extend((task, 0) for task in tasks)
 
-        def feed(slot: int) -> None:
-            queue = pending[self.slots[slot][0]]
-            while outage is None and queue and in_flight[slot] < self.prefetch:
-                batch = take(queue)
-                flight = _Flight(slot, next(seq), batch, replicas[slot].submit(batch))
-                waiting.update({ref: flight for ref in flight.refs})
-                in_flight[slot] += 1
+    def _reconcile(self, now: float) -> None:
+        capacity = self.fleet.capacity()
+        for name, pool in self.pools.items():
+            live = self.live(pool)
+            want = capacity.get(name, 0)
+            if self.source.exhausted:
+                # Only as many replicas as rows left to start on.
+                want = min(want, len(pool.pending) + sum(1 for s in live if s.flights))
+            for _ in range(len(live), want):
+                index = sum(1 for s in self.slots if s.pool is pool)  # replica names stay unique in a job
+                self.slots.append(Slot(pool, index, pool.spawn(index), now))
+                self._track_start(self.slots[-1])
+            # Retire the newest starting slots beyond capacity: they hold no rows.
+            surplus = len(live) - capacity.get(name, 0)
+            for slot in reversed(live):
+                if surplus <= 0:
+                    break
+                if slot.state is SlotState.STARTING:
+                    self._forget(slot)
+                    slot.retire()
+                    surplus -= 1
 
-        def land(flight: _Flight) -> None:
-            in_flight[flight.slot] -= 1
-            for ref in flight.refs:
-                waiting.pop(ref, None)
+    def _track_start(self, slot: Slot) -> None:
+        self.refs.update({ref: (slot, None) for ref in slot.starting})
 
-        def requeue(flight: _Flight) -> None:
-            """Back to the front of its pool's queue, the attempt not counted (it never ran)."""
-            for task, attempt in reversed(flight.batch):
-                pending[self.slots[flight.slot][0]].appendleft((task, attempt - 1))
+    def _forget(self, slot: Slot) -> None:
+        for ref in [r for r, (s, _) in self.refs.items() if s is slot]:
+            del self.refs[ref]
 
-        def settle(slot: int, attempt: int, task: Task, row: dict) -> None:
-            if row["status"] == "failed" and attempt < self.max_attempts:
-                self.retries += 1
-                pending[self.slots[slot][0]].appendleft((task, attempt))
+    def _take(self, pending: deque) -> list[tuple[Task, int]]:
+        """The next row and, up to batch_size, rows further on that can share its forward."""
+        batch = [pending.popleft()]
+        if self.batch_size > 1:
+            key = batch[0][0].batch_key()
+            # Look a bounded way ahead: rows are sorted by cost, so alike rows sit close together.
+            for item in list(itertools.islice(pending, 8 * self.batch_size)):
+                if len(batch) == self.batch_size:
+                    break
+                if item[0].batch_key() == key:
+                    pending.remove(item)
+                    batch.append(item)
+        return [(task, attempts + 1) for task, attempts in batch]
+
+    def _feed(self, slot: Slot, now: float) -> None:
+        pending = slot.pool.pending
+        while (slot.state is SlotState.READY and self.outage is None and pending
+               and len(slot.flights) < self.prefetch):
+            batch = self._take(pending)
+            flight = Flight(next(self.seq), batch, slot.replica.submit(batch))
+            slot.dispatch(flight, now)
+            self.first_dispatch = self.first_dispatch or now
+            self.refs.update({ref: (slot, flight) for ref in flight.refs})
+
+    # -- what comes back ------------------------------------------------------------------------------
+
+    def _handle(self, ref) -> None:
+        if ref not in self.refs:
+            return  # its slot was lost or retired meanwhile
+        slot, flight = self.refs.pop(ref)
+        now = self.clock()
+        try:
+            value = self.get(ref)
+        except ReplicaLost as exc:
+            self._lose(slot, exc, now)
+            return
+        if flight is None:
+            slot.starting.discard(ref)
+            if not slot.starting:
+                slot.started(value, now)
+                self.workers.append(value)
+                self.first_ready = self.first_ready or now
+            return
+        flight.outstanding.discard(ref)
+        if ref is not flight.refs[0]:
+            return  # another rank finished its part; rank 0 carries the rows
+        self._land(slot, flight, value, now)
+
+    def _land(self, slot: Slot, flight: Flight, result: BatchResult, now: float) -> None:
+        slot.land(flight, now)
+        for ref in flight.outstanding:
+            self.refs.pop(ref, None)
+        rows = iter(result.rows)
+        for position, (task, attempt) in enumerate(flight.batch):
+            if position in result.unstored:
+                # Storage is down beyond its retry budget: stop feeding, drain, keep progress.
+                self.outage = result.outage
+                slot.pool.pending.appendleft((task, attempt - 1))
             else:
-                self.on_row(row)
+                self._settle(slot.pool, task, attempt, next(rows))
+        if slot.replica.ranks > 1 and any(row["status"] == "failed" for row in result.rows):
+            # Other ranks may still wait in a collective for this one: start the gang afresh.
+            self._lose(slot, None, now)
 
-        def rebuild(slot: int) -> None:
-            self.restarts += 1
-            if self.restarts > len(replicas) * self.max_attempts + 8:
-                raise WorkersFailed(f"replicas died {self.restarts} times; giving up")
-            replicas[slot].kill()
-            replicas[slot] = self._spawn(slot)
+    def _settle(self, pool: Pool, task: Task, attempt: int, row: dict) -> None:
+        if row["status"] == "failed" and attempt < self.max_attempts:
+            self.retries += 1
+            pool.pending.appendleft((task, attempt))
+        else:
+            self.on_row(row)
 
-        # 2. Keep every replica `prefetch` rows deep until the queues drain.
-        for slot in range(len(replicas)):
-            feed(slot)
-        while waiting:
-            # A timeout lets the driver publish buffered manifest rows even while renders take minutes.
-            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=self.tick_seconds)
-            self.on_tick()
-            if not ready:
-                continue
-            ref = ready[0]
-            flight = waiting[ref]
-            try:
-                value = ray.get(ref)
-            except _FAILED as exc:
-                # 3. A rank died or raised: its rows count an attempt, rows queued behind them don't,
-                #    and the whole replica is rebuilt (a gang's collectives are out of step now).
-                lost = sorted({id(f): f for f in waiting.values() if f.slot == flight.slot}.values(),
-                              key=lambda f: f.seq)
-                for f in lost:
-                    land(f)
-                for f in reversed(lost[1:]):
-                    requeue(f)
-                for task, attempt in lost[0].batch:
-                    settle(flight.slot, attempt, task, {**task.row(), "status": "failed", "attempts": attempt,
-                                                        "error": f"worker died: {_cause(exc)}"})
-                rebuild(flight.slot)
-                feed(flight.slot)
-                continue
-            if ref != flight.refs[0]:
-                waiting.pop(ref)  # another rank finished its part; rank 0 carries the rows
-                continue
-            land(flight)
-            for (task, attempt), row in zip(flight.batch, value):
-                if row.pop("storage_outage", False):
-                    # 4. Storage is down beyond its retry budget: stop feeding, drain, keep progress.
-                    outage = row["error"]
-                    pending[self.slots[flight.slot][0]].appendleft((task, attempt - 1))
-                else:
-                    settle(flight.slot, attempt, task, row)
-            if any(row["status"] == "failed" for row in value) and replicas[flight.slot].ranks > 1:
-                # Other ranks may still wait in a collective for this one: start the gang afresh.
-                for f in sorted({id(f): f for f in waiting.values() if f.slot == flight.slot}.values(),
-                                key=lambda f: -f.seq):
-                    land(f)
-                    requeue(f)
-                rebuild(flight.slot)
-            feed(flight.slot)
-        if outage is not None:
-            raise StorageOutage(outage)
+    def _lose(self, slot: Slot, exc: BaseException | None, now: float) -> None:
+        """The replica is gone (or must go): hand its batches back, then rebuild or retire the slot."""
+        was_starting = slot.state is SlotState.STARTING
+        self._forget(slot)
+        lost = slot.fail(now)
+        if lost and exc is not None:
+            # The running batch counts an attempt; rows queued behind it never ran.
+            self._requeue(slot.pool, lost[1:])
+            for task, attempt in lost[0].batch:
+                self._settle(slot.pool, task, attempt, {**task.row(), "status": "failed", "attempts": attempt,
+                                                        "error": f"worker died: {exc}"})
+        else:
+            self._requeue(slot.pool, lost)
+        if was_starting and exc is not None:
+            slot.start_failures += 1
+            if slot.start_failures >= self.max_attempts:
+                raise WorkersFailed(f"replica {slot.pool.name}#{slot.index} failed to start "
+                                    f"{slot.start_failures} times: {exc}")
+        self.restarts += 1
+        if len(self.live(slot.pool)) > self.fleet.capacity().get(slot.pool.name, 0):
+            slot.retire()  # the fleet shrank (a node was lost): do not wait for a place that is gone
+            return
+        failures = slot.start_failures
+        slot.rebuild(slot.pool.spawn(slot.index))
+        slot.start_failures = failures
+        self._track_start(slot)
 
-
-def _cause(exc: BaseException) -> str:
-    """A one-line reason from a Ray exception (its cause's message, not the whole traceback)."""
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}".strip()
+    def _requeue(self, pool: Pool, flights: Iterable[Flight]) -> None:
+        """Back to the front of the pool's queue in their order, the attempt not counted (they never ran)."""
+        for flight in reversed(list(flights)):
+            for task, attempt in reversed(flight.batch):
+                pool.pending.appendleft((task, attempt - 1))

@@ -8,7 +8,6 @@ manifest entry. Frames never travel back to the driver.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import threading
@@ -17,6 +16,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from kandinsky_batch.record import BatchResult, Stamp
 from kandinsky_batch.rows import Task
 from kandinsky_batch.storage import Storage, StorageUnavailable, object_key
 from kandinsky_batch.video import encode
@@ -29,8 +29,7 @@ class WorkerSpec:
 
     model_path: str
     output_uri: str
-    format: str
-    fps: int
+    stamp: Stamp
     # Credentials: kept out of the repr so no log line or error message can carry them.
     model_storage_options: dict = field(default_factory=dict, repr=False)
     output_storage_options: dict = field(default_factory=dict, repr=False)
@@ -39,13 +38,10 @@ class WorkerSpec:
     num_threads: int | None = None
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     group: str = "default"
-    options: RenderOptions = field(default_factory=RenderOptions)
 
-
-def recorded_options(options: RenderOptions) -> str | None:
-    """The manifest's `options` value: the non-default render options as JSON, or null."""
-    recorded = options.recorded()
-    return json.dumps(recorded, sort_keys=True) if recorded else None
+    @property
+    def options(self) -> RenderOptions:
+        return self.stamp.options
 
 
 class Turnstile:
@@ -136,8 +132,10 @@ class RenderWorker:
 
     def ready(self) -> dict:
         """Answer once the model is loaded: the driver waits for this before queueing rows."""
+        import ray
+
         return {"worker": self.name, "device": self.renderer.device, "load_seconds": self.renderer.load_seconds,
-                "gang": self.spec.parallel.name}
+                "gang": self.spec.parallel.name, "node": ray.get_runtime_context().get_node_id()}
 
     def _render(self, tasks: list[Task], ticket: int) -> tuple[list | None, float]:
         """Frames per task (rank 0; None elsewhere) and the seconds spent rendering, turnstile wait excluded."""
@@ -151,7 +149,7 @@ class RenderWorker:
                 frames = self.renderer.render_batch(requests)
             return frames, time.perf_counter() - started
 
-    def render(self, batch: list[tuple[Task, int]], ticket: int) -> list[dict] | None:
+    def render(self, batch: list[tuple[Task, int]], ticket: int) -> BatchResult | None:
         """Render, encode and commit a batch of (task, attempt); return their manifest rows (ok or failed).
 
         `ticket` numbers this replica's batches from 0. Ranks other than 0 take their part in the render
@@ -165,33 +163,38 @@ class RenderWorker:
         if self.rank != 0:
             self._render(tasks, ticket)
             return None
-        rows = [{**task.row(), "attempts": attempt, "worker": self.name, "model": self.spec.model_path,
-                 "format": self.spec.format, "fps": self.spec.fps, "gang": self.spec.parallel.name,
-                 "options": recorded_options(self.spec.options), "approximate": self.spec.options.approximate}
+        rows = [self.spec.stamp.row(task.row(), attempts=attempt, worker=self.name, gang=self.spec.parallel.name)
                 for task, attempt in batch]
         try:
             frames, seconds = self._render(tasks, ticket)
             seconds /= len(tasks)
         except Exception as exc:  # noqa: BLE001 - any pipeline error becomes a row-level failure
-            return [{**row, "status": "failed", "error": _describe(exc)} for row in rows]
+            return BatchResult([{**row, "status": "failed", "error": _describe(exc)} for row in rows])
         # Off the render path from here: the next batch renders while this one encodes and uploads.
-        return [self._commit(task, row, f, seconds) for task, row, f in zip(tasks, rows, frames)]
+        settled, unstored, outage = [], [], None
+        for position, (task, row, f) in enumerate(zip(tasks, rows, frames)):
+            try:
+                settled.append(self._commit(task, row, f, seconds))
+            except StorageUnavailable as exc:
+                # Not the row's fault: the driver stops the job cleanly and a re-run continues.
+                unstored.append(position)
+                outage = f"storage unavailable: {exc}"
+        return BatchResult(settled, tuple(unstored), outage)
 
     def _commit(self, task: Task, row: dict, frames, seconds: float) -> dict:
         """Encode one row's frames and create its object whole, at most once per key."""
         row["render_seconds"] = seconds
         try:
-            data = encode(frames, self.spec.format, self.spec.fps)
-            key = object_key(task.id, self.spec.format)
+            data = encode(frames, self.spec.stamp.format, self.spec.stamp.fps)
+            key = object_key(task.id, self.spec.stamp.format)
             if task.overwrite:
                 self.storage.put_bytes(key, data)
             elif not self.storage.put_bytes_if_absent(key, data):
                 # An earlier attempt of this row committed first (its replica died before answering):
                 # objects are created at most once per key, so that one stands and is what we record.
                 data = self.storage.get_bytes(key)
-        except StorageUnavailable as exc:
-            # Not the row's fault: the driver stops the job cleanly and a re-run continues.
-            return {**row, "status": "failed", "error": f"storage unavailable: {exc}", "storage_outage": True}
+        except StorageUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 - an encode error fails this row only
             return {**row, "status": "failed", "error": _describe(exc)}
         return {**row, "status": "ok", "error": None, "uri": self.storage.url(key), "bytes": len(data),

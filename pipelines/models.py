@@ -118,6 +118,21 @@ class ModelSpec:
         ids = self.tokenizer(text=[_prompt_template().format(prompt_clean(prompt))], return_tensors=None)["input_ids"][0]
         return len(ids) - TEMPLATE_TOKENS
 
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        """`prompt_tokens` of many prompts in one batch call of the Rust tokenizer (~50x faster).
+
+        The template's head ends in a newline and its tail is the special `<|im_end|>`, and a cleaned prompt
+        starts and ends with non-space: Qwen's pre-tokenizer splits at both seams, so the prompt's own tokens
+        plus one are the count (tests/test_tokenizer.py checks this against `prompt_tokens`). Counts near the
+        limit are taken the pipeline's way all the same: there a token decides a row's fate.
+        """
+        from diffusers.pipelines.kandinsky5.pipeline_kandinsky import prompt_clean
+
+        backend = getattr(self.tokenizer, "tokenizer", self.tokenizer)._tokenizer
+        encoded = backend.encode_batch([prompt_clean(p) for p in prompts], add_special_tokens=False)
+        counts = [len(e.ids) + 1 for e in encoded]
+        return [self.prompt_tokens(p) if c >= self.max_prompt_tokens - 8 else c for p, c in zip(prompts, counts)]
+
 
 @functools.lru_cache(maxsize=1)
 def _prompt_template() -> str:

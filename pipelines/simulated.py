@@ -55,6 +55,9 @@ class SimulatedSpec(ModelSpec):
         """Words and punctuation marks: an approximation of Qwen tokens (no tokenizer is loaded)."""
         return len(_WORD.findall(prompt))
 
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [self.prompt_tokens(p) for p in prompts]
+
 
 def simulated_spec(path: str) -> SimulatedSpec:
     """The limits a simulated model enforces: those of the T2V Lite checkpoints."""

@@ -54,7 +54,8 @@ def test_seed_contract_end_to_end(tmp_path, s3_output, ray_local, tiny_pipe):
     assert manifest.schema.equals(SCHEMA)
     rows = {r["id"]: r for r in manifest.to_pylist()}
     assert sorted(rows) == sorted(r["id"] for r in ROWS)
-    assert len({r["worker"] for r in rows.values()}) == 2, "both replicas should have rendered rows"
+    # Both replicas load; rows go to whichever is ready first, so one may take them all.
+    assert len(result.workers) == 2 and {r["worker"] for r in rows.values()} <= {w["worker"] for w in result.workers}
     # Effective values as rendered: overrides win, nulls fall back to the config, seeds derive from ids.
     assert rows["seeded"]["seed"] == 7
     assert rows["plain"]["seed"] == derive_seed(0, "plain")

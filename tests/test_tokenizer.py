@@ -97,3 +97,21 @@ def test_a_25_sentence_prompt_renders_and_a_60_sentence_one_is_invalid(spec, tin
     assert f"at most {spec.max_prompt_tokens}" in invalid[0]["error"]
     request = tasks[0].request()
     assert np.array_equal(Renderer("tiny").render(request), oracle(tiny_pipe, request.__dict__))
+
+
+TRICKY = [
+    "a cat", "A", "'s a contraction first", "'S shouting", "123 numbers first 4567", "  padded  ", "\ttabbed\n",
+    "line one\nline two\n\nline four", "!!! punctuation ???", "…ellipsis first", "emoji 🤗 in the middle 🐈‍⬛",
+    "中文提示词：一只猫在雨中跳舞。", "Кошка под дождём", "mixed 中文 and English, 42 times!", "&amp; html &lt;tag&gt;",
+    "ends with a newline\n", "\u00a0non-breaking start", "zero\u200bwidth", "x" * 600, "word " * 400,
+    "\u3000ideographic space start", "'", "-dash start", "https://example.com/a?b=c", "tab\tinside", "   ",
+    ENGLISH, CHINESE, RUSSIAN, " ".join(SENTENCES),
+]
+
+
+def test_batch_token_counts_equal_the_pipeline_way(spec):
+    """`count_tokens` (one Rust batch call over the cleaned prompts) = `prompt_tokens` (the templated text
+    through the processor, as diffusers does) for every prompt, including at and beyond the limit."""
+    at_limit = "word " * (spec.max_prompt_tokens - 1)
+    prompts = TRICKY + [at_limit, at_limit + "word", at_limit + "word word"]
+    assert spec.count_tokens(prompts) == [spec.prompt_tokens(p) for p in prompts]

@@ -1,0 +1,50 @@
+"""What a job writes into every manifest row besides the row itself: the one owner of those fields.
+
+The driver (invalid and adopted rows), resume (what a committed row must match) and the actors
+(rendered rows) all build manifest rows through `Stamp.row`, so the job-level values are stated once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from pipelines.request import RenderOptions
+
+
+def recorded_options(options: RenderOptions) -> str | None:
+    """The manifest's `options` value: the non-default render options as JSON, or null."""
+    recorded = options.recorded()
+    return json.dumps(recorded, sort_keys=True) if recorded else None
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """The job-level values of a manifest row: model, container, frame rate and the effective render options."""
+
+    model: str
+    format: str
+    fps: int
+    options: RenderOptions = field(default_factory=RenderOptions)
+
+    def fields(self) -> dict:
+        return {"model": self.model, "format": self.format, "fps": self.fps,
+                "options": recorded_options(self.options), "approximate": self.options.approximate}
+
+    def row(self, values: dict, **outcome) -> dict:
+        """A manifest row: the row's own values, the job's, then the outcome (status, error, uri, ...)."""
+        return {**values, **self.fields(), **outcome}
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What a replica returns for a batch: one manifest row per row it settled (ok or failed), in order.
+
+    `unstored` lists the batch positions whose video could not be stored because the output store stayed
+    down beyond its retry budget (`outage` says why): those rows are not settled, the job stops feeding and
+    a re-run continues.
+    """
+
+    rows: list[dict]
+    unstored: tuple[int, ...] = ()
+    outage: str | None = None

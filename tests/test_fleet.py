@@ -1,0 +1,164 @@
+"""A real multi-node Ray fleet: a node lost mid-job, a node added mid-job, and the fault-free baseline.
+
+Each scenario of `tests/fleet_scenarios.py` runs in a subprocess inside a private network namespace
+(`unshare -n`, root only): Ray must listen on every interface for a second node to join, and there the only
+interface is the namespace's own loopback. The scenario reports what happened as one JSON line; these tests hold
+it to the job's promises: every input row ends with exactly one manifest row, ok, and exactly one object, and no
+Ray process of the scenario outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.fleet_scenarios import MARKER
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = 40
+SCENARIO_TIMEOUT = 240  # the scenario's own limits: job 120 s, stall 20 s, start-up and teardown
+
+
+def _unshare_problem() -> str | None:
+    """Why a private network namespace cannot be made here, or None if it can."""
+    if not sys.platform.startswith("linux"):
+        return "needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return "needs root for `unshare -n` (a private network namespace for a multi-node Ray)"
+    for tool in ("unshare", "ip"):
+        if shutil.which(tool) is None:
+            return f"needs `{tool}` (util-linux / iproute2) for a private network namespace"
+    probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True,
+                           timeout=30, check=False)
+    if probe.returncode != 0:
+        return f"`unshare -n` does not work here: {probe.stderr.strip()[:200]}"
+    return None
+
+
+_PROBLEM = _unshare_problem()
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.fleet,
+    pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or ""),
+]
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(MARKER) == marker:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return [p for p in found if p.pid != os.getpid()]
+
+
+def _kill_marked(marker: str) -> list[str]:
+    """SIGKILL whatever the scenario left behind (by pid, only processes carrying its marker); list them."""
+    procs = _marked(marker)
+    names = []
+    for proc in procs:
+        try:
+            names.append(f"{proc.pid} {proc.name()}")
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    return names
+
+
+def run_scenario(name: str, tmp_path: Path) -> dict:
+    """Run one scenario in its own network namespace; its report, after checking it left no process behind."""
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env[MARKER] = marker
+    # Ray's workers import this checkout, whatever is installed.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    work = tmp_path / name
+    log = tmp_path / f"{name}.log"
+    cmd = ["unshare", "-n", sys.executable, "-m", "tests.fleet_scenarios", name, str(work)]
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            stdout, _ = proc.communicate(timeout=SCENARIO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            left = _kill_marked(marker)
+            pytest.fail(f"scenario {name} ran past {SCENARIO_TIMEOUT} s (its own hang detection failed); "
+                        f"killed {left}; log tail:\n{log.read_text()[-3000:]}")
+    left = _kill_marked(marker)
+    assert not left, f"scenario {name} left Ray processes running: {left}"
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert proc.returncode == 0 and len(lines) == 1, \
+        f"scenario {name}: exit {proc.returncode}, stdout {stdout[-2000:]!r}; log tail:\n{log.read_text()[-3000:]}"
+    report = json.loads(lines[0])
+    # The harness itself worked: a cluster, a job, a clean teardown.
+    assert "harness_error" not in report, report
+    assert report["leftover_processes"] == [], report["leftover_processes"]
+    assert not report.get("cleanup_errors"), report["cleanup_errors"]
+    assert report["rows_in"] == ROWS
+    return report
+
+
+def _summary(report: dict) -> str:
+    keep = ("hung", "hang_reason", "error", "events", "result", "manifest", "rows_added", "objects",
+            "ok_rows_by_node", "actors_at_end", "timings")
+    return json.dumps({k: report.get(k) for k in keep}, default=str, indent=1)
+
+
+def assert_every_row_once(report: dict) -> None:
+    """The job finished, and each input row has exactly one manifest row, ok, and exactly one object."""
+    summary = _summary(report)
+    assert not report["hung"], summary
+    assert report["job_finished"] and report["error"] is None, summary + report.get("traceback", "")
+    manifest = report["manifest"]
+    assert manifest["rows"] == ROWS and manifest["n_missing"] == 0, summary
+    assert manifest["by_status"] == {"ok": ROWS}, summary
+    assert manifest["ok_distinct_ids"] == ROWS and not manifest["ids_with_several_rows"], summary
+    assert report["rows_added"]["n_ok_ids_twice"] == 0, summary  # no row committed ok twice
+    objects = report["objects"]
+    assert objects["count"] == ROWS == objects["ok_rows"], summary
+    assert not objects["without_ok_row"] and not objects["ok_rows_without_object"], summary
+    result = report["result"]
+    assert (result["rows"], result["ok"], result["failed"], result["invalid"]) == (ROWS, ROWS, 0, 0), summary
+
+
+def test_baseline_two_nodes(tmp_path):
+    """Head and a second node, 2 logical GPUs each, no fault: one replica per GPU, rows on both nodes."""
+    report = run_scenario("baseline", tmp_path)
+    assert_every_row_once(report)
+    assert len(report["replicas"]) == 4, _summary(report)
+    assert report["ok_rows_by_node"].get("head", 0) > 0, _summary(report)
+    assert report["ok_rows_by_node"].get("node1", 0) > 0, _summary(report)
+
+
+def test_node_lost_mid_job(tmp_path):
+    """SIGKILL of the second node's Ray processes mid-job: the job still renders every row, once."""
+    report = run_scenario("node_loss", tmp_path)
+    summary = _summary(report)
+    node = next(n for n in report["nodes"] if n["role"] == "node1")
+    assert node["removed_at_s"] is not None, summary
+    assert node["marked_dead_at_s"] is not None, summary  # the GCS noticed within the run
+    assert any(e["what"] == "kill node1" and e["objects"] < ROWS for e in report["events"]), summary
+    assert_every_row_once(report)
+
+
+def test_node_added_mid_job(tmp_path):
+    """A node with 2 GPUs joins a head-only cluster mid-job: its new replicas take part of the rows."""
+    report = run_scenario("scale_up", tmp_path)
+    summary = _summary(report)
+    added = next(e for e in report["events"] if e["what"] == "add node1")
+    assert added["objects"] < ROWS, summary  # rows were left for the new node
+    assert_every_row_once(report)
+    assert report["ok_rows_by_node"].get("node1", 0) > 0, summary
