@@ -84,8 +84,8 @@ def tokenizer_spec(path: str):
     from pipelines.simulated import simulated_spec
 
     sim = simulated_spec(path)
-    return ModelSpec(**{f.name: getattr(sim, f.name) for f in fields(ModelSpec) if f.name != "tokenizer"},
-                     tokenizer=load_spec("tiny").tokenizer)
+    return ModelSpec(**{f.name: getattr(sim, f.name) for f in fields(ModelSpec) if f.name != "tokenizer_dir"},
+                     tokenizer_dir=load_spec("tiny").tokenizer_dir)
 
 
 def _config(data: Path, out: Path, extra: list[str] = ()):
@@ -100,6 +100,11 @@ def _patch_spec() -> None:
     import kandinsky_batch.preflight as preflight
 
     preflight.load_spec = lambda path, storage_options=None: tokenizer_spec(path)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _peak_rss_mb() -> float:
@@ -125,7 +130,7 @@ def child_job(data: Path, out: Path, limit: float) -> dict:
         time.sleep(0.5)
         count = sum(1 for _ in os.scandir(videos)) if videos.exists() else 0
         now = time.monotonic() - started
-        samples.append((now, count))
+        samples.append((now, count, _rss_mb()))
         if count and first is None:
             first = now
         if first is not None and now - first > limit:
@@ -138,15 +143,16 @@ def child_job(data: Path, out: Path, limit: float) -> dict:
 
 def child_finalize(out: Path, rows: int) -> dict:
     """Time final_rows + compact over a manifest of `rows` ok rows in 4,096-row parts."""
-    from kandinsky_batch.manifest import compact, final_rows, write_success
+    from kandinsky_batch.manifest import finalize, write_success
     from kandinsky_batch.storage import Storage
 
     storage = Storage(f"file://{out}")
     keys = pa.table({"id": pa.array([f"row-{i}" for i in range(rows)]), "row_index": pa.array(np.arange(rows))})
     started = time.perf_counter()
-    final = compact(storage, "bench-final", final_rows(storage, keys, keys.slice(0, 0)))
-    write_success(storage, {"rows": final.num_rows})
-    return {"finalize_seconds": time.perf_counter() - started, "rows": final.num_rows, "peak_rss_mb": _peak_rss_mb()}
+    counts = finalize(storage, "bench-final", keys, keys.slice(0, 0))
+    write_success(storage, {"counts": counts})
+    return {"finalize_seconds": time.perf_counter() - started, "rows": sum(counts.values()),
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 def synthesize_committed(data: Path, out: Path, rows: int, objects: bool) -> None:
@@ -240,6 +246,7 @@ def main() -> int:
         os._exit(0)  # a cut job's threads and Ray are the parent's to kill
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kb-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     results, rows_out = {"machine": machine(), "sizes": {}}, []
     for n in sizes:

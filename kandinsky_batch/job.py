@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
-import pyarrow.compute as pc
 from tqdm import tqdm
 
 from kandinsky_batch import cluster
 from kandinsky_batch.config import JobConfig, to_dict
 from kandinsky_batch.intake import Intake
-from kandinsky_batch.manifest import ManifestWriter, compact, final_rows, write_success
+from kandinsky_batch.manifest import ManifestWriter, finalize, write_success
 from kandinsky_batch.metrics import JobMetrics
 from kandinsky_batch.preflight import preflight
 from kandinsky_batch.scheduler import Pool, WorkQueue
@@ -140,9 +139,7 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
     # 4. Every input row has its final manifest row: compact the parts, then write _SUCCESS last.
     intake.check()
     rendered, invalid = intake.keys()
-    final = compact(storage, run_id, final_rows(storage, rendered, invalid))
-    counts = dict(zip(*(lambda v: (v.field("values").to_pylist(), v.field("counts").to_pylist()))(
-        pc.value_counts(final["status"]))))
+    counts = finalize(storage, run_id, rendered, invalid)
     result.ok, result.failed, result.invalid = counts.get("ok", 0), counts.get("failed", 0), counts.get("invalid", 0)
     result.skipped, result.adopted = intake.counts.skipped, intake.counts.adopted
     result.rendered = bar.counts["ok"] + bar.counts["failed"] - intake.counts.adopted

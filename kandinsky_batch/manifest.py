@@ -141,12 +141,16 @@ def _part_keys(storage: Storage) -> list[str]:
     return [k for k in storage.list(MANIFEST_DIR) if k.endswith(".parquet")]
 
 
-def _load_parts(storage: Storage) -> tuple[list[pa.Table], list[str]]:
+def _read_part(storage: Storage, key: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.get_bytes(key)), schema=SCHEMA, columns=columns)
+
+
+def _load_parts(storage: Storage, columns: list[str] | None = None) -> tuple[list[pa.Table], list[str]]:
     # A concurrent compaction may delete listed parts after writing their union, so list again on a miss.
     for _ in range(5):
         keys = _part_keys(storage)
         try:
-            tables = [pq.read_table(io.BytesIO(storage.get_bytes(k)), schema=SCHEMA) for k in keys]
+            tables = [_read_part(storage, k, columns) for k in keys]
         except FileNotFoundError:
             continue
         return tables, keys
@@ -214,37 +218,91 @@ def latest_outcomes(table: pa.Table) -> pa.Table:
     return table.take(_first_per(order, "id")["_pos"])
 
 
-def final_rows(storage: Storage, rendered: pa.Table, invalid: pa.Table) -> pa.Table:
-    """Exactly one manifest row per input row: this run's `invalid` rows, the latest outcome of the rest.
+RANK_COLUMNS = ["id", "row_index", "status", "finished_at"]
+FINAL_PART_ROWS = 100_000
 
-    `rendered` and `invalid` hold the (id, row_index) of every input row that had a task or was invalid
-    this run. Works on Arrow columns only, so a million-row job needs no Python object per row.
+
+def _winners(tables: list[pa.Table], rendered: pa.Table, invalid: pa.Table) -> pa.Table:
+    """Which stored row is each input row's final one: (_part, _pos, row_index), from the narrow columns only.
+
+    Rows with a task get their id's latest render outcome (moved to this run's row_index); this run's
+    invalid rows get the latest row recorded at their (id, row_index) with status invalid.
     """
-    tables, _ = _load_parts(storage)
-    every = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    ranked = _ranked(every)
-    # 1. Rows with a task: the id's latest render outcome, moved to this run's row_index.
-    outcomes = _first_per(ranked.filter(pc.not_equal(pc.field("status"), "invalid"))
-                          .sort_by([("id", "ascending"), ("_t", "descending"), ("_pos", "descending")]), "id")
-    joined = rendered.select(["id", "row_index"]).join(outcomes.select(["id", "_pos"]), "id", join_type="left outer")
+    tagged = pa.concat_tables(
+        _ranked(t).append_column("_part", pa.array(np.full(t.num_rows, i), pa.int64())) for i, t in enumerate(tables)
+    ) if tables else _ranked(SCHEMA.empty_table()).append_column("_part", pa.array([], pa.int64()))
+    order = [("_t", "descending"), ("_part", "descending"), ("_pos", "descending")]
+    outcomes = _first_per(tagged.filter(pc.not_equal(pc.field("status"), "invalid"))
+                          .sort_by([("id", "ascending"), *order]), "id")
+    joined = rendered.select(["id", "row_index"]).join(outcomes.select(["id", "_part", "_pos"]), "id",
+                                                       join_type="left outer")
     missing = joined.filter(pc.is_null(joined["_pos"]))
     if missing.num_rows:
         raise RuntimeError(f"rows without a final manifest row: ids {missing['id'].to_pylist()[:10]} "
                            f"({missing.num_rows} in all)")
-    # 2. This run's invalid rows: the latest row recorded at that (id, row_index) with status invalid.
-    marked = (ranked.filter(pc.equal(pc.field("status"), "invalid"))
+    marked = (tagged.filter(pc.equal(pc.field("status"), "invalid"))
               .join(invalid.select(["id", "row_index"]), ["id", "row_index"], join_type="inner")
-              .sort_by([("id", "ascending"), ("row_index", "ascending"), ("_t", "descending"),
-                        ("_pos", "descending")]))
+              .sort_by([("id", "ascending"), ("row_index", "ascending"), *order]))
     marked = marked.take(_first_unique(marked))
     if marked.num_rows != invalid.num_rows:
         raise RuntimeError(f"{invalid.num_rows - marked.num_rows} invalid rows have no manifest row")
-    final = pa.concat_tables([
-        every.take(joined["_pos"]).set_column(SCHEMA.get_field_index("row_index"), "row_index",
-                                              joined["row_index"].cast(pa.int64())),
-        every.take(marked["_pos"]),
-    ])
-    return final.sort_by([("row_index", "ascending")])
+    columns = ["_part", "_pos", "row_index"]
+    return pa.concat_tables([joined.select(columns), marked.select(columns)]).sort_by([("_part", "ascending"),
+                                                                                       ("_pos", "ascending")])
+
+
+def finalize(storage: Storage, run_id: str, rendered: pa.Table, invalid: pa.Table,
+             part_rows: int = FINAL_PART_ROWS) -> dict[str, int]:
+    """Rewrite the manifest as exactly one row per input row in final parts; returns the rows per status.
+
+    `rendered` and `invalid` hold the (id, row_index) of every input row that had a task or was invalid this
+    run. Which stored row wins is decided on four narrow columns; the rows themselves are then copied a part
+    at a time, so a million-row manifest never sits in memory whole. Parts hold up to `part_rows` rows,
+    sorted by row_index within each (readers sort across them).
+    """
+    narrow, keys = _load_parts(storage, RANK_COLUMNS)
+    winners = _winners(narrow, rendered, invalid)
+    del narrow
+    total = winners.num_rows
+    count = max(1, -(-total // part_rows))
+    written, counts, buffer = [], {}, []
+
+    def publish() -> None:
+        table = pa.concat_tables(buffer).sort_by([("row_index", "ascending")]) if buffer else SCHEMA.empty_table()
+        name = f"part-{run_id}-final.parquet" if count == 1 else f"part-{run_id}-final-{len(written):03d}.parquet"
+        storage.put_bytes(f"{MANIFEST_DIR}/{name}", _to_parquet(table))
+        written.append(f"{MANIFEST_DIR}/{name}")
+        for status, n in zip(*_value_counts(table["status"])):
+            counts[status] = counts.get(status, 0) + n
+        buffer.clear()
+
+    parts, positions, rows = (winners[c].to_numpy() for c in ("_part", "_pos", "row_index"))
+    bounds = np.flatnonzero(np.diff(parts)) + 1
+    buffered = 0
+    for chunk in np.split(np.arange(total), bounds) if total else []:
+        part = _read_part(storage, keys[parts[chunk[0]]]).take(pa.array(positions[chunk]))
+        part = part.set_column(SCHEMA.get_field_index("row_index"), "row_index", pa.array(rows[chunk], pa.int64()))
+        while part.num_rows:
+            take = min(part.num_rows, part_rows - buffered)
+            buffer.append(part.slice(0, take))
+            part, buffered = part.slice(take), buffered + take
+            if buffered == part_rows:
+                publish()
+                buffered = 0
+    if buffer or not written:
+        publish()
+    # Delete only what was read: a part published meanwhile holds rows the final parts lack.
+    for key in keys:
+        if key not in written:
+            storage.delete(key)
+    return counts
+
+
+def _value_counts(column) -> tuple[list, list]:
+    if len(column) == 0:
+        return [], []
+    counted = pc.value_counts(column)
+    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
 
 
 def _first_unique(table: pa.Table) -> pa.Array:
@@ -258,7 +316,6 @@ def _first_unique(table: pa.Table) -> pa.Array:
     return pa.array(np.flatnonzero(keep.to_numpy(zero_copy_only=False)))
 
 
-FINAL_PART_ROWS = 250_000
 
 
 def compact(storage: Storage, run_id: str, table: pa.Table | None = None) -> pa.Table:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import html
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -96,7 +98,8 @@ class ModelSpec:
     max_frames: int
     max_size: int
     max_prompt_tokens: int
-    tokenizer: object = field(repr=False, compare=False)
+    tokenizer_dir: str | None = field(default=None, repr=False, compare=False)
+    """The checkpoint's `tokenizer/` folder (Qwen2.5-VL's processor files), copied locally."""
 
     def with_attention(self, kind: str) -> "ModelSpec":
         """The limits when the model runs `regular` or `nabla` attention (NABLA groups 8x8 patches: 128 px)."""
@@ -105,33 +108,71 @@ class ModelSpec:
         patch = self.spatial_multiple // 8 if self.attention_type == "nabla" else self.spatial_multiple
         return replace(self, attention_type=kind, spatial_multiple=patch * 8 if kind == "nabla" else patch)
 
+    def processor(self):
+        """The pipeline's own text processor (transformers' AutoProcessor over `tokenizer/`)."""
+        return _processor(self.tokenizer_dir)
+
     def prompt_tokens(self, prompt: str) -> int:
         """Qwen tokens the prompt takes of the pipeline's `max_sequence_length` window, after it cleans the prompt
         and wraps it in its template: the prompt's own plus the template's closing `<|im_end|>`.
 
         diffusers 0.42.1 tokenizes at most 128 (template head) + max_sequence_length tokens and warns that it
         truncated exactly when this count exceeds max_sequence_length (tests/test_pipelines.py checks the boundary
-        with the real Qwen tokenizer).
+        with the real Qwen tokenizer). This is the pipeline's way, one prompt at a time; `count_tokens` is the
+        driver's.
         """
         from diffusers.pipelines.kandinsky5.pipeline_kandinsky import prompt_clean
 
-        ids = self.tokenizer(text=[_prompt_template().format(prompt_clean(prompt))], return_tensors=None)["input_ids"][0]
-        return len(ids) - TEMPLATE_TOKENS
+        text = [_prompt_template().format(prompt_clean(prompt))]
+        return len(self.processor()(text=text, return_tensors=None)["input_ids"][0]) - TEMPLATE_TOKENS
 
     def count_tokens(self, prompts: list[str]) -> list[int]:
-        """`prompt_tokens` of many prompts in one batch call of the Rust tokenizer (~50x faster).
+        """`prompt_tokens` of many prompts in one call of the Rust tokenizer, without torch in the process.
 
         The template's head ends in a newline and its tail is the special `<|im_end|>`, and a cleaned prompt
         starts and ends with non-space: Qwen's pre-tokenizer splits at both seams, so the prompt's own tokens
-        plus one are the count (tests/test_tokenizer.py checks this against `prompt_tokens`). Counts near the
-        limit are taken the pipeline's way all the same: there a token decides a row's fate.
+        plus one are the count. tests/test_tokenizer.py checks it against `prompt_tokens` on tricky prompts and
+        at the limit. Loading transformers or diffusers here would import torch (~700 MB in the driver).
         """
-        from diffusers.pipelines.kandinsky5.pipeline_kandinsky import prompt_clean
+        encoded = _fast_tokenizer(self.tokenizer_dir).encode_batch([clean_prompt(p) for p in prompts],
+                                                                   add_special_tokens=False)
+        return [len(e.ids) + 1 for e in encoded]
 
-        backend = getattr(self.tokenizer, "tokenizer", self.tokenizer)._tokenizer
-        encoded = backend.encode_batch([prompt_clean(p) for p in prompts], add_special_tokens=False)
-        counts = [len(e.ids) + 1 for e in encoded]
-        return [self.prompt_tokens(p) if c >= self.max_prompt_tokens - 8 else c for p, c in zip(prompts, counts)]
+
+def clean_prompt(text: str) -> str:
+    """diffusers' Kandinsky 5 `prompt_clean` (ftfy if installed, HTML unescaped twice, whitespace folded), here
+    so that the driver need not import diffusers, and with it torch, for four lines. tests/test_tokenizer.py
+    checks that both agree."""
+    ftfy = _ftfy()
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@functools.lru_cache(maxsize=1)
+def _ftfy():
+    """ftfy if installed (diffusers uses it only then), looked up once: a failed import is slow."""
+    try:
+        import ftfy
+    except ImportError:
+        return None
+    return ftfy
+
+
+@functools.lru_cache(maxsize=4)
+def _fast_tokenizer(folder: str):
+    """The tokenizer's Rust core from its `tokenizer.json` (the file transformers' fast tokenizer loads)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+
+
+@functools.lru_cache(maxsize=4)
+def _processor(folder: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(folder)
 
 
 @functools.lru_cache(maxsize=1)
@@ -148,8 +189,6 @@ def load_spec(path: str, storage_options: dict | None = None) -> ModelSpec:
         from pipelines.simulated import simulated_spec
 
         return simulated_spec(path)
-    from transformers import AutoProcessor
-
     local = Path(resolve_model(path, storage_options, spec_only=True))
     transformer = json.loads((local / "transformer" / "config.json").read_text())
     vae = json.loads((local / "vae" / "config.json").read_text())
@@ -167,5 +206,5 @@ def load_spec(path: str, storage_options: dict | None = None) -> ModelSpec:
         max_frames=temporal * 127 + 1,
         max_size=spatial * 128,
         max_prompt_tokens=MAX_PROMPT_TOKENS,
-        tokenizer=AutoProcessor.from_pretrained(local / "tokenizer"),
+        tokenizer_dir=str(local / "tokenizer"),
     )

@@ -65,7 +65,7 @@ def simulated_spec(path: str) -> SimulatedSpec:
     return SimulatedSpec(
         path=path, attention_type="regular", num_heads=NUM_HEADS, spatial_multiple=SPATIAL_MULTIPLE,
         temporal_multiple=TEMPORAL_MULTIPLE, max_frames=TEMPORAL_MULTIPLE * 127 + 1,
-        max_size=SPATIAL_MULTIPLE * 128, max_prompt_tokens=MAX_PROMPT_TOKENS, tokenizer=None,
+        max_size=SPATIAL_MULTIPLE * 128, max_prompt_tokens=MAX_PROMPT_TOKENS,
     )
 
 

@@ -64,7 +64,7 @@ def spec(model_cache):
 
 
 def test_known_real_qwen_ids(spec):
-    qwen = spec.tokenizer.tokenizer
+    qwen = spec.processor().tokenizer
     assert qwen(ENGLISH)["input_ids"] == ENGLISH_IDS
     assert qwen(CHINESE)["input_ids"] == CHINESE_IDS
     assert len(qwen) == 151665 and qwen.convert_tokens_to_ids(["<|im_start|>", "<|video_pad|>"]) == [151644, 151656]
@@ -80,7 +80,7 @@ def test_russian_matches_an_independent_bpe_over_the_same_ranks(spec):
     reference = tiktoken.Encoding("qwen", pat_str=PRETOKENIZE_REGEX,
                                   mergeable_ranks=load_tiktoken_bpe(qwen_bpe_ranks()), special_tokens={})
     for text in (RUSSIAN, RUSSIAN.upper(), " ".join(SENTENCES)):
-        assert spec.tokenizer.tokenizer(text)["input_ids"] == reference.encode(text), text[:40]
+        assert spec.processor().tokenizer(text)["input_ids"] == reference.encode(text), text[:40]
 
 
 def test_a_25_sentence_prompt_renders_and_a_60_sentence_one_is_invalid(spec, tiny_pipe):
@@ -115,3 +115,12 @@ def test_batch_token_counts_equal_the_pipeline_way(spec):
     at_limit = "word " * (spec.max_prompt_tokens - 1)
     prompts = TRICKY + [at_limit, at_limit + "word", at_limit + "word word"]
     assert spec.count_tokens(prompts) == [spec.prompt_tokens(p) for p in prompts]
+
+
+def test_the_driver_cleans_prompts_as_diffusers_does():
+    from diffusers.pipelines.kandinsky5.pipeline_kandinsky import prompt_clean
+
+    from pipelines.models import clean_prompt
+
+    for text in TRICKY + ["&amp;amp; twice escaped", "a\u2028b\u2029c", "\x85next line", "  \r\n  "]:
+        assert clean_prompt(text) == prompt_clean(text), repr(text)
