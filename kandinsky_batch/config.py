@@ -175,7 +175,8 @@ class ClusterConfig:
     address: Optional[str] = None
     """Ray address to join (`auto` inside `ray job submit`); None starts a local Ray on loopback."""
     replicas: Optional[int] = None
-    """Model replicas. None: one per GPU (per gang of GPUs) in the cluster, or 1 on a host without GPUs."""
+    """Model replicas: on a GPU cluster a cap, the fleet following the GPUs of the nodes alive. None: one per GPU
+    (per gang of GPUs) in the cluster, or 1 on a host without GPUs."""
     max_attempts: int = 3
     """Times a row is tried (replica deaths and render errors) before it is recorded as failed."""
     no_replica_timeout: float = 900.0

@@ -6,6 +6,7 @@ The driver (invalid and adopted rows), resume (what a committed row must match) 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -27,13 +28,14 @@ class Stamp:
     fps: int
     options: RenderOptions = field(default_factory=RenderOptions)
 
+    @functools.cached_property
     def fields(self) -> dict:
         return {"model": self.model, "format": self.format, "fps": self.fps,
                 "options": recorded_options(self.options), "approximate": self.options.approximate}
 
     def row(self, values: dict, **outcome) -> dict:
         """A manifest row: the row's own values, the job's, then the outcome (status, error, uri, ...)."""
-        return {**values, **self.fields(), **outcome}
+        return {**values, **self.fields, **outcome}
 
 
 @dataclass(frozen=True)

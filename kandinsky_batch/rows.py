@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
@@ -59,9 +59,7 @@ class Task:
 
     def row(self) -> dict:
         """The task's manifest fields: its id, position and effective parameters."""
-        fields = asdict(self)
-        del fields["overwrite"], fields["text_tokens"]
-        return fields
+        return {name: getattr(self, name) for name in _ROW_FIELDS}
 
     def batch_key(self) -> tuple:
         """Rows with equal keys can share one batched forward. The transformer has no text attention
@@ -76,6 +74,9 @@ class Task:
     def cost(self) -> float:
         """Relative GPU cost: visual tokens x steps x transformer passes per step."""
         return self.tokens() * self.num_inference_steps * (2 if self.guidance_scale > 1.0 else 1)
+
+
+_ROW_FIELDS = tuple(f.name for f in fields(Task) if f.name not in ("overwrite", "text_tokens"))
 
 
 def _id_error(row_id: str | None) -> str | None:

@@ -7,6 +7,7 @@ manifest entry. Frames never travel back to the driver.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -123,7 +124,7 @@ class RenderWorker:
             self.loaded.set()
         return self.ready()
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES") if self.renderer.device.startswith("cuda") else None
         where = f"gpu{gpu}" if gpu is not None else self.renderer.device
