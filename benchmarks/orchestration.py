@@ -7,7 +7,8 @@ real: the actors, the work queue, npy encoding, whole-object uploads, the manife
 Definitions (the same for both systems, which run in one loopback Ray this script starts as `cluster.connect`
 would, num_cpus = max(host cores, replicas); `job.run` joins it):
 - makespan: wall time from every replica ready (models loaded) to the last row settled at the driver; for
-  `job.run` that is `JobResult.drain_seconds`. Ray Data is run with `wait_for_min_actors_s` so that no row
+  `job.run` that is `JobResult.drain_seconds` (first row handed out -> last settled), with rows held back
+  until the whole fleet is up (the job itself hands rows to the first replicas ready). Ray Data is run with `wait_for_min_actors_s` so that no row
   starts before its whole pool is up; its makespan runs from the last actor's end of `__init__` to the
   return of `take_all()`.
 - lower bound: max(sum of modelled row seconds / replicas, longest row).
@@ -159,6 +160,25 @@ def _summary(name: str, makespan: float, window: tuple[float, float], rows: list
             "cpu_cores_by_process": {k: round(v / span, 3) for k, v in list(cpu.items())[:8]}, **extra}
 
 
+@contextmanager
+def _rows_after_fleet_is_up(replicas: int) -> Iterator[None]:
+    """Hold rows until every replica is ready, as Ray Data's `wait_for_min_actors_s` does, so both makespans
+    measure a warm fleet (a job hands rows to the first replicas up; on 2 cores their start-up would slow them)."""
+    from kandinsky_batch.scheduler import SlotState, WorkQueue
+
+    pull = WorkQueue._pull
+
+    def gated(queue: WorkQueue) -> None:
+        if sum(s.state is SlotState.READY for s in queue.slots) >= replicas:
+            pull(queue)
+
+    WorkQueue._pull = gated
+    try:
+        yield
+    finally:
+        WorkQueue._pull = pull
+
+
 def run_job(rows: list[dict], replicas: int, model: str, workdir: Path) -> dict:
     """Our system: `job.run` with npy output to local disk."""
     import pyarrow as pa
@@ -175,7 +195,7 @@ def run_job(rows: list[dict], replicas: int, model: str, workdir: Path) -> dict:
     cfg = load_config(None, [f"input.path={data}", f"output.uri={uri}", "output.format=npy",
                              f"model.path={model}", f"cluster.replicas={replicas}"])
     started = time.perf_counter()
-    with local_ray(replicas, workdir / "traces"), HostWatch() as watch:
+    with local_ray(replicas, workdir / "traces"), HostWatch() as watch, _rows_after_fleet_is_up(replicas):
         result = run(cfg, progress=False)
     total = time.perf_counter() - started
     if result.ok != len(rows):

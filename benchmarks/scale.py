@@ -240,7 +240,7 @@ def main() -> int:
         elif mode == "finalize":
             print(json.dumps(child_finalize(Path(rest[0]), int(rest[1]))))
         elif mode == "prefix":
-            synthesize_committed(Path(rest[0]), Path(rest[1]), int(rest[2]), objects=True)
+            synthesize_committed(Path(rest[0]), Path(rest[1]), int(rest[2]), objects=rest[3] == "objects")
             print("{}")
         sys.stdout.flush()
         os._exit(0)  # a cut job's threads and Ray are the parent's to kill
@@ -267,11 +267,11 @@ def main() -> int:
         if n >= 1_000_000:
             fin_dir = work / f"fin-{n}"
             shutil.rmtree(fin_dir, ignore_errors=True)
-            _child("prefix", str(data), str(fin_dir), str(n), timeout=3600)
+            _child("prefix", str(data), str(fin_dir), str(n), "no-objects", timeout=3600)
             entry["finalize"] = _child("finalize", str(fin_dir), str(n), timeout=3600)
             res_dir = work / f"resume-{n}"
             shutil.rmtree(res_dir, ignore_errors=True)
-            _child("prefix", str(data), str(res_dir), str(n // 2), timeout=3600)
+            _child("prefix", str(data), str(res_dir), str(n // 2), "objects", timeout=3600)
             resume = _child("job", str(data), str(res_dir), "5", timeout=3600)
             entry["resume_first_render_seconds"] = resume["first_video_seconds"]
             entry["resume_peak_rss_mb"] = resume["peak_rss_mb"]

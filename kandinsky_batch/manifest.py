@@ -157,6 +157,12 @@ def _load_parts(storage: Storage, columns: list[str] | None = None) -> tuple[lis
     raise RuntimeError(f"manifest parts under {storage.url(MANIFEST_DIR)} kept vanishing while being read")
 
 
+def read_columns(storage: Storage, columns: list[str]) -> pa.Table:
+    """Some columns of all parts, unresolved (duplicates kept)."""
+    tables, _ = _load_parts(storage, columns)
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(columns)
+
+
 def read_parts(storage: Storage) -> tuple[pa.Table, list[str]]:
     """All rows of all parts, unresolved (duplicates kept), and the part keys they came from."""
     tables, keys = _load_parts(storage)

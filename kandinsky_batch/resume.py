@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kandinsky_batch.manifest import latest_outcomes, read_manifest
+from kandinsky_batch.manifest import latest_outcomes, read_columns
 from kandinsky_batch.record import Stamp
 from kandinsky_batch.rows import Task
 from kandinsky_batch.storage import Storage, object_key
@@ -26,7 +26,7 @@ from kandinsky_batch.video import decode
 # What decides a row's pixels and bytes: if any differs, an old object is not this row's output.
 IDENTITY = ("prompt", "negative_prompt", "seed", "height", "width", "num_frames", "num_inference_steps",
             "guidance_scale", "model", "format", "fps", "options")
-MAX_NAMED = 3
+OUTCOME_COLUMNS = ["id", "row_index", "status", "finished_at", *IDENTITY]
 
 
 class ResumeConflict(ValueError):
@@ -66,8 +66,9 @@ class OutputState:
 
     def __init__(self, storage: Storage, stamp: Stamp, force: bool = False):
         self.storage, self.stamp, self.force = storage, stamp, force
-        # `invalid` rows are re-derived from the input on every run: only render outcomes count here.
-        self.outcomes = latest_outcomes(read_manifest(storage))
+        # `invalid` rows are re-derived from the input on every run: only render outcomes count here. Only the
+        # columns that decide identity are read, so a large manifest costs its prompts and little else.
+        self.outcomes = latest_outcomes(read_columns(storage, OUTCOME_COLUMNS))
         self.committed = int(pc.sum(pc.equal(self.outcomes["status"], "ok")).as_py() or 0)
         self.objects = pa.array(storage.list("videos"), pa.string())
 

@@ -187,7 +187,7 @@ class WorkQueue:
         self.first_dispatch: float | None = None
         """Clock time the first batch went to a replica."""
         self.drain_seconds = 0.0
-        """Wall time from the first replica ready to the last row settled (start-up excluded)."""
+        """Wall time from the first batch handed to a replica to the last row settled."""
 
     # -- what the queue knows -------------------------------------------------------------------------
 
@@ -230,8 +230,8 @@ class WorkQueue:
                 for ref in self.wait(list(self.refs), self.tick_seconds):
                     self._handle(ref)
                 self.on_tick(self)
-            if self.first_ready is not None:
-                self.drain_seconds = self.clock() - self.first_ready
+            if self.first_dispatch is not None:
+                self.drain_seconds = self.clock() - self.first_dispatch
         finally:
             # Release GPUs now, not whenever handles are collected: the next job may be waiting.
             for slot in self.slots:
