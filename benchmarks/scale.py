@@ -120,6 +120,7 @@ def child_job(data: Path, out: Path, limit: float) -> dict:
     _patch_spec()
     cfg = _config(data, out)
     videos = out / "videos"
+    before = sum(1 for _ in os.scandir(videos)) if videos.exists() else 0  # a resumed prefix holds some
     started = time.monotonic()
     report: dict = {}
     thread = threading.Thread(target=lambda: report.update(result=run(cfg, progress=False).__dict__), daemon=True)
@@ -128,10 +129,10 @@ def child_job(data: Path, out: Path, limit: float) -> dict:
     first = None
     while thread.is_alive():
         time.sleep(0.5)
-        count = sum(1 for _ in os.scandir(videos)) if videos.exists() else 0
+        count = (sum(1 for _ in os.scandir(videos)) if videos.exists() else 0) - before
         now = time.monotonic() - started
         samples.append((now, count, _rss_mb()))
-        if count and first is None:
+        if count > 0 and first is None:
             first = now
         if first is not None and now - first > limit:
             report["cut"] = True

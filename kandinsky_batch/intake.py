@@ -62,7 +62,9 @@ def committed_tasks(dataset: Dataset, validator: RowValidator, cluster: ClusterC
         ids = row_ids(batch.column("id") if "id" in batch.column_names else None, positions)
         keep = pc.is_in(ids, ok).to_numpy(zero_copy_only=False)
         if keep.any():
-            routed, _ = route(validator.validate(batch.filter(keep), positions[keep]).task_list(), cluster)
+            # Rows committed with the same values are done without tokenizing; the rest are checked in full.
+            validated = validator.validate(batch.filter(keep), positions[keep], state.done_check(ids.filter(keep)))
+            routed, _ = route(validated.task_list(), cluster)
             yield [task for tasks in routed.values() for task in tasks]
 
 
@@ -94,7 +96,8 @@ class Intake:
                     return
                 positions = np.arange(start, start + batch.num_rows)
                 start += batch.num_rows
-                self._take(batch.num_rows, self.validator.validate(batch, positions))
+                ids = row_ids(batch.column("id") if "id" in batch.column_names else None, positions)
+                self._take(batch.num_rows, self.validator.validate(batch, positions, self.state.done_check(ids)))
         except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread, which raises it
             self._error = exc
         finally:
@@ -108,6 +111,9 @@ class Intake:
             self.record(self.stamp.row(row))
         if invalid:
             self.invalid.append(_keys(invalid))
+        if validated.done:
+            self.rendered.append(_keys([{"id": i, "row_index": r} for i, r in validated.done]))
+            self.counts.skipped += len(validated.done)
         window = {}
         for name, tasks in routed.items():
             if not tasks:

@@ -145,21 +145,22 @@ def _read_part(storage: Storage, key: str, columns: list[str] | None = None) -> 
     return pq.read_table(io.BytesIO(storage.get_bytes(key)), schema=SCHEMA, columns=columns)
 
 
-def _load_parts(storage: Storage, columns: list[str] | None = None) -> tuple[list[pa.Table], list[str]]:
+def _load_parts(storage: Storage, columns: list[str] | None = None,
+                transform=lambda table: table) -> tuple[list[pa.Table], list[str]]:
     # A concurrent compaction may delete listed parts after writing their union, so list again on a miss.
     for _ in range(5):
         keys = _part_keys(storage)
         try:
-            tables = [_read_part(storage, k, columns) for k in keys]
+            tables = [transform(_read_part(storage, k, columns)) for k in keys]
         except FileNotFoundError:
             continue
         return tables, keys
     raise RuntimeError(f"manifest parts under {storage.url(MANIFEST_DIR)} kept vanishing while being read")
 
 
-def read_columns(storage: Storage, columns: list[str]) -> pa.Table:
-    """Some columns of all parts, unresolved (duplicates kept)."""
-    tables, _ = _load_parts(storage, columns)
+def read_columns(storage: Storage, columns: list[str], transform=lambda table: table) -> pa.Table:
+    """Some columns of all parts, unresolved (duplicates kept), each part passed through `transform` as read."""
+    tables, _ = _load_parts(storage, columns, transform)
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(columns)
 
 

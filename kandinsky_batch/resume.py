@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,8 +44,28 @@ class Split:
     conflicts: list[str] = field(default_factory=list)
 
 
+TEXTS = ("prompt", "negative_prompt")
+
+
+def digest(text: str | None) -> int | None:
+    """A 64-bit digest of a text: what resume keeps of committed prompts (8 bytes a row, not the text)."""
+    if text is None:
+        return None
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big",
+                          signed=True)
+
+
+def _digested(table: pa.Table) -> pa.Table:
+    for name in TEXTS:
+        column = pa.array([digest(t) for t in table[name].to_pylist()], pa.int64())
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table
+
+
 def identity(row: dict) -> tuple:
-    return tuple(row.get(k) for k in IDENTITY)
+    """What decides a row's output, texts as digests (committed rows are held that way)."""
+    return tuple(row.get(k) if k not in TEXTS or not isinstance(row.get(k), str) else digest(row[k])
+                 for k in IDENTITY)
 
 
 def _complete(data: bytes, task: Task, fmt: str) -> bool:
@@ -57,8 +78,9 @@ def _complete(data: bytes, task: Task, fmt: str) -> bool:
 
 
 def _describe(task: Task, before: dict, want: dict) -> str:
-    changed = [k for k in IDENTITY if before.get(k) != want.get(k)]
-    return f"id={task.id!r} ({', '.join(f'{k}: {before.get(k)!r} -> {want.get(k)!r}' for k in changed[:3])})"
+    changed = [k for k, a, b in zip(IDENTITY, identity(before), identity(want)) if a != b]
+    shown = [f"{k}: changed" if k in TEXTS else f"{k}: {before.get(k)!r} -> {want.get(k)!r}" for k in changed[:3]]
+    return f"id={task.id!r} ({', '.join(shown)})"
 
 
 class OutputState:
@@ -68,20 +90,30 @@ class OutputState:
         self.storage, self.stamp, self.force = storage, stamp, force
         # `invalid` rows are re-derived from the input on every run: only render outcomes count here. Only the
         # columns that decide identity are read, so a large manifest costs its prompts and little else.
-        self.outcomes = latest_outcomes(read_columns(storage, OUTCOME_COLUMNS))
+        self.outcomes = latest_outcomes(read_columns(storage, OUTCOME_COLUMNS, _digested))
         self.committed = int(pc.sum(pc.equal(self.outcomes["status"], "ok")).as_py() or 0)
         self.objects = pa.array(storage.list("videos"), pa.string())
 
-    def _previous(self, tasks: list[Task]) -> dict[str, dict]:
-        if self.outcomes.num_rows == 0:
+    def _previous(self, ids: list[str]) -> dict[str, dict]:
+        if self.outcomes.num_rows == 0 or not ids:
             return {}
-        ids = pa.array([t.id for t in tasks], pa.string())
-        return {r["id"]: r for r in self.outcomes.filter(pc.is_in(self.outcomes["id"], ids)).to_pylist()}
+        return {r["id"]: r for r in self.outcomes.filter(pc.is_in(self.outcomes["id"], pa.array(ids, pa.string())))
+                .to_pylist()}
+
+    def done_check(self, ids: pa.Array) -> Callable[[dict], bool] | None:
+        """For a window of rows: a test `candidate -> committed ok with exactly these values` (None: none can be)."""
+        if not self.committed:
+            return None
+        previous = self._previous(ids.to_pylist())
+        ok = {k: identity(r) for k, r in previous.items() if r["status"] == "ok"}
+        if not ok:
+            return None
+        return lambda candidate: ok.get(candidate["id"]) == identity(self.stamp.row(candidate))
 
     def split(self, tasks: list[Task]) -> Split:
         """Sort a window of tasks into done (skip), adopted (commit without rendering) and todo (render)."""
         result = Split()
-        previous = self._previous(tasks)
+        previous = self._previous([t.id for t in tasks])
         fmt = self.stamp.format
         keys = [object_key(t.id, fmt) for t in tasks]
         present = (pc.is_in(pa.array(keys, pa.string()), self.objects).to_pylist() if len(self.objects)

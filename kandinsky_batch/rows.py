@@ -10,6 +10,7 @@ import hashlib
 import math
 import unicodedata
 from dataclasses import dataclass, field, fields
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -217,6 +218,8 @@ class Validated:
 
     tasks: pa.Table
     invalid: list[dict]
+    done: list[tuple[str, int]] = field(default_factory=list)
+    """(id, row_index) of rows already committed with these effective values (see `RowValidator.validate`)."""
 
     def task_list(self) -> list[Task]:
         return [Task(**{k: v for k, v in row.items() if k not in ("prompt_tokens", "negative_tokens")},
@@ -257,8 +260,12 @@ class RowValidator:
         if len(self._tokens) > 65536:  # a cache, not a record: keep the driver's memory flat
             self._tokens = {t: self._tokens[t] for t in texts}
 
-    def validate(self, batch: pa.Table, rows: np.ndarray) -> Validated:
-        """The dataset's rows `rows` (their positions), given as `batch`."""
+    def validate(self, batch: pa.Table, rows: np.ndarray, done: Callable[[dict], bool] | None = None) -> Validated:
+        """The dataset's rows `rows` (their positions), given as `batch`.
+
+        `done(candidate)` says a row is already committed with exactly these effective values (resume): such a
+        row passed every rule before and would again, so its texts are not tokenized; it is listed in `done`.
+        """
         n, d = batch.num_rows, self.defaults
         ids = row_ids(batch.column("id") if "id" in batch.column_names else None, rows).to_pylist()
         positions = rows.tolist()
@@ -272,19 +279,27 @@ class RowValidator:
                                          num_frames=1, num_inference_steps=1, guidance_scale=2.0)
         fallback = default_negative.effective_negative_prompt()
         effective = [None if g <= 1.0 else (fallback if neg is None else neg) for g, neg in zip(guidance, negatives)]
-        # 1. Texts: blank ones and those over the token limit (every distinct text counted once, in one call).
-        self._count([p for p in prompts if p is not None] + [t for t in effective if t is not None])
-        valid, invalid = [], []
+        # 1. Effective values of every row; rows committed with exactly these are done.
+        candidates, skipped = [], []
         for i in range(n):
-            index = positions[i]
-            row_id = ids[i]
             seed = seeds[i]
-            candidate = dict(id=row_id, row_index=index, prompt=prompts[i],
-                             seed=derive_seed(d.seed, row_id) if seed is None else int(seed),
+            candidate = dict(id=ids[i], row_index=positions[i], prompt=prompts[i],
+                             seed=derive_seed(d.seed, ids[i]) if seed is None else int(seed),
                              **{key: params[key][i] for key in PARAMS})
             candidate["guidance_scale"] = guidance[i]
             candidate["negative_prompt"] = effective[i]
-            error = (self.ids.errors.get(index)
+            candidates.append(candidate)
+            skipped.append(done is not None and positions[i] not in self.ids.errors and done(candidate))
+        # 2. Texts of the rest: every distinct one counted once, in one tokenizer call.
+        self._count([p for p, skip in zip(prompts, skipped) if p is not None and not skip]
+                    + [t for t, skip in zip(effective, skipped) if t is not None and not skip])
+        # 3. The rules, in the order that decides which one a row's message names.
+        valid, invalid, finished = [], [], []
+        for i, candidate in enumerate(candidates):
+            if skipped[i]:
+                finished.append((candidate["id"], candidate["row_index"]))
+                continue
+            error = (self.ids.errors.get(positions[i])
                      or _text_error("prompt", prompts[i], self.spec, True, self._tokens.get(prompts[i]))
                      or _param_error(candidate, self.spec))
             if error is None and effective[i] is not None:
@@ -295,7 +310,7 @@ class RowValidator:
                 valid.append(candidate)
             else:
                 invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
-        return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid)
+        return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished)
 
 
 def build_tasks(table: pa.Table, cfg: JobConfig, spec: ModelSpec) -> tuple[list[Task], list[dict]]:

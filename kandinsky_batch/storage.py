@@ -76,6 +76,19 @@ def object_key(row_id: str, fmt: str) -> str:
     return f"videos/{cleaned}-{digest}.{fmt}"
 
 
+def _walk(path: str):
+    """Every file under a local directory, recursively (nothing if it does not exist)."""
+    try:
+        entries = list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(entry.path)
+        else:
+            yield entry.path
+
+
 def _check_key(key: str, allow_root: bool = False) -> str:
     if key == "" and allow_root:
         return key
@@ -234,6 +247,8 @@ class Storage:
         path = self._path(prefix.rstrip("/"), allow_root=True)
 
         def op() -> list[str]:
+            if self.local:
+                return list(_walk(path))  # names only: fsspec's find builds a dict per file first
             self.fs.invalidate_cache()
             try:
                 found = self.fs.find(path)

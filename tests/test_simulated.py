@@ -100,3 +100,52 @@ def test_job_through_the_simulated_model(tmp_path, ray_local):
         frames = decode(storage.get_bytes(storage.key_of(row["uri"])), "npy")
         assert np.array_equal(frames, renderer.render(_request(seed=row["seed"])))
     assert verify(uri) == []
+
+
+@pytest.mark.slow
+def test_a_job_feeds_its_live_metrics(tmp_path, ray_local, monkeypatch):
+    """Every committed row is counted by status, and queue depth, busy fractions and the rate are set."""
+    import kandinsky_batch.job as job
+    from kandinsky_batch.metrics import JobMetrics
+
+    made = []
+
+    class Recording(JobMetrics):
+        def __init__(self, run_id, backend=None):
+            super().__init__(run_id, backend)
+            self.busy_seen, self.queued_seen = {}, []
+            made.append(self)
+
+        def busy(self, replica, fraction):
+            self.busy_seen[replica] = fraction
+            super().busy(replica, fraction)
+
+        def queued(self, count):
+            self.queued_seen.append(count)
+            super().queued(count)
+
+    monkeypatch.setattr(job, "JobMetrics", Recording)
+    monkeypatch.setattr(job, "METRICS_SECONDS", 0.0)
+    rows = [{"id": f"r{i}", "prompt": f"prompt {i}"} for i in range(12)] + [{"id": "blank", "prompt": " "}]
+    data = write_dataset(tmp_path / "prompts.parquet", rows)
+    cfg = load_config(None, [f"input.path={data}", f"output.uri=file://{tmp_path / 'out'}", "output.format=npy",
+                             "model.path=simulated:0.05", "cluster.replicas=2"])
+    result = run(cfg, progress=False)
+    (metrics,) = made
+    assert metrics.counts["ok"] == result.ok == 12 and metrics.counts["invalid"] == 1
+    assert metrics.queued_seen and max(metrics.queued_seen) > 0
+    assert set(metrics.busy_seen) <= {w["worker"] for w in result.workers} and metrics.busy_seen
+    assert all(0.0 <= f <= 1.0 for f in metrics.busy_seen.values())
+    assert metrics.videos_per_hour > 0
+
+
+def test_the_driver_validates_with_the_real_tokenizer_without_torch(model_cache):
+    """Preflight and validation of a tiny-model job import neither torch nor diffusers (the driver stays small)."""
+    load_spec("tiny")  # builds the tiny model in the session's cache if needed (that needs torch; validating does not)
+    code = ("import sys, pyarrow as pa; from pipelines import load_spec; from kandinsky_batch.rows import build_tasks;"
+            "from kandinsky_batch.config import load_config;"
+            "cfg = load_config(None, ['input.path=x', 'output.uri=y']);"
+            "tasks, invalid = build_tasks(pa.table({'prompt': ['a cat', ' ']}), cfg, load_spec('tiny'));"
+            "print(len(tasks), len(invalid), tasks[0].text_tokens[0], 'torch' in sys.modules, 'diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1", "3", "False", "False"]
