@@ -109,7 +109,8 @@ class RayFleet:
 
 
 def wait(refs: list, timeout: float) -> list:
-    """Ray's wait for the work queue: whatever finished within `timeout` (at least a short pause)."""
+    """Ray's wait for the work queue: a ref that finished within `timeout`, or none (an empty list pauses briefly).
+    One at a time: the queue's loop per result is cheaper than a second `ray.wait` over every ref."""
     import time
 
     import ray
@@ -118,10 +119,6 @@ def wait(refs: list, timeout: float) -> list:
         time.sleep(min(timeout, 0.05))
         return []
     ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-    if ready:
-        # Take everything else that is already done too: one wakeup per burst, not per row.
-        more, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        ready = list({r: None for r in ready + more})
     return ready
 
 

@@ -178,6 +178,8 @@ class WorkQueue:
         self.tick_seconds, self.fleet_seconds, self.no_replica_timeout = tick_seconds, fleet_seconds, no_replica_timeout
         self.low_water, self.on_tick, self.clock = low_water, on_tick, clock
         self.slots: list[Slot] = []
+        self.hungry: set[Slot] = set()  # ready slots with room for another batch: only these are fed
+        self.flying = 0                 # rows on replicas
         self.refs: dict[Any, tuple[Slot, Flight | None]] = {}  # outstanding ref -> its slot and batch (None: ready)
         self.seq = itertools.count()
         self.restarts = self.retries = 0
@@ -193,8 +195,7 @@ class WorkQueue:
 
     def queued(self) -> int:
         """Rows waiting for a replica or on one."""
-        return (sum(len(p.pending) for p in self.pools.values())
-                + sum(len(f.batch) for s in self.slots for f in s.flights))
+        return sum(len(p.pending) for p in self.pools.values()) + self.flying
 
     def live(self, pool: Pool) -> list[Slot]:
         return [s for s in self.slots if s.pool is pool and s.state is not SlotState.RETIRED]
@@ -217,7 +218,7 @@ class WorkQueue:
                     self._reconcile(now)
                     next_fleet = now + self.fleet_seconds
                 # 3. Keep every ready replica `prefetch` batches deep.
-                for slot in self.slots:
+                for slot in list(self.hungry):
                     self._feed(slot, now)
                 if self._finished() or (self.outage and not self.refs_in_flight()):
                     break
@@ -302,13 +303,15 @@ class WorkQueue:
 
     def _feed(self, slot: Slot, now: float) -> None:
         pending = slot.pool.pending
-        while (slot.state is SlotState.READY and self.outage is None and pending
-               and len(slot.flights) < self.prefetch):
+        while self.outage is None and pending and len(slot.flights) < self.prefetch:
             batch = self._take(pending)
             flight = Flight(next(self.seq), batch, slot.replica.submit(batch))
             slot.dispatch(flight, now)
+            self.flying += len(batch)
             self.first_dispatch = self.first_dispatch or now
             self.refs.update({ref: (slot, flight) for ref in flight.refs})
+        if len(slot.flights) >= self.prefetch:
+            self.hungry.discard(slot)
 
     # -- what comes back ------------------------------------------------------------------------------
 
@@ -326,6 +329,7 @@ class WorkQueue:
             slot.starting.discard(ref)
             if not slot.starting:
                 slot.started(value, now)
+                self.hungry.add(slot)
                 self.workers.append(value)
                 self.first_ready = self.first_ready or now
             return
@@ -336,6 +340,8 @@ class WorkQueue:
 
     def _land(self, slot: Slot, flight: Flight, result: BatchResult, now: float) -> None:
         slot.land(flight, now)
+        self.flying -= len(flight.batch)
+        self.hungry.add(slot)
         for ref in flight.outstanding:
             self.refs.pop(ref, None)
         rows = iter(result.rows)
@@ -361,7 +367,9 @@ class WorkQueue:
         """The replica is gone (or must go): hand its batches back, then rebuild or retire the slot."""
         was_starting = slot.state is SlotState.STARTING
         self._forget(slot)
+        self.hungry.discard(slot)
         lost = slot.fail(now)
+        self.flying -= sum(len(f.batch) for f in lost)
         if lost and exc is not None:
             # The running batch counts an attempt; rows queued behind it never ran.
             self._requeue(slot.pool, lost[1:])
