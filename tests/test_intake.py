@@ -131,3 +131,33 @@ def test_a_dataset_with_nothing_to_render_ends_without_a_window(tmp_path, spec):
     _, _, intake, recorded = _intake(tmp_path, spec)
     assert intake.start().wait_first() is False
     assert len(recorded) == 2 and intake.exhausted
+
+
+def test_rows_committed_with_the_same_values_are_done_without_tokenizing(tmp_path, spec):
+    """A resumed window: committed rows count as skipped and never reach the tokenizer; the rest are tasks."""
+    from datetime import datetime, timezone
+
+    from kandinsky_batch.manifest import ManifestWriter
+
+    rows = [{"id": f"r{i}", "prompt": f"a fox number {i}"} for i in range(50)]
+    _write(tmp_path / "in.parquet", rows)
+    cfg, dataset, intake, _ = _intake(tmp_path, spec)
+    stamp = Stamp("simulated", "mp4", 24)
+    writer = ManifestWriter(Storage(cfg.output.uri), "earlier")
+    for task in build_tasks(dataset.read(), cfg, spec)[0][:30]:
+        writer.add(stamp.row(task.row(), status="ok", attempts=1, finished_at=datetime.now(timezone.utc)))
+    writer.flush()
+    counted = []
+
+    class Counting(type(spec)):
+        def count_tokens(self, prompts):
+            counted.extend(prompts)
+            return super().count_tokens(prompts)
+
+    cfg, dataset, intake, _ = _intake(tmp_path, Counting(**spec.__dict__))
+    windows = _drain(intake.start())
+    assert intake.counts.skipped == 30
+    assert sorted(t.id for w in windows for t in w["default"]) == sorted(f"r{i}" for i in range(30, 50))
+    assert not {f"a fox number {i}" for i in range(30)} & set(counted)
+    rendered, invalid = intake.keys()
+    assert rendered.num_rows == 50 and invalid.num_rows == 0
