@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterable, Protocol
 from kandinsky_batch.record import BatchResult
 from kandinsky_batch.rows import Task
 
+logger = logging.getLogger(__name__)
 
 class WorkersFailed(RuntimeError):
     """Replicas could not be started or none could run for too long; the job cannot make progress."""
@@ -178,6 +180,7 @@ class WorkQueue:
         self.tick_seconds, self.fleet_seconds, self.no_replica_timeout = tick_seconds, fleet_seconds, no_replica_timeout
         self.low_water, self.on_tick, self.clock = low_water, on_tick, clock
         self.slots: list[Slot] = []
+        self.warned: set[str] = set()
         self.hungry: set[Slot] = set()  # ready slots with room for another batch: only these are fed
         self.flying = 0                 # rows on replicas
         self.refs: dict[Any, tuple[Slot, Flight | None]] = {}  # outstanding ref -> its slot and batch (None: ready)
@@ -263,6 +266,10 @@ class WorkQueue:
         for name, pool in self.pools.items():
             live = self.live(pool)
             want = capacity.get(name, 0)
+            if not want and not live and name not in self.warned:
+                self.warned.add(name)
+                logger.warning("replica group %r has no room in the cluster now (%s); waiting up to %.0f s "
+                               "(cluster.no_replica_timeout) for GPUs to join", name, capacity, self.no_replica_timeout)
             if self.source.exhausted:
                 # Only as many replicas as rows left to start on.
                 want = min(want, len(pool.pending) + sum(1 for s in live if s.flights))

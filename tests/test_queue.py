@@ -324,13 +324,17 @@ def test_the_fleet_cap_is_respected():
     assert len(world.spawned) == 2
 
 
-def test_no_replica_for_too_long_stops_with_workers_failed_and_keeps_rows():
+def test_no_replica_for_too_long_stops_with_workers_failed_and_keeps_rows(caplog):
     world = World({"default": 0})
     tasks = [_task(i) for i in range(5)]
     queue, rows = _queue(world, tasks, no_replica_timeout=30.0)
     with pytest.raises(WorkersFailed, match="no_replica_timeout"):
         queue.run()
     assert rows == [] and queue.queued() == 5
+    # Said at once, not only when the wait ends.
+    assert [r.message for r in caplog.records].count(
+        "replica group 'default' has no room in the cluster now ({'default': 0}); waiting up to 30 s "
+        "(cluster.no_replica_timeout) for GPUs to join") == 1
 
 
 def test_a_model_that_cannot_load_fails_fast():
