@@ -188,7 +188,6 @@ class WorkQueue:
         self.restarts = self.retries = 0
         self.workers: list[dict] = []
         self.outage: str | None = None
-        self.first_ready: float | None = None
         self.first_dispatch: float | None = None
         """Clock time the first batch went to a replica."""
         self.drain_seconds = 0.0
@@ -338,7 +337,6 @@ class WorkQueue:
                 slot.started(value, now)
                 self.hungry.add(slot)
                 self.workers.append(value)
-                self.first_ready = self.first_ready or now
             return
         flight.outstanding.discard(ref)
         if ref is not flight.refs[0]:
