@@ -41,6 +41,8 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from tests.processes import kill_all
+
 SCENARIOS = ("baseline", "node_loss", "scale_up")
 MARKER = "KB_FLEET_MARKER"
 GPUS_PER_NODE = 2
@@ -114,12 +116,7 @@ def _reap(marker: str, grace: float) -> list[str]:
         time.sleep(0.2)
     survivors = alive()
     listed = [_describe(p) for p in survivors]
-    for proc in survivors:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(survivors, timeout=5)
+    kill_all(survivors, timeout=5)
     return listed
 
 

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from kandinsky_batch.metrics import BUSY, QUEUED, RATE, ROWS, JobMetrics
+from tests.processes import marked as _marked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -229,14 +230,6 @@ def _scrape(port: int) -> dict[tuple, float]:
 
 def _series(name: str, **labels) -> tuple:
     return name, frozenset(labels.items())
-
-
-def _marked(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        if marker in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(proc)
-    return found
 
 
 def _family(root_pid: int, marker: str) -> dict[int, psutil.Process]:

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import TINY_RENDER, write_dataset
+from tests.processes import marked as _marked
 
 pytestmark = pytest.mark.slow
 
@@ -53,15 +54,6 @@ class Finished:
     session_files: dict = field(default_factory=dict)
     sessions: list = field(default_factory=list)
     survivors: list = field(default_factory=list)
-
-
-def _marked(marker: str) -> list[psutil.Process]:
-    """Live processes (zombies aside) whose command line names `marker` (our Ray temp dir)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        if marker in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(proc)
-    return found
 
 
 def _job_processes(root_pid: int, marker: str) -> list[psutil.Process]:

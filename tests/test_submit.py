@@ -28,6 +28,7 @@ import pytest
 from kandinsky_batch.manifest import read_manifest, read_success
 from kandinsky_batch.storage import Storage
 from tests.helpers import TINY_RENDER, write_dataset
+from tests.processes import kill_all
 
 pytestmark = [
     pytest.mark.slow,
@@ -78,13 +79,7 @@ def _head_processes(marker: str) -> list[psutil.Process]:
 
 def _stop(marker: str) -> None:
     """SIGKILL this head's processes by pid, as `ray stop --force` would, but leave every other Ray alone."""
-    procs = _head_processes(marker)
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=10)
+    kill_all(_head_processes(marker))
 
 
 def _listeners(marker: str) -> set[tuple[str, str, int]]:
