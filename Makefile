@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # torch/torchvision pinned to the builds this machine kind keeps on disk (no multi-GB download);
 # torchvision is needed by the Qwen2-VL processor of the Kandinsky 5 text encoder.
 TORCH := torch==2.14.1 torchvision==0.29.1
+# The report's browser test (tests/test_report_browser.py) drives Debian's Chromium through Playwright.
+CHROMIUM := /usr/bin/chromium
+APT := env DEBIAN_FRONTEND=noninteractive apt-get -y -q
 
 .PHONY: install demo test clean
 
@@ -18,11 +21,22 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# As root or through sudo; `apt-get update` only when the package lists do not know chromium yet.
+$(CHROMIUM):
+	@if ! command -v apt-get >/dev/null; then \
+	  echo "$(CHROMIUM) is missing and there is no apt-get: install Chromium there (the browser test needs it)"; exit 1; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; else \
+	  echo "$(CHROMIUM) is missing: run 'apt-get install -y chromium' as root (the browser test needs it)"; exit 1; fi; \
+	$$sudo $(APT) install chromium || { $$sudo $(APT) update && $$sudo $(APT) install chromium; }
+
 demo: install
 	$(BIN)/kandinsky-batch run configs/tiny.yaml
 	$(BIN)/kandinsky-batch verify ./outputs/demo
+	$(BIN)/kandinsky-batch run configs/tiny-sweep.yaml
+	$(BIN)/kandinsky-batch verify ./outputs/demo-sweep
+	$(BIN)/kandinsky-batch report ./outputs/demo-sweep
 
-test: install
+test: install $(CHROMIUM)
 	$(BIN)/pytest
 
 clean:

@@ -1,6 +1,7 @@
-"""Write jobs/prompts.parquet, the example dataset: `python jobs/make_prompts.py`.
+"""Write the example datasets: `python jobs/make_prompts.py`.
 
-A few rows carry their own parameters (null columns fall back to the config's `render.*`)."""
+jobs/prompts.parquet: a few rows carry their own parameters (null columns fall back to the config's `render.*`).
+jobs/sweep-prompts.parquet: prompts only, for the demo sweep (its axes set the parameters)."""
 
 from pathlib import Path
 
@@ -26,7 +27,11 @@ SCHEMA = pa.schema([
     ("num_inference_steps", pa.int32()), ("guidance_scale", pa.float64()),
 ])
 
+SWEEP_ROWS = [{"id": row["id"], "prompt": row["prompt"]} for row in ROWS[:4]]
+
 if __name__ == "__main__":
-    path = Path(__file__).with_name("prompts.parquet")
-    pq.write_table(pa.Table.from_pylist(ROWS, schema=SCHEMA), path)
-    print(f"wrote {len(ROWS)} rows to {path}")
+    for name, rows, schema in [("prompts.parquet", ROWS, SCHEMA),
+                               ("sweep-prompts.parquet", SWEEP_ROWS, pa.schema([SCHEMA[0], SCHEMA[1]]))]:
+        path = Path(__file__).with_name(name)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+        print(f"wrote {len(rows)} rows to {path}")

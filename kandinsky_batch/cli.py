@@ -1,4 +1,4 @@
-"""`kandinsky-batch run | verify | build-tiny`; `python -m kandinsky_batch` is the same program."""
+"""`kandinsky-batch run | verify | report | build-tiny`; `python -m kandinsky_batch` is the same program."""
 
 from __future__ import annotations
 
@@ -21,8 +21,19 @@ def _parser() -> argparse.ArgumentParser:
     verify = verbs.add_parser("verify", help="check every ok row's object exists whole with its checksum")
     verify.add_argument("output_uri")
     verify.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
+    report = verbs.add_parser("report", help="write a static HTML page comparing the output's videos and timings")
+    report.add_argument("output_uri")
+    report.add_argument("--out", help="directory for index.html and its assets "
+                        "(default: {OUTPUT_URI}/report on local disk, ./report for object stores)")
+    report.add_argument("--columns", help="sweep axes across the grid's columns, comma-separated "
+                        "(default: every axis but seed); the other axes split rows")
+    report.add_argument("--expires", type=int, default=7 * 24 * 3600,
+                        help="lifetime of presigned video URLs on object stores, seconds (default: 7 days)")
+    report.add_argument("--copy-videos", action="store_true", help="copy the videos next to the page instead of linking")
+    report.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
     tiny = verbs.add_parser("build-tiny", help="write the tiny random-weight pipeline in diffusers format")
     tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0, help="another draw of the transformer's weights (`tiny:SEED`)")
     return parser
 
 
@@ -48,10 +59,20 @@ def _verify(args) -> int:
     return EXIT_OK if not problems else 1
 
 
+def _report(args) -> int:
+    from kandinsky_batch.report import write_report
+
+    columns = None if args.columns is None else [a.strip() for a in args.columns.split(",") if a.strip()]
+    index = write_report(args.output_uri, args.out, storage_options=json.loads(args.storage_options),
+                         columns=columns, expires=args.expires, copy_videos=args.copy_videos)
+    print(f"report: {index}")
+    return EXIT_OK
+
+
 def _build_tiny(args) -> int:
     from pipelines import save_tiny
 
-    print(f"tiny Kandinsky 5 T2V pipeline (random weights) written to {save_tiny(args.dir)}")
+    print(f"tiny Kandinsky 5 T2V pipeline (random weights) written to {save_tiny(args.dir, args.seed)}")
     return EXIT_OK
 
 
@@ -67,13 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     from kandinsky_batch.config import ConfigError
     from kandinsky_batch.dataset import InputError
+    from kandinsky_batch.report import ReportError
     from kandinsky_batch.resume import ResumeConflict
     from kandinsky_batch.scheduler import StorageOutage, WorkersFailed
     from kandinsky_batch.storage import StorageUnavailable
 
     try:
-        return {"run": _run, "verify": _verify, "build-tiny": _build_tiny}[args.verb](args)
-    except (ConfigError, InputError, ResumeConflict) as exc:
+        return {"run": _run, "verify": _verify, "report": _report, "build-tiny": _build_tiny}[args.verb](args)
+    except (ConfigError, InputError, ReportError, ResumeConflict) as exc:
         # Bad input is the user's to fix: one line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -34,8 +34,11 @@ def loopback_only() -> None:
 
 
 @contextmanager
-def connect(cfg: ClusterConfig) -> Iterator[None]:
-    """Join `cluster.address`, or start a local loopback-only Ray; shut down only what we started."""
+def connect(cfg: ClusterConfig, *others: ClusterConfig) -> Iterator[None]:
+    """Join `cluster.address`, or start a local loopback-only Ray; shut down only what we started.
+
+    A local Ray gets CPUs for the largest fleet among `cfg` and `others` (a sweep's models' gang shapes)."""
+    clusters = (cfg, *others)
     import ray
 
     if ray.is_initialized():
@@ -44,7 +47,7 @@ def connect(cfg: ClusterConfig) -> Iterator[None]:
     if cfg.address:
         ray.init(address=cfg.address, logging_level=logging.WARNING, log_to_driver=True)
     else:
-        ranks = sum(g.parallel().world_size * (g.replicas or 1) for g in cfg.replica_groups())
+        ranks = max(sum(g.parallel().world_size * (g.replicas or 1) for g in c.replica_groups()) for c in clusters)
         loopback_only()
         ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, ranks),
                  include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
@@ -99,13 +102,20 @@ def fleet_size(groups: list[ReplicaGroup], gpus: int) -> dict[str, int]:
 class RayFleet:
     """The fleet the cluster holds now: GPUs of the nodes alive (joined or lost mid-job), asked every call."""
 
-    def __init__(self, cfg: ClusterConfig):
+    def __init__(self, cfg: ClusterConfig, gangs: dict[str, int] | None = None):
         self.groups = cfg.replica_groups()
+        self.gangs = gangs or {}
+        """Largest gang per group (a sweep's model may run wider gangs than the group's own shape)."""
 
     def capacity(self) -> dict[str, int]:
+        """Units (GPUs, or CPU ranks) per replica group: its replicas times their ranks. Without GPUs, at least
+        the group's largest gang, so that every model of a sweep can run."""
         import ray
 
-        return fleet_size(self.groups, int(ray.cluster_resources().get("GPU", 0)))
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        size = fleet_size(self.groups, gpus)
+        units = {g.name: size[g.name] * g.parallel().world_size for g in self.groups}
+        return units if gpus else {name: max(n, self.gangs.get(name, 0)) for name, n in units.items()}
 
 
 def wait(refs: list, timeout: float) -> list:
@@ -192,7 +202,8 @@ class ActorReplica:
             remove_placement_group(self.group)
 
 
-def spawner(placement: Placement, spec: WorkerSpec):
-    """A function index -> new replica of this group, as the work queue's pool wants it."""
-    ranked = replace(spec, num_threads=placement.threads, parallel=placement.parallel, group=placement.group.name)
+def spawner(placement: Placement, spec: WorkerSpec, pool: str | None = None):
+    """A function index -> new replica of this group (of the work queue's pool `pool`, which names its replicas)."""
+    ranked = replace(spec, num_threads=placement.threads, parallel=placement.parallel,
+                     group=pool or placement.group.name)
     return lambda index: ActorReplica(placement, ranked, index)

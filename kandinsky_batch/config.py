@@ -231,6 +231,14 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sweep: dict[str, Any] = field(default_factory=dict)
+    """Evaluation sweep: named axes (`model`, render parameters, `seeds`), each a list of values; every input row
+    is rendered once per combination (see `kandinsky_batch/sweep.py`)."""
+
+    def __post_init__(self) -> None:
+        from kandinsky_batch.sweep import Sweep  # sweep.py builds on this module
+
+        Sweep.parse(self)
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:

@@ -17,18 +17,20 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kandinsky_batch.config import ClusterConfig
 from kandinsky_batch.dataset import Dataset
-from kandinsky_batch.record import Stamp
-from kandinsky_batch.resume import OutputState, ResumeConflict
+from kandinsky_batch.resume import ResumeConflict
 from kandinsky_batch.routing import route
-from kandinsky_batch.rows import RowValidator, Task, row_ids
+from kandinsky_batch.rows import Task, row_ids
+from kandinsky_batch.sweep import Sweep
+
+if TYPE_CHECKING:
+    from kandinsky_batch.preflight import Lane
 
 WINDOW_ROWS = 8192
 KEYS = pa.schema([("id", pa.string()), ("row_index", pa.int64())])
@@ -51,30 +53,38 @@ def _keys(rows) -> pa.Table:
                                            pa.int64())}, schema=KEYS)
 
 
-def committed_tasks(dataset: Dataset, validator: RowValidator, cluster: ClusterConfig, state: OutputState,
+def committed_tasks(dataset: Dataset, lane: "Lane", sweep: Sweep, job_seed: int,
                     rows: int = WINDOW_ROWS) -> Iterator[list[Task]]:
-    """The run's tasks whose ids the manifest holds `ok`, a window at a time (for `resume.check_conflicts`)."""
+    """One model's tasks whose ids the manifest holds `ok`, a window at a time (for `resume.check_conflicts`)."""
+    state = lane.state
     ok = state.outcomes.filter(pc.equal(state.outcomes["status"], "ok"))["id"]
     start = 0
-    for batch in dataset.batches(batch_size=rows):
+    for batch in dataset.batches(batch_size=max(1, rows // len(sweep.cells))):
         positions = np.arange(start, start + batch.num_rows)
         start += batch.num_rows
         ids = row_ids(batch.column("id") if "id" in batch.column_names else None, positions)
+        batch, positions, errors = sweep.expand(batch, ids, positions, lane.variant, job_seed)
+        if sweep.active:
+            ids = row_ids(batch.column("id"), positions)
         keep = pc.is_in(ids, ok).to_numpy(zero_copy_only=False)
         if keep.any():
             # Rows committed with the same values are done without tokenizing; the rest are checked in full.
-            validated = validator.validate(batch.filter(keep), positions[keep], state.done_check(ids.filter(keep)))
-            routed, _ = route(validated.task_list(), cluster)
+            kept = np.flatnonzero(keep)
+            validated = lane.validator.validate(batch.filter(keep), positions[keep],
+                                                state.done_check(ids.filter(keep)),
+                                                {j: errors[i] for j, i in enumerate(kept) if i in errors})
+            routed, _ = route(validated.task_list(), lane.cluster)
             yield [task for tasks in routed.values() for task in tasks]
 
 
 class Intake:
     """Produces windows `{group name: [Task, ...]}` on a thread; the work queue polls them (`scheduler.Source`)."""
 
-    def __init__(self, dataset: Dataset, validator: RowValidator, cluster: ClusterConfig, state: OutputState,
-                 stamp: Stamp, record: Callable[[dict], None], window_rows: int = WINDOW_ROWS, depth: int = 2):
-        self.dataset, self.validator, self.cluster, self.state = dataset, validator, cluster, state
-        self.stamp, self.record, self.window_rows = stamp, record, window_rows
+    def __init__(self, dataset: Dataset, lanes: list["Lane"], sweep: Sweep, job_seed: int,
+                 record: Callable[[dict], None], window_rows: int = WINDOW_ROWS, depth: int = 2):
+        self.dataset, self.lanes, self.sweep, self.job_seed, self.record = dataset, lanes, sweep, job_seed, record
+        # A window holds about `window_rows` cells, whatever the grid's size.
+        self.window_rows = max(1, window_rows // (len(sweep.cells) * len(lanes)))
         self.counts = IntakeCounts()
         self.rendered: list[pa.Table] = []  # (id, row_index) of every row with a task
         self.invalid: list[pa.Table] = []   # (id, row_index) of every invalid row
@@ -83,6 +93,13 @@ class Intake:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
+
+    @staticmethod
+    def pool_name(lane: "Lane", group: str, lanes: int) -> str:
+        """The work queue's pool of one model's replica group (the group's own name when there is one model)."""
+        if lanes == 1:
+            return group
+        return lane.label if group == "default" else f"{lane.label}/{group}"
 
     def start(self) -> "Intake":
         self._thread.start()
@@ -97,18 +114,25 @@ class Intake:
                 positions = np.arange(start, start + batch.num_rows)
                 start += batch.num_rows
                 ids = row_ids(batch.column("id") if "id" in batch.column_names else None, positions)
-                self._take(batch.num_rows, self.validator.validate(batch, positions, self.state.done_check(ids)))
+                window = {}
+                for lane in self.lanes:
+                    cells, rows, errors = self.sweep.expand(batch, ids, positions, lane.variant, self.job_seed)
+                    cell_ids = row_ids(cells.column("id"), rows) if self.sweep.active else ids
+                    validated = lane.validator.validate(cells, rows, lane.state.done_check(cell_ids), errors)
+                    window.update(self._take(lane, validated))
+                self.counts.read += batch.num_rows
+                self._hand_over(window)
         except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread, which raises it
             self._error = exc
         finally:
             self._done.set()
 
-    def _take(self, count: int, validated) -> None:
-        """One window: record what needs no GPU, hand the rest over (blocking while the queue is full)."""
-        routed, unroutable = route(validated.task_list(), self.cluster)
-        invalid = validated.invalid + unroutable
+    def _take(self, lane: "Lane", validated) -> dict[str, list[Task]]:
+        """One model's cells of a window: record what needs no GPU, return the rest by pool, longest first."""
+        routed, unroutable = route(validated.task_list(), lane.cluster)
+        invalid = self.sweep.annotate(validated.invalid + unroutable, lane.variant)
         for row in invalid:
-            self.record(self.stamp.row(row))
+            self.record(lane.stamp.row(row))
         if invalid:
             self.invalid.append(_keys(invalid))
         if validated.done:
@@ -119,8 +143,8 @@ class Intake:
             if not tasks:
                 continue
             self.rendered.append(_keys(tasks))
-            split = self.state.split(tasks)
-            if split.conflicts and not self.state.force:
+            split = lane.state.split(tasks)
+            if split.conflicts and not lane.state.force:
                 raise ResumeConflict(f"output.uri holds rows rendered with other parameters, e.g. "
                                      f"{split.conflicts[0]}; use --force to re-render them")
             for row in split.adopted:
@@ -129,9 +153,13 @@ class Intake:
             self.counts.adopted += len(split.adopted)
             self.counts.todo += len(split.todo)
             if split.todo:
-                window[name] = sorted(split.todo, key=lambda t: -t.cost())  # longest first shortens the tail
-        self.counts.read += count
+                pool = self.pool_name(lane, name, len(self.lanes))
+                window[pool] = sorted(split.todo, key=lambda t: -t.cost())  # longest first shortens the tail
         self.counts.invalid += len(invalid)
+        return window
+
+    def _hand_over(self, window: dict) -> None:
+        """Hand a window to the work queue, blocking while the queue is full."""
         while window and not self._stop.is_set():
             try:
                 self._ready.put(window, timeout=0.1)

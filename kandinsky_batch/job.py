@@ -18,7 +18,7 @@ from kandinsky_batch.config import JobConfig, to_dict
 from kandinsky_batch.intake import Intake
 from kandinsky_batch.manifest import ManifestWriter, finalize, write_success
 from kandinsky_batch.metrics import JobMetrics
-from kandinsky_batch.preflight import preflight
+from kandinsky_batch.preflight import Lane, preflight
 from kandinsky_batch.scheduler import Pool, WorkQueue
 from kandinsky_batch.worker import WorkerSpec
 
@@ -31,6 +31,8 @@ class JobResult:
     """What a finished job did; the same counts land in `_SUCCESS`."""
 
     rows: int
+    """Manifest rows: input rows x sweep cells (input rows without a sweep)."""
+    input_rows: int = 0
     ok: int = 0
     invalid: int = 0
     failed: int = 0
@@ -39,6 +41,10 @@ class JobResult:
     rendered: int = 0
     retries: int = 0
     restarts: int = 0
+    model_loads: int = 0
+    """Replicas that loaded a model (rebuilds and model switches included)."""
+    switches: int = 0
+    """Replicas torn down and reloaded as another model of a sweep once their own had no rows left."""
     seconds: float = 0.0
     drain_seconds: float = 0.0
     first_render_seconds: float | None = None
@@ -86,40 +92,51 @@ class _Progress:
             self.metrics.tick()
 
 
+def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int) -> Pool:
+    """The work queue's pool of one model's replica group: its replicas load that model."""
+    spec = WorkerSpec(
+        model_path=lane.model.path, output_uri=cfg.output.uri, stamp=lane.stamp,
+        model_storage_options=lane.model.storage_options, output_storage_options=cfg.output.storage_options,
+        retries=cfg.output.retries, retry_backoff=cfg.output.retry_backoff,
+    )
+    name = Intake.pool_name(lane, placement.group.name, lanes)
+    return Pool(name, cluster.spawner(placement, spec, name), group=placement.group.name,
+                ranks=placement.parallel.world_size)
+
+
 def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult:
     """Render every row of `cfg.input` that is not already committed under `cfg.output.uri`."""
     started, started_clock = time.perf_counter(), time.monotonic()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
-    # 1. Preflight: config, dataset, model limits, options, ids and resume conflicts, all before Ray.
+    # 1. Preflight: config, dataset, sweep, each model's limits and options, ids and resume conflicts, before Ray.
     checked = preflight(cfg, force=force)
     storage = checked.storage
-    storage.cleanup_temp("videos")
-    result = JobResult(rows=checked.dataset.num_rows)
+    for folder in ("videos", "posters"):
+        storage.cleanup_temp(folder)
+    cells = len(checked.sweep.cells) * len(checked.lanes)
+    result = JobResult(rows=checked.dataset.num_rows * cells, input_rows=checked.dataset.num_rows)
 
-    # 2. Stream the rows: invalid and adopted rows are committed as they are read, the rest queue for replicas.
-    # Parts are published every few seconds, so a killed driver loses at most the rows in flight.
+    # 2. Stream the rows (a sweep's cells): invalid and adopted ones are committed as they are read, the rest
+    # queue for replicas. Parts are published every few seconds, so a killed driver loses at most the rows in flight.
     writer = ManifestWriter(storage, run_id, flush_rows=4096, flush_seconds=5.0)
-    bar = _Progress(checked.dataset.num_rows, run_id, progress)
+    bar = _Progress(result.rows, run_id, progress)
 
     def commit(row: dict) -> None:
         writer.add({**row, "finished_at": datetime.now(timezone.utc)})
         bar.settled(row["status"])
 
-    intake = Intake(checked.dataset, checked.validator, cfg.cluster, checked.state, checked.stamp, commit).start()
+    intake = Intake(checked.dataset, checked.lanes, checked.sweep, cfg.render.seed, commit).start()
     try:
-        # 3. Render on Ray replicas, if anything is left to render; the fleet follows the cluster's GPUs.
+        # 3. Render on Ray replicas, if anything is left to render; the fleet follows the cluster's GPUs and is
+        # shared by the models of a sweep.
         if intake.wait_first():
-            with cluster.connect(cfg.cluster):
-                spec = WorkerSpec(
-                    model_path=cfg.model.path, output_uri=cfg.output.uri, stamp=checked.stamp,
-                    model_storage_options=cfg.model.storage_options,
-                    output_storage_options=cfg.output.storage_options, retries=cfg.output.retries,
-                    retry_backoff=cfg.output.retry_backoff,
-                )
-                pools = [Pool(p.group.name, cluster.spawner(p, spec)) for p in cluster.plan(cfg.cluster)]
+            with cluster.connect(cfg.cluster, *(lane.cluster for lane in checked.lanes)):
+                pools = [_pool(cfg, lane, placement, len(checked.lanes))
+                         for lane in checked.lanes for placement in cluster.plan(lane.cluster)]
+                gangs = {p.group: max(q.ranks for q in pools if q.group == p.group) for p in pools}
                 queue = WorkQueue(
-                    pools, cluster.RayFleet(cfg.cluster), intake, max_attempts=cfg.cluster.max_attempts,
+                    pools, cluster.RayFleet(cfg.cluster, gangs), intake, max_attempts=cfg.cluster.max_attempts,
                     on_row=commit, wait=cluster.wait, get=cluster.get, batch_size=cfg.render.batch_size,
                     no_replica_timeout=cfg.cluster.no_replica_timeout,
                     on_tick=lambda q: (writer.flush_if_due(), bar.update(intake, q)),
@@ -128,6 +145,7 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
                 if queue.first_dispatch is not None:
                     result.first_render_seconds = queue.first_dispatch - started_clock
                 result.retries, result.restarts, result.workers = queue.retries, queue.restarts, queue.workers
+                result.switches, result.model_loads = queue.switches, len(queue.workers)
                 result.drain_seconds = queue.drain_seconds
     finally:
         # Whatever stopped the job, publish what landed: a re-run continues from it.
@@ -148,5 +166,7 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
         "run_id": run_id, "finished_at": datetime.now(timezone.utc).isoformat(),
         "counts": {k: v for k, v in result.__dict__.items() if k != "workers"},
         "workers": result.workers, "model": cfg.model.path, "config": to_dict(cfg), "versions": _versions(),
+        "sweep": {"axes": checked.sweep.axes, "cells_per_row": cells,
+                  "models": {lane.label: lane.model.path for lane in checked.lanes}} if checked.sweep.active else None,
     })
     return result

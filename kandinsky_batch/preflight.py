@@ -1,14 +1,15 @@
 """Everything a job checks before Ray starts, in one place: config, dataset, model limits, options, ids, resume.
 
 `run` calls `preflight` first; whatever it refuses costs no GPU and no actor. It reads only Parquet footers,
-the id column and the manifest, so it takes seconds at any dataset size.
+the id column and the manifest, so it takes seconds at any dataset size. A sweep over models is checked model
+by model: each gets its limits, options, gang shapes, validator and resume view (a `Lane`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from kandinsky_batch.config import JobConfig
+from kandinsky_batch.config import ClusterConfig, JobConfig, ModelConfig
 from kandinsky_batch.dataset import Dataset
 from kandinsky_batch.intake import committed_tasks
 from kandinsky_batch.options import effective_options
@@ -17,7 +18,31 @@ from kandinsky_batch.resume import OutputState, check_conflicts
 from kandinsky_batch.routing import check_shapes
 from kandinsky_batch.rows import IdIndex, RowValidator
 from kandinsky_batch.storage import Storage
+from kandinsky_batch.sweep import ModelVariant, Sweep
 from pipelines import ModelSpec, load_spec
+
+
+@dataclass
+class Lane:
+    """One model of the job (the only one, or one value of a sweep's `model` axis) and what it renders with."""
+
+    variant: ModelVariant
+    spec: ModelSpec
+    stamp: Stamp
+    validator: RowValidator
+    state: OutputState
+
+    @property
+    def label(self) -> str:
+        return self.variant.label
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.variant.model
+
+    @property
+    def cluster(self) -> ClusterConfig:
+        return self.variant.cluster
 
 
 @dataclass
@@ -25,28 +50,49 @@ class Checked:
     """What preflight established: the job can start, and with what."""
 
     dataset: Dataset
-    spec: ModelSpec
-    stamp: Stamp
-    validator: RowValidator
     storage: Storage
-    state: OutputState
+    sweep: Sweep
+    lanes: list[Lane]
+
+    # The single model's view (a job without a model axis has one lane).
+    @property
+    def spec(self) -> ModelSpec:
+        return self.lanes[0].spec
+
+    @property
+    def stamp(self) -> Stamp:
+        return self.lanes[0].stamp
+
+    @property
+    def validator(self) -> RowValidator:
+        return self.lanes[0].validator
+
+    @property
+    def state(self) -> OutputState:
+        return self.lanes[0].state
 
 
 def preflight(cfg: JobConfig, force: bool = False) -> Checked:
     """Refuse a job that cannot run as asked (ConfigError, InputError, ResumeConflict), naming key and value."""
-    # 1. The dataset as a whole: files, columns and types, row count (footers only).
+    # 1. The dataset as a whole: files, columns and types, row count (footers only); the sweep against it.
     dataset = Dataset(cfg.input.path, cfg.input.storage_options)
-    # 2. The model's limits and the options it will really run with; gang shapes it can take.
-    spec = load_spec(cfg.model.path, cfg.model.storage_options)
-    options, spec = effective_options(cfg.model, spec)
-    check_shapes(cfg.cluster, spec, options)
-    stamp = Stamp(model=cfg.model.path, format=cfg.output.format, fps=cfg.render.fps, options=options)
-    # 3. Ids over the whole dataset (exact duplicates and shared object keys) from the id column alone.
+    sweep = Sweep.parse(cfg)
+    # 2. Ids over the whole dataset (exact duplicates and shared object keys) from the id column alone.
     id_column = dataset.column("id") if "id" in dataset.schema.names else None
-    validator = RowValidator(cfg, spec, IdIndex.build(id_column, dataset.num_rows, cfg.output.format))
-    # 4. What the output prefix holds: rows committed with other parameters are refused unless forced.
+    ids = IdIndex.build(id_column, dataset.num_rows, cfg.output.format)
     storage = Storage(cfg.output.uri, cfg.output.storage_options, retries=cfg.output.retries,
                       backoff=cfg.output.retry_backoff)
-    state = OutputState(storage, stamp, force=force)
-    check_conflicts(state, committed_tasks(dataset, validator, cfg.cluster, state), cfg.output.uri)
-    return Checked(dataset, spec, stamp, validator, storage, state)
+    outputs = None
+    lanes = []
+    for variant in sweep.models:
+        # 3. Each model's limits and the options it will really run with; gang shapes it can take.
+        spec = load_spec(variant.model.path, variant.model.storage_options)
+        options, spec = effective_options(variant.model, spec)
+        check_shapes(variant.cluster, spec, options)
+        stamp = Stamp(model=variant.model.path, format=cfg.output.format, fps=variant.render.fps, options=options)
+        # 4. What the output prefix holds (read once): rows committed with other parameters are refused unless forced.
+        outputs = outputs.with_stamp(stamp) if outputs else OutputState(storage, stamp, force=force)
+        lanes.append(Lane(variant, spec, stamp, RowValidator(replace(cfg, render=variant.render), spec, ids), outputs))
+    for lane in lanes:
+        check_conflicts(lane.state, committed_tasks(dataset, lane, sweep, cfg.render.seed), cfg.output.uri)
+    return Checked(dataset, storage, sweep, lanes)

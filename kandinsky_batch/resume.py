@@ -11,17 +11,20 @@ looked up against them, so a resumed million-row job holds no Python object per 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from kandinsky_batch.manifest import latest_outcomes, read_columns
+from kandinsky_batch.poster import poster
 from kandinsky_batch.record import Stamp
 from kandinsky_batch.rows import Task
-from kandinsky_batch.storage import Storage, object_key
+from kandinsky_batch.storage import Storage, object_key, poster_key
 from kandinsky_batch.video import decode
 
 # What decides a row's pixels and bytes: if any differs, an old object is not this row's output.
@@ -68,13 +71,15 @@ def identity(row: dict) -> tuple:
                  for k in IDENTITY)
 
 
-def _complete(data: bytes, task: Task, fmt: str) -> bool:
-    """Whether an orphaned object decodes whole to the task's frame count and size."""
+def _complete(data: bytes, task: Task, fmt: str) -> np.ndarray | None:
+    """An orphaned object's frames if it decodes whole to the task's frame count and size, else None."""
     try:
         frames = decode(data, fmt)
     except Exception:  # noqa: BLE001 - truncated or corrupt: render it again
-        return False
-    return frames.shape == (task.num_frames, task.height, task.width, 3)
+        return None
+    if frames.dtype != np.uint8 or frames.shape != (task.num_frames, task.height, task.width, 3):
+        return None
+    return frames
 
 
 def _describe(task: Task, before: dict, want: dict) -> str:
@@ -93,6 +98,12 @@ class OutputState:
         self.outcomes = latest_outcomes(read_columns(storage, OUTCOME_COLUMNS, _digested))
         self.committed = int(pc.sum(pc.equal(self.outcomes["status"], "ok")).as_py() or 0)
         self.objects = pa.array(storage.list("videos"), pa.string())
+
+    def with_stamp(self, stamp: Stamp) -> "OutputState":
+        """The same outputs (read once) seen by another model of the job: its rows carry `stamp`'s values."""
+        other = copy.copy(self)
+        other.stamp = stamp
+        return other
 
     def _previous(self, ids: list[str]) -> dict[str, dict]:
         if self.outcomes.num_rows == 0 or not ids:
@@ -130,10 +141,15 @@ class OutputState:
                 continue
             if exists:
                 data = self.storage.get_bytes(key)
-                if before is None and _complete(data, task, fmt):
+                frames = _complete(data, task, fmt) if before is None else None
+                if frames is not None:
+                    # Its poster, made from the decoded frames; one already there (the same render's) stands.
+                    still = poster_key(task.id)
+                    self.storage.put_bytes_if_absent(still, poster(frames))
                     result.adopted.append(self.stamp.row(
                         task.row(), status="ok", error=None, uri=self.storage.url(key), bytes=len(data),
-                        sha256=hashlib.sha256(data).hexdigest(), attempts=0, worker="adopted"))
+                        sha256=hashlib.sha256(data).hexdigest(), poster=self.storage.url(still), attempts=0,
+                        worker="adopted"))
                     continue
                 # Truncated, corrupt, or left by a failed row: this run's render replaces it.
                 task = replace(task, overwrite=True)

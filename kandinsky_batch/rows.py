@@ -48,6 +48,8 @@ class Task:
     num_frames: int
     num_inference_steps: int
     guidance_scale: float
+    sweep: str | None = None
+    """The cell's sweep-axis values as JSON (None outside a sweep)."""
     overwrite: bool = False
     """Replace an object already under this row's key (a forced re-render, a truncated orphan)."""
     text_tokens: tuple = (0, 0)
@@ -55,7 +57,7 @@ class Task:
 
     def request(self) -> RenderRequest:
         fields = self.row()
-        del fields["id"], fields["row_index"]
+        del fields["id"], fields["row_index"], fields["sweep"]
         return RenderRequest(**fields)
 
     def row(self) -> dict:
@@ -231,7 +233,7 @@ TASK_SCHEMA = pa.schema([
     ("id", pa.string()), ("row_index", pa.int64()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
     ("seed", pa.int64()), ("height", pa.int64()), ("width", pa.int64()), ("num_frames", pa.int64()),
     ("num_inference_steps", pa.int64()), ("guidance_scale", pa.float64()),
-    ("prompt_tokens", pa.int64()), ("negative_tokens", pa.int64()),
+    ("sweep", pa.string()), ("prompt_tokens", pa.int64()), ("negative_tokens", pa.int64()),
 ])
 
 
@@ -260,8 +262,10 @@ class RowValidator:
         if len(self._tokens) > 65536:  # a cache, not a record: keep the driver's memory flat
             self._tokens = {t: self._tokens[t] for t in texts}
 
-    def validate(self, batch: pa.Table, rows: np.ndarray, done: Callable[[dict], bool] | None = None) -> Validated:
-        """The dataset's rows `rows` (their positions), given as `batch`.
+    def validate(self, batch: pa.Table, rows: np.ndarray, done: Callable[[dict], bool] | None = None,
+                 errors: dict[int, str] | None = None) -> Validated:
+        """The dataset's rows `rows` (their positions), given as `batch`; `errors` (by position in `batch`) are
+        problems found before validation (a sweep cell the sweep cannot render as asked).
 
         `done(candidate)` says a row is already committed with exactly these effective values (resume): such a
         row passed every rule before and would again, so its texts are not tokenized; it is listed in `done`.
@@ -273,6 +277,7 @@ class RowValidator:
         negatives = batch.column("negative_prompt").to_pylist() if "negative_prompt" in batch.column_names \
             else [None] * n
         seeds = _numbers(batch, "seed", None)
+        sweeps = batch.column("sweep").to_pylist() if "sweep" in batch.column_names else [None] * n
         params = {key: _numbers(batch, key, getattr(d, key)) for key in PARAMS}
         guidance = [float(g) for g in params["guidance_scale"]]
         default_negative = RenderRequest(prompt="", negative_prompt=d.negative_prompt, seed=0, height=1, width=1,
@@ -288,8 +293,10 @@ class RowValidator:
                              **{key: params[key][i] for key in PARAMS})
             candidate["guidance_scale"] = guidance[i]
             candidate["negative_prompt"] = effective[i]
+            candidate["sweep"] = sweeps[i]
             candidates.append(candidate)
-            skipped.append(done is not None and positions[i] not in self.ids.errors and done(candidate))
+            skipped.append(done is not None and positions[i] not in self.ids.errors and not (errors and i in errors)
+                           and done(candidate))
         # 2. Texts of the rest: every distinct one counted once, in one tokenizer call.
         self._count([p for p, skip in zip(prompts, skipped) if p is not None and not skip]
                     + [t for t, skip in zip(effective, skipped) if t is not None and not skip])
@@ -299,7 +306,7 @@ class RowValidator:
             if skipped[i]:
                 finished.append((candidate["id"], candidate["row_index"]))
                 continue
-            error = (self.ids.errors.get(positions[i])
+            error = (self.ids.errors.get(positions[i]) or (errors or {}).get(i)
                      or _text_error("prompt", prompts[i], self.spec, True, self._tokens.get(prompts[i]))
                      or _param_error(candidate, self.spec))
             if error is None and effective[i] is not None:

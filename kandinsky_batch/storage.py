@@ -64,16 +64,26 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno not in _PERMANENT_ERRNOS
 
 
+def _stem(row_id: str) -> str:
+    """The file name (without extension) of a row's objects: the id itself if safe, else a cleaned, hashed form."""
+    if _SAFE_ID.fullmatch(row_id) and ".." not in row_id:
+        return row_id
+    # The hash keeps distinct ids apart after unsafe characters are folded to '_'.
+    cleaned = _UNSAFE_CHARS.sub("_", row_id).lstrip(".")[:80]
+    digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{cleaned}-{digest}"
+
+
 def object_key(row_id: str, fmt: str) -> str:
     """Deterministic key `videos/{safe}.{fmt}` for a row id; never leaves `videos/`."""
     if not _FORMAT.fullmatch(fmt):
         raise ValueError(f"format must match [a-z0-9]{{1,16}}, got {fmt!r}")
-    if _SAFE_ID.fullmatch(row_id) and ".." not in row_id:
-        return f"videos/{row_id}.{fmt}"
-    # The hash keeps distinct ids apart after unsafe characters are folded to '_'.
-    cleaned = _UNSAFE_CHARS.sub("_", row_id).lstrip(".")[:80]
-    digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"videos/{cleaned}-{digest}.{fmt}"
+    return f"videos/{_stem(row_id)}.{fmt}"
+
+
+def poster_key(row_id: str) -> str:
+    """Deterministic key `posters/{safe}.jpg` of a row's poster: the same stem as its video's key."""
+    return f"posters/{_stem(row_id)}.jpg"
 
 
 def _walk(path: str):

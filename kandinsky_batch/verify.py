@@ -1,17 +1,25 @@
-"""Check a finished output: `_SUCCESS`, one manifest row per id, every ok object present and intact, no strays."""
+"""Check a finished output: `_SUCCESS`, one manifest row per id, every ok object present and intact, no strays.
+
+Every ok row's poster must exist and decode whole as a JPEG. An ok row without a poster is accepted only when it
+was committed before the output's first row with one (an earlier version of kandinsky-batch wrote it, before
+posters existed, and a re-run skips done rows rather than revisit them); any later ok row without one is a problem.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
 from .manifest import STATUSES, read_manifest, read_parts, read_success
 from .storage import Storage
 
 VIDEOS_DIR = "videos"
+POSTERS_DIR = "posters"
 _CHECK_THREADS = 16  # objects are checked concurrently: verification is dominated by round trips
 
 
@@ -32,6 +40,29 @@ def _check_object(storage: Storage, row: dict) -> tuple[str | None, str | None]:
     digest = hashlib.sha256(storage.get_bytes(key)).hexdigest()
     if digest != row["sha256"]:
         return key, f"id={rid!r}: object {key} has sha256 {digest}, manifest says {row['sha256']}"
+    return key, None
+
+
+def _check_poster(storage: Storage, row: dict, predates_posters: bool) -> tuple[str | None, str | None]:
+    """(key, problem) for one ok row's poster; key is None when it has none or the uri cannot be mapped."""
+    rid = row["id"]
+    if row["poster"] is None:
+        return None, None if predates_posters else f"id={rid!r}: ok row has no poster"
+    try:
+        key = storage.key_of(row["poster"])
+    except ValueError as exc:
+        return None, f"id={rid!r}: poster {exc}"
+    try:
+        data = storage.get_bytes(key)
+    except FileNotFoundError:
+        return key, f"id={rid!r}: poster {key} is missing"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG":
+                raise ValueError(f"it is {image.format}, not JPEG")
+            image.load()  # decodes every byte: verify() alone would pass a truncated JPEG
+    except Exception as exc:  # noqa: BLE001 - whatever Pillow raises, the poster is unreadable
+        return key, f"id={rid!r}: poster {key} does not decode: {type(exc).__name__}: {exc}"
     return key, None
 
 
@@ -69,13 +100,21 @@ def verify(uri: str, storage_options: dict | None = None) -> list[str]:
     for row in bad_status.select(["id", "status"]).to_pylist():
         problems.append(f"id={row['id']!r}: status {row['status']!r} is not one of {list(STATUSES)}")
 
-    ok_rows = table.filter(pc.equal(table["status"], "ok")).select(["id", "uri", "bytes", "sha256"]).to_pylist()
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    ok_rows = ok.select(["id", "uri", "bytes", "sha256", "poster", "finished_at"]).to_pylist()
+    first_poster = pc.min(ok.filter(pc.is_valid(ok["poster"]))["finished_at"]).as_py()
+
+    def check(row: dict) -> list[tuple[str | None, str | None]]:
+        # Null finished_at ranks oldest, as in the manifest's own resolution.
+        predates = first_poster is None or row["finished_at"] is None or row["finished_at"] < first_poster
+        return [_check_object(storage, row), _check_poster(storage, row, predates)]
+
     with ThreadPoolExecutor(_CHECK_THREADS) as pool:
-        results = list(pool.map(lambda row: _check_object(storage, row), ok_rows))
+        results = [found for pair in pool.map(check, ok_rows) for found in pair]
     referenced = {key for key, _ in results if key is not None}
     problems.extend(problem for _, problem in results if problem is not None)
 
-    for key in storage.list(VIDEOS_DIR):
+    for key in storage.list(VIDEOS_DIR) + storage.list(POSTERS_DIR):
         if key not in referenced:
             problems.append(f"stray object {key}: no ok manifest row refers to it")
     return problems

@@ -1,8 +1,8 @@
 """The render actor: one rank of a model replica, loaded once, pinned to one GPU (or the CPU).
 
 A replica is a gang of one or more ranks (sequence/CFG parallel). Every rank renders the same task in
-lockstep; rank 0 encodes the video, uploads it whole under its deterministic key and returns the row's
-manifest entry. Frames never travel back to the driver.
+lockstep; rank 0 encodes the video and its poster, uploads them whole under their deterministic keys and
+returns the row's manifest entry. Frames never travel back to the driver.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from kandinsky_batch.poster import poster
 from kandinsky_batch.record import BatchResult, Stamp
 from kandinsky_batch.rows import Task
-from kandinsky_batch.storage import Storage, StorageUnavailable, object_key
+from kandinsky_batch.storage import Storage, StorageUnavailable, object_key, poster_key
 from kandinsky_batch.video import encode
 from pipelines import ParallelSpec, RenderOptions, open_renderer
 
@@ -136,7 +137,8 @@ class RenderWorker:
         import ray
 
         return {"worker": self.name, "device": self.renderer.device, "load_seconds": self.renderer.load_seconds,
-                "gang": self.spec.parallel.name, "node": ray.get_runtime_context().get_node_id()}
+                "gang": self.spec.parallel.name, "node": ray.get_runtime_context().get_node_id(),
+                "model": self.spec.model_path}
 
     def _render(self, tasks: list[Task], ticket: int) -> tuple[list | None, float]:
         """Frames per task (rank 0; None elsewhere) and the seconds spent rendering, turnstile wait excluded."""
@@ -183,23 +185,32 @@ class RenderWorker:
         return BatchResult(settled, tuple(unstored), outage)
 
     def _commit(self, task: Task, row: dict, frames, seconds: float) -> dict:
-        """Encode one row's frames and create its object whole, at most once per key."""
+        """Encode one row's frames, then create its video and poster objects whole, each at most once per key."""
         row["render_seconds"] = seconds
         try:
             data = encode(frames, self.spec.stamp.format, self.spec.stamp.fps)
-            key = object_key(task.id, self.spec.stamp.format)
-            if task.overwrite:
-                self.storage.put_bytes(key, data)
-            elif not self.storage.put_bytes_if_absent(key, data):
+            still = poster(frames)  # before any commit: a poster that cannot be made fails the row, leaving nothing
+            key, still_key = object_key(task.id, self.spec.stamp.format), poster_key(task.id)
+            if not self._put(key, data, task.overwrite):
                 # An earlier attempt of this row committed first (its replica died before answering):
                 # objects are created at most once per key, so that one stands and is what we record.
                 data = self.storage.get_bytes(key)
+            # After the video: should this process die in between, a re-run adopts the video and makes its poster.
+            # A poster already there (an earlier attempt's, of the same frames) stands like the video.
+            self._put(still_key, still, task.overwrite)
         except StorageUnavailable:
             raise
-        except Exception as exc:  # noqa: BLE001 - an encode error fails this row only
+        except Exception as exc:  # noqa: BLE001 - an encode or poster error fails this row only
             return {**row, "status": "failed", "error": _describe(exc)}
         return {**row, "status": "ok", "error": None, "uri": self.storage.url(key), "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest()}
+                "sha256": hashlib.sha256(data).hexdigest(), "poster": self.storage.url(still_key)}
+
+    def _put(self, key: str, data: bytes, overwrite: bool) -> bool:
+        """Write an object (replacing one when the task overwrites, else create-only); False if it stood already."""
+        if overwrite:
+            self.storage.put_bytes(key, data)
+            return True
+        return self.storage.put_bytes_if_absent(key, data)
 
 
 def _describe(exc: BaseException) -> str:

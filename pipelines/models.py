@@ -1,6 +1,6 @@
 """Where a model comes from (`model.path`) and what it can render (its limits).
 
-`model.path` is one of: the preset `tiny`, a local diffusers directory, an fsspec URI of one
+`model.path` is one of: the preset `tiny` (or `tiny:SEED`, another draw of its transformer), a local diffusers directory, an fsspec URI of one
 (s3://, gs://, az://, file://; copied to a local cache once per node), or a hub id.
 """
 
@@ -68,13 +68,23 @@ def _copy_once(uri: str, storage_options: dict | None, patterns: list[str] | Non
     return target
 
 
+def tiny_seed(path: str) -> int:
+    """The weight seed of `tiny` (0) or `tiny:SEED`; ValueError naming the path otherwise."""
+    _, sep, value = path.partition(":")
+    if not sep:
+        return 0
+    if not value.isdigit() or int(value) > 2**31:
+        raise ValueError(f"model.path={path!r}: expected 'tiny' or 'tiny:SEED' with SEED an integer in [0, 2^31]")
+    return int(value)
+
+
 def resolve_model(path: str, storage_options: dict | None = None, spec_only: bool = False) -> str:
     """Turn `model.path` into something `from_pretrained` loads: a local directory or a hub id.
 
     With `spec_only`, fetch only configs and the tokenizer (what validation needs), never weights.
     """
-    if path == TINY:
-        return str(ensure_tiny(cache_root()))
+    if path == TINY or path.startswith(TINY + ":"):
+        return str(ensure_tiny(cache_root(), tiny_seed(path)))
     if _is_uri(path):
         return str(_copy_once(path, storage_options, SPEC_FILES if spec_only else None))
     if os.path.isdir(path):

@@ -144,8 +144,12 @@ def build_tokenizers():
     return processor, clip
 
 
-def build_tiny_pipeline():
-    """Build the tiny random-weight Kandinsky5T2VPipeline deterministically (seeded per component)."""
+def build_tiny_pipeline(seed: int = 0):
+    """Build the tiny random-weight Kandinsky5T2VPipeline deterministically (seeded per component).
+
+    `seed` picks another draw of the transformer's weights (the text encoders and VAE stay the same): a second
+    tiny model to sweep against the first (`tiny:1`).
+    """
     from diffusers import (
         AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline,
         Kandinsky5Transformer3DModel,
@@ -187,9 +191,9 @@ def build_tiny_pipeline():
         bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
         pad_token_id=clip_tokenizer.pad_token_id,
     ))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     transformer = Kandinsky5Transformer3DModel(**TRANSFORMER)
-    _randomize_zero_init(transformer)
+    _randomize_zero_init(transformer, 1 + seed)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
     return Kandinsky5T2VPipeline(
         transformer=transformer.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=processor,
@@ -197,7 +201,7 @@ def build_tiny_pipeline():
     )
 
 
-def _randomize_zero_init(model) -> None:
+def _randomize_zero_init(model, seed: int) -> None:
     """Give zero-initialized layers random weights too, so every block really shapes the output.
 
     Kandinsky 5 zero-initializes its modulation layers (the gates of every attention and feed-forward
@@ -206,34 +210,34 @@ def _randomize_zero_init(model) -> None:
     """
     import torch
 
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             if not param.any():
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
-def save_tiny(directory: str | os.PathLike) -> Path:
+def save_tiny(directory: str | os.PathLike, seed: int = 0) -> Path:
     """Build the tiny pipeline and write it to `directory` in diffusers format (safetensors)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    build_tiny_pipeline().save_pretrained(directory, safe_serialization=True)
+    build_tiny_pipeline(seed).save_pretrained(directory, safe_serialization=True)
     return directory
 
 
-def ensure_tiny(cache_dir: str | os.PathLike) -> Path:
+def ensure_tiny(cache_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Return the cached tiny build under `cache_dir`, building it once per node.
 
     Several actors on one node may race here; each builds into a private temp dir and renames it
     into place, so a reader never sees a half-written model and the loser just discards its copy.
     """
-    target = Path(cache_dir) / f"tiny-v{TINY_VERSION}"
+    target = Path(cache_dir) / (f"tiny-v{TINY_VERSION}" + (f"-seed{seed}" if seed else ""))
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
     try:
-        save_tiny(tmp)
+        save_tiny(tmp, seed)
         try:
             os.rename(tmp, target)
         except OSError:

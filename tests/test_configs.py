@@ -43,6 +43,19 @@ def test_lite_config_carries_published_defaults(variant, duration):
     assert (cfg.render.height, cfg.render.width) == (512, 768)
 
 
+def test_the_lite_sweep_renders_each_variant_at_its_published_defaults():
+    from kandinsky_batch.sweep import Sweep
+
+    sweep = Sweep.parse(load_config(str(ROOT / "configs" / "lite-5s-sweep.yaml"), PLACEHOLDERS))
+    for variant in sweep.models:
+        name = variant.label.removesuffix("-magcache")
+        assert variant.model.path == f"kandinskylab/Kandinsky-5.0-T2V-Lite-{name}-5s-Diffusers"
+        assert (variant.render.num_inference_steps, variant.render.guidance_scale) == LITE[name]
+        assert (variant.render.num_frames, variant.render.height, variant.render.width) == (121, 512, 768)
+    assert [m.model.cache for m in sweep.models] == [None, "magcache", None, None]
+    assert [c.values["seed"] for c in sweep.cells] == [0, 1, 2, 3]
+
+
 def test_lite_placeholders_are_meant_to_be_overridden():
     for path in ROOT.glob("configs/lite-*.yaml"):
         cfg = load_config(str(path))

@@ -129,11 +129,17 @@ def test_orphaned_video_is_adopted_and_a_truncated_one_rendered_again(tmp_path, 
     storage.delete("_SUCCESS")
     truncated = "videos/row-002.npy"
     storage.put_bytes(truncated, originals[truncated][: len(originals[truncated]) // 2])
+    # One orphan lost its poster too (the worker died between the two uploads); the others' posters stand.
+    posters = {k: storage.get_bytes(k) for k in storage.list("posters")}
+    storage.delete("posters/row-003.jpg")
     result = run(_config(tmp_path, uri, options, rows), progress=False)
     assert (result.adopted, result.rendered) == (4, 1)
-    manifest = _assert_complete(uri, options, len(rows))
+    manifest = _assert_complete(uri, options, len(rows))  # verify covers every ok row's poster
     assert {r["id"] for r in manifest if r["worker"] == "adopted"} == {f"row-{i:03d}" for i in (0, 1, 3, 4)}
     assert {k: storage.get_bytes(k) for k in storage.list("videos")} == originals
+    assert all(r["poster"] == storage.url(f"posters/{r['id']}.jpg") for r in manifest)
+    # npy decodes to the rendered frames exactly, so the adopted row's new poster is the lost one, byte for byte.
+    assert {k: storage.get_bytes(k) for k in storage.list("posters")} == posters
 
 
 def _snapshot(storage: Storage) -> dict:

@@ -10,10 +10,12 @@ import pytest
 from kandinsky_batch.config import load_config
 from kandinsky_batch.dataset import Dataset
 from kandinsky_batch.intake import Intake
+from kandinsky_batch.preflight import Lane
 from kandinsky_batch.record import Stamp
 from kandinsky_batch.resume import OutputState
 from kandinsky_batch.rows import IdIndex, RowValidator, build_tasks
 from kandinsky_batch.storage import Storage
+from kandinsky_batch.sweep import Sweep
 from pipelines import load_spec
 
 
@@ -48,8 +50,9 @@ def _intake(tmp_path, spec, window_rows=1000, depth=2):
     validator = RowValidator(cfg, spec, IdIndex.build(dataset.column("id"), dataset.num_rows, "mp4"))
     stamp = Stamp("simulated", "mp4", 24)
     recorded = []
-    intake = Intake(dataset, validator, cfg.cluster, OutputState(Storage(cfg.output.uri), stamp), stamp,
-                    recorded.append, window_rows=window_rows, depth=depth)
+    sweep = Sweep.parse(cfg)
+    lane = Lane(sweep.models[0], spec, stamp, validator, OutputState(Storage(cfg.output.uri), stamp))
+    intake = Intake(dataset, [lane], sweep, cfg.render.seed, recorded.append, window_rows=window_rows, depth=depth)
     return cfg, dataset, intake, recorded
 
 

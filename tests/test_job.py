@@ -1,18 +1,22 @@
-"""End to end through `job.run` on a real local Ray: the seed contract, videos, manifest, verify, resume.
+"""End to end through `job.run` on a real local Ray: the seed contract, videos, posters, manifest, verify, resume.
 
 Every storage test runs on file:// and on s3:// (moto on 127.0.0.1).
 """
 
+import io
+
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from kandinsky_batch.config import load_config
 from kandinsky_batch.job import run
 from kandinsky_batch.manifest import SCHEMA, read_manifest, read_success
+from kandinsky_batch.poster import poster
 from kandinsky_batch.resume import ResumeConflict
 from kandinsky_batch.rows import derive_seed
-from kandinsky_batch.storage import Storage
+from kandinsky_batch.storage import Storage, poster_key
 from kandinsky_batch.verify import verify
 from kandinsky_batch.video import decode
 from pipelines import DEFAULT_NEGATIVE_PROMPT
@@ -68,6 +72,10 @@ def test_seed_contract_end_to_end(tmp_path, s3_output, ray_local, tiny_pipe):
         assert row["status"] == "ok" and row["attempts"] == 1 and row["model"] == "tiny"
         frames = decode(storage.get_bytes(storage.key_of(row["uri"])), "npy")
         assert np.array_equal(frames, oracle(tiny_pipe, row)), row["id"]
+        # Its poster: the middle frame of exactly these frames, under the video key's stem.
+        assert row["poster"] == storage.url(poster_key(row["id"]))
+        assert storage.get_bytes(poster_key(row["id"])) == poster(frames), row["id"]
+    assert storage.list("posters") == sorted(poster_key(r["id"]) for r in ROWS)
     assert verify(uri, options) == []
     success = read_success(storage)
     assert success["counts"]["ok"] == len(ROWS)
@@ -83,6 +91,8 @@ def test_mp4_videos_decode_to_the_manifest_frame_count_and_size(tmp_path, file_o
         assert row["uri"].endswith(".mp4") and len(data) == row["bytes"]
         frames = decode(data, "mp4")
         assert frames.shape == (row["num_frames"], row["height"], row["width"], 3), row["id"]
+        image = Image.open(io.BytesIO(storage.get_bytes(storage.key_of(row["poster"]))))
+        assert (image.format, image.size) == ("JPEG", (row["width"], row["height"])), row["id"]  # small: kept as is
     assert verify(uri, options) == []
 
 

@@ -381,3 +381,80 @@ def test_illegal_transitions_raise():
     slot.dispatch(Flight(0, [(_task(0), 1)], ["ref"]), 0.0)
     with pytest.raises(RuntimeError, match="batches in flight"):
         slot.retire()
+
+
+# -- several models in one group (a sweep) -------------------------------------------------------------------
+
+
+def _models_queue(world: World, windows: list[dict], **kwargs) -> tuple[WorkQueue, list[dict]]:
+    rows: list[dict] = []
+    pools = [Pool(name, world.spawn(name), group="default") for name in windows[0]]
+    defaults = dict(max_attempts=3, on_row=rows.append, wait=world.wait, get=world.get, clock=world.clock,
+                    tick_seconds=1.0, fleet_seconds=1.0, no_replica_timeout=60.0)
+    return WorkQueue(pools, world, ListSource(windows), **{**defaults, **kwargs}), rows
+
+
+def test_models_split_a_group_by_their_remaining_work():
+    world = World({"default": 4})
+    a, b = [_task(i) for i in range(30)], [_task(i) for i in range(30, 40)]
+    queue, rows = _models_queue(world, [{"a": a, "b": b}])
+    queue.run()
+    by_id = _once(rows, a + b)
+    assert [r.pool for r in world.spawned[:4]].count("a") == 3  # 30 rows against 10: three replicas to one
+    assert {by_id[t.id]["worker"].split("#")[0] for t in a} == {"a"}
+    assert {by_id[t.id]["worker"].split("#")[0] for t in b} == {"b"}
+
+
+def test_a_replica_whose_model_has_no_rows_left_reloads_as_one_that_has():
+    world = World({"default": 2})
+    a, b = [_task(i) for i in range(2)], [_task(i) for i in range(2, 22)]
+    queue, rows = _models_queue(world, [{"a": a, "b": b}])
+    queue.run()
+    by_id = _once(rows, a + b)
+    assert [r.pool for r in world.spawned[:2]] == ["b", "b"]  # b has ten times the work
+    assert queue.switches >= 1 and len(world.spawned) == 2 + queue.switches
+    assert {by_id[t.id]["worker"].split("#")[0] for t in a} == {"a"}
+    switched = [r for r in world.spawned if r.pool == "b" and r.killed]
+    # A b replica was torn down only once b had no rows waiting: every b row was handed out before the first a.
+    first_a = next(i for i, r in enumerate(world.spawned) if r.pool == "a")
+    assert switched and all(r.received for r in world.spawned[:first_a])
+
+
+@pytest.mark.timeout(20)
+def test_a_backlog_of_another_model_never_stalls_the_queue():
+    """Streaming windows, one replica: its model runs dry while the queue is full of the other model's rows,
+    so no more windows are pulled; it must switch rather than wait for rows that cannot come."""
+    world = World({"default": 1})
+    windows = [{"a": [_task(i) for i in range(w * 16, w * 16 + 8)], "b": [_task(i) for i in range(w * 16 + 8, w * 16 + 16)]}
+               for w in range(4)]
+    queue, rows = _models_queue(world, windows, low_water=4)
+    queue.run()
+    _once(rows, [t for w in windows for tasks in w.values() for t in tasks])
+    assert queue.switches >= 1
+
+
+def test_pools_take_units_of_their_group_by_their_gang_size():
+    world = World({"default": 4})
+    a, b = [_task(i) for i in range(20)], [_task(i) for i in range(20, 40)]
+    rows: list[dict] = []
+    pools = [Pool("a", world.spawn("a"), group="default", ranks=2), Pool("b", world.spawn("b"), group="default")]
+    queue = WorkQueue(pools, world, ListSource([{"a": a, "b": b}]), max_attempts=3, on_row=rows.append,
+                      wait=world.wait, get=world.get, clock=world.clock)
+    queue.run()
+    _once(rows, a + b)
+    first = [r.pool for r in world.spawned[:3]]
+    assert sorted(first) == ["a", "b", "b"]  # 4 units: a gang of 2 and two single replicas
+
+
+def test_a_gang_model_takes_as_many_idle_replicas_as_it_needs_gpus():
+    world = World({"default": 2})
+    a, b = [_task(i) for i in range(20)], [_task(i) for i in range(20, 24)]
+    rows: list[dict] = []
+    pools = [Pool("a", world.spawn("a"), group="default"), Pool("b", world.spawn("b"), group="default", ranks=2)]
+    queue = WorkQueue(pools, world, ListSource([{"a": a, "b": b}]), max_attempts=3, on_row=rows.append,
+                      wait=world.wait, get=world.get, clock=world.clock)
+    queue.run()
+    by_id = _once(rows, a + b)
+    assert [r.pool for r in world.spawned] == ["a", "a", "b"]  # b waits for both GPUs, then gets them
+    assert queue.switches == 2
+    assert {by_id[t.id]["worker"].split("#")[0] for t in b} == {"b"}

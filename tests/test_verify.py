@@ -5,36 +5,39 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timezone
 
+import numpy as np
+
 from kandinsky_batch.manifest import ManifestWriter, compact, read_manifest, write_success
-from kandinsky_batch.storage import Storage, object_key
+from kandinsky_batch.poster import poster
+from kandinsky_batch.storage import Storage, object_key, poster_key
 from kandinsky_batch.verify import verify
 
 
-def make_output(uri: str, options: dict | None) -> Storage:
-    """A finished output: three ok videos, one failed row, compacted manifest, _SUCCESS."""
+def make_output(uri: str, options: dict | None, posters: bool = True) -> Storage:
+    """A finished output: three ok videos (with posters unless written before posters existed), one failed row,
+    compacted manifest, _SUCCESS."""
     storage = Storage(uri, options)
     writer = ManifestWriter(storage, "run1", flush_rows=2)
     for i in range(3):
-        data = f"video {i} ".encode() * (i + 10)
-        key = object_key(f"clip-{i}", "mp4")
-        storage.put_bytes(key, data)
-        writer.add(
-            {
-                "id": f"clip-{i}",
-                "row_index": i,
-                "status": "ok",
-                "uri": storage.url(key),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "format": "mp4",
-                "finished_at": datetime.now(timezone.utc),
-            }
-        )
+        writer.add(_ok_row(storage, f"clip-{i}", i, posters))
     writer.add({"id": "clip-3", "row_index": 3, "status": "failed", "error": "boom"})
     writer.flush()
     compact(storage, "run1")
     write_success(storage, {"rows": 4, "ok": 3, "failed": 1})
     return storage
+
+
+def _ok_row(storage: Storage, row_id: str, i: int, with_poster: bool = True) -> dict:
+    data = f"video {i} ".encode() * (i + 10)
+    key = object_key(row_id, "mp4")
+    storage.put_bytes(key, data)
+    row = {"id": row_id, "row_index": i, "status": "ok", "uri": storage.url(key), "bytes": len(data),
+           "sha256": hashlib.sha256(data).hexdigest(), "format": "mp4", "finished_at": datetime.now(timezone.utc)}
+    if with_poster:
+        frames = np.random.default_rng(i).integers(0, 256, (3, 24, 32, 3), dtype=np.uint8)
+        storage.put_bytes(poster_key(row_id), poster(frames))
+        row["poster"] = storage.url(poster_key(row_id))
+    return row
 
 
 def test_good_output_is_clean(output_target):
@@ -96,3 +99,56 @@ def test_empty_output_reports_missing_manifest(output_target):
     problems = verify(*output_target)
     assert any("_SUCCESS is missing" in p for p in problems)
     assert any("manifest is missing" in p for p in problems)
+
+
+def test_missing_poster_is_reported(output_target):
+    storage = make_output(*output_target)
+    storage.delete("posters/clip-1.jpg")
+    assert verify(*output_target) == ["id='clip-1': poster posters/clip-1.jpg is missing"]
+
+
+def test_corrupt_or_truncated_poster_is_reported(output_target):
+    storage = make_output(*output_target)
+    storage.put_bytes("posters/clip-0.jpg", b"not a jpeg at all")
+    good = storage.get_bytes("posters/clip-2.jpg")
+    storage.put_bytes("posters/clip-2.jpg", good[: len(good) * 3 // 4])  # headers intact, scan cut short
+    problems = verify(*output_target)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("id='clip-0': poster posters/clip-0.jpg does not decode")
+    assert problems[1].startswith("id='clip-2': poster posters/clip-2.jpg does not decode")
+    assert "truncated" in problems[1]  # Image.verify() alone passes a JPEG whose scan is cut short
+
+
+def test_stray_poster_is_reported(output_target):
+    storage = make_output(*output_target)
+    storage.put_bytes("posters/orphan.jpg", poster(np.zeros((1, 8, 8, 3), np.uint8)))
+    assert verify(*output_target) == ["stray object posters/orphan.jpg: no ok manifest row refers to it"]
+
+
+def test_a_failed_rows_poster_is_a_stray(output_target):
+    storage = make_output(*output_target)
+    storage.put_bytes(poster_key("clip-3"), poster(np.zeros((1, 8, 8, 3), np.uint8)))
+    assert verify(*output_target) == ["stray object posters/clip-3.jpg: no ok manifest row refers to it"]
+
+
+def test_ok_row_without_a_poster_is_reported_once_the_output_has_posters(output_target):
+    storage = make_output(*output_target)
+    late = ManifestWriter(storage, "run2")
+    late.add({k: v for k, v in _ok_row(storage, "clip-4", 4).items() if k != "poster"})
+    late.flush()
+    assert verify(*output_target) == ["id='clip-4': ok row has no poster", "stray object posters/clip-4.jpg: "
+                                      "no ok manifest row refers to it"]
+
+
+def test_rows_written_before_posters_existed_pass(output_target):
+    storage = make_output(*output_target, posters=False)
+    assert verify(*output_target) == []
+    # Resumed by a version with posters: the old rows keep none, the new row has one, and later rows must.
+    late = ManifestWriter(storage, "run2")
+    late.add({**_ok_row(storage, "clip-4", 4), "row_index": 4})
+    late.flush()
+    assert verify(*output_target) == []
+    later = ManifestWriter(storage, "run3")
+    later.add(_ok_row(storage, "clip-5", 5, with_poster=False))
+    later.flush()
+    assert verify(*output_target) == ["id='clip-5': ok row has no poster"]

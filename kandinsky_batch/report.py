@@ -1,0 +1,314 @@
+"""`kandinsky-batch report`: one static HTML page laying a sweep's cells side by side, with per-variant timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+import jinja2
+import numpy as np
+
+from .manifest import MANIFEST_DIR, STATUSES, read_manifest, read_success
+from .storage import Storage
+
+# The sweep axes in the order they are shown; an axis not listed here (a newer version's) goes last.
+AXES = ("model", "num_inference_steps", "guidance_scale", "negative_prompt", "height", "width", "num_frames", "seed")
+DEFAULT_ROW_AXES = ("seed",)
+DEFAULT_EXPIRES = 7 * 24 * 3600
+S3_MAX_EXPIRES = 7 * 24 * 3600  # SigV4 presigned URLs live at most a week
+COLUMNS = ["id", "row_index", "prompt", "status", "error", "uri", "poster", "format", "model", "sweep", "gang",
+           "approximate", "render_seconds"]
+_COPY_THREADS = 16  # copies are dominated by round trips on object stores
+_GANG_PART = re.compile(r"[a-z]*(\d+)(?:\(\w+\))?")  # `1`, `sp2`, `cfg2`, `sp4(ring2)`
+
+
+class ReportError(ValueError):
+    """The output cannot be reported as asked (no manifest, an unknown axis); the message names the value."""
+
+
+@dataclass
+class Variant:
+    """A column of the grid: one combination of the column axes' values, and its numbers over its cells."""
+
+    values: tuple
+    key: str  # canonical JSON of {axis: value}; the page's `data-variant`
+    label: str  # `model=tiny · seed=1`
+    short: str  # `tiny · 1`
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class GridRow:
+    """A row of the grid: one input row (prompt) and one combination of the row axes' values."""
+
+    row_index: int
+    values: tuple
+    cells: list[list[dict]]  # per variant, the manifest rows that fall there (normally exactly one)
+    prompt: str | None = None
+    span: int = 1  # grid rows the prompt cell spans; 0 where the row above's prompt cell covers it
+
+
+@dataclass
+class Grid:
+    column_axes: list[str]
+    row_axes: list[str]
+    variants: list[Variant]
+    rows: list[GridRow]
+
+
+def gpus_of(gang: str | None) -> int | None:
+    """GPUs per replica of a manifest `gang` name (`1`, `sp2`, `cfg2`, `sp2xcfg2`: 1, 2, 2, 4); None if unknown."""
+    if not gang:
+        return None
+    count = 1
+    for part in gang.split("x"):
+        match = _GANG_PART.fullmatch(part)
+        if match is None:
+            return None
+        count *= int(match.group(1))
+    return count
+
+
+def variant_key(values: dict) -> str:
+    """The `data-variant` of a column: its axis values as compact JSON with sorted keys (`{}` without a sweep)."""
+    return json.dumps(values, sort_keys=True, separators=(",", ":"))
+
+
+def _sweep_of(row: dict) -> dict:
+    text = row["sweep"]
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"id={row['id']!r}: sweep is not JSON: {text!r}") from exc
+    if not isinstance(value, dict):
+        raise ReportError(f"id={row['id']!r}: sweep must be a JSON object, got {text!r}")
+    return value
+
+
+def _split_axes(present: list[str], columns: list[str] | None) -> tuple[list[str], list[str]]:
+    if columns is None:
+        return [a for a in present if a not in DEFAULT_ROW_AXES], [a for a in present if a in DEFAULT_ROW_AXES]
+    for axis in columns:
+        if axis not in present:
+            raise ReportError(f"unknown axis {axis!r} in --columns; this output's sweep axes are: "
+                              f"{', '.join(present) if present else 'none (it is not a sweep)'}")
+    if len(set(columns)) != len(columns):
+        raise ReportError(f"--columns names an axis twice: {','.join(columns)}")
+    return list(columns), [a for a in present if a not in columns]
+
+
+def _order(values: tuple) -> tuple:
+    """Sort key for axis values: numbers numerically, then strings, then missing values."""
+    return tuple((2, 0, "") if v is None else (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+                 for v in values)
+
+
+def _show(value) -> str:
+    return "—" if value is None else str(value)
+
+
+def variant_stats(rows: list[dict]) -> dict:
+    """Counts per status; mean/p50/p90 render seconds, GPU-seconds per video, `approximate` over the ok rows."""
+    stats: dict = {status: 0 for status in STATUSES}
+    for row in rows:
+        stats[row["status"]] = stats.get(row["status"], 0) + 1
+    timed = [row for row in rows if row["status"] == "ok" and row["render_seconds"] is not None]
+    seconds = np.array([row["render_seconds"] for row in timed], dtype=np.float64)
+    gpu = np.array([row["render_seconds"] * n for row in timed if (n := gpus_of(row["gang"])) is not None])
+    stats["mean_s"] = float(seconds.mean()) if seconds.size else None
+    stats["p50_s"], stats["p90_s"] = (float(v) for v in np.percentile(seconds, [50, 90])) if seconds.size else (None,) * 2
+    stats["gpu_s"] = float(gpu.mean()) if gpu.size else None
+    flags = {row["approximate"] for row in rows if row["status"] == "ok" and row["approximate"] is not None}
+    stats["approximate"] = {frozenset([True]): "yes", frozenset([False]): "no"}.get(
+        frozenset(flags), "mixed" if flags else None)
+    stats["model"] = ", ".join(sorted({row["model"] for row in rows if row["model"]})) or None
+    return stats
+
+
+def build(rows: list[dict], columns: list[str] | None = None) -> Grid:
+    """The grid of manifest rows: input rows x row-axis values down, column-axis values (variants) across."""
+    sweeps = [_sweep_of(row) for row in rows]
+    found = {axis for sweep in sweeps for axis in sweep}
+    column_axes, row_axes = _split_axes([a for a in AXES if a in found] + sorted(found - set(AXES)), columns)
+    column_of = [tuple(sweep.get(a) for a in column_axes) for sweep in sweeps]
+    row_of = [(row["row_index"], tuple(sweep.get(a) for a in row_axes)) for row, sweep in zip(rows, sweeps)]
+
+    members: dict[tuple, list[dict]] = {}
+    for row, values in zip(rows, column_of):
+        members.setdefault(values, []).append(row)
+    variants = [Variant(values, variant_key(dict(zip(column_axes, values))),
+                        " · ".join(f"{a}={_show(v)}" for a, v in zip(column_axes, values)) or "all rows",
+                        " · ".join(map(_show, values)) or "all rows",
+                        variant_stats(members[values]))
+                for values in sorted(members, key=_order)]
+    position = {variant.values: i for i, variant in enumerate(variants)}
+
+    grid_rows: dict[tuple, GridRow] = {}
+    for row, values, key in zip(rows, column_of, row_of):
+        grid_row = grid_rows.setdefault(key, GridRow(key[0], key[1], [[] for _ in variants]))
+        grid_row.cells[position[values]].append(row)
+        grid_row.prompt = grid_row.prompt if grid_row.prompt is not None else row["prompt"]
+    ordered = [grid_rows[key] for key in sorted(grid_rows, key=lambda k: (k[0], _order(k[1])))]
+    first = None
+    for grid_row in ordered:
+        if first is not None and first.row_index == grid_row.row_index:
+            first.span, grid_row.span = first.span + 1, 0
+        else:
+            first = grid_row
+    return Grid(column_axes, row_axes, variants, ordered)
+
+
+def _local_href(path: str, out: Path) -> str:
+    try:
+        return quote(Path(os.path.relpath(path, out)).as_posix())
+    except ValueError:  # no relative path (another drive on Windows)
+        return Path(path).as_uri()
+
+
+def _link(storage: Storage, out: Path, uri: str, expires: int) -> str:
+    """How the page reaches a video left where it is: a relative path (local disk) or a presigned URL."""
+    try:
+        key = storage.key_of(uri)
+    except ValueError:
+        return _local_href(uri[len("file://"):], out) if uri.startswith("file://") else uri
+    if storage.local:
+        return _local_href(f"{storage.root}/{key}", out)
+    try:
+        return storage.fs.sign(f"{storage.root}/{key}", expiration=expires)
+    except NotImplementedError as exc:
+        raise ReportError(f"{storage.scheme}:// storage cannot presign video URLs; pass --copy-videos") from exc
+
+
+def _sigv4(options: dict | None) -> dict:
+    """S3 options that presign with SigV4, which every region accepts (botocore may otherwise pick SigV2)."""
+    options = dict(options or {})
+    options["config_kwargs"] = {"signature_version": "s3v4", **(options.get("config_kwargs") or {})}
+    return options
+
+
+def _copy(storage: Storage, uri: str, out: Path, folder: str) -> str | None:
+    """Copy an object of the output to `out/folder/`; its href, or None when it is missing."""
+    try:
+        key = storage.key_of(uri)
+        data = storage.get_bytes(key)
+    except (ValueError, FileNotFoundError):
+        return None
+    name = posixpath.basename(key)
+    (out / folder / name).write_bytes(data)
+    return f"{folder}/{quote(name)}"
+
+
+def _place(storage: Storage, signer: Storage, grid: Grid, out: Path, expires: int, copy_videos: bool) -> None:
+    """Give each cell's row a `poster_href` (always a copy) and a `video_href` (copy, relative path or URL)."""
+    entries = [row for grid_row in grid.rows for cell in grid_row.cells for row in cell]
+    (out / "posters").mkdir(parents=True, exist_ok=True)
+    if copy_videos:
+        (out / "videos").mkdir(parents=True, exist_ok=True)
+
+    def place(row: dict) -> None:
+        row["poster_href"] = _copy(storage, row["poster"], out, "posters") if row["poster"] else None
+        row["video_href"] = None
+        if row["status"] == "ok" and row["uri"]:
+            row["video_href"] = (_copy(storage, row["uri"], out, "videos") if copy_videos
+                                 else _link(signer, out, row["uri"], expires))
+        row["playable"] = row["video_href"] is not None and (row["format"] or "mp4") == "mp4"
+
+    with ThreadPoolExecutor(_COPY_THREADS) as pool:
+        list(pool.map(place, entries))
+
+
+def _header(grid: Grid) -> list[list[dict]]:
+    """Header rows of the grid, one per column axis; runs of columns sharing the leading values merge into one."""
+    levels = []
+    for depth, axis in enumerate(grid.column_axes):
+        cells: list[dict] = []
+        for variant in grid.variants:
+            prefix = variant.values[: depth + 1]
+            if cells and cells[-1]["prefix"] == prefix:
+                cells[-1]["span"] += 1
+            else:
+                cells.append({"prefix": prefix, "axis": axis, "value": _show(prefix[-1]), "span": 1})
+        levels.append(cells)
+    return levels or [[{"axis": "", "value": "video", "span": 1}]]
+
+
+def _chart(variants: list[Variant]) -> dict:
+    """Geometry of the inline SVG bar chart of mean seconds per video."""
+    label_w = min(340, 16 + 7 * max(len(v.short) for v in variants))
+    plot_w, bar_h, gap = 360, 20, 8
+    top = max((v.stats["mean_s"] or 0.0) for v in variants) or 1.0
+    bars = [{"key": v.key, "label": v.label, "short": v.short, "value": v.stats["mean_s"], "y": i * (bar_h + gap),
+             "width": (v.stats["mean_s"] or 0.0) / top * plot_w} for i, v in enumerate(variants)]
+    return {"bars": bars, "label_w": label_w, "plot_w": plot_w, "bar_h": bar_h,
+            "width": label_w + plot_w + 70, "height": len(variants) * (bar_h + gap)}
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("kandinsky_batch", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["seconds"] = _seconds
+    env.filters["show"] = _show
+    env.filters["raw"] = lambda v: "" if v is None else repr(v)
+    env.globals["zip"] = zip
+    return env.get_template("report.html.j2")
+
+
+def write_report(uri: str, out: str | os.PathLike | None = None, *, storage_options: dict | None = None,
+                 columns: list[str] | None = None, expires: int = DEFAULT_EXPIRES, copy_videos: bool = False) -> Path:
+    """Write `index.html` (+ posters, + videos with `copy_videos`) for the output at `uri`; returns its path.
+
+    `out` defaults to `{uri}/report` for a local output and `./report` for an object store. Videos stay
+    where they are unless `copy_videos`: relative links on local disk, URLs presigned for `expires` seconds.
+    """
+    # 1. Check the request before reading anything large.
+    storage = Storage(uri, storage_options)
+    if isinstance(expires, bool) or not isinstance(expires, int) or expires <= 0:
+        raise ReportError(f"--expires must be a positive number of seconds, got {expires!r}")
+    signer = storage
+    if not storage.local and not copy_videos and storage.scheme in ("s3", "s3a"):
+        if expires > S3_MAX_EXPIRES:
+            raise ReportError(f"--expires {expires}: S3 presigned URLs last at most {S3_MAX_EXPIRES} s (7 days)")
+        signer = Storage(uri, _sigv4(storage_options))
+    if not any(key.endswith(".parquet") for key in storage.list(MANIFEST_DIR)):
+        raise ReportError(f"manifest is missing: no {MANIFEST_DIR}/*.parquet under {storage.url(MANIFEST_DIR)}")
+
+    # 2. Lay the manifest out as a grid and count each variant.
+    table = read_manifest(storage).select(COLUMNS)
+    if table.num_rows == 0:
+        raise ReportError(f"manifest under {storage.url(MANIFEST_DIR)} holds no rows")
+    grid = build(table.to_pylist(), columns)
+
+    # 3. Put posters (and videos, if asked) next to the page, and link the rest.
+    out = Path(out) if out is not None else Path(storage.root) / "report" if storage.local else Path("report")
+    out = out.resolve()
+    _place(storage, signer, grid, out, expires, copy_videos)
+
+    # 4. Render the page.
+    statuses = table["status"].to_pylist()
+    models = {m for m in table["model"].to_pylist() if m} | {
+        str(s["model"]) for s in map(_sweep_of, table.select(["id", "sweep"]).to_pylist()) if s.get("model")}
+    html = _template().render(
+        uri=uri, grid=grid, header=_header(grid), chart=_chart(grid.variants), success=read_success(storage),
+        counts={status: statuses.count(status) for status in STATUSES}, total=len(statuses),
+        tiny=sorted(m for m in models if m.startswith("tiny")),
+        videos="copied" if copy_videos else "local" if storage.local else "signed",
+        expires_at=(datetime.now(timezone.utc) + timedelta(seconds=expires)).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    index = out / "index.html"
+    index.write_text(html, encoding="utf-8")
+    return index

@@ -1,0 +1,297 @@
+"""Evaluation sweeps: the `sweep:` block of a job config, and each input row expanded into its grid of cells.
+
+A sweep names axes, each a list of values; the job renders every input row x every combination:
+
+    sweep:
+      model: [kandinskylab/...-sft-5s-Diffusers, {name: sft-magcache, path: ..., cache: magcache},
+              {name: distilled, path: ..., render: {num_inference_steps: 16, guidance_scale: 1.0}}]
+      num_inference_steps: [16, 50]
+      seeds: 4                      # or an explicit list [0, 1, 2, 3]
+
+A cell's id is the input row's id and its axis values (`p7__sft-magcache__steps-16__seed-2`): readable, safe for
+object keys, and the same whatever other values an axis holds, so adding a value renders only the new cells. Its
+axis values are recorded as JSON in the manifest's `sweep` column. Axis values fill the render parameters where
+the row's own column is null (a row's column still overrides); a model value may carry its own `render` defaults
+(where no axis sets the parameter) and its replicas' gang shape (`cluster`). The seed of seed k is the one the row gets
+with `render.seed + k`, so seed 0 of a row is the seed it gets without a sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kandinsky_batch.config import MAX_SEED, ClusterConfig, ConfigError, JobConfig, ModelConfig, RenderConfig
+
+# The render axes, in the order their parts appear in a cell id, with the id prefix and Arrow type of each.
+RENDER_AXES = {
+    "num_inference_steps": ("steps", pa.int64()),
+    "guidance_scale": ("cfg", pa.float64()),
+    "negative_prompt": ("neg", pa.string()),
+    "height": ("h", pa.int64()),
+    "width": ("w", pa.int64()),
+    "num_frames": ("f", pa.int64()),
+}
+AXES = ("model", *RENDER_AXES, "seeds")
+SHAPE_KEYS = ("sequence_parallel", "ring_degree", "cfg_parallel")
+MAX_CELLS = 10_000
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
+SEP = "__"
+
+
+@dataclass(frozen=True)
+class ModelVariant:
+    """One value of the `model` axis: a label, the `model.*` keys it renders with and its replicas' gang shape."""
+
+    label: str
+    model: ModelConfig
+    cluster: ClusterConfig
+    render: RenderConfig
+    """The job's `render.*` defaults with this model's own (a distilled checkpoint's 16 steps, guidance 1)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of the render axes and a seed (the model is applied per variant)."""
+
+    render: dict = field(default_factory=dict)
+    seed: tuple | None = None
+    """None (the row's own seed), ("count", k): the seed of `render.seed + k`, or ("value", s)."""
+    parts: tuple = ()
+    """Id parts in axis order, without the model's."""
+    values: dict = field(default_factory=dict)
+    """Axis values recorded in the manifest's `sweep` column, without the model's."""
+
+
+def _part(axis: str, value) -> str:
+    prefix, _ = RENDER_AXES[axis]
+    if axis == "negative_prompt":
+        text = "default" if value is None else hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        return f"{prefix}-{text}"
+    return f"{prefix}-{value!r}" if isinstance(value, float) else f"{prefix}-{value}"
+
+
+def _label(path: str) -> str:
+    """A readable label from a model path: its last component, made key-safe."""
+    tail = path.rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", tail).strip("-.")[:64] or "model"
+
+
+def _check_render_value(axis: str, index: int, value) -> None:
+    key = f"sweep.{axis}[{index}]"
+    if axis == "negative_prompt":
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: must be a string or null (the pipeline's default)")
+        return
+    if axis == "guidance_scale":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: must be a finite number >= 0")
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key}={value!r}: must be a positive integer")
+
+
+def _values(sweep: dict, axis: str) -> list:
+    values = sweep[axis]
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ConfigError(f"sweep.{axis}={values!r}: must be a non-empty list of values")
+    if len(values) != len({json.dumps(v, sort_keys=True) for v in values}):
+        raise ConfigError(f"sweep.{axis}={values!r}: lists a value twice")
+    return list(values)
+
+
+def _models(cfg: JobConfig, values: list) -> list[ModelVariant]:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    known = {f.name for f in fields(ModelConfig)}
+    variants = []
+    for index, value in enumerate(values):
+        key = f"sweep.model[{index}]"
+        if isinstance(value, str):
+            value = {"path": value}
+        if not isinstance(value, dict) or not value.get("path"):
+            raise ConfigError(f"{key}={value!r}: must be a model path or a mapping of model.* keys with a `path`")
+        extra = set(value) - known - {"name", "cluster", "render"}
+        if extra:
+            raise ConfigError(f"{key}.{sorted(extra)[0]}: unknown key (model.* keys, `name`, `render` or `cluster`)")
+        keys = {k: v for k, v in value.items() if k in known}
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(cfg.model), keys)
+            model = OmegaConf.to_object(merged)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{key}.{getattr(exc, 'full_key', '') or ''}: {str(exc).splitlines()[0]}") from None
+        label = str(value.get("name") or _label(model.path))
+        if not _LABEL.fullmatch(label):
+            raise ConfigError(f"{key}.name={label!r}: must match [A-Za-z0-9][A-Za-z0-9.-]{{0,63}} (it is part of ids)")
+        shape = value.get("cluster") or {}
+        if not isinstance(shape, dict) or set(shape) - set(SHAPE_KEYS):
+            raise ConfigError(f"{key}.cluster={shape!r}: may set only {', '.join(SHAPE_KEYS)}")
+        if shape and cfg.cluster.groups:
+            raise ConfigError(f"{key}.cluster={shape!r}: with cluster.groups, gang shapes are set per group")
+        try:
+            cluster = replace(cfg.cluster, **shape) if shape else cfg.cluster
+        except ConfigError as exc:
+            raise ConfigError(f"{key}.{exc}") from None
+        defaults = value.get("render") or {}
+        if not isinstance(defaults, dict) or set(defaults) - set(RENDER_AXES):
+            raise ConfigError(f"{key}.render={defaults!r}: may set only {', '.join(RENDER_AXES)} (this model's "
+                              "defaults; axes and row columns override them)")
+        try:
+            render = replace(cfg.render, **defaults) if defaults else cfg.render
+        except ConfigError as exc:
+            raise ConfigError(f"{key}.{exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"{key}.render={defaults!r}: {exc}") from None
+        variants.append(ModelVariant(label, model, cluster, render))
+    labels = [v.label for v in variants]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ConfigError(f"sweep.model: two values are labelled {label!r}; give each a distinct `name`")
+    return variants
+
+
+def _seeds(cfg: JobConfig, value) -> list[tuple]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= 1000:
+            raise ConfigError(f"sweep.seeds={value!r}: a count must be in [1, 1000] (or give a list of seeds)")
+        if cfg.render.seed + value - 1 > MAX_SEED:
+            raise ConfigError(f"sweep.seeds={value!r}: render.seed + {value - 1} exceeds {MAX_SEED}")
+        return [("count", k) for k in range(value)]
+    seeds = _values({"seeds": value}, "seeds")
+    for index, seed in enumerate(seeds):
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"sweep.seeds[{index}]={seed!r}: must be an integer in [0, {MAX_SEED}]")
+    return [("value", s) for s in seeds]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The parsed `sweep:` block: the model variants and the cells every input row expands into."""
+
+    models: list[ModelVariant]
+    cells: list[Cell]
+    swept_models: bool = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.swept_models or self.cells[0].parts)
+
+    @property
+    def axes(self) -> list[str]:
+        names = ["model"] if self.swept_models else []
+        return names + [a for a in (*RENDER_AXES, "seed") if a in self.cells[0].values]
+
+    @classmethod
+    def parse(cls, cfg: JobConfig) -> "Sweep":
+        """The job's sweep (one model and one cell without a `sweep:` block); ConfigError naming the key."""
+        sweep = dict(cfg.sweep or {})
+        unknown = set(sweep) - set(AXES)
+        if unknown:
+            raise ConfigError(f"sweep.{sorted(unknown)[0]}: unknown axis (axes: {', '.join(AXES)})")
+        models = ([ModelVariant("model", cfg.model, cfg.cluster, cfg.render)] if "model" not in sweep
+                  else _models(cfg, _values(sweep, "model")))
+        axes = []
+        for axis in RENDER_AXES:
+            if axis in sweep:
+                values = _values(sweep, axis)
+                for index, value in enumerate(values):
+                    _check_render_value(axis, index, value)
+                axes.append([(axis, float(v) if axis == "guidance_scale" else v) for v in values])
+        seeds = _seeds(cfg, sweep["seeds"]) if "seeds" in sweep else [None]
+        cells = []
+        for combo in itertools.product(*axes, seeds):
+            *render, seed = combo
+            parts = tuple(_part(axis, value) for axis, value in render)
+            values = dict(render)
+            if seed is not None:
+                parts += (f"seed-{seed[1]}",)
+                values["seed"] = seed[1]
+            cells.append(Cell(dict(render), seed, parts, values))
+        if len(cells) * len(models) > MAX_CELLS:
+            raise ConfigError(f"sweep: {len(cells) * len(models)} cells per input row (rule: at most {MAX_CELLS})")
+        return cls(models, cells, "model" in sweep)
+
+    def cells_of(self, variant: ModelVariant) -> list[tuple[str, str | None, Cell]]:
+        """(id suffix, sweep JSON, cell) of every cell a row has on this model."""
+        found = []
+        for cell in self.cells:
+            parts = ((variant.label,) if self.swept_models else ()) + cell.parts
+            values = ({"model": variant.label} if self.swept_models else {}) | cell.values
+            found.append((SEP + SEP.join(parts) if parts else "", json.dumps(values) if values else None, cell))
+        return found
+
+    def expand(self, batch: pa.Table, ids: pa.Array, rows: np.ndarray, variant: ModelVariant,
+               job_seed: int) -> tuple[pa.Table, np.ndarray, dict[int, str]]:
+        """The cells of `batch` (input rows `rows` with ids `ids`) on one model: ids, seeds and axis values set,
+        and the errors of cells that cannot be rendered as the sweep asks (by position in the cells' table)."""
+        if not self.active:  # an input column named `sweep` is not the manifest's
+            return (batch.drop_columns(["sweep"]) if "sweep" in batch.column_names else batch), rows, {}
+        base = ids.to_pylist()
+        own = batch.column("seed").to_pylist() if "seed" in batch.column_names else [None] * len(base)
+        errors = {}
+        if self.cells[0].seed is not None:
+            # A row's own seed and a seeds axis would both decide the same seed: the row is not rendered.
+            clash = [i for i, s in enumerate(own) if s is not None]
+            for offset in range(len(self.cells)):
+                errors.update({offset * len(base) + i: f"seed={own[i]}: the row sets its own seed (rule: a sweep "
+                               f"with a seeds axis sets every cell's seed; drop the row's seed)" for i in clash})
+        tables = []
+        for suffix, values, cell in self.cells_of(variant):
+            table = batch
+            for axis, value in cell.render.items():
+                kind = RENDER_AXES[axis][1]
+                if axis in table.column_names:  # the row's own value overrides the axis
+                    column = pc.fill_null(table.column(axis).cast(kind), pa.scalar(value, kind))
+                else:
+                    column = pa.array([value] * table.num_rows, kind)
+                table = _set(table, axis, column)
+            table = _set(table, "id", pc.binary_join_element_wise(ids, pa.scalar(suffix), ""))
+            if cell.seed is not None:
+                seeds = [_cell_seed(cell.seed, job_seed, i) if s is None else s for i, s in zip(base, own)]
+            else:
+                seeds = [_cell_seed(None, job_seed, i) if s is None else s for i, s in zip(base, own)]
+            table = _set(table, "seed", pa.array(seeds, pa.int64()))
+            table = _set(table, "sweep", pa.array([values] * table.num_rows, pa.string()))
+            tables.append(table)
+        return pa.concat_tables(tables, promote_options="permissive"), np.tile(rows, len(tables)), errors
+
+    def annotate(self, invalid: list[dict], variant: ModelVariant) -> list[dict]:
+        """Name the sweep axis in the errors of invalid cells whose failing field an axis set."""
+        if not self.active:
+            return invalid
+        for row in invalid:
+            values = json.loads(row["sweep"]) if row.get("sweep") else {}
+            axis = next((a for a in RENDER_AXES if a in values and (row.get("error") or "").startswith(f"{a}=")
+                         and row.get(a) == values[a]), None)
+            if axis is not None:
+                row["error"] = f"sweep axis {row['error']}"
+            if self.swept_models:
+                row["error"] = f"{row['error']} (sweep model {variant.label!r}: {variant.model.path})"
+        return invalid
+
+
+def _set(table: pa.Table, name: str, column) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, column)
+    return table.append_column(name, column)
+
+
+def _cell_seed(seed: tuple | None, job_seed: int, row_id: str) -> int:
+    from kandinsky_batch.rows import derive_seed
+
+    if seed is None:
+        return derive_seed(job_seed, row_id)
+    kind, value = seed
+    return derive_seed(job_seed + value, row_id) if kind == "count" else value
+

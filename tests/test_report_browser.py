@@ -1,0 +1,156 @@
+"""The report in a real headless Chromium: loads cleanly, every poster decodes, a click plays, numbers are right.
+
+Needs Debian's `chromium` (`apt-get install -y chromium`; `make test` installs it) and Playwright for Python
+(the `test` extra); Playwright drives the system browser, nothing is downloaded. A missing browser fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from kandinsky_batch.config import load_config
+from kandinsky_batch.job import run
+from kandinsky_batch.report import write_report
+from tests.helpers import write_dataset
+from tests.sweep_output import expected_stats
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "report.png"
+COLUMNS = ["model", "num_inference_steps"]  # the report's default for the tiny sweep: every axis but seed
+
+
+@pytest.fixture(scope="module")
+def sweep_output(tmp_path_factory, ray_local) -> str:
+    """A real tiny sweep, `configs/tiny-sweep.yaml` (2 tiny models x 2 step counts x 3 seeds) over the demo's
+    prompts plus a blank one (its cells are invalid and show their error); its output URI."""
+    root = tmp_path_factory.mktemp("sweep")
+    rows = pq.read_table(ROOT / "jobs" / "sweep-prompts.parquet").to_pylist() + [{"id": "blank", "prompt": " "}]
+    data = write_dataset(root / "prompts.parquet", rows)
+    uri = f"file://{root / 'out'}"
+    cfg = load_config(str(ROOT / "configs" / "tiny-sweep.yaml"), [f"input.path={data}", f"output.uri={uri}"])
+    result = run(cfg, progress=False)
+    assert (result.ok, result.invalid) == (48, 12)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def report(sweep_output) -> Path:
+    return write_report(sweep_output)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's Chromium with `apt-get install -y chromium` "
+                    "(`make test` does it), then rerun", pytrace=False)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Playwright for Python is missing: `.venv/bin/pip install -e '.[test]'` "
+                    "(or `pip install 'playwright>=1.60'`)", pytrace=False)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class Loaded:
+    """A page showing the report, with every console error, page error and failed request it produced."""
+
+    def __init__(self, browser, report: Path) -> None:
+        self.page = browser.new_page(viewport={"width": 1280, "height": 900})
+        self.problems: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
+        self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        self.page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url} {r.failure}"))
+        self.page.goto(report.as_uri(), wait_until="load")
+
+
+@pytest.fixture
+def loaded(browser, report):
+    page = Loaded(browser, report)
+    yield page
+    page.page.close()
+
+
+def test_page_loads_cleanly_and_every_poster_decodes(loaded, sweep_output):
+    page = loaded.page
+    posters = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight])")
+    ok_cells = page.locator(".entry[data-status=ok]").count()
+    assert ok_cells > 0 and len(posters) == ok_cells
+    assert all(complete and width > 0 and height > 0 for complete, width, height in posters), posters
+    assert page.locator("#tiny-notice").is_visible()
+    assert loaded.problems == []
+
+
+def test_clicking_a_poster_plays_its_video(loaded):
+    page = loaded.page
+    ids = page.eval_on_selector_all(".entry[data-status=ok]", "els => els.map(e => e.dataset.id)")
+    for rid in (ids[0], ids[-1]):
+        page.locator(f'.entry[data-id="{rid}"] button.poster').click()
+        page.wait_for_function(
+            """id => { const v = document.querySelector(`.entry[data-id="${id}"] video`);
+                       return v && !v.paused && v.readyState >= 2 && v.currentTime > 0.3; }""",
+            arg=rid, timeout=15_000)
+        width = page.eval_on_selector(f'.entry[data-id="{rid}"] video', "v => v.videoWidth")
+        assert width > 0
+    # ▶ on a row plays all its cells together.
+    row = page.locator("tr.grid-row").nth(1)
+    row.locator("button.play-row").click()
+    page.wait_for_function(
+        """row => { const vs = [...document.querySelectorAll("tr.grid-row")[row].querySelectorAll("video")];
+                    return vs.length > 0 && vs.every(v => !v.paused && v.currentTime > 0.3); }""",
+        arg=1, timeout=15_000)
+    assert row.locator("video").count() == row.locator(".entry[data-status=ok]").count()
+    assert loaded.problems == []
+
+
+def test_variant_table_equals_the_manifest(loaded, sweep_output):
+    page = loaded.page
+    cells = page.eval_on_selector_all(
+        "#variant-table td[data-field]",
+        "els => els.map(e => [e.dataset.variant, e.dataset.field, e.dataset.value, e.textContent.trim()])")
+    shown: dict[str, dict] = {}
+    for variant, field, value, text in cells:
+        shown.setdefault(variant, {})[field] = (value, text)
+    want = expected_stats(Path(sweep_output.removeprefix("file://")) / "manifest", COLUMNS)
+    assert set(shown) == set(want)
+    for variant, stats in want.items():
+        for field, value in stats.items():
+            got, text = shown[variant][field]
+            if isinstance(value, str):
+                assert got == text == value, (variant, field)
+            elif field in ("ok", "failed", "invalid"):
+                assert int(got) == int(text) == value, (variant, field)
+            else:
+                assert float(got) == pytest.approx(float(value), rel=1e-12), (variant, field)
+                assert float(text) == pytest.approx(float(value), abs=0.0051 if value < 10 else 0.051), (variant, field)
+    grid_cells = page.locator("td.cell").count()
+    assert grid_cells == sum(s["ok"] + s["failed"] + s["invalid"] for s in want.values())
+    assert loaded.problems == []
+
+
+def test_screenshot(loaded, tmp_path):
+    """A full-page screenshot; it replaces docs/report.png (shown in the README) when that is missing or
+    KB_UPDATE_SCREENSHOT=1."""
+    from PIL import Image
+
+    shot = tmp_path / "report.png"
+    loaded.page.screenshot(path=str(shot), full_page=True)
+    with Image.open(shot) as image:
+        assert image.width == 1280 and image.height > 900
+        assert max(hi - lo for lo, hi in image.convert("RGB").getextrema()) > 128  # not a blank page
+        if not SCREENSHOT.exists() or os.environ.get("KB_UPDATE_SCREENSHOT") == "1":
+            # 256 colours keep the README's image a quarter of the size, text still crisp.
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            image.convert("RGB").quantize(256, dither=Image.Dither.NONE).save(SCREENSHOT, optimize=True)
+    assert loaded.problems == []
