@@ -18,7 +18,6 @@ import argparse
 import heapq
 import itertools
 import sys
-from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import machine, table, write_json  # noqa: E402
 from kandinsky_batch.record import BatchResult  # noqa: E402
 from kandinsky_batch.rows import Task  # noqa: E402
-from kandinsky_batch.scheduler import Pool, WorkQueue  # noqa: E402
+from kandinsky_batch.scheduler import Pool, WindowList, WorkQueue  # noqa: E402
 
 # The Lite 5 s variants at their documented defaults: (label, steps, guidance).
 MODELS = [("sft", 50, 5.0), ("nocfg", 50, 1.0), ("distilled16steps", 16, 1.0)]
@@ -113,18 +112,6 @@ class SimFleet:
                             for task, attempt in ref.batch])
 
 
-class Source:
-    def __init__(self, windows: list[dict]):
-        self.windows = deque(windows)
-
-    def poll(self) -> list[dict]:
-        return [self.windows.popleft()] if self.windows else []
-
-    @property
-    def exhausted(self) -> bool:
-        return not self.windows
-
-
 def sweep_tasks(prompts: int, seeds: int) -> dict[str, list[Task]]:
     tasks = {}
     for label, steps, guidance in MODELS:
@@ -144,7 +131,7 @@ def simulate(replicas: int, prompts: int, seeds: int, load: float, sft_seconds: 
         windows.append({label: sorted([t for t in rows if start <= t.row_index < start + window],
                                       key=lambda t: -t.cost()) for label, rows in tasks.items()})
     settled = []
-    queue = WorkQueue([Pool(label, fleet.spawn(label), group="default") for label in tasks], fleet, Source(windows),
+    queue = WorkQueue([Pool(label, fleet.spawn(label), group="default") for label in tasks], fleet, WindowList(windows),
                       max_attempts=3, on_row=settled.append, wait=fleet.wait, get=fleet.get, clock=fleet.clock,
                       tick_seconds=1.0, fleet_seconds=2.0, no_replica_timeout=10**9)
     queue.run()

@@ -72,6 +72,20 @@ class Source(Protocol):
     def exhausted(self) -> bool: ...                      # no window will come any more
 
 
+class WindowList:
+    """A `Source` of windows known up front, one per poll (the work queue's tests and simulations)."""
+
+    def __init__(self, windows: list[dict[str, list[Task]]]):
+        self.windows = deque(windows)
+
+    def poll(self) -> list[dict[str, list[Task]]]:
+        return [self.windows.popleft()] if self.windows else []
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.windows
+
+
 @dataclass
 class Pool:
     """Same-shaped replicas of one model: how to start one, and the rows waiting for them.

@@ -8,13 +8,13 @@ not ready.
 from __future__ import annotations
 
 import itertools
-from collections import deque
 
 import pytest
 
 from kandinsky_batch.record import BatchResult
 from kandinsky_batch.rows import Task
-from kandinsky_batch.scheduler import Pool, ReplicaLost, SlotState, StorageOutage, WorkersFailed, WorkQueue
+from kandinsky_batch.scheduler import (Pool, ReplicaLost, SlotState, StorageOutage, WindowList, WorkersFailed,
+                                       WorkQueue)
 
 
 def _task(i: int, frames: int = 5) -> Task:
@@ -136,23 +136,9 @@ class World:
         return BatchResult(rows, tuple(unstored), "storage unavailable: down" if unstored else None)
 
 
-class ListSource:
-    """Windows handed over all at once, or one per poll."""
-
-    def __init__(self, windows: list[dict]):
-        self.windows = deque(windows)
-
-    def poll(self) -> list[dict]:
-        return [self.windows.popleft()] if self.windows else []
-
-    @property
-    def exhausted(self) -> bool:
-        return not self.windows
-
-
 def _queue(world: World, tasks: list[Task], pools=("default",), **kwargs) -> tuple[WorkQueue, list[dict]]:
     rows: list[dict] = []
-    source = ListSource([{pools[0]: tasks[i:i + 8]} for i in range(0, len(tasks), 8)])
+    source = WindowList([{pools[0]: tasks[i:i + 8]} for i in range(0, len(tasks), 8)])
     defaults = dict(max_attempts=3, on_row=rows.append, wait=world.wait, get=world.get, clock=world.clock,
                     tick_seconds=1.0, fleet_seconds=1.0, no_replica_timeout=60.0)
     queue = WorkQueue([Pool(name, world.spawn(name)) for name in pools], world, source, **{**defaults, **kwargs})
@@ -351,7 +337,7 @@ def test_rows_go_to_their_own_pool():
     world = World({"short": 1, "long": 1})
     short, long = [_task(i) for i in range(6)], [_task(i, frames=9) for i in range(6, 10)]
     rows: list[dict] = []
-    source = ListSource([{"short": short, "long": long}])
+    source = WindowList([{"short": short, "long": long}])
     queue = WorkQueue([Pool("short", world.spawn("short")), Pool("long", world.spawn("long"))], world, source,
                       max_attempts=3, on_row=rows.append, wait=world.wait, get=world.get, clock=world.clock)
     queue.run()
@@ -391,7 +377,7 @@ def _models_queue(world: World, windows: list[dict], **kwargs) -> tuple[WorkQueu
     pools = [Pool(name, world.spawn(name), group="default") for name in windows[0]]
     defaults = dict(max_attempts=3, on_row=rows.append, wait=world.wait, get=world.get, clock=world.clock,
                     tick_seconds=1.0, fleet_seconds=1.0, no_replica_timeout=60.0)
-    return WorkQueue(pools, world, ListSource(windows), **{**defaults, **kwargs}), rows
+    return WorkQueue(pools, world, WindowList(windows), **{**defaults, **kwargs}), rows
 
 
 def test_models_split_a_group_by_their_remaining_work():
@@ -438,7 +424,7 @@ def test_pools_take_units_of_their_group_by_their_gang_size():
     a, b = [_task(i) for i in range(20)], [_task(i) for i in range(20, 40)]
     rows: list[dict] = []
     pools = [Pool("a", world.spawn("a"), group="default", ranks=2), Pool("b", world.spawn("b"), group="default")]
-    queue = WorkQueue(pools, world, ListSource([{"a": a, "b": b}]), max_attempts=3, on_row=rows.append,
+    queue = WorkQueue(pools, world, WindowList([{"a": a, "b": b}]), max_attempts=3, on_row=rows.append,
                       wait=world.wait, get=world.get, clock=world.clock)
     queue.run()
     _once(rows, a + b)
@@ -451,7 +437,7 @@ def test_a_gang_model_takes_as_many_idle_replicas_as_it_needs_gpus():
     a, b = [_task(i) for i in range(20)], [_task(i) for i in range(20, 24)]
     rows: list[dict] = []
     pools = [Pool("a", world.spawn("a"), group="default"), Pool("b", world.spawn("b"), group="default", ranks=2)]
-    queue = WorkQueue(pools, world, ListSource([{"a": a, "b": b}]), max_attempts=3, on_row=rows.append,
+    queue = WorkQueue(pools, world, WindowList([{"a": a, "b": b}]), max_attempts=3, on_row=rows.append,
                       wait=world.wait, get=world.get, clock=world.clock)
     queue.run()
     by_id = _once(rows, a + b)
