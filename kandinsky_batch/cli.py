@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     tiny = verbs.add_parser("build-tiny", help="write the tiny random-weight pipeline in diffusers format")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0, help="another draw of the transformer's weights (`tiny:SEED`)")
+    tiny.add_argument("--kind", default="t2v", choices=["t2v", "i2v", "t2i", "ti2va"],
+                      help="which member of the family: text-to-video (`tiny`), image-to-video (`tiny-i2v`), "
+                           "text-to-image (`tiny-t2i`) or Kandinsky 6 video with sound (`tiny-k6`)")
     return parser
 
 
@@ -71,8 +74,12 @@ def _report(args) -> int:
 
 def _build_tiny(args) -> int:
     from pipelines import save_tiny
+    from pipelines.kinds import BY_NAME
+    from pipelines.models import PRESETS
 
-    print(f"tiny Kandinsky 5 T2V pipeline (random weights) written to {save_tiny(args.dir, args.seed)}")
+    kind = BY_NAME[args.kind]
+    written = save_tiny(args.dir, args.seed, PRESETS[kind.preset])
+    print(f"tiny {kind.pipeline} (random weights; model.path={kind.preset}) written to {written}")
     return EXIT_OK
 
 

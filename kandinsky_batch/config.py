@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipelines.request import ATTENTION_TYPES, CACHES, NABLA_ARGS, RenderOptions  # torch-free, like pipelines.shape
 from pipelines.shape import ParallelSpec
 
-FORMATS = ("mp4", "npy")
+FORMATS = ("mp4", "npy", "png", "webp", "jpeg")
 MAX_SEED = 2**63 - 1  # seeds live in an int64 manifest column
 
 
@@ -44,7 +44,8 @@ class OutputConfig:
     uri: str = MISSING
     """Output prefix: videos under `{uri}/videos/`, the manifest under `{uri}/manifest/`."""
     format: str = "mp4"
-    """`mp4` (H.264) or `npy` (raw uint8 frames, lossless)."""
+    """Video: `mp4` (H.264; with AAC sound for Kandinsky 6) or `npy` (raw uint8 frames, lossless; with the waveform
+    in an `.npz` for Kandinsky 6). Images (text-to-image): `png` (lossless), `webp`, `jpeg` or `npy`."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for `uri`; never written anywhere."""
     retries: int = 5

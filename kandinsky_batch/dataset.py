@@ -31,6 +31,8 @@ COLUMNS = {
     "num_frames": (pa.types.is_integer, "integer"),
     "num_inference_steps": (pa.types.is_integer, "integer"),
     "guidance_scale": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "float"),
+    "image": (lambda t: _is_text(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t),
+              "string (a URI or a path relative to the dataset) or binary (the image file's bytes)"),
 }
 MAX_NAMED_COLUMNS = 20
 

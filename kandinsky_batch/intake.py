@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from kandinsky_batch.preflight import Lane
 
 WINDOW_ROWS = 8192
+IMAGE_WINDOW_ROWS = 512
 KEYS = pa.schema([("id", pa.string()), ("row_index", pa.int64())])
 
 
@@ -83,7 +84,10 @@ class Intake:
     def __init__(self, dataset: Dataset, lanes: list["Lane"], sweep: Sweep, job_seed: int,
                  record: Callable[[dict], None], window_rows: int = WINDOW_ROWS, depth: int = 2):
         self.dataset, self.lanes, self.sweep, self.job_seed, self.record = dataset, lanes, sweep, job_seed, record
-        # A window holds about `window_rows` cells, whatever the grid's size.
+        # A window holds about `window_rows` cells, whatever the grid's size; fewer with conditioning images
+        # (images given as bytes travel with their rows).
+        if any(lane.validator.images is not None for lane in lanes):
+            window_rows = min(window_rows, IMAGE_WINDOW_ROWS)
         self.window_rows = max(1, window_rows // (len(sweep.cells) * len(lanes)))
         self.counts = IntakeCounts()
         self.rendered: list[pa.Table] = []  # (id, row_index) of every row with a task

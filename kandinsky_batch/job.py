@@ -97,6 +97,7 @@ def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int) 
     spec = WorkerSpec(
         model_path=lane.model.path, output_uri=cfg.output.uri, stamp=lane.stamp,
         model_storage_options=lane.model.storage_options, output_storage_options=cfg.output.storage_options,
+        input_storage_options=cfg.input.storage_options,
         retries=cfg.output.retries, retry_backoff=cfg.output.retry_backoff,
     )
     name = Intake.pool_name(lane, placement.group.name, lanes)

@@ -15,6 +15,17 @@ from pipelines.caching import PUBLISHED, cache_args_problem, ratio_problem, rati
 from pipelines.request import RenderOptions
 
 
+def option_problems(kind: str, options: RenderOptions) -> list[str]:
+    """Why options cannot apply to a model of this kind ("option=value: reason"), from the model layer's rules."""
+    if kind == "ti2va":
+        from pipelines.render_k6 import k6_option_problems
+
+        return k6_option_problems(options)
+    from pipelines.limits import option_problems as k5_problems
+
+    return k5_problems(kind, options)
+
+
 def effective_options(model: ModelConfig, spec: ModelSpec) -> tuple[RenderOptions, ModelSpec]:
     """The options every replica gets, and the model's limits under them (NABLA needs 128-px sizes)."""
     options = model.options().for_model(spec.attention_type)
@@ -41,4 +52,6 @@ def effective_options(model: ModelConfig, spec: ModelSpec) -> tuple[RenderOption
         key, why = problem
         value = dict(options.cache_args).get(key) if key else dict(options.cache_args)
         raise ConfigError(f"model.cache_args{'.' + key if key else ''}={value!r}: {why}")
+    for problem in option_problems(spec.kind, options):
+        raise ConfigError(f"model.{problem} ({spec.path})")
     return options, spec.with_attention(kind)

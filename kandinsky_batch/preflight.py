@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from kandinsky_batch.config import ClusterConfig, JobConfig, ModelConfig
+from kandinsky_batch.config import ClusterConfig, ConfigError, JobConfig, ModelConfig
 from kandinsky_batch.dataset import Dataset
+from kandinsky_batch.images import ImageReader
 from kandinsky_batch.intake import committed_tasks
 from kandinsky_batch.options import effective_options
 from kandinsky_batch.record import Stamp
@@ -19,7 +20,11 @@ from kandinsky_batch.routing import check_shapes
 from kandinsky_batch.rows import IdIndex, RowValidator
 from kandinsky_batch.storage import Storage
 from kandinsky_batch.sweep import ModelVariant, Sweep
+from kandinsky_batch.video import IMAGE_FORMATS
 from pipelines import ModelSpec, load_spec
+from pipelines.kinds import BY_NAME, IMAGE, NO_IMAGE, VIDEO_AUDIO, Kind
+
+SOUND_FPS = 24  # Kandinsky 6 denoises sound and frames together for 24 fps (pipelines.render_k6.FRAME_RATE)
 
 
 @dataclass
@@ -72,6 +77,14 @@ class Checked:
         return self.lanes[0].state
 
 
+def check_format(fmt: str, kind: Kind, model: str) -> None:
+    """Images are written as images, videos as videos (`output.format`)."""
+    allowed = (*IMAGE_FORMATS, "npy") if kind.output == IMAGE else ("mp4", "npy")
+    if fmt not in allowed:
+        raise ConfigError(f"output.format={fmt!r}: {model} is a {kind.name} model and renders "
+                          f"{'images' if kind.output == IMAGE else 'video'} (formats: {', '.join(allowed)})")
+
+
 def preflight(cfg: JobConfig, force: bool = False) -> Checked:
     """Refuse a job that cannot run as asked (ConfigError, InputError, ResumeConflict), naming key and value."""
     # 1. The dataset as a whole: files, columns and types, row count (footers only); the sweep against it.
@@ -89,10 +102,18 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
         spec = load_spec(variant.model.path, variant.model.storage_options)
         options, spec = effective_options(variant.model, spec)
         check_shapes(variant.cluster, spec, options)
-        stamp = Stamp(model=variant.model.path, format=cfg.output.format, fps=variant.render.fps, options=options)
+        kind = BY_NAME[spec.kind]
+        check_format(cfg.output.format, kind, variant.model.path)
+        if kind.output == VIDEO_AUDIO and variant.render.fps != SOUND_FPS:
+            raise ConfigError(f"render.fps={variant.render.fps}: {variant.model.path} renders its sound for "
+                              f"{SOUND_FPS} fps video (rule: render.fps={SOUND_FPS})")
+        stamp = Stamp(model=variant.model.path, format=cfg.output.format, fps=variant.render.fps, options=options,
+                      sound=kind.output == VIDEO_AUDIO)
         # 4. What the output prefix holds (read once): rows committed with other parameters are refused unless forced.
         outputs = outputs.with_stamp(stamp) if outputs else OutputState(storage, stamp, force=force)
-        lanes.append(Lane(variant, spec, stamp, RowValidator(replace(cfg, render=variant.render), spec, ids), outputs))
+        images = ImageReader(cfg.input.path, cfg.input.storage_options) if kind.image != NO_IMAGE else None
+        validator = RowValidator(replace(cfg, render=variant.render), spec, ids, images)
+        lanes.append(Lane(variant, spec, stamp, validator, outputs))
     for lane in lanes:
         check_conflicts(lane.state, committed_tasks(dataset, lane, sweep, cfg.render.seed), cfg.output.uri)
     return Checked(dataset, storage, sweep, lanes)

@@ -27,6 +27,13 @@ class Stamp:
     format: str
     fps: int
     options: RenderOptions = field(default_factory=RenderOptions)
+    sound: bool = False
+    """Whether the model renders sound (Kandinsky 6): raw frames then come with their waveform, in an `.npz`."""
+
+    @property
+    def extension(self) -> str:
+        """The output objects' file extension (`kandinsky_batch.video.extension`)."""
+        return "npz" if self.format == "npy" and self.sound else self.format
 
     @functools.cached_property
     def fields(self) -> dict:

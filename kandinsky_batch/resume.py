@@ -28,8 +28,8 @@ from kandinsky_batch.storage import Storage, object_key, poster_key
 from kandinsky_batch.video import decode
 
 # What decides a row's pixels and bytes: if any differs, an old object is not this row's output.
-IDENTITY = ("prompt", "negative_prompt", "seed", "height", "width", "num_frames", "num_inference_steps",
-            "guidance_scale", "model", "format", "fps", "options")
+IDENTITY = ("prompt", "negative_prompt", "image_sha256", "seed", "height", "width", "num_frames",
+            "num_inference_steps", "guidance_scale", "model", "format", "fps", "options")
 OUTCOME_COLUMNS = ["id", "row_index", "status", "finished_at", *IDENTITY]
 
 
@@ -125,8 +125,8 @@ class OutputState:
         """Sort a window of tasks into done (skip), adopted (commit without rendering) and todo (render)."""
         result = Split()
         previous = self._previous([t.id for t in tasks])
-        fmt = self.stamp.format
-        keys = [object_key(t.id, fmt) for t in tasks]
+        ext = self.stamp.extension
+        keys = [object_key(t.id, ext) for t in tasks]
         present = (pc.is_in(pa.array(keys, pa.string()), self.objects).to_pylist() if len(self.objects)
                    else [False] * len(tasks))
         for task, key, exists in zip(tasks, keys, present):
@@ -141,7 +141,8 @@ class OutputState:
                 continue
             if exists:
                 data = self.storage.get_bytes(key)
-                frames = _complete(data, task, fmt) if before is None else None
+                # Not with sound: the manifest's exact audio length is not recoverable from AAC; render it again.
+                frames = _complete(data, task, ext) if before is None and not self.stamp.sound else None
                 if frames is not None:
                     # Its poster, made from the decoded frames; one already there (the same render's) stands.
                     still = poster_key(task.id)

@@ -15,6 +15,12 @@ def check_shapes(cluster: ClusterConfig, spec: ModelSpec, options: RenderOptions
         prefix = f"cluster.groups[{index}]." if cluster.groups else "cluster."
         for problem in shape.problems(spec.num_heads, spec.attention_type, options.cache):
             raise ConfigError(f"{prefix}{problem} ({spec.path})")
+        if spec.kind == "ti2va" and shape.world_size > 1:
+            # Kandinsky 6 fuses video and audio in every block; audio queries attend over the video keys, which
+            # Kandinsky 5's split/gather plan would leave sharded, and CFG exchanges a (video, audio) pair.
+            raise ConfigError(f"{prefix}{'cfg_parallel' if shape.cfg else 'sequence_parallel'}: gangs do not run "
+                              f"Kandinsky 6 yet: its fused video+audio blocks need their own parallel plan (audio "
+                              f"attends over the whole video sequence); use single-GPU replicas ({spec.path})")
 
 
 def route(tasks: list[Task], cluster: ClusterConfig) -> tuple[dict[str, list[Task]], list[dict]]:

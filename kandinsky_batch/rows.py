@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import unicodedata
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -17,8 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kandinsky_batch.config import MAX_SEED, JobConfig
+from kandinsky_batch.images import Conditioning, ImageReader, shown
 from kandinsky_batch.storage import object_key
 from pipelines import ModelSpec, RenderRequest
+from pipelines.kinds import BY_NAME, IMAGE_REQUIRED, NO_IMAGE
 
 MAX_ID_CHARS = 256
 MAX_STEPS = 1000
@@ -50,6 +52,11 @@ class Task:
     guidance_scale: float
     sweep: str | None = None
     """The cell's sweep-axis values as JSON (None outside a sweep)."""
+    image_uri: str | None = None
+    """The conditioning image's URI (None: none, or bytes given in the dataset)."""
+    image_sha256: str | None = None
+    image: bytes | None = field(default=None, repr=False)
+    """The conditioning image's bytes when the dataset holds them (a URI's are read by the replica)."""
     overwrite: bool = False
     """Replace an object already under this row's key (a forced re-render, a truncated orphan)."""
     text_tokens: tuple = (0, 0)
@@ -57,8 +64,9 @@ class Task:
 
     def request(self) -> RenderRequest:
         fields = self.row()
-        del fields["id"], fields["row_index"], fields["sweep"]
-        return RenderRequest(**fields)
+        for name in ("id", "row_index", "sweep", "image_uri", "image_sha256"):
+            del fields[name]
+        return RenderRequest(**fields, image=self.image)
 
     def row(self) -> dict:
         """The task's manifest fields: its id, position and effective parameters."""
@@ -79,7 +87,7 @@ class Task:
         return self.tokens() * self.num_inference_steps * (2 if self.guidance_scale > 1.0 else 1)
 
 
-_ROW_FIELDS = tuple(f.name for f in fields(Task) if f.name not in ("overwrite", "text_tokens"))
+_ROW_FIELDS = tuple(f.name for f in fields(Task) if f.name not in ("overwrite", "text_tokens", "image"))
 
 
 def _id_error(row_id: str | None) -> str | None:
@@ -120,7 +128,16 @@ def _param_error(task: dict, spec: ModelSpec) -> str | None:
         if value <= 0 or value % spec.spatial_multiple or value > spec.max_size:
             return (f"{key}={value}: must be a positive multiple of {spec.spatial_multiple} "
                     f"and at most {spec.max_size} for this model")
+    if spec.sizes and (task["width"], task["height"]) not in spec.sizes:
+        shown = ", ".join(f"{w}x{h}" for w, h in spec.sizes)
+        return (f"width x height={task['width']}x{task['height']}: not a size this {spec.kind} model renders "
+                f"(rule: one of {shown})")
     frames = task["num_frames"]
+    if spec.max_frames == 1 and frames != 1:
+        return f"num_frames={frames}: this model renders one image (rule: leave num_frames empty, or 1)"
+    if frames < spec.min_frames:
+        return (f"num_frames={frames}: too few for this {spec.kind} model (rule: at least {spec.min_frames}; "
+                "it renormalises its first latent frames against later ones)")
     if frames < 1 or (frames - 1) % spec.temporal_multiple or frames > spec.max_frames:
         return (f"num_frames={frames}: must be {spec.temporal_multiple}k+1 and at most {spec.max_frames} "
                 f"(e.g. 121 for 5 s, 241 for 10 s)")
@@ -130,6 +147,8 @@ def _param_error(task: dict, spec: ModelSpec) -> str | None:
     guidance = task["guidance_scale"]
     if not (math.isfinite(guidance) and guidance >= 0):
         return f"guidance_scale={guidance}: must be a finite number >= 0"
+    if spec.guidance is not None and guidance != spec.guidance:
+        return f"guidance_scale={guidance}: this distilled checkpoint runs at guidance_scale={spec.guidance} only"
     seed = task["seed"]
     if not 0 <= seed <= MAX_SEED:
         return f"seed={seed}: must be in [0, {MAX_SEED}]"
@@ -233,7 +252,8 @@ TASK_SCHEMA = pa.schema([
     ("id", pa.string()), ("row_index", pa.int64()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
     ("seed", pa.int64()), ("height", pa.int64()), ("width", pa.int64()), ("num_frames", pa.int64()),
     ("num_inference_steps", pa.int64()), ("guidance_scale", pa.float64()),
-    ("sweep", pa.string()), ("prompt_tokens", pa.int64()), ("negative_tokens", pa.int64()),
+    ("sweep", pa.string()), ("image_uri", pa.string()), ("image_sha256", pa.string()), ("image", pa.binary()),
+    ("prompt_tokens", pa.int64()), ("negative_tokens", pa.int64()),
 ])
 
 
@@ -251,8 +271,12 @@ class RowValidator:
     once (the default negative prompt repeats on every row). Nothing per row outlives the batch.
     """
 
-    def __init__(self, cfg: JobConfig, spec: ModelSpec, ids: IdIndex):
+    def __init__(self, cfg: JobConfig, spec: ModelSpec, ids: IdIndex, images: ImageReader | None = None):
         self.defaults, self.spec, self.ids = cfg.render, spec, ids
+        self.kind = BY_NAME[spec.kind]
+        if not self.kind.frames:  # one image: the config's frame count (a video default) does not apply
+            self.defaults = replace(cfg.render, num_frames=1)
+        self.images = images
         self._tokens: dict[str, int] = {}
 
     def _count(self, texts: list[str]) -> None:
@@ -278,12 +302,11 @@ class RowValidator:
             else [None] * n
         seeds = _numbers(batch, "seed", None)
         sweeps = batch.column("sweep").to_pylist() if "sweep" in batch.column_names else [None] * n
+        images = self._images(batch.column("image").to_pylist() if "image" in batch.column_names else [None] * n)
         params = {key: _numbers(batch, key, getattr(d, key)) for key in PARAMS}
         guidance = [float(g) for g in params["guidance_scale"]]
-        default_negative = RenderRequest(prompt="", negative_prompt=d.negative_prompt, seed=0, height=1, width=1,
-                                         num_frames=1, num_inference_steps=1, guidance_scale=2.0)
-        fallback = default_negative.effective_negative_prompt()
-        effective = [None if g <= 1.0 else (fallback if neg is None else neg) for g, neg in zip(guidance, negatives)]
+        effective = [self.spec.negative_prompt(d.negative_prompt if neg is None else neg, g)
+                     for g, neg in zip(guidance, negatives)]
         # 1. Effective values of every row; rows committed with exactly these are done.
         candidates, skipped = [], []
         for i in range(n):
@@ -294,6 +317,9 @@ class RowValidator:
             candidate["guidance_scale"] = guidance[i]
             candidate["negative_prompt"] = effective[i]
             candidate["sweep"] = sweeps[i]
+            image = images[i]
+            candidate["image_uri"] = image.uri if isinstance(image, Conditioning) else None
+            candidate["image_sha256"] = image.sha256 if isinstance(image, Conditioning) else None
             candidates.append(candidate)
             skipped.append(done is not None and positions[i] not in self.ids.errors and not (errors and i in errors)
                            and done(candidate))
@@ -307,17 +333,34 @@ class RowValidator:
                 finished.append((candidate["id"], candidate["row_index"]))
                 continue
             error = (self.ids.errors.get(positions[i]) or (errors or {}).get(i)
+                     or (images[i] if isinstance(images[i], str) else None)
                      or _text_error("prompt", prompts[i], self.spec, True, self._tokens.get(prompts[i]))
                      or _param_error(candidate, self.spec))
-            if error is None and effective[i] is not None:
+            # The model's own default passes as it is (text-to-image's is empty); a given one must be usable text.
+            if error is None and effective[i] is not None and effective[i] != self.spec.negative_prompt(None, 2.0):
                 error = _text_error("negative_prompt", effective[i], self.spec, False, self._tokens[effective[i]])
             if error is None:
+                candidate["image"] = images[i].data if isinstance(images[i], Conditioning) else None
                 candidate["prompt_tokens"] = self._tokens[prompts[i]]
                 candidate["negative_tokens"] = 0 if effective[i] is None else self._tokens[effective[i]]
                 valid.append(candidate)
             else:
                 invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
         return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished)
+
+
+    def _images(self, values: list) -> list:
+        """Per row: its checked image (`Conditioning`), the error naming the `image` field, or None."""
+        kind = self.kind
+        if kind.image == NO_IMAGE:
+            return [None if v is None else f"image={shown(v)}: the {kind.name} model takes no image (rule: only "
+                    "image-conditioned models (i2v, Kandinsky 6) take an `image`)" for v in values]
+        read = self.images.read_all(values) if self.images and any(v is not None for v in values) \
+            else [None] * len(values)
+        if kind.image == IMAGE_REQUIRED:
+            read = [f"image=None: missing (rule: the {kind.name} model renders from a conditioning image)"
+                    if r is None else r for r in read]
+        return read
 
 
 def build_tasks(table: pa.Table, cfg: JobConfig, spec: ModelSpec) -> tuple[list[Task], list[dict]]:

@@ -1,4 +1,5 @@
-"""Encode rendered frames to bytes (H.264 mp4 or lossless npy) and back."""
+"""Encode what a replica renders to bytes and back: frames (H.264 mp4 or lossless npy), one image (PNG, WebP or
+JPEG), or frames with sound (mp4 with H.264 video and AAC audio, or a lossless npz of frames and waveform)."""
 
 from __future__ import annotations
 
@@ -64,22 +65,129 @@ def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+IMAGE_FORMATS = ("png", "webp", "jpeg")
+# PNG is lossless; WebP and JPEG at a quality where noise-free renders show no artefacts.
+_IMAGE_OPTIONS = {"png": dict(format="PNG", optimize=False, compress_level=6),
+                  "webp": dict(format="WEBP", quality=95, method=4), "jpeg": dict(format="JPEG", quality=95)}
+AAC_BITRATE = 192_000
+
+
+def encode_image(frames: np.ndarray, fmt: str) -> bytes:
+    """One rendered image (frames of shape (1, H, W, 3)) as PNG, WebP or JPEG bytes."""
+    from PIL import Image
+
+    _check_frames(frames)
+    if frames.shape[0] != 1:
+        raise ValueError(f"an image format ({fmt}) holds one frame, got {frames.shape[0]}")
+    buf = io.BytesIO()
+    Image.fromarray(frames[0], "RGB").save(buf, **_IMAGE_OPTIONS[fmt])
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """An image file as frames (1, H, W, 3) uint8 RGB."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))[None]
+
+
+def _check_audio(audio: np.ndarray, sample_rate: int) -> None:
+    if not isinstance(audio, np.ndarray) or audio.dtype != np.float32 or audio.ndim != 2 or audio.shape[0] not in (1, 2):
+        shape, dtype = getattr(audio, "shape", None), getattr(audio, "dtype", type(audio).__name__)
+        raise ValueError(f"audio must be float32 of shape (channels 1 or 2, samples), got shape={shape} dtype={dtype}")
+    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
+
+
+def encode_av(frames: np.ndarray, audio: np.ndarray, sample_rate: int, fps: int) -> bytes:
+    """mp4 with the H.264 video of `encode_mp4` and the waveform (channels, samples) as AAC at its sample rate."""
+    _check_frames(frames)
+    _check_audio(audio, sample_rate)
+    _, height, width, _ = frames.shape
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=int(fps))
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = dict(X264_OPTIONS)
+        video.codec_context.thread_count = X264_THREADS
+        layout = "mono" if audio.shape[0] == 1 else "stereo"
+        sound = container.add_stream("aac", rate=int(sample_rate), layout=layout)
+        sound.bit_rate = AAC_BITRATE
+        for frame in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode(None))
+        size = sound.codec_context.frame_size or 1024
+        clipped = np.ascontiguousarray(np.clip(audio, -1.0, 1.0))
+        for start in range(0, clipped.shape[1], size):
+            chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(clipped[:, start:start + size]), format="fltp",
+                                               layout=layout)
+            chunk.sample_rate, chunk.pts = int(sample_rate), start
+            container.mux(sound.encode(chunk))
+        container.mux(sound.encode(None))
+    return buf.getvalue()
+
+
+def decode_av(data: bytes) -> tuple[np.ndarray, np.ndarray, int]:
+    """(frames, waveform (channels, samples) float32, sample rate) of an mp4 with sound."""
+    frames = decode_mp4(data)
+    with av.open(io.BytesIO(data), mode="r") as container:
+        if not container.streams.audio:
+            raise ValueError("mp4 holds no audio stream")
+        rate = container.streams.audio[0].codec_context.sample_rate
+        chunks = [frame.to_ndarray() for frame in container.decode(audio=0)]
+    audio = np.concatenate(chunks, axis=1).astype(np.float32) if chunks else np.zeros((1, 0), np.float32)
+    return frames, audio, rate
+
+
+def encode_npz(frames: np.ndarray, audio: np.ndarray, sample_rate: int) -> bytes:
+    """Lossless `.npz` of the frames, the waveform and its sample rate (no pickles)."""
+    _check_frames(frames)
+    _check_audio(audio, sample_rate)
+    buf = io.BytesIO()
+    np.savez(buf, frames=frames, audio=audio, sample_rate=np.int64(sample_rate))
+    return buf.getvalue()
+
+
+def decode_npz(data: bytes) -> tuple[np.ndarray, np.ndarray, int]:
+    """(frames, waveform, sample rate) from `encode_npz` bytes."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return archive["frames"], archive["audio"], int(archive["sample_rate"])
+
+
 ENCODERS: dict[str, Callable[[np.ndarray, int], bytes]] = {
     "mp4": encode_mp4,
     "npy": lambda frames, fps: encode_npy(frames),
+    **{fmt: (lambda frames, fps, fmt=fmt: encode_image(frames, fmt)) for fmt in IMAGE_FORMATS},
 }
-DECODERS: dict[str, Callable[[bytes], np.ndarray]] = {"mp4": decode_mp4, "npy": decode_npy}
+DECODERS: dict[str, Callable[[bytes], np.ndarray]] = {
+    "mp4": decode_mp4, "npy": decode_npy, "npz": lambda data: decode_npz(data)[0],
+    **{fmt: decode_image for fmt in IMAGE_FORMATS},
+}
 
 
-def encode(frames: np.ndarray, fmt: str, fps: int) -> bytes:
-    """Encode frames in the named format (`mp4` or `npy`)."""
+def extension(fmt: str, sound: bool) -> str:
+    """The object's file extension: the format's, but raw frames with sound are an `.npz`."""
+    return "npz" if fmt == "npy" and sound else fmt
+
+
+def encode(rendered, fmt: str, fps: int) -> bytes:
+    """Encode a render in the named format: frames (mp4, npy, or an image format for one frame), or a
+    `pipelines.kinds.Clip` with sound (mp4 with AAC, or npy: an npz with the waveform)."""
+    audio = getattr(rendered, "audio", None)
+    if audio is not None:
+        if fmt == "mp4":
+            return encode_av(rendered.frames, audio, rendered.sample_rate, fps)
+        if fmt == "npy":
+            return encode_npz(rendered.frames, audio, rendered.sample_rate)
+        raise ValueError(f"format for video with sound must be mp4 or npy, got {fmt!r}")
     if fmt not in ENCODERS:
         raise ValueError(f"format must be one of {sorted(ENCODERS)}, got {fmt!r}")
-    return ENCODERS[fmt](frames, fps)
+    return ENCODERS[fmt](rendered, fps)
 
 
-def decode(data: bytes, fmt: str) -> np.ndarray:
-    """Decode bytes written by `encode` in the named format."""
-    if fmt not in DECODERS:
-        raise ValueError(f"format must be one of {sorted(DECODERS)}, got {fmt!r}")
-    return DECODERS[fmt](data)
+def decode(data: bytes, ext: str) -> np.ndarray:
+    """The frames of bytes written by `encode`, by the object's extension (`mp4`, `npy`, `npz`, `png`, ...)."""
+    if ext not in DECODERS:
+        raise ValueError(f"format must be one of {sorted(DECODERS)}, got {ext!r}")
+    return DECODERS[ext](data)

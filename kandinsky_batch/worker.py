@@ -15,8 +15,9 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from kandinsky_batch.images import read as read_image
 from kandinsky_batch.poster import poster
 from kandinsky_batch.record import BatchResult, Stamp
 from kandinsky_batch.rows import Task
@@ -37,6 +38,8 @@ class WorkerSpec:
     output_storage_options: dict = field(default_factory=dict, repr=False)
     retries: int = 5
     retry_backoff: float = 0.5
+    input_storage_options: dict = field(default_factory=dict, repr=False)
+    """fsspec options for conditioning images given by URI (read again here, checked against their sha256)."""
     num_threads: int | None = None
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     group: str = "default"
@@ -169,6 +172,7 @@ class RenderWorker:
         rows = [self.spec.stamp.row(task.row(), attempts=attempt, worker=self.name, gang=self.spec.parallel.name)
                 for task, attempt in batch]
         try:
+            tasks = [self._with_image(task) for task in tasks]
             frames, seconds = self._render(tasks, ticket)
             seconds /= len(tasks)
         except Exception as exc:  # noqa: BLE001 - any pipeline error becomes a row-level failure
@@ -184,13 +188,27 @@ class RenderWorker:
                 outage = f"storage unavailable: {exc}"
         return BatchResult(settled, tuple(unstored), outage)
 
-    def _commit(self, task: Task, row: dict, frames, seconds: float) -> dict:
-        """Encode one row's frames, then create its video and poster objects whole, each at most once per key."""
+    def _with_image(self, task: Task) -> Task:
+        """The task with its conditioning image's bytes: read from its URI, which must still hold what was checked."""
+        if task.image_uri is None or task.image is not None:
+            return task
+        data = read_image(task.image_uri, self.spec.input_storage_options)
+        if hashlib.sha256(data).hexdigest() != task.image_sha256:
+            raise ValueError(f"image {task.image_uri} changed since the job checked it (sha256 differs): re-run the job")
+        return replace(task, image=data)
+
+    def _commit(self, task: Task, row: dict, rendered, seconds: float) -> dict:
+        """Encode one row's render (frames, one image, or frames with sound), then create its object and poster
+        whole, each at most once per key."""
         row["render_seconds"] = seconds
+        frames = getattr(rendered, "frames", rendered)
+        if getattr(rendered, "audio", None) is not None:
+            row["audio_sample_rate"] = rendered.sample_rate
+            row["audio_seconds"] = rendered.audio.shape[1] / rendered.sample_rate
         try:
-            data = encode(frames, self.spec.stamp.format, self.spec.stamp.fps)
+            data = encode(rendered, self.spec.stamp.format, self.spec.stamp.fps)
             still = poster(frames)  # before any commit: a poster that cannot be made fails the row, leaving nothing
-            key, still_key = object_key(task.id, self.spec.stamp.format), poster_key(task.id)
+            key, still_key = object_key(task.id, self.spec.stamp.extension), poster_key(task.id)
             if not self._put(key, data, task.overwrite):
                 # An earlier attempt of this row committed first (its replica died before answering):
                 # objects are created at most once per key, so that one stands and is what we record.

@@ -1,6 +1,7 @@
 """Where a model comes from (`model.path`) and what it can render (its limits).
 
-`model.path` is one of: the preset `tiny` (or `tiny:SEED`, another draw of its transformer), a local diffusers directory, an fsspec URI of one
+`model.path` is one of: a tiny preset of each kind (`tiny`, `tiny-i2v`, `tiny-t2i`, `tiny-k6`; `tiny:SEED` is
+another draw of its transformer), a local diffusers directory, an fsspec URI of one
 (s3://, gs://, az://, file://; copied to a local cache once per node), or a hub id.
 """
 
@@ -17,13 +18,21 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pipelines.kinds import kind_of
 from pipelines.tiny import TEMPLATE_TOKENS, ensure_tiny
 
 TINY = "tiny"
 # `simulated[:...]`: a stand-in that sleeps for each row's modelled GPU cost; for orchestration benchmarks only.
 SIMULATED = "simulated"
 # What the system needs to validate rows without loading weights.
-SPEC_FILES = ["model_index.json", "transformer/config.json", "vae/config.json", "tokenizer/*"]
+SPEC_FILES = ["model_index.json", "*/config.json", "*/*_config.json", "tokenizer/*"]
+# The tiny offline presets of each kind: `model.path` -> the builder of its pipeline ("module:function(seed)").
+PRESETS = {
+    "tiny": "pipelines.tiny:build_tiny_pipeline",
+    "tiny-i2v": "pipelines.tiny_k5:build_tiny_i2v_pipeline",
+    "tiny-t2i": "pipelines.tiny_k5:build_tiny_t2i_pipeline",
+    "tiny-k6": "pipelines.tiny_k6:build_tiny_k6_pipeline",
+}
 # The pipeline's default `max_sequence_length`: prompt tokens kept after the template.
 MAX_PROMPT_TOKENS = 512
 
@@ -68,14 +77,22 @@ def _copy_once(uri: str, storage_options: dict | None, patterns: list[str] | Non
     return target
 
 
+def preset(path: str) -> tuple[str, int] | None:
+    """(preset, weight seed) of a tiny preset path (`tiny`, `tiny-i2v:1`, ...); None for other paths."""
+    name, sep, value = path.partition(":")
+    if name not in PRESETS:
+        return None
+    if sep and (not value.isdigit() or int(value) > 2**31):
+        raise ValueError(f"model.path={path!r}: expected {name!r} or '{name}:SEED' with SEED an integer in [0, 2^31]")
+    return name, int(value) if sep else 0
+
+
 def tiny_seed(path: str) -> int:
-    """The weight seed of `tiny` (0) or `tiny:SEED`; ValueError naming the path otherwise."""
-    _, sep, value = path.partition(":")
-    if not sep:
-        return 0
-    if not value.isdigit() or int(value) > 2**31:
-        raise ValueError(f"model.path={path!r}: expected 'tiny' or 'tiny:SEED' with SEED an integer in [0, 2^31]")
-    return int(value)
+    """The weight seed of a tiny preset path (`tiny` -> 0, `tiny:1` -> 1); ValueError naming the path otherwise."""
+    found = preset(path)
+    if found is None:
+        raise ValueError(f"model.path={path!r}: not a tiny preset ({', '.join(PRESETS)}, optionally ':SEED')")
+    return found[1]
 
 
 def resolve_model(path: str, storage_options: dict | None = None, spec_only: bool = False) -> str:
@@ -83,8 +100,8 @@ def resolve_model(path: str, storage_options: dict | None = None, spec_only: boo
 
     With `spec_only`, fetch only configs and the tokenizer (what validation needs), never weights.
     """
-    if path == TINY or path.startswith(TINY + ":"):
-        return str(ensure_tiny(cache_root(), tiny_seed(path)))
+    if (found := preset(path)) is not None:
+        return str(ensure_tiny(cache_root(), found[1], found[0], PRESETS[found[0]]))
     if _is_uri(path):
         return str(_copy_once(path, storage_options, SPEC_FILES if spec_only else None))
     if os.path.isdir(path):
@@ -108,6 +125,16 @@ class ModelSpec:
     max_frames: int
     max_size: int
     max_prompt_tokens: int
+    kind: str = "t2v"
+    """The family member (`pipelines.kinds`): t2v, i2v, t2i, ti2va."""
+    audio_sample_rate: int | None = None
+    """Samples per second of the kind's sound (Kandinsky 6), None without sound."""
+    min_frames: int = 1
+    """Fewest frames a row may ask for (image-to-video renormalises its first latent frames against later ones)."""
+    sizes: tuple = ()
+    """(width, height) pairs the kind renders, when it takes only some (text-to-image); empty: any multiple."""
+    guidance: float | None = None
+    """The only guidance scale the checkpoint takes (a distilled Kandinsky 6: 1.0), or None."""
     tokenizer_dir: str | None = field(default=None, repr=False, compare=False)
     """The checkpoint's `tokenizer/` folder (Qwen2.5-VL's processor files), copied locally."""
 
@@ -117,6 +144,16 @@ class ModelSpec:
             return self
         patch = self.spatial_multiple // 8 if self.attention_type == "nabla" else self.spatial_multiple
         return replace(self, attention_type=kind, spatial_multiple=patch * 8 if kind == "nabla" else patch)
+
+    def negative_prompt(self, negative: str | None, guidance_scale: float) -> str | None:
+        """The negative prompt this kind's pipeline really uses: none without guidance, its own default if unset."""
+        if self.kind == "ti2va":
+            from pipelines.render_k6 import k6_negative_prompt
+
+            return k6_negative_prompt(negative, guidance_scale)
+        from pipelines.limits import default_negative_prompt
+
+        return default_negative_prompt(self.kind, negative, guidance_scale)
 
     def processor(self):
         """The pipeline's own text processor (transformers' AutoProcessor over `tokenizer/`)."""
@@ -144,6 +181,10 @@ class ModelSpec:
         plus one are the count. tests/test_tokenizer.py checks it against `prompt_tokens` on tricky prompts and
         at the limit. Loading transformers or diffusers here would import torch (~700 MB in the driver).
         """
+        if self.kind == "ti2va":  # Kandinsky 6's template and rules (no prompt cleaning)
+            from pipelines.render_k6 import k6_count_tokens
+
+            return k6_count_tokens(self.tokenizer_dir, prompts)
         encoded = _fast_tokenizer(self.tokenizer_dir).encode_batch([clean_prompt(p) for p in prompts],
                                                                    add_special_tokens=False)
         return [len(e.ids) + 1 for e in encoded]
@@ -200,6 +241,20 @@ def load_spec(path: str, storage_options: dict | None = None) -> ModelSpec:
 
         return simulated_spec(path)
     local = Path(resolve_model(path, storage_options, spec_only=True))
+    kind = kind_of(local)
+    if kind.name == "ti2va":
+        from pipelines.render_k6 import k6_row_rules, k6_spec_fields
+
+        rules = k6_row_rules(local)
+        return ModelSpec(path=path, kind=kind.name, tokenizer_dir=str(local / "tokenizer"),
+                         min_frames=rules["min_frames"], guidance=rules["guidance_scale"], **k6_spec_fields(local))
+    if kind.name != "t2v":
+        from pipelines.limits import k5_row_rules, k5_spec_fields
+
+        rules = k5_row_rules(kind.name)
+        return ModelSpec(path=path, kind=kind.name, tokenizer_dir=str(local / "tokenizer"),
+                         min_frames=rules["min_frames"], sizes=tuple(rules["sizes"] or ()),
+                         **k5_spec_fields(local, kind.name))
     transformer = json.loads((local / "transformer" / "config.json").read_text())
     vae = json.loads((local / "vae" / "config.json").read_text())
     head_dim = sum(transformer["axes_dims"])

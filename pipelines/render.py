@@ -1,8 +1,10 @@
-"""Render requests to uint8 frames with the real diffusers Kandinsky5T2VPipeline.
+"""Render requests to uint8 frames with the real diffusers Kandinsky 5 pipelines: T2V, I2V and T2I.
 
-The seed contract: for a request with seed `s`, the frames equal
-`np.round(Kandinsky5T2VPipeline(...)(..., generator=torch.Generator("cpu").manual_seed(s),
-output_type="np").frames[0] * 255).astype(np.uint8)` — bit for bit, on the same device.
+The checkpoint's `model_index.json` picks the pipeline class (pipelines.kinds). The seed contract: for a request
+with seed `s`, the frames equal
+`np.round(Pipeline(...)(..., generator=torch.Generator("cpu").manual_seed(s), output_type="np").frames[0] * 255)
+.astype(np.uint8)` — bit for bit, on the same device. I2V also gets `image=decode_image(request.image)`; T2I takes
+no `num_frames` and gives one image, `.image[0]`, returned as one frame (1, H, W, 3).
 
 Prompts are encoded with the pipeline's own `encode_prompt` and passed back in as embeddings, so each
 distinct prompt and negative prompt is encoded once per replica (the same tensors the pipeline would
@@ -11,6 +13,7 @@ compute itself).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 
@@ -19,6 +22,8 @@ import torch
 
 from pipelines.caching import cache_config
 from pipelines.guidance import GuidedSteps, negative_inputs
+from pipelines.kinds import NO_IMAGE, Kind, UnsupportedModel, kind_of
+from pipelines.limits import FAMILY, default_negative_prompt, option_problems, request_problem
 from pipelines.models import resolve_model
 from pipelines.nabla import set_attention_type
 from pipelines.request import RenderOptions, RenderRequest
@@ -42,6 +47,27 @@ def frames_uint8(video: torch.Tensor) -> np.ndarray:
     return torch.round(video.float() * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def decode_image(data: bytes):
+    """The PIL image a pipeline is given for a row's encoded image bytes (PNG, JPEG, WebP, ...).
+
+    diffusers' own `load_image`: EXIF orientation applied, converted to RGB (the pipelines' image processors do
+    neither, and an RGBA or grayscale image would not fit the VAE). The pipeline then resizes it itself.
+    """
+    import io
+
+    import PIL.Image
+    from diffusers.utils import load_image
+
+    return load_image(PIL.Image.open(io.BytesIO(data)))
+
+
+def model_kind(model_path: str, local: str, storage_options: dict | None = None) -> Kind:
+    """The kind of a resolved model: from its local `model_index.json`, or a hub id's (configs only)."""
+    if os.path.isfile(os.path.join(local, "model_index.json")):
+        return kind_of(local)
+    return kind_of(resolve_model(model_path, storage_options, spec_only=True))
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -61,14 +87,16 @@ def _hidden_states_only(text_encoder) -> None:
 
 
 class Renderer:
-    """A Kandinsky 5 T2V pipeline loaded once on one device, rendering requests to frames."""
+    """A Kandinsky 5 pipeline (T2V, I2V or T2I) loaded once on one device, rendering requests to frames.
+
+    Options that cannot apply to the model's kind (`pipelines.limits.option_problems`) raise ValueError here.
+    """
 
     def __init__(self, model_path: str, *, device: str | None = None, storage_options: dict | None = None,
                  options: RenderOptions = RenderOptions(), skip: tuple[str, ...] = (), text_cache: int = 1024,
                  dtype: torch.dtype | None = None):
         import diffusers
         import transformers
-        from diffusers import Kandinsky5T2VPipeline
 
         # Per-component loading bars from every replica would drown the job's own progress bar.
         diffusers.utils.logging.disable_progress_bar()
@@ -79,7 +107,15 @@ class Renderer:
         # bf16 is what the checkpoints are trained and published in; CPUs run fp32.
         self.dtype = dtype or (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
         local = resolve_model(model_path, storage_options)
-        self.pipe = Kandinsky5T2VPipeline.from_pretrained(
+        self.kind = model_kind(model_path, local, storage_options)
+        if self.kind.name not in FAMILY:
+            raise UnsupportedModel(f"{model_path!r} is a {self.kind.name} model ({self.kind.pipeline}): this renderer "
+                                   f"runs the Kandinsky 5 kinds {', '.join(FAMILY)}")
+        if problems := option_problems(self.kind, options):
+            raise ValueError(f"options for the {self.kind.name} model {model_path!r}: " + "; ".join(problems))
+        if self.kind.image != NO_IMAGE:  # every rank of a gang encodes the conditioning image in `prepare_latents`
+            skip = tuple(name for name in skip if name != "vae")
+        self.pipe = getattr(diffusers, self.kind.pipeline).from_pretrained(
             local, dtype=self.dtype, use_safetensors=True, **{name: None for name in skip})
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -153,7 +189,7 @@ class Renderer:
         """Pipeline kwargs for the request's prompt and (effective) negative prompt embeddings."""
         qwen, clip, cu = self.encode(request.prompt)
         embeds = {"prompt_embeds_qwen": qwen, "prompt_embeds_clip": clip, "prompt_cu_seqlens": cu}
-        negative = request.effective_negative_prompt()
+        negative = default_negative_prompt(self.kind, request.negative_prompt, request.guidance_scale)
         if negative is not None:
             qwen, clip, cu = self.encode(negative)
             embeds.update(negative_prompt_embeds_qwen=qwen, negative_prompt_embeds_clip=clip,
@@ -167,15 +203,29 @@ class Renderer:
         if self.steps is not None:
             self.steps.arm(negative_inputs(embeds, self.device) if first.guidance_scale > 1.0 else None)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-        return self.pipe(
-            **embeds, height=first.height, width=first.width, num_frames=first.num_frames,
+        kind_args = {}
+        if self.kind.frames:
+            kind_args["num_frames"] = first.num_frames
+        if self.kind.image != NO_IMAGE:
+            images = [decode_image(r.image) for r in requests]
+            kind_args["image"] = images[0] if len(images) == 1 else images
+        out = self.pipe(
+            **embeds, **kind_args, height=first.height, width=first.width,
             num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
             generator=generators[0] if len(generators) == 1 else generators,
             output_type="pt" if self.writer else "latent",
-        ).frames
+        )
+        # Video kinds: (B, F, C, H, W); T2I: (B, C, H, W), one image per row, kept as (B, 1, C, H, W).
+        return out.frames if self.kind.frames else out.image.unsqueeze(1)
+
+    def check(self, request: RenderRequest) -> None:
+        """ValueError ("field=value: rule") for a request this model cannot render exactly as asked."""
+        if problem := request_problem(self.kind, request):
+            raise ValueError(problem)
 
     def render(self, request: RenderRequest) -> np.ndarray | None:
-        """Frames (num_frames, height, width, 3) uint8 for one request, per the seed contract."""
+        """Frames (num_frames, height, width, 3) uint8 for one request, per the seed contract (T2I: one frame)."""
+        self.check(request)
         out = self.denoise([request], self.embeddings(request))
         return frames_uint8(out[0]) if self.writer else None
 
@@ -183,11 +233,15 @@ class Renderer:
         """Frames for several requests of one shape and text length in a single batched pipeline call.
 
         Latents come from each row's own generator, as in single calls; the batched forward differs
-        from single calls by float rounding only (within ±1 uint8 level).
+        from single calls by float rounding only (within ±1 uint8 level). I2V rows render one at a time:
+        its pipeline renormalises the first latent frames with statistics over the whole batch, so a row
+        batched with others would not be the row rendered alone.
         """
-        if len(requests) == 1:
-            out = self.render(requests[0])
-            return [out] if self.writer else None
+        if len(requests) == 1 or self.kind.name == "i2v":
+            out = [self.render(request) for request in requests]
+            return out if self.writer else None
+        for request in requests:
+            self.check(request)
         parts = [self.embeddings(r) for r in requests]
         embeds = {}
         for key in parts[0]:

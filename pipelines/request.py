@@ -24,6 +24,8 @@ class RenderRequest:
     num_inference_steps: int
     guidance_scale: float
     seed: int
+    image: bytes | None = None
+    """The conditioning image's encoded file bytes (image-to-video, Kandinsky 6's first frame), or None."""
 
     def effective_negative_prompt(self) -> str | None:
         """The negative prompt the pipeline really uses: none without guidance, its default if unset."""

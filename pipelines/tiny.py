@@ -217,27 +217,32 @@ def _randomize_zero_init(model, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
-def save_tiny(directory: str | os.PathLike, seed: int = 0) -> Path:
-    """Build the tiny pipeline and write it to `directory` in diffusers format (safetensors)."""
+def save_tiny(directory: str | os.PathLike, seed: int = 0, builder: str = "pipelines.tiny:build_tiny_pipeline") -> Path:
+    """Build a tiny pipeline (`builder`: "module:function(seed)", the T2V one by default) and write it to
+    `directory` in diffusers format (safetensors)."""
+    import importlib
+
+    module, function = builder.split(":")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    build_tiny_pipeline(seed).save_pretrained(directory, safe_serialization=True)
+    getattr(importlib.import_module(module), function)(seed).save_pretrained(directory, safe_serialization=True)
     return directory
 
 
-def ensure_tiny(cache_dir: str | os.PathLike, seed: int = 0) -> Path:
+def ensure_tiny(cache_dir: str | os.PathLike, seed: int = 0, name: str = "tiny",
+                builder: str = "pipelines.tiny:build_tiny_pipeline") -> Path:
     """Return the cached tiny build under `cache_dir`, building it once per node.
 
     Several actors on one node may race here; each builds into a private temp dir and renames it
     into place, so a reader never sees a half-written model and the loser just discards its copy.
     """
-    target = Path(cache_dir) / (f"tiny-v{TINY_VERSION}" + (f"-seed{seed}" if seed else ""))
+    target = Path(cache_dir) / (f"{name}-v{TINY_VERSION}" + (f"-seed{seed}" if seed else ""))
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
     try:
-        save_tiny(tmp, seed)
+        save_tiny(tmp, seed, builder)
         try:
             os.rename(tmp, target)
         except OSError:

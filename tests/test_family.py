@@ -1,0 +1,198 @@
+"""The Kandinsky 5 family in the model layer: the tiny I2V and T2I presets are real diffusers checkpoints of
+their kinds, `Renderer` keeps the seed contract for each kind, and the limits match what the pipelines do."""
+
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from diffusers import Kandinsky5I2VPipeline, Kandinsky5T2IPipeline
+from diffusers.pipelines.kandinsky5.pipeline_kandinsky import prompt_clean
+from PIL import Image
+
+from pipelines import RenderOptions, RenderRequest, Renderer, load_spec, to_uint8
+from pipelines.limits import I2V_MIN_FRAMES, T2I_SIZES, TEMPLATE_TOKENS, k5_row_rules, k5_spec_fields
+from pipelines.render import decode_image
+from pipelines.tiny_k5 import build_tiny_k5, save_tiny_k5
+
+CLASSES = {"i2v": Kandinsky5I2VPipeline, "t2i": Kandinsky5T2IPipeline}
+W, H = T2I_SIZES[1]  # 640x1408: the T2I size with the fewest pixels
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("k5")
+    return {kind: str(save_tiny_k5(kind, root / kind)) for kind in CLASSES}
+
+
+@pytest.fixture(scope="module")
+def plain(saved) -> dict:
+    """Plain diffusers, each preset loaded with its own class (the oracle)."""
+    pipes = {kind: CLASSES[kind].from_pretrained(path) for kind, path in saved.items()}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+@pytest.fixture(scope="module")
+def renderers(saved) -> dict:
+    return {kind: Renderer(path) for kind, path in saved.items()}
+
+
+def _png(size: tuple[int, int], seed: int = 0) -> bytes:
+    """An encoded RGBA image (width, height) of noise: RGBA, so that decoding must convert it."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _oracle(pipe, request: RenderRequest, **override) -> np.ndarray:
+    """The seed contract: what the plain pipeline renders for a request, as uint8 (T2I: one frame)."""
+    kwargs = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, height=request.height,
+                  width=request.width, num_inference_steps=request.num_inference_steps,
+                  guidance_scale=request.guidance_scale, generator=torch.Generator("cpu").manual_seed(request.seed),
+                  output_type="np")
+    if isinstance(pipe, Kandinsky5T2IPipeline):
+        return to_uint8(pipe(**kwargs, **override).image[:1])
+    kwargs.update(image=decode_image(request.image), num_frames=request.num_frames)
+    return to_uint8(pipe(**{**kwargs, **override}).frames[0])
+
+
+@pytest.mark.parametrize("kind", ["i2v", "t2i"])
+def test_preset_round_trips_with_the_real_component_classes(kind, saved):
+    index = json.loads(open(f"{saved[kind]}/model_index.json").read())
+    assert index["_class_name"] == CLASSES[kind].__name__
+    assert index["transformer"] == ["diffusers", "Kandinsky5Transformer3DModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKLHunyuanVideo" if kind == "i2v" else "AutoencoderKL"]
+    assert index["text_encoder"] == ["transformers", "Qwen2_5_VLForConditionalGeneration"]
+    assert index["tokenizer"] == ["transformers", "Qwen2VLProcessor"]
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer_2"] == ["transformers", "CLIPTokenizer"]
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    loaded, built = CLASSES[kind].from_pretrained(saved[kind]), build_tiny_k5(kind)
+    # I2V's transformer takes latents + zero conditioning + first-frame mask (33 channels), as the hub's does.
+    assert loaded.transformer.config.visual_cond is (kind == "i2v")
+    if kind == "t2i":
+        assert (loaded.vae.config.latent_channels, loaded.vae.config.use_quant_conv) == (16, False)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):  # a second build gives the same weights
+        want = getattr(built, name).state_dict()
+        got = getattr(loaded, name).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+
+
+@pytest.mark.parametrize("seed, guidance, negative", [(0, 5.0, None), (2**63 - 1, 3.5, "blurry")])
+def test_i2v_equals_plain_diffusers(seed, guidance, negative, renderers, plain):
+    request = RenderRequest("a red ball rolling", negative, 32, 32, I2V_MIN_FRAMES, 2, guidance, seed,
+                            image=_png((32, 32), seed % 7))
+    frames = renderers["i2v"].render(request)
+    assert frames.dtype == np.uint8 and frames.shape == (I2V_MIN_FRAMES, 32, 32, 3)
+    assert np.array_equal(frames, _oracle(plain["i2v"], request))
+
+
+def test_i2v_stretches_an_image_of_another_aspect_ratio_to_the_render_size(renderers, plain):
+    """A 56x40 image for a 48x32 render: the pipeline resizes it to 48x32 with Lanczos, no crop, aspect not kept."""
+    request = RenderRequest("a red ball", None, 32, 48, 21, 2, 5.0, 3, image=_png((56, 40), 1))
+    frames = renderers["i2v"].render(request)
+    assert frames.shape == (21, 32, 48, 3)
+    assert np.array_equal(frames, _oracle(plain["i2v"], request))
+    stretched = decode_image(request.image).resize((48, 32), Image.LANCZOS)
+    assert np.array_equal(frames, _oracle(plain["i2v"], request, image=stretched))
+
+
+def test_i2v_rows_and_options(renderers, plain):
+    renderer, pipe = renderers["i2v"], plain["i2v"]
+    image = _png((32, 32), 2)
+    with pytest.raises(ValueError, match=r"^image=None: missing"):
+        renderer.render(RenderRequest("a ball", None, 32, 32, 17, 2, 5.0, 0))
+    # Fewer than 17 frames: the pipeline's first-frame renormalisation has no later latent frames and gives NaN.
+    short = RenderRequest("a ball", None, 32, 32, 13, 2, 5.0, 0, image=image)
+    with pytest.raises(ValueError, match=r"^num_frames=13: too few"):
+        renderer.render(short)
+    with pytest.warns(UserWarning, match="degrees of freedom"):  # the std of an empty reference
+        video = pipe(image=decode_image(image), prompt="a ball", height=32, width=32, num_frames=13,
+                     num_inference_steps=2, output_type="np").frames
+    assert np.isnan(video).any()
+    # A batch renders row by row (the pipeline's renormalisation takes statistics over the whole batch): exact.
+    batch = [RenderRequest("a ball", None, 32, 32, 17, 2, 5.0, seed, image=_png((32, 32), seed)) for seed in (4, 5)]
+    for got, request in zip(renderer.render_batch(batch), batch):
+        assert np.array_equal(got, _oracle(pipe, request))
+    with pytest.raises(ValueError, match="cache_args.mag_ratios='lite-sft-5s': the published MagCache"):
+        Renderer(renderer.model_path, options=RenderOptions(cache="magcache", cache_args=(("mag_ratios", "lite-sft-5s"),)))
+
+
+def test_i2v_batched_guidance_stays_within_one_level(saved, plain):
+    renderer = Renderer(saved["i2v"], options=RenderOptions(batched_guidance=True))
+    renderer.apply_options()
+    tokens = renderer.pipe.tokenizer.tokenizer
+    prompt = "a red ball rolling"
+    negative = next(n for n in (" ".join(["blurry"] * k) for k in range(1, 20))
+                    if len(tokens(n)["input_ids"]) == len(tokens(prompt)["input_ids"]))
+    request = RenderRequest(prompt, negative, 32, 32, 17, 3, 5.0, 8, image=_png((32, 32), 3))
+    frames = renderer.render(request)
+    assert renderer.steps.batched_steps == request.num_inference_steps
+    assert np.abs(frames.astype(int) - _oracle(plain["i2v"], request).astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("seed, guidance, negative", [(0, 3.5, None), (7, 3.5, "blurry"), (12345, 1.0, None)])
+def test_t2i_equals_plain_diffusers(seed, guidance, negative, renderers, plain):
+    """negative_prompt=None with guidance: the Renderer encodes T2I's own default (""), as the pipeline does."""
+    request = RenderRequest("a cat in a red hat", negative, H, W, 1, 2, guidance, seed)
+    frames = renderers["t2i"].render(request)
+    assert frames.dtype == np.uint8 and frames.shape == (1, H, W, 3)
+    assert np.array_equal(frames, _oracle(plain["t2i"], request))
+
+
+def test_t2i_rows_options_and_batches(renderers, plain):
+    renderer = renderers["t2i"]
+    with pytest.raises(ValueError, match=r"^width x height=32x32: not a T2I size"):
+        renderer.render(RenderRequest("a cat", None, 32, 32, 1, 2, 3.5, 0))
+    with pytest.raises(ValueError, match=r"^num_frames=5: this model renders one image"):
+        renderer.render(RenderRequest("a cat", None, H, W, 5, 2, 3.5, 0))
+    with pytest.raises(ValueError, match=r"^image=<\d+ bytes>: the t2i model takes no image"):
+        renderer.render(RenderRequest("a cat", None, H, W, 1, 2, 3.5, 0, image=_png((8, 8))))
+    with pytest.raises(ValueError, match="attention_type='nabla': does not apply to t2i"):
+        Renderer(renderer.model_path, options=RenderOptions(attention_type="nabla"))
+    batch = [RenderRequest("a cat", None, H, W, 1, 1, 3.5, seed) for seed in (1, 2)]
+    for got, request in zip(renderer.render_batch(batch), batch):
+        assert got.shape == (1, H, W, 3)
+        assert np.abs(got.astype(int) - _oracle(plain["t2i"], request).astype(int)).max() <= 1
+
+
+def test_spec_fields_and_row_rules(saved, plain):
+    assert k5_spec_fields(saved["i2v"], "i2v") == dict(
+        attention_type="regular", num_heads=4, spatial_multiple=16, temporal_multiple=4, max_frames=509,
+        max_size=2048, max_prompt_tokens=512)
+    assert k5_spec_fields(saved["t2i"], "t2i") == dict(
+        attention_type="regular", num_heads=4, spatial_multiple=16, temporal_multiple=1, max_frames=1,
+        max_size=1408, max_prompt_tokens=512)
+    assert list(T2I_SIZES) == plain["t2i"].resolutions
+    assert k5_row_rules("i2v")["min_frames"] == 17 and k5_row_rules("t2i")["sizes"] == T2I_SIZES
+    for kind, pipe in plain.items():
+        head = pipe.prompt_template.split("{}")[0]
+        assert TEMPLATE_TOKENS[kind] == pipe.prompt_template_encode_start_idx
+        assert len(pipe.tokenizer(text=[head], return_tensors=None)["input_ids"][0]) == TEMPLATE_TOKENS[kind]
+
+
+@pytest.mark.parametrize("kind", ["i2v", "t2i"])
+def test_count_tokens_is_the_pipelines_count(kind, saved, plain, caplog):
+    """The driver's torch-free count (prompt tokens + 1) is the pipeline's for both templates, at the limit too."""
+    spec, pipe = load_spec(saved[kind]), plain[kind]
+    prompts = ["a cat", "  two  spaces\tand a tab ", "Кот в шляпе", "emoji 🐈‍⬛ and &amp; html", "x" * 300]
+
+    def pipeline_count(prompt: str) -> int:
+        text = [pipe.prompt_template.format(prompt_clean(prompt))]
+        return len(pipe.tokenizer(text=text, return_tensors=None)["input_ids"][0]) - TEMPLATE_TOKENS[kind]
+
+    assert spec.count_tokens(prompts) == [pipeline_count(p) for p in prompts]
+    grown = ["zebra " * n for n in range(200, 300)]
+    counts = spec.count_tokens(grown)
+    last = max(i for i, n in enumerate(counts) if n <= spec.max_prompt_tokens)  # the longest prompt kept whole
+    logging.getLogger("diffusers").propagate = True
+    for prompt, truncated in ((grown[last], False), (grown[last + 1], True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            pipe.encode_prompt(prompt, max_sequence_length=512, device="cpu")
+        assert any("truncated" in r.getMessage() for r in caplog.records) is truncated
