@@ -59,7 +59,6 @@ MASKLESS_BACKENDS = frozenset({
     "sage", "sage_hub", "sage_blackwell_hub", "_sage_qk_int8_pv_fp8_cuda", "_sage_qk_int8_pv_fp8_cuda_sm90",
     "_sage_qk_int8_pv_fp16_cuda", "_sage_qk_int8_pv_fp16_triton",
 })
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 def k6_count_tokens(tokenizer_dir: str, prompts: list[str]) -> list[int]:
@@ -202,18 +201,10 @@ class K6Renderer:
             transformer.compile_repeated_blocks(fullgraph=True)  # its text and fused video/audio blocks
 
     def _offload_text_encoders(self) -> None:
-        """Text encoders in pinned CPU memory, streamed to the GPU layer by layer while they encode (as `Renderer`)."""
-        if not self.device.startswith("cuda"):
-            return
-        import torch
-        from diffusers.hooks import apply_group_offloading
+        """Text encoders in pinned CPU memory, streamed in layer by layer while they encode (as `Renderer`)."""
+        from pipelines.render import offload_text_encoders
 
-        for name in TEXT_COMPONENTS:
-            module = getattr(self.pipe, name, None)
-            if module is not None:
-                apply_group_offloading(module, onload_device=torch.device(self.device), offload_type="leaf_level",
-                                       use_stream=True)
-        torch.cuda.empty_cache()
+        offload_text_encoders(self.pipe, self.device)
 
     def check(self, request: RenderRequest) -> None:
         """ValueError ("field=value: rule") for a request this model cannot render exactly as asked."""
