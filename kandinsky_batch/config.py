@@ -83,6 +83,8 @@ class ModelConfig:
     """`nabla` (block-sparse, APPROXIMATE; flex backend; 128-px sizes) or `regular`; None: the checkpoint's own."""
     nabla_args: dict[str, Any] = field(default_factory=dict)
     """NABLA overrides: `P` (attention mass kept per head, in (0, 1]), `wT`/`wH`/`wW` (odd STA window sizes)."""
+    sample_audio: bool = True
+    """Kandinsky 6 only: false renders video without sound (the pipeline's video-only mode: other frames)."""
 
     def __post_init__(self) -> None:
         if self.cache is not None:
@@ -107,7 +109,7 @@ class ModelConfig:
                              batched_guidance=self.batched_guidance, offload_text_encoder=self.offload_text_encoder,
                              cache=self.cache, cache_args=tuple(sorted(dict(self.cache_args).items())),
                              attention_type=self.attention_type,
-                             nabla_args=tuple(sorted(dict(self.nabla_args).items())))
+                             nabla_args=tuple(sorted(dict(self.nabla_args).items())), sample_audio=self.sample_audio)
 
 
 @dataclass

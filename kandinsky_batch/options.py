@@ -23,7 +23,8 @@ def option_problems(kind: str, options: RenderOptions) -> list[str]:
         return k6_option_problems(options)
     from pipelines.limits import option_problems as k5_problems
 
-    return k5_problems(kind, options)
+    silent = [] if options.sample_audio else [f"sample_audio=False: only Kandinsky 6 renders sound ({kind} does not)"]
+    return silent + k5_problems(kind, options)
 
 
 def effective_options(model: ModelConfig, spec: ModelSpec) -> tuple[RenderOptions, ModelSpec]:

@@ -108,7 +108,7 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
             raise ConfigError(f"render.fps={variant.render.fps}: {variant.model.path} renders its sound for "
                               f"{SOUND_FPS} fps video (rule: render.fps={SOUND_FPS})")
         stamp = Stamp(model=variant.model.path, format=cfg.output.format, fps=variant.render.fps, options=options,
-                      sound=kind.output == VIDEO_AUDIO)
+                      sound=kind.output == VIDEO_AUDIO and options.sample_audio)
         # 4. What the output prefix holds (read once): rows committed with other parameters are refused unless forced.
         outputs = outputs.with_stamp(stamp) if outputs else OutputState(storage, stamp, force=force)
         images = ImageReader(cfg.input.path, cfg.input.storage_options) if kind.image != NO_IMAGE else None

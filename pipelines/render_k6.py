@@ -225,7 +225,10 @@ class K6Renderer:
             num_frames=request.num_frames, frame_rate=self.frame_rate,
             num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
             generator=torch.Generator("cpu").manual_seed(request.seed), output_type="pt",
+            sample_audio=self.options.sample_audio,
         )
+        if out.audio is None:  # the video-only mode (options.sample_audio off): frames alone
+            return frames_uint8(out.frames[0])
         audio = out.audio[:1].float().cpu().numpy()  # the pipeline's (batch, samples): one row as (1 channel, samples)
         return Clip(frames=frames_uint8(out.frames[0]), audio=audio, sample_rate=self.sample_rate)
 

@@ -59,6 +59,8 @@ class RenderOptions:
     """`regular` (full attention) or `nabla` (block-sparse, APPROXIMATE); None: the checkpoint's own."""
     nabla_args: tuple = ()
     """(key, value) pairs overriding NABLA's P (attention mass kept) and wT/wH/wW (STA window)."""
+    sample_audio: bool = True
+    """Kandinsky 6: denoise sound with the frames (True) or render video alone (other frames, no sound)."""
 
     @property
     def approximate(self) -> bool:

@@ -174,6 +174,21 @@ def test_kandinsky6_renders_video_with_sound_as_plain_diffusers(tmp_path, ray_lo
         # AAC decodes whole 1024-sample frames: the sound is as long as recorded, to within one of them.
         assert abs(audio.shape[1] / rate - row["audio_seconds"]) <= 1024 / rate, rid
     assert verify(mp4.output.uri) == []
+    # Video alone (the pipeline's video-only mode: other frames, no sound), raw frames in an .npy.
+    silent = load_config(None, [f"input.path={tmp_path / 'in.parquet'}", f"output.uri={tmp_path / 'silent'}", *SIZE,
+                                "model.path=tiny-k6", "render.num_frames=5", "render.fps=24", "output.format=npy",
+                                "model.sample_audio=false"])
+    assert run(silent, progress=False).ok == 3
+    storage, manifest = _objects(silent)
+    row = manifest["talk"]
+    assert row["uri"].endswith("/videos/talk.npy") and row["audio_sample_rate"] is None
+    assert row["options"] == '{"sample_audio": false}'
+    want = plain(prompt=row["prompt"], negative_prompt=row["negative_prompt"], height=32, width=32, num_frames=5,
+                 frame_rate=24.0, num_inference_steps=2, guidance_scale=row["guidance_scale"], sample_audio=False,
+                 generator=torch.Generator("cpu").manual_seed(row["seed"]), output_type="np")
+    np.testing.assert_array_equal(decode(storage.get_bytes(storage.key_of(row["uri"])), "npy"),
+                                  to_uint8(want.frames[0]))
+    assert verify(silent.output.uri) == []
     with pytest.raises(ConfigError, match="render.fps=8: tiny-k6 renders its sound for 24 fps video"):
         run(load_config(None, [f"input.path={tmp_path / 'in.parquet'}", f"output.uri={tmp_path / 'o3'}", *SIZE,
                                "model.path=tiny-k6"]), progress=False)
@@ -197,6 +212,8 @@ def test_family_rules_are_checked_before_ray(tmp_path):
                                                     "guidance_scale=1.0 only")
     with pytest.raises(ConfigError, match="cluster.cfg_parallel: gangs do not run Kandinsky 6 yet"):
         preflight(_cfg(tmp_path, rows, "model.path=tiny-k6", "render.fps=24", "cluster.cfg_parallel=true"))
+    with pytest.raises(ConfigError, match="model.sample_audio=False: only Kandinsky 6 renders sound"):
+        preflight(_cfg(tmp_path, rows, "model.path=tiny", "model.sample_audio=false"))
     with pytest.raises(ConfigError, match="model.attention_type='nabla': does not apply to t2i"):
         preflight(_cfg(tmp_path, rows, "model.path=tiny-t2i", "model.attention_type=nabla", "output.format=png",
                        "render.height=1024", "render.width=1024"))
