@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import fsspec
 
+from pipelines.limits import image_size
+
 MAX_SIDE = 8192
 MIN_SIDE = 16
 MAX_BYTES = 64 * 2**20
@@ -35,6 +37,8 @@ class Conditioning:
     uri: str | None
     sha256: str
     data: bytes | None = None
+    size: tuple = (0, 0)
+    """(width, height) as the pipelines see it (EXIF orientation applied)."""
 
 
 def shown(value) -> str:
@@ -92,7 +96,7 @@ class ImageReader:
         problem = check_image(data)
         if problem is not None:
             return f"image={shown(value)}: {problem}"
-        return Conditioning(uri, hashlib.sha256(data).hexdigest(), None if uri else data)
+        return Conditioning(uri, hashlib.sha256(data).hexdigest(), None if uri else data, image_size(data))
 
     def read_all(self, values: list) -> list[Conditioning | str | None]:
         """Each value checked: a `Conditioning`, the row's error message, or None where the value is null."""

@@ -155,6 +155,23 @@ def _param_error(task: dict, spec: ModelSpec) -> str | None:
     return None
 
 
+def _image_text_tokens(spec: ModelSpec, prompt: str, negative: str | None, size: tuple) -> tuple:
+    """(error, (prompt tokens, negative tokens)) of an image-to-image row: its texts counted with its image."""
+    from pipelines.limits import k5_i2i_count_tokens, k5_i2i_token_problem
+
+    for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+        if text is not None and "<|image_pad|>" in text:
+            return (f"{name}={text[:40]!r}: contains <|image_pad|> (rule: the i2i processor reserves it for the "
+                    "image's tokens)"), None
+    texts = {"prompt": prompt, "negative_prompt": negative}
+    problem = k5_i2i_token_problem(spec.tokenizer_dir, texts, size, limit=spec.max_prompt_tokens)
+    if problem is not None:
+        return problem, None
+    counts = k5_i2i_count_tokens(spec.tokenizer_dir, [t for t in texts.values() if t is not None],
+                                 [size] * (1 + (negative is not None)))
+    return None, (counts[0], counts[1] if negative is not None else 0)
+
+
 def _fit_columns(values: dict) -> dict:
     """Blank out numbers an invalid row gave that the manifest's int32/int64 columns cannot hold."""
     limits = {"seed": MAX_SEED, **{key: 2**31 - 1 for key in PARAMS if key != "guidance_scale"}}
@@ -277,6 +294,8 @@ class RowValidator:
         if not self.kind.frames:  # one image: the config's frame count (a video default) does not apply
             self.defaults = replace(cfg.render, num_frames=1)
         self.images = images
+        self.with_image_tokens = spec.kind == "i2i"
+        """Image-to-image counts a text's tokens with its image (the image's tokens share the text's budget)."""
         self._tokens: dict[str, int] = {}
 
     def _count(self, texts: list[str]) -> None:
@@ -323,9 +342,11 @@ class RowValidator:
             candidates.append(candidate)
             skipped.append(done is not None and positions[i] not in self.ids.errors and not (errors and i in errors)
                            and done(candidate))
-        # 2. Texts of the rest: every distinct one counted once, in one tokenizer call.
-        self._count([p for p, skip in zip(prompts, skipped) if p is not None and not skip]
-                    + [t for t, skip in zip(effective, skipped) if t is not None and not skip])
+        # 2. Texts of the rest: every distinct one counted once, in one tokenizer call (image-to-image counts a
+        # text with its image: step 3).
+        if not self.with_image_tokens:
+            self._count([p for p, skip in zip(prompts, skipped) if p is not None and not skip]
+                        + [t for t, skip in zip(effective, skipped) if t is not None and not skip])
         # 3. The rules, in the order that decides which one a row's message names.
         valid, invalid, finished = [], [], []
         for i, candidate in enumerate(candidates):
@@ -334,15 +355,19 @@ class RowValidator:
                 continue
             error = (self.ids.errors.get(positions[i]) or (errors or {}).get(i)
                      or (images[i] if isinstance(images[i], str) else None)
-                     or _text_error("prompt", prompts[i], self.spec, True, self._tokens.get(prompts[i]))
+                     or _text_error("prompt", prompts[i], self.spec, True, self._tokens.get(prompts[i], 0))
                      or _param_error(candidate, self.spec))
             # The model's own default passes as it is (text-to-image's is empty); a given one must be usable text.
             if error is None and effective[i] is not None and effective[i] != self.spec.negative_prompt(None, 2.0):
-                error = _text_error("negative_prompt", effective[i], self.spec, False, self._tokens[effective[i]])
+                error = _text_error("negative_prompt", effective[i], self.spec, False,
+                                    self._tokens.get(effective[i], 0))
+            tokens = None
+            if error is None and self.with_image_tokens:
+                error, tokens = _image_text_tokens(self.spec, prompts[i], effective[i], images[i].size)
             if error is None:
                 candidate["image"] = images[i].data if isinstance(images[i], Conditioning) else None
-                candidate["prompt_tokens"] = self._tokens[prompts[i]]
-                candidate["negative_tokens"] = 0 if effective[i] is None else self._tokens[effective[i]]
+                candidate["prompt_tokens"], candidate["negative_tokens"] = tokens or (
+                    self._tokens[prompts[i]], 0 if effective[i] is None else self._tokens[effective[i]])
                 valid.append(candidate)
             else:
                 invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
@@ -354,7 +379,7 @@ class RowValidator:
         kind = self.kind
         if kind.image == NO_IMAGE:
             return [None if v is None else f"image={shown(v)}: the {kind.name} model takes no image (rule: only "
-                    "image-conditioned models (i2v, Kandinsky 6) take an `image`)" for v in values]
+                    "image-conditioned models (i2v, i2i, Kandinsky 6) take an `image`)" for v in values]
         read = self.images.read_all(values) if self.images and any(v is not None for v in values) \
             else [None] * len(values)
         if kind.image == IMAGE_REQUIRED:

@@ -38,6 +38,7 @@ KINDS = {k.pipeline: k for k in (
     Kind("t2v", "Kandinsky5T2VPipeline", preset="tiny"),
     Kind("i2v", "Kandinsky5I2VPipeline", image=IMAGE_REQUIRED, preset="tiny-i2v"),
     Kind("t2i", "Kandinsky5T2IPipeline", output=IMAGE, preset="tiny-t2i"),
+    Kind("i2i", "Kandinsky5I2IPipeline", image=IMAGE_REQUIRED, output=IMAGE, preset="tiny-i2i"),
     Kind("ti2va", "Kandinsky6TI2VAPipeline", image=IMAGE_OPTIONAL, output=VIDEO_AUDIO, preset="tiny-k6"),
 )}
 BY_NAME = {k.name: k for k in KINDS.values()}

@@ -1,6 +1,6 @@
 """Where a model comes from (`model.path`) and what it can render (its limits).
 
-`model.path` is one of: a tiny preset of each kind (`tiny`, `tiny-i2v`, `tiny-t2i`, `tiny-k6`; `tiny:SEED` is
+`model.path` is one of: a tiny preset of each kind (`tiny`, `tiny-i2v`, `tiny-t2i`, `tiny-i2i`, `tiny-k6`; `tiny:SEED` is
 another draw of its transformer), a local diffusers directory, an fsspec URI of one
 (s3://, gs://, az://, file://; copied to a local cache once per node), or a hub id.
 """
@@ -31,6 +31,7 @@ PRESETS = {
     "tiny": "pipelines.tiny:build_tiny_pipeline",
     "tiny-i2v": "pipelines.tiny_k5:build_tiny_i2v_pipeline",
     "tiny-t2i": "pipelines.tiny_k5:build_tiny_t2i_pipeline",
+    "tiny-i2i": "pipelines.tiny_k5:build_tiny_i2i_pipeline",
     "tiny-k6": "pipelines.tiny_k6:build_tiny_k6_pipeline",
 }
 # The pipeline's default `max_sequence_length`: prompt tokens kept after the template.
@@ -185,6 +186,9 @@ class ModelSpec:
             from pipelines.render_k6 import k6_count_tokens
 
             return k6_count_tokens(self.tokenizer_dir, prompts)
+        if self.kind == "i2i":  # the image shares the prompt's window: a text alone has no count
+            raise ValueError("kind='i2i': a text's token count depends on its row's image; count with "
+                             "pipelines.limits.k5_i2i_count_tokens(tokenizer_dir, prompts, image_sizes)")
         encoded = _fast_tokenizer(self.tokenizer_dir).encode_batch([clean_prompt(p) for p in prompts],
                                                                    add_special_tokens=False)
         return [len(e.ids) + 1 for e in encoded]

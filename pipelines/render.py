@@ -1,18 +1,19 @@
-"""Render requests to uint8 frames with the real diffusers Kandinsky 5 pipelines: T2V, I2V and T2I.
+"""Render requests to uint8 frames with the real diffusers Kandinsky 5 pipelines: T2V, I2V, T2I and I2I.
 
 The checkpoint's `model_index.json` picks the pipeline class (pipelines.kinds). The seed contract: for a request
 with seed `s`, the frames equal
 `np.round(Pipeline(...)(..., generator=torch.Generator("cpu").manual_seed(s), output_type="np").frames[0] * 255)
-.astype(np.uint8)` — bit for bit, on the same device. I2V also gets `image=decode_image(request.image)`; T2I takes
-no `num_frames` and gives one image, `.image[0]`, returned as one frame (1, H, W, 3).
+.astype(np.uint8)` — bit for bit, on the same device. I2V and I2I also get `image=decode_image(request.image)`;
+T2I and I2I take no `num_frames` and give one image, `.image[0]`, returned as one frame (1, H, W, 3).
 
 Prompts are encoded with the pipeline's own `encode_prompt` and passed back in as embeddings, so each
 distinct prompt and negative prompt is encoded once per replica (the same tensors the pipeline would
-compute itself).
+compute itself). I2I encodes the image with the text (Qwen reads both): its texts are cached per image.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections import OrderedDict
@@ -23,12 +24,14 @@ import torch
 from pipelines.caching import cache_config
 from pipelines.guidance import GuidedSteps, negative_inputs
 from pipelines.kinds import NO_IMAGE, Kind, UnsupportedModel, kind_of
-from pipelines.limits import FAMILY, default_negative_prompt, option_problems, request_problem
+from pipelines.limits import (
+    FAMILY, MAX_SEQUENCE_LENGTHS, default_negative_prompt, image_size, k5_i2i_token_problem, option_problems,
+    request_problem,
+)
 from pipelines.models import resolve_model
 from pipelines.nabla import set_attention_type
 from pipelines.request import RenderOptions, RenderRequest
 
-MAX_SEQUENCE_LENGTH = 512  # the pipeline's default
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
@@ -106,7 +109,7 @@ def offload_text_encoders(pipe, device: str) -> None:
 
 
 class Renderer:
-    """A Kandinsky 5 pipeline (T2V, I2V or T2I) loaded once on one device, rendering requests to frames.
+    """A Kandinsky 5 pipeline (T2V, I2V, T2I or I2I) loaded once on one device, rendering requests to frames.
 
     Options that cannot apply to the model's kind (`pipelines.limits.option_problems`) raise ValueError here.
     """
@@ -130,6 +133,11 @@ class Renderer:
         if self.kind.name not in FAMILY:
             raise UnsupportedModel(f"{model_path!r} is a {self.kind.name} model ({self.kind.pipeline}): this renderer "
                                    f"runs the Kandinsky 5 kinds {', '.join(FAMILY)}")
+        # The pipeline's own default, so embeddings are what a plain call computes (I2I's is 1024, the rest 512).
+        self.max_sequence_length = MAX_SEQUENCE_LENGTHS[self.kind.name]
+        if self.kind.name == "i2i":  # its token budget counts the image's tokens: checked per request
+            spec_dir = local if os.path.isdir(local) else resolve_model(model_path, storage_options, spec_only=True)
+            self._tokenizer_dir = os.path.join(spec_dir, "tokenizer")
         if problems := option_problems(self.kind, options):
             raise ValueError(f"options for the {self.kind.name} model {model_path!r}: " + "; ".join(problems))
         if self.kind.image != NO_IMAGE:  # every rank of a gang encodes the conditioning image in `prepare_latents`
@@ -144,7 +152,7 @@ class Renderer:
         self._cache_steps: int | None = None
         if options.offload_text_encoder:
             self._offload_text_encoders()
-        self._texts: OrderedDict[str, tuple] = OrderedDict()
+        self._texts: OrderedDict[str | tuple[str, bytes], tuple] = OrderedDict()
         self._text_cache = text_cache
         self.steps: GuidedSteps | None = None
         self.writer = True  # whether `render` returns frames (in a gang only rank 0 does)
@@ -177,25 +185,31 @@ class Renderer:
         offload_text_encoders(self.pipe, self.device)
 
     @torch.no_grad()
-    def encode(self, text: str) -> tuple:
-        """The pipeline's own (qwen embeds, clip pooled, cu_seqlens) for a text, computed once per replica."""
-        if text in self._texts:
-            self._texts.move_to_end(text)
-            return self._texts[text]
-        encoded = self.pipe.encode_prompt(text, max_sequence_length=MAX_SEQUENCE_LENGTH, device=self.device,
-                                          dtype=self.pipe.transformer.dtype)
-        self._texts[text] = encoded
+    def encode(self, text: str, image: bytes | None = None) -> tuple:
+        """The pipeline's own (qwen embeds, clip pooled, cu_seqlens) for a text, computed once per replica.
+
+        I2I's Qwen reads the text with the row's image (encoded bytes): cached per text and image.
+        """
+        key = text if image is None else (text, hashlib.sha256(image).digest())
+        if key in self._texts:
+            self._texts.move_to_end(key)
+            return self._texts[key]
+        with_image = {} if image is None else {"image": decode_image(image)}
+        encoded = self.pipe.encode_prompt(text, **with_image, max_sequence_length=self.max_sequence_length,
+                                          device=self.device, dtype=self.pipe.transformer.dtype)
+        self._texts[key] = encoded
         if len(self._texts) > self._text_cache:
             self._texts.popitem(last=False)
         return encoded
 
     def embeddings(self, request: RenderRequest) -> dict:
         """Pipeline kwargs for the request's prompt and (effective) negative prompt embeddings."""
-        qwen, clip, cu = self.encode(request.prompt)
+        image = request.image if self.kind.name == "i2i" else None
+        qwen, clip, cu = self.encode(request.prompt, image)
         embeds = {"prompt_embeds_qwen": qwen, "prompt_embeds_clip": clip, "prompt_cu_seqlens": cu}
         negative = default_negative_prompt(self.kind, request.negative_prompt, request.guidance_scale)
         if negative is not None:
-            qwen, clip, cu = self.encode(negative)
+            qwen, clip, cu = self.encode(negative, image)
             embeds.update(negative_prompt_embeds_qwen=qwen, negative_prompt_embeds_clip=clip,
                           negative_prompt_cu_seqlens=cu)
         return embeds
@@ -219,16 +233,21 @@ class Renderer:
             generator=generators[0] if len(generators) == 1 else generators,
             output_type="pt" if self.writer else "latent",
         )
-        # Video kinds: (B, F, C, H, W); T2I: (B, C, H, W), one image per row, kept as (B, 1, C, H, W).
+        # Video kinds: (B, F, C, H, W); T2I and I2I: (B, C, H, W), one image per row, kept as (B, 1, C, H, W).
         return out.frames if self.kind.frames else out.image.unsqueeze(1)
 
     def check(self, request: RenderRequest) -> None:
         """ValueError ("field=value: rule") for a request this model cannot render exactly as asked."""
-        if problem := request_problem(self.kind, request):
+        problem = request_problem(self.kind, request)
+        if problem is None and self.kind.name == "i2i":  # texts and image share the Qwen window
+            negative = default_negative_prompt(self.kind, request.negative_prompt, request.guidance_scale)
+            problem = k5_i2i_token_problem(self._tokenizer_dir, {"prompt": request.prompt, "negative_prompt": negative},
+                                           image_size(request.image), self.max_sequence_length)
+        if problem:
             raise ValueError(problem)
 
     def render(self, request: RenderRequest) -> np.ndarray | None:
-        """Frames (num_frames, height, width, 3) uint8 for one request, per the seed contract (T2I: one frame)."""
+        """Frames (num_frames, height, width, 3) uint8 for one request, per the seed contract (T2I, I2I: one frame)."""
         self.check(request)
         out = self.denoise([request], self.embeddings(request))
         return frames_uint8(out[0]) if self.writer else None
@@ -239,7 +258,8 @@ class Renderer:
         Latents come from each row's own generator, as in single calls; the batched forward differs
         from single calls by float rounding only (within ±1 uint8 level). I2V rows render one at a time:
         its pipeline renormalises the first latent frames with statistics over the whole batch, so a row
-        batched with others would not be the row rendered alone.
+        batched with others would not be the row rendered alone. I2I rows batch when their Qwen sequences
+        (text and image tokens) are equally long, and render one at a time otherwise.
         """
         if len(requests) == 1 or self.kind.name == "i2v":
             out = [self.render(request) for request in requests]
@@ -247,6 +267,10 @@ class Renderer:
         for request in requests:
             self.check(request)
         parts = [self.embeddings(r) for r in requests]
+        if self.kind.name == "i2i" and len({tuple(v.shape[1] for k, v in p.items() if k.endswith("qwen"))
+                                            for p in parts}) > 1:
+            out = [self.render(request) for request in requests]
+            return out if self.writer else None
         embeds = {}
         for key in parts[0]:
             if key.endswith("cu_seqlens"):

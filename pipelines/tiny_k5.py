@@ -1,4 +1,5 @@
-"""The `tiny-i2v` and `tiny-t2i` presets: random-weight Kandinsky 5 image-to-video and text-to-image pipelines.
+"""The `tiny-i2v`, `tiny-t2i` and `tiny-i2i` presets: random-weight Kandinsky 5 image-to-video, text-to-image and
+image-to-image pipelines.
 
 Built offline, in code, like `tiny` (pipelines.tiny), from the component classes the hub checkpoints use:
 - I2V (`kandinskylab/Kandinsky-5.0-I2V-Pro-sft-5s-Diffusers`): the T2V components, with a transformer built
@@ -7,9 +8,12 @@ Built offline, in code, like `tiny` (pipelines.tiny), from the component classes
 - T2I (`kandinskylab/Kandinsky-5.0-T2I-Lite-sft-Diffusers`): the same text encoders and transformer class
   (`visual_cond=False`) over FLUX.1's image VAE, an `AutoencoderKL` with 16 latent channels, 8x downsampling and
   no quant convs (FLUX's scaling 0.3611 and shift 0.1159; the pipeline itself only divides by the scaling).
+- I2I (`kandinskylab/Kandinsky-5.0-I2I-Lite-sft-Diffusers`): T2I's components with the transformer built with
+  `visual_cond=True`: the pipeline feeds it the noisy latents, the VAE latents of the (stretched) input image and
+  a mask of ones, 2 x 16 + 1 = 33 channels. Its Qwen sees the image too: `tiny`'s Qwen2.5-VL has a vision tower.
 The text encoders and tokenizers (and I2V's VAE) are `tiny`'s own, same weights: prompts tokenize and count as
 on the real checkpoints. Saved in diffusers format and loaded back through the kind's own `from_pretrained`;
-`pipelines.models` caches them per node as the presets `tiny-i2v` and `tiny-t2i` (`ensure_tiny`).
+`pipelines.models` caches them per node as the presets `tiny-i2v`, `tiny-t2i` and `tiny-i2i` (`ensure_tiny`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from pipelines.limits import k5_spec_fields  # noqa: F401  (the limits of a checkpoint of these kinds)
 from pipelines.tiny import TRANSFORMER, _randomize_zero_init, build_tiny_pipeline
 
-KINDS = ("i2v", "t2i")
+KINDS = ("i2v", "t2i", "i2i")
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,28 +59,44 @@ def build_tiny_i2v_pipeline(seed: int = 0):
                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), **parts)
 
 
-def build_tiny_t2i_pipeline(seed: int = 0):
-    """The tiny random-weight Kandinsky5T2IPipeline, deterministic; `seed` draws another transformer."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Kandinsky5T2IPipeline
+def _flux_vae():
+    """FLUX.1's image VAE in small: 16 latent channels, 8x downsampling, no quant convs (T2I's and I2I's)."""
+    from diffusers import AutoencoderKL
     import torch
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
         norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
         use_post_quant_conv=False, force_upcast=True, sample_size=1024,
-    )
+    ).eval()
+
+
+def build_tiny_t2i_pipeline(seed: int = 0):
+    """The tiny random-weight Kandinsky5T2IPipeline, deterministic; `seed` draws another transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5T2IPipeline
+
     parts = _shared("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    return Kandinsky5T2IPipeline(transformer=_transformer(seed, visual_cond=False), vae=vae.eval(),
+    return Kandinsky5T2IPipeline(transformer=_transformer(seed, visual_cond=False), vae=_flux_vae(),
+                                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **parts)
+
+
+def build_tiny_i2i_pipeline(seed: int = 0):
+    """The tiny random-weight Kandinsky5I2IPipeline, deterministic; `seed` draws another transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5I2IPipeline
+
+    parts = _shared("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    return Kandinsky5I2IPipeline(transformer=_transformer(seed, visual_cond=True), vae=_flux_vae(),
                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **parts)
 
 
 def build_tiny_k5(kind: str, seed: int = 0):
-    """The tiny pipeline of `kind` (`i2v` or `t2i`)."""
-    if kind not in KINDS:
+    """The tiny pipeline of `kind` (`i2v`, `t2i` or `i2i`)."""
+    builders = {"i2v": build_tiny_i2v_pipeline, "t2i": build_tiny_t2i_pipeline, "i2i": build_tiny_i2i_pipeline}
+    if kind not in builders:
         raise ValueError(f"kind={kind!r}: the Kandinsky 5 tiny presets are {', '.join(KINDS)}")
-    return (build_tiny_i2v_pipeline if kind == "i2v" else build_tiny_t2i_pipeline)(seed)
+    return builders[kind](seed)
 
 
 def save_tiny_k5(kind: str, directory: str | os.PathLike, seed: int = 0) -> Path:

@@ -217,3 +217,25 @@ def test_family_rules_are_checked_before_ray(tmp_path):
     with pytest.raises(ConfigError, match="model.attention_type='nabla': does not apply to t2i"):
         preflight(_cfg(tmp_path, rows, "model.path=tiny-t2i", "model.attention_type=nabla", "output.format=png",
                        "render.height=1024", "render.width=1024"))
+
+
+def test_image_to_image_counts_its_texts_with_the_image_and_renders_as_plain_diffusers(tmp_path, ray_local):
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("image", pa.binary())])
+    rows = [{"id": "sky", "prompt": "a blue sky", "image": _png((20, 40, 220), size=(96, 64))},
+            {"id": "pad", "prompt": "a <|image_pad|> sky", "image": _png((20, 40, 220))},
+            {"id": "none", "prompt": "a sky", "image": None}]
+    cfg = _cfg(tmp_path, rows, "model.path=tiny-i2i", "output.format=png", "render.height=640", "render.width=1408",
+               schema=schema)
+    result = run(cfg, progress=False)
+    assert (result.ok, result.invalid) == (1, 2)
+    storage, manifest = _objects(cfg)
+    assert manifest["pad"]["error"].startswith("prompt='a <|image_pad|> sky': contains <|image_pad|>")
+    assert manifest["none"]["error"].startswith("image=None: missing (rule: the i2i model")
+    row = manifest["sky"]
+    plain = _pipe("Kandinsky5I2IPipeline", "tiny-i2i")
+    want = plain(image=Image.open(io.BytesIO(rows[0]["image"])).convert("RGB"), prompt=row["prompt"],
+                 negative_prompt=row["negative_prompt"], height=640, width=1408, num_inference_steps=2,
+                 guidance_scale=row["guidance_scale"], generator=torch.Generator("cpu").manual_seed(row["seed"]),
+                 output_type="np").image
+    np.testing.assert_array_equal(decode(storage.get_bytes(storage.key_of(row["uri"])), "png"), to_uint8(want[:1]))
+    assert verify(cfg.output.uri) == []
