@@ -163,12 +163,14 @@ def _image_text_tokens(spec: ModelSpec, prompt: str, negative: str | None, size:
         if text is not None and "<|image_pad|>" in text:
             return (f"{name}={text[:40]!r}: contains <|image_pad|> (rule: the i2i processor reserves it for the "
                     "image's tokens)"), None
-    texts = {"prompt": prompt, "negative_prompt": negative}
-    problem = k5_i2i_token_problem(spec.tokenizer_dir, texts, size, limit=spec.max_prompt_tokens)
-    if problem is not None:
-        return problem, None
-    counts = k5_i2i_count_tokens(spec.tokenizer_dir, [t for t in texts.values() if t is not None],
-                                 [size] * (1 + (negative is not None)))
+    texts = [t for t in (prompt, negative) if t is not None]
+    try:
+        counts = k5_i2i_count_tokens(spec.tokenizer_dir, texts, [size] * len(texts))
+    except ValueError as exc:  # an image the processor cannot take ("image=WxH: rule")
+        return str(exc), None
+    if max(counts) > spec.max_prompt_tokens:  # the message names the field, its count and the image's share
+        texts = {"prompt": prompt, "negative_prompt": negative}
+        return k5_i2i_token_problem(spec.tokenizer_dir, texts, size, limit=spec.max_prompt_tokens), None
     return None, (counts[0], counts[1] if negative is not None else 0)
 
 

@@ -88,14 +88,6 @@ def preset(path: str) -> tuple[str, int] | None:
     return name, int(value) if sep else 0
 
 
-def tiny_seed(path: str) -> int:
-    """The weight seed of a tiny preset path (`tiny` -> 0, `tiny:1` -> 1); ValueError naming the path otherwise."""
-    found = preset(path)
-    if found is None:
-        raise ValueError(f"model.path={path!r}: not a tiny preset ({', '.join(PRESETS)}, optionally ':SEED')")
-    return found[1]
-
-
 def resolve_model(path: str, storage_options: dict | None = None, spec_only: bool = False) -> str:
     """Turn `model.path` into something `from_pretrained` loads: a local directory or a hub id.
 
