@@ -32,6 +32,8 @@ $(CHROMIUM):
 demo: install
 	$(BIN)/kandinsky-batch run configs/tiny.yaml
 	$(BIN)/kandinsky-batch verify ./outputs/demo
+	$(BIN)/kandinsky-batch run configs/tiny-sr.yaml
+	$(BIN)/kandinsky-batch verify ./outputs/demo-sr
 	$(BIN)/kandinsky-batch run configs/tiny-sweep.yaml
 	$(BIN)/kandinsky-batch verify ./outputs/demo-sweep
 	$(BIN)/kandinsky-batch report ./outputs/demo-sweep

@@ -34,9 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     tiny = verbs.add_parser("build-tiny", help="write the tiny random-weight pipeline in diffusers format")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0, help="another draw of the transformer's weights (`tiny:SEED`)")
-    tiny.add_argument("--kind", default="t2v", choices=["t2v", "i2v", "t2i", "i2i", "ti2va"],
+    tiny.add_argument("--kind", default="t2v", choices=["t2v", "i2v", "t2i", "i2i", "ti2va", "sr"],
                       help="which member of the family: text-to-video (`tiny`), image-to-video (`tiny-i2v`), "
-                           "text-to-image (`tiny-t2i`), image-to-image (`tiny-i2i`) or Kandinsky 6 video with sound (`tiny-k6`)")
+                           "text-to-image (`tiny-t2i`), image-to-image (`tiny-i2i`) Kandinsky 6 video with sound (`tiny-k6`) or Kandinsky 6 super-resolution (`tiny-sr`)")
     return parser
 
 

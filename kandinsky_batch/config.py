@@ -85,6 +85,11 @@ class ModelConfig:
     """NABLA overrides: `P` (attention mass kept per head, in (0, 1]), `wT`/`wH`/`wW` (odd STA window sizes)."""
     sample_audio: bool = True
     """Kandinsky 6 only: false renders video without sound (the pipeline's video-only mode: other frames)."""
+    expand_prompts: bool = False
+    """Kandinsky 6 only: rewrite each prompt with the text encoder (up to 1024 generated tokens a row, seeded from the
+    row's seed) and render the rewrite; the manifest records it in `expanded_prompt`."""
+    resolution_scale: Optional[float] = None
+    """Kandinsky 6 SR only: the output is 2, 2.25 or 4 times the source's size; null: the pipeline's 2.25."""
 
     def __post_init__(self) -> None:
         if self.cache is not None:
@@ -94,6 +99,9 @@ class ModelConfig:
         if self.attention_type is not None:
             _require(self.attention_type in ATTENTION_TYPES, "model.attention_type", self.attention_type,
                      f"must be one of {', '.join(ATTENTION_TYPES)} or null")
+        if self.resolution_scale is not None:
+            _require(self.resolution_scale in (2, 2.25, 4), "model.resolution_scale", self.resolution_scale,
+                     "must be 2, 2.25 or 4 (Kandinsky6SRPipeline's scales)")
         for key, value in dict(self.nabla_args).items():
             _require(key in NABLA_ARGS, "model.nabla_args", key, f"unknown key (known: {', '.join(NABLA_ARGS)})")
             if key == "P":
@@ -109,7 +117,8 @@ class ModelConfig:
                              batched_guidance=self.batched_guidance, offload_text_encoder=self.offload_text_encoder,
                              cache=self.cache, cache_args=tuple(sorted(dict(self.cache_args).items())),
                              attention_type=self.attention_type,
-                             nabla_args=tuple(sorted(dict(self.nabla_args).items())), sample_audio=self.sample_audio)
+                             nabla_args=tuple(sorted(dict(self.nabla_args).items())), sample_audio=self.sample_audio,
+                             expand_prompts=self.expand_prompts, resolution_scale=self.resolution_scale)
 
 
 @dataclass

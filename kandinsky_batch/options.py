@@ -17,14 +17,22 @@ from pipelines.request import RenderOptions
 
 def option_problems(kind: str, options: RenderOptions) -> list[str]:
     """Why options cannot apply to a model of this kind ("option=value: reason"), from the model layer's rules."""
+    if kind == "sr":
+        from pipelines.render_sr import sr_option_problems
+
+        return sr_option_problems(options)
+    scale = [] if options.resolution_scale is None else [
+        f"resolution_scale={options.resolution_scale}: only Kandinsky 6 SR upscales ({kind} does not)"]
     if kind == "ti2va":
         from pipelines.render_k6 import k6_option_problems
 
-        return k6_option_problems(options)
+        return scale + k6_option_problems(options)
     from pipelines.limits import option_problems as k5_problems
 
-    silent = [] if options.sample_audio else [f"sample_audio=False: only Kandinsky 6 renders sound ({kind} does not)"]
-    return silent + k5_problems(kind, options)
+    found = [] if options.sample_audio else [f"sample_audio=False: only Kandinsky 6 renders sound ({kind} does not)"]
+    if options.expand_prompts:
+        found.append(f"expand_prompts=True: only Kandinsky 6 expands prompts ({kind} does not)")
+    return scale + found + k5_problems(kind, options)
 
 
 def effective_options(model: ModelConfig, spec: ModelSpec) -> tuple[RenderOptions, ModelSpec]:

@@ -20,6 +20,7 @@ from kandinsky_batch.routing import check_shapes
 from kandinsky_batch.rows import IdIndex, RowValidator
 from kandinsky_batch.storage import Storage
 from kandinsky_batch.sweep import ModelVariant, Sweep
+from kandinsky_batch.upscale import SourceManifest, is_job_output
 from kandinsky_batch.video import IMAGE_FORMATS
 from pipelines import ModelSpec, load_spec
 from pipelines.kinds import BY_NAME, IMAGE, NO_IMAGE, VIDEO_AUDIO, Kind
@@ -85,10 +86,26 @@ def check_format(fmt: str, kind: Kind, model: str) -> None:
                           f"{'images' if kind.output == IMAGE else 'video'} (formats: {', '.join(allowed)})")
 
 
+def check_upscale(kind: Kind, upscale: bool, sweep: Sweep, path: str, model: str) -> None:
+    """An sr model upscales one finished job's output, and only an sr model takes a job's output as input."""
+    if kind.upscales and not upscale:
+        raise ConfigError(f"input.path={path!r}: {model} is an sr model: it upscales another job's videos, so "
+                          "input.path must be that job's output.uri (a prefix with manifest/ and _SUCCESS)")
+    if upscale and not kind.upscales:
+        raise ConfigError(f"input.path={path!r} is a job's output (it holds manifest/): only an sr model takes "
+                          f"one as input, and {model} is a {kind.name} model (for prompts, point input.path at a "
+                          "Parquet dataset)")
+    if kind.upscales and sweep.active:
+        raise ConfigError(f"sweep: {model} is an sr model; an upscale renders each source clip once "
+                          "(sweeps are for generation models)")
+
+
 def preflight(cfg: JobConfig, force: bool = False) -> Checked:
     """Refuse a job that cannot run as asked (ConfigError, InputError, ResumeConflict), naming key and value."""
-    # 1. The dataset as a whole: files, columns and types, row count (footers only); the sweep against it.
-    dataset = Dataset(cfg.input.path, cfg.input.storage_options)
+    # 1. The dataset as a whole: files, columns and types, row count (footers only); the sweep against it. Another
+    # job's output (an upscale's input) is read through its manifest.
+    upscale = is_job_output(cfg.input.path, cfg.input.storage_options)
+    dataset = (SourceManifest if upscale else Dataset)(cfg.input.path, cfg.input.storage_options)
     sweep = Sweep.parse(cfg)
     # 2. Ids over the whole dataset (exact duplicates and shared object keys) from the id column alone.
     id_column = dataset.column("id") if "id" in dataset.schema.names else None
@@ -103,12 +120,13 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
         options, spec = effective_options(variant.model, spec)
         check_shapes(variant.cluster, spec, options)
         kind = BY_NAME[spec.kind]
+        check_upscale(kind, upscale, sweep, cfg.input.path, variant.model.path)
         check_format(cfg.output.format, kind, variant.model.path)
         if kind.output == VIDEO_AUDIO and variant.render.fps != SOUND_FPS:
             raise ConfigError(f"render.fps={variant.render.fps}: {variant.model.path} renders its sound for "
                               f"{SOUND_FPS} fps video (rule: render.fps={SOUND_FPS})")
         stamp = Stamp(model=variant.model.path, format=cfg.output.format, fps=variant.render.fps, options=options,
-                      sound=kind.output == VIDEO_AUDIO and options.sample_audio)
+                      sound=dataset.sound if kind.upscales else kind.output == VIDEO_AUDIO and options.sample_audio)
         # 4. What the output prefix holds (read once): rows committed with other parameters are refused unless forced.
         outputs = outputs.with_stamp(stamp) if outputs else OutputState(storage, stamp, force=force)
         images = ImageReader(cfg.input.path, cfg.input.storage_options) if kind.image != NO_IMAGE else None

@@ -28,8 +28,8 @@ from kandinsky_batch.storage import Storage, object_key, poster_key
 from kandinsky_batch.video import decode
 
 # What decides a row's pixels and bytes: if any differs, an old object is not this row's output.
-IDENTITY = ("prompt", "negative_prompt", "image_sha256", "seed", "height", "width", "num_frames",
-            "num_inference_steps", "guidance_scale", "model", "format", "fps", "options")
+IDENTITY = ("prompt", "negative_prompt", "image_sha256", "source_sha256", "seed", "height", "width",
+            "num_frames", "num_inference_steps", "guidance_scale", "model", "format", "fps", "options")
 OUTCOME_COLUMNS = ["id", "row_index", "status", "finished_at", *IDENTITY]
 
 
@@ -141,8 +141,10 @@ class OutputState:
                 continue
             if exists:
                 data = self.storage.get_bytes(key)
-                # Not with sound: the manifest's exact audio length is not recoverable from AAC; render it again.
-                frames = _complete(data, task, ext) if before is None and not self.stamp.sound else None
+                # Not with sound (the exact audio length is not recoverable from AAC) nor with expanded prompts
+                # (the rewrite the manifest records is not in the object): render it again.
+                frames = (_complete(data, task, ext) if before is None and not self.stamp.sound
+                          and not self.stamp.options.expand_prompts else None)
                 if frames is not None:
                     # Its poster, made from the decoded frames; one already there (the same render's) stands.
                     still = poster_key(task.id)

@@ -15,12 +15,20 @@ def check_shapes(cluster: ClusterConfig, spec: ModelSpec, options: RenderOptions
         prefix = f"cluster.groups[{index}]." if cluster.groups else "cluster."
         for problem in shape.problems(spec.num_heads, spec.attention_type, options.cache):
             raise ConfigError(f"{prefix}{problem} ({spec.path})")
-        if spec.kind == "ti2va" and shape.world_size > 1:
-            # Kandinsky 6 fuses video and audio in every block; audio queries attend over the video keys, which
-            # Kandinsky 5's split/gather plan would leave sharded, and CFG exchanges a (video, audio) pair.
-            raise ConfigError(f"{prefix}{'cfg_parallel' if shape.cfg else 'sequence_parallel'}: gangs do not run "
-                              f"Kandinsky 6 yet: its fused video+audio blocks need their own parallel plan (audio "
-                              f"attends over the whole video sequence); use single-GPU replicas ({spec.path})")
+        if spec.kind == "sr" and shape.world_size > 1:
+            raise ConfigError(f"{prefix}{'cfg_parallel' if shape.cfg else 'sequence_parallel'}: Kandinsky 6 SR has "
+                              f"no guidance and renders its tiles one by one; use single-GPU replicas ({spec.path})")
+        if spec.kind == "ti2va" and shape.sequence > 1:
+            # diffusers ships no context-parallel plan for Kandinsky6Transformer3DModel, and Kandinsky 5's would not
+            # do: every block fuses the video and audio streams, audio queries attending over the whole video.
+            raise ConfigError(f"{prefix}sequence_parallel={shape.sequence}: Kandinsky 6 has no sequence-parallel "
+                              f"plan (its blocks fuse video and audio, and audio attends over the whole video "
+                              f"sequence, which a split/gather plan would leave sharded); use cfg_parallel or "
+                              f"single-GPU replicas ({spec.path})")
+        if spec.kind == "ti2va" and shape.cfg and spec.guidance is not None and spec.guidance <= 1.0:
+            raise ConfigError(f"{prefix}cfg_parallel: a distilled Kandinsky 6 checkpoint runs without guidance "
+                              f"(guidance_scale={spec.guidance}), so there is no uncond branch to split off "
+                              f"({spec.path})")
 
 
 def route(tasks: list[Task], cluster: ClusterConfig) -> tuple[dict[str, list[Task]], list[dict]]:

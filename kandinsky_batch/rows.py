@@ -57,6 +57,11 @@ class Task:
     image_sha256: str | None = None
     image: bytes | None = field(default=None, repr=False)
     """The conditioning image's bytes when the dataset holds them (a URI's are read by the replica)."""
+    source_uri: str | None = None
+    """The clip an upscale (sr) renders from: another job's committed video."""
+    source_sha256: str | None = None
+    source: object = field(default=None, repr=False)
+    """That clip decoded (frames, or a Clip with sound): read by the replica that renders the row."""
     overwrite: bool = False
     """Replace an object already under this row's key (a forced re-render, a truncated orphan)."""
     text_tokens: tuple = (0, 0)
@@ -64,9 +69,9 @@ class Task:
 
     def request(self) -> RenderRequest:
         fields = self.row()
-        for name in ("id", "row_index", "sweep", "image_uri", "image_sha256"):
+        for name in ("id", "row_index", "sweep", "image_uri", "image_sha256", "source_uri", "source_sha256"):
             del fields[name]
-        return RenderRequest(**fields, image=self.image)
+        return RenderRequest(**fields, image=self.image, video=self.source)
 
     def row(self) -> dict:
         """The task's manifest fields: its id, position and effective parameters."""
@@ -87,7 +92,7 @@ class Task:
         return self.tokens() * self.num_inference_steps * (2 if self.guidance_scale > 1.0 else 1)
 
 
-_ROW_FIELDS = tuple(f.name for f in fields(Task) if f.name not in ("overwrite", "text_tokens", "image"))
+_ROW_FIELDS = tuple(f.name for f in fields(Task) if f.name not in ("overwrite", "text_tokens", "image", "source"))
 
 
 def _id_error(row_id: str | None) -> str | None:
@@ -172,6 +177,22 @@ def _image_text_tokens(spec: ModelSpec, prompt: str, negative: str | None, size:
         texts = {"prompt": prompt, "negative_prompt": negative}
         return k5_i2i_token_problem(spec.tokenizer_dir, texts, size, limit=spec.max_prompt_tokens), None
     return None, (counts[0], counts[1] if negative is not None else 0)
+
+
+def _source_error(source: dict, fps: int) -> str | None:
+    """Why a source row (`kandinsky_batch.upscale`) is not a clip to upscale, naming the source's field."""
+    if source["source_status"] != "ok":
+        why = f": {source['source_error']}" if source["source_error"] else ""
+        return (f"source status={source['source_status']!r}: only the source job's ok rows are upscaled "
+                f"(the source row{why})")
+    if source["source_format"] not in ("mp4", "npy") or source["source_uri"].rsplit(".", 1)[-1] not in (
+            "mp4", "npy", "npz"):
+        return (f"source format={source['source_format']!r}: not a video (rule: sr upscales mp4 or npy clips of a "
+                "video model)")
+    if source["source_fps"] != fps:
+        return (f"source fps={source['source_fps']}: the upscaled clip is written at render.fps={fps} "
+                f"(rule: set render.fps to the source's)")
+    return None
 
 
 def _fit_columns(values: dict) -> dict:
@@ -272,6 +293,7 @@ TASK_SCHEMA = pa.schema([
     ("seed", pa.int64()), ("height", pa.int64()), ("width", pa.int64()), ("num_frames", pa.int64()),
     ("num_inference_steps", pa.int64()), ("guidance_scale", pa.float64()),
     ("sweep", pa.string()), ("image_uri", pa.string()), ("image_sha256", pa.string()), ("image", pa.binary()),
+    ("source_uri", pa.string()), ("source_sha256", pa.string()),
     ("prompt_tokens", pa.int64()), ("negative_tokens", pa.int64()),
 ])
 
@@ -296,6 +318,7 @@ class RowValidator:
         if not self.kind.frames:  # one image: the config's frame count (a video default) does not apply
             self.defaults = replace(cfg.render, num_frames=1)
         self.images = images
+        self.scale = cfg.model.resolution_scale
         self.with_image_tokens = spec.kind == "i2i"
         """Image-to-image counts a text's tokens with its image (the image's tokens share the text's budget)."""
         self._tokens: dict[str, int] = {}
@@ -315,6 +338,8 @@ class RowValidator:
         `done(candidate)` says a row is already committed with exactly these effective values (resume): such a
         row passed every rule before and would again, so its texts are not tokenized; it is listed in `done`.
         """
+        if self.kind.upscales:
+            return self._validate_sources(batch, rows, done)
         n, d = batch.num_rows, self.defaults
         ids = row_ids(batch.column("id") if "id" in batch.column_names else None, rows).to_pylist()
         positions = rows.tolist()
@@ -375,6 +400,41 @@ class RowValidator:
                 invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
         return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished)
 
+
+    def _validate_sources(self, batch: pa.Table, rows: np.ndarray, done: Callable[[dict], bool] | None) -> Validated:
+        """Rows of another job's manifest (`kandinsky_batch.upscale`) to upscale: each source row that rendered
+        `ok` a video the model can take, at the size it will have (the model takes no text and no guidance)."""
+        from pipelines.render_sr import DEFAULT_SCALE, upscaled_size
+
+        d, scale = self.defaults, self.scale or DEFAULT_SCALE
+        columns = batch.to_pydict()
+        ids = row_ids(batch.column("id"), rows).to_pylist()
+        valid, invalid, finished = [], [], []
+        for i, position in enumerate(rows.tolist()):
+            source = {k: v[i] for k, v in columns.items()}
+            seed = source["seed"]
+            candidate = dict(id=ids[i], row_index=position, prompt=source["prompt"], negative_prompt=None,
+                             seed=derive_seed(d.seed, ids[i]) if seed is None else int(seed),
+                             height=source["source_height"], width=source["source_width"],
+                             num_frames=source["source_frames"], num_inference_steps=d.num_inference_steps,
+                             guidance_scale=1.0, sweep=None, image_uri=None, image_sha256=None,
+                             source_uri=source["source_uri"], source_sha256=source["source_sha256"])
+            error = self.ids.errors.get(position) or _source_error(source, d.fps)
+            if error is None:
+                try:
+                    candidate["height"], candidate["width"] = upscaled_size(
+                        source["source_height"], source["source_width"], scale, self.spec.tile_sizes,
+                        self.spec.spatial_multiple)
+                except ValueError as exc:
+                    error = str(exc)
+                error = error or _param_error(candidate, self.spec)
+            if error is None and done is not None and done(candidate):
+                finished.append((candidate["id"], candidate["row_index"]))
+            elif error is None:
+                valid.append({**candidate, "image": None, "prompt_tokens": 0, "negative_tokens": 0})
+            else:
+                invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
+        return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished)
 
     def _images(self, values: list) -> list:
         """Per row: its checked image (`Conditioning`), the error naming the `image` field, or None."""

@@ -183,7 +183,7 @@ def encode(rendered, fmt: str, fps: int) -> bytes:
         raise ValueError(f"format for video with sound must be mp4 or npy, got {fmt!r}")
     if fmt not in ENCODERS:
         raise ValueError(f"format must be one of {sorted(ENCODERS)}, got {fmt!r}")
-    return ENCODERS[fmt](rendered, fps)
+    return ENCODERS[fmt](getattr(rendered, "frames", rendered), fps)  # a Clip without sound: its frames
 
 
 def decode(data: bytes, ext: str) -> np.ndarray:

@@ -22,8 +22,9 @@ from kandinsky_batch.poster import poster
 from kandinsky_batch.record import BatchResult, Stamp
 from kandinsky_batch.rows import Task
 from kandinsky_batch.storage import Storage, StorageUnavailable, object_key, poster_key
+from kandinsky_batch.upscale import read_source
 from kandinsky_batch.video import encode
-from pipelines import ParallelSpec, RenderOptions, open_renderer
+from pipelines import ParallelSpec, RenderOptions, open_renderer, resolve_model
 
 
 @dataclass(frozen=True)
@@ -113,14 +114,17 @@ class RenderWorker:
 
     def join(self, address: tuple[str, int]) -> dict:
         """Join the gang's process group and load this rank's part of the model."""
-        from pipelines.parallel import GangRenderer, init_gang
+        from pipelines.parallel import init_gang, open_gang
         from pipelines.render import default_device
 
         device = default_device()
         try:
+            # Fetch or build the model before the process group exists: a tiny preset built on a rank > 0 would be
+            # saved without weights (transformers writes them on rank 0 only).
+            resolve_model(self.spec.model_path, self.spec.model_storage_options)
             init_gang(self.rank, self.spec.parallel.world_size, address[0], address[1], device)
-            self.renderer = GangRenderer(self.spec.model_path, self.spec.parallel, self.rank, device=device,
-                                         storage_options=self.spec.model_storage_options, options=self.spec.options)
+            self.renderer = open_gang(self.spec.model_path, self.spec.parallel, self.rank, device=device,
+                                      storage_options=self.spec.model_storage_options, options=self.spec.options)
         except BaseException as exc:
             self.load_error = exc  # rows waiting for the model fail with this instead of waiting forever
             raise
@@ -172,7 +176,7 @@ class RenderWorker:
         rows = [self.spec.stamp.row(task.row(), attempts=attempt, worker=self.name, gang=self.spec.parallel.name)
                 for task, attempt in batch]
         try:
-            tasks = [self._with_image(task) for task in tasks]
+            tasks = [self._with_source(self._with_image(task)) for task in tasks]
             frames, seconds = self._render(tasks, ticket)
             seconds /= len(tasks)
         except Exception as exc:  # noqa: BLE001 - any pipeline error becomes a row-level failure
@@ -197,6 +201,12 @@ class RenderWorker:
             raise ValueError(f"image {task.image_uri} changed since the job checked it (sha256 differs): re-run the job")
         return replace(task, image=data)
 
+    def _with_source(self, task: Task) -> Task:
+        """An upscale's task with its source clip, read and checked against the source job's sha256."""
+        if task.source_uri is None or task.source is not None:
+            return task
+        return replace(task, source=read_source(task.source_uri, task.source_sha256, self.spec.input_storage_options))
+
     def _commit(self, task: Task, row: dict, rendered, seconds: float) -> dict:
         """Encode one row's render (frames, one image, or frames with sound), then create its object and poster
         whole, each at most once per key."""
@@ -205,6 +215,8 @@ class RenderWorker:
         if getattr(rendered, "audio", None) is not None:
             row["audio_sample_rate"] = rendered.sample_rate
             row["audio_seconds"] = rendered.audio.shape[1] / rendered.sample_rate
+        if getattr(rendered, "prompt", None) is not None:  # the model expanded the row's prompt and rendered that
+            row["expanded_prompt"] = rendered.prompt
         try:
             data = encode(rendered, self.spec.stamp.format, self.spec.stamp.fps)
             still = poster(frames)  # before any commit: a poster that cannot be made fails the row, leaving nothing

@@ -16,8 +16,11 @@ def open_renderer(model_path: str, *, storage_options: dict | None = None, devic
     from pipelines.models import resolve_model
     from pipelines.request import RenderOptions
 
-    if kind_of(resolve_model(model_path, storage_options, spec_only=True)).name == "ti2va":
+    kind = kind_of(resolve_model(model_path, storage_options, spec_only=True)).name
+    if kind == "ti2va":
         from pipelines.render_k6 import K6Renderer as Renderer
+    elif kind == "sr":
+        from pipelines.render_sr import SRRenderer as Renderer
     else:
         from pipelines.render import Renderer  # the Kandinsky 5 family
     renderer = Renderer(model_path, device=device, storage_options=storage_options, options=options or RenderOptions())

@@ -1,7 +1,7 @@
 """The two transformer calls of a guided step, intercepted from outside the pipeline.
 
-`Kandinsky5T2VPipeline.__call__` calls the transformer with the cond inputs, then with the uncond
-ones, every step. Wrapping the transformer's forward lets us, without touching the pipeline:
+`Kandinsky5T2VPipeline.__call__` (and Kandinsky 6's) calls the transformer with the cond inputs, then with the
+uncond ones, every step. Wrapping the transformer's forward lets us, without touching the pipeline:
 - keep step caches (MagCache, FirstBlockCache, TaylorSeer) apart for the two branches (`cache_context`), which the
   pipeline itself does not do;
 - batch both branches into one forward when their text lengths match (same math, one launch);
@@ -69,16 +69,31 @@ class GuidedSteps:
         return out
 
     def _exchange(self, cond: dict, uncond: dict):
-        """CFG parallel: this rank computes its branch, then both ranks gather both results."""
-        import torch.distributed as dist
+        """CFG parallel: this rank computes its branch, then both ranks gather both results.
 
+        Kandinsky 5's transformer returns an output with `.sample`; Kandinsky 6's (`return_dict=False`) a tuple of
+        the video and the audio prediction: each tensor is gathered.
+        """
         with self._context("uncond" if self.branch else "cond"):
             mine = self.forward(**(uncond if self.branch else cond))
-        parts = [torch.empty_like(mine.sample) for _ in range(2)]
-        dist.all_gather(parts, mine.sample.contiguous(), group=self.group)
-        mine.sample = parts[0]
-        self.uncond = type(mine)(sample=parts[1])
+        if isinstance(mine, tuple):
+            pairs = [self._gather(t) for t in mine]
+            self.uncond = tuple(None if p is None else p[1] for p in pairs)
+            return tuple(None if p is None else p[0] for p in pairs)
+        first, second = self._gather(mine.sample)
+        mine.sample = first
+        self.uncond = type(mine)(sample=second)
         return mine
+
+    def _gather(self, tensor):
+        """(cond, uncond) of one output tensor from the two branch ranks (None stays None)."""
+        import torch.distributed as dist
+
+        if tensor is None:
+            return None
+        parts = [torch.empty_like(tensor) for _ in range(2)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return parts[0], parts[1]
 
 
 def negative_inputs(embeds: dict, device) -> dict | None:

@@ -27,6 +27,8 @@ class Kind:
     output: str = VIDEO
     preset: str | None = None
     """The tiny offline preset of this kind (`model.path`), built in code like `tiny`."""
+    upscales: bool = False
+    """Renders from another job's clip, not from a prompt (super-resolution: its input is a job's output)."""
 
     @property
     def frames(self) -> bool:
@@ -40,6 +42,7 @@ KINDS = {k.pipeline: k for k in (
     Kind("t2i", "Kandinsky5T2IPipeline", output=IMAGE, preset="tiny-t2i"),
     Kind("i2i", "Kandinsky5I2IPipeline", image=IMAGE_REQUIRED, output=IMAGE, preset="tiny-i2i"),
     Kind("ti2va", "Kandinsky6TI2VAPipeline", image=IMAGE_OPTIONAL, output=VIDEO_AUDIO, preset="tiny-k6"),
+    Kind("sr", "Kandinsky6SRPipeline", preset="tiny-sr", upscales=True),
 )}
 BY_NAME = {k.name: k for k in KINDS.values()}
 
@@ -60,8 +63,11 @@ def kind_of(model_dir: str | Path) -> Kind:
 
 @dataclass(frozen=True)
 class Clip:
-    """A render with sound: uint8 frames (F, H, W, 3) and a float32 waveform (channels, samples) in [-1, 1]."""
+    """A render with more than frames: uint8 frames (F, H, W, 3), a float32 waveform (channels, samples) in [-1, 1]
+    when it has sound, and the expanded prompt when the model rewrote the row's."""
 
     frames: object
-    audio: object
-    sample_rate: int
+    audio: object = None
+    sample_rate: int | None = None
+    prompt: str | None = None
+    """The prompt the pipeline really encoded when it expanded the row's; None otherwise."""

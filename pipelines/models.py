@@ -1,6 +1,6 @@
 """Where a model comes from (`model.path`) and what it can render (its limits).
 
-`model.path` is one of: a tiny preset of each kind (`tiny`, `tiny-i2v`, `tiny-t2i`, `tiny-i2i`, `tiny-k6`; `tiny:SEED` is
+`model.path` is one of: a tiny preset of each kind (`tiny`, `tiny-i2v`, `tiny-t2i`, `tiny-i2i`, `tiny-k6`, `tiny-sr`; `tiny:SEED` is
 another draw of its transformer), a local diffusers directory, an fsspec URI of one
 (s3://, gs://, az://, file://; copied to a local cache once per node), or a hub id.
 """
@@ -33,6 +33,7 @@ PRESETS = {
     "tiny-t2i": "pipelines.tiny_k5:build_tiny_t2i_pipeline",
     "tiny-i2i": "pipelines.tiny_k5:build_tiny_i2i_pipeline",
     "tiny-k6": "pipelines.tiny_k6:build_tiny_k6_pipeline",
+    "tiny-sr": "pipelines.tiny_sr:build_tiny_sr_pipeline",
 }
 # The pipeline's default `max_sequence_length`: prompt tokens kept after the template.
 MAX_PROMPT_TOKENS = 512
@@ -119,7 +120,7 @@ class ModelSpec:
     max_size: int
     max_prompt_tokens: int
     kind: str = "t2v"
-    """The family member (`pipelines.kinds`): t2v, i2v, t2i, ti2va."""
+    """The family member (`pipelines.kinds`): t2v, i2v, t2i, i2i, ti2va, sr."""
     audio_sample_rate: int | None = None
     """Samples per second of the kind's sound (Kandinsky 6), None without sound."""
     min_frames: int = 1
@@ -128,6 +129,8 @@ class ModelSpec:
     """(width, height) pairs the kind renders, when it takes only some (text-to-image); empty: any multiple."""
     guidance: float | None = None
     """The only guidance scale the checkpoint takes (a distilled Kandinsky 6: 1.0), or None."""
+    tile_sizes: tuple = ()
+    """(height, width) tiles the model was trained on (super-resolution): they decide its output size."""
     tokenizer_dir: str | None = field(default=None, repr=False, compare=False)
     """The checkpoint's `tokenizer/` folder (Qwen2.5-VL's processor files), copied locally."""
 
@@ -140,6 +143,8 @@ class ModelSpec:
 
     def negative_prompt(self, negative: str | None, guidance_scale: float) -> str | None:
         """The negative prompt this kind's pipeline really uses: none without guidance, its own default if unset."""
+        if self.kind == "sr":  # no text at all
+            return None
         if self.kind == "ti2va":
             from pipelines.render_k6 import k6_negative_prompt
 
@@ -178,6 +183,8 @@ class ModelSpec:
             from pipelines.render_k6 import k6_count_tokens
 
             return k6_count_tokens(self.tokenizer_dir, prompts)
+        if self.kind == "sr":  # takes no text: a prompt carried from the source row costs nothing
+            return [0] * len(prompts)
         if self.kind == "i2i":  # the image shares the prompt's window: a text alone has no count
             raise ValueError("kind='i2i': a text's token count depends on its row's image; count with "
                              "pipelines.limits.k5_i2i_count_tokens(tokenizer_dir, prompts, image_sizes)")
@@ -238,6 +245,10 @@ def load_spec(path: str, storage_options: dict | None = None) -> ModelSpec:
         return simulated_spec(path)
     local = Path(resolve_model(path, storage_options, spec_only=True))
     kind = kind_of(local)
+    if kind.name == "sr":
+        from pipelines.render_sr import sr_spec_fields
+
+        return ModelSpec(path=path, kind=kind.name, **sr_spec_fields(local))
     if kind.name == "ti2va":
         from pipelines.render_k6 import k6_row_rules, k6_spec_fields
 

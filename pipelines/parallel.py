@@ -1,4 +1,5 @@
-"""One replica across several devices: sequence parallel (Ulysses) and CFG parallel for Kandinsky 5.
+"""One replica across several devices: sequence parallel (Ulysses) and CFG parallel for Kandinsky 5; CFG parallel
+for Kandinsky 6 (`K6GangRenderer`).
 
 Every rank of a gang runs the real pipeline `__call__` on the same request and the same CPU-seeded
 latents. Parallelism is applied from outside, as diffusers intends:
@@ -108,3 +109,66 @@ class GangRenderer(Renderer):
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class K6GangRenderer:
+    """One rank of a Kandinsky 6 CFG-parallel gang: two ranks, each computing one branch of every guided step.
+
+    Every rank runs the plain pipeline call on the same request (the same CPU-seeded video and audio noise); the
+    transformer's two calls per step become one per rank and an all-gather of the (video, audio) predictions. The
+    uncond inputs are the pipeline's own negative embeddings and padding mask, taken from its `encode_prompt` as it
+    runs: `__call__` accepts embeddings but no masks, so they cannot be passed in from outside. So every rank encodes
+    the prompts and decodes (unlike the Kandinsky 5 plan, where rank 0 alone does); rank 0 returns the clip.
+    Sequence parallel is not offered (`kandinsky_batch.routing.check_shapes` says why).
+    """
+
+    def __init__(self, model_path: str, spec: ParallelSpec, rank: int, *, device: str | None = None,
+                 storage_options: dict | None = None, options: RenderOptions = RenderOptions()):
+        from pipelines.guidance import GuidedSteps
+        from pipelines.render_k6 import K6Renderer
+
+        if spec.sequence > 1 or not spec.cfg or spec.world_size != 2:
+            raise ValueError(f"gang {spec.name}: Kandinsky 6 runs CFG parallel on two ranks only")
+        started = time.perf_counter()
+        self.spec, self.rank = spec, rank
+        self.inner = K6Renderer(model_path, device=device, storage_options=storage_options, options=options)
+        self.inner.apply_options()
+        self.device, self.options, self.writer = self.inner.device, options, rank == 0
+        self.steps = GuidedSteps(self.inner.pipe.transformer, exchange_group=dist.new_group([0, 1]), branch=rank)
+        encode = self.inner.pipe.encode_prompt
+
+        def encode_and_arm(*args, **kwargs):
+            out = encode(*args, **kwargs)
+            guided = kwargs.get("do_classifier_free_guidance", True)
+            self.steps.arm({"encoder_hidden_states": out[3], "pooled_projections": out[4],
+                            "encoder_attention_mask": out[5]} if guided else None)
+            return out
+
+        self.inner.pipe.encode_prompt = encode_and_arm
+        self.load_seconds = time.perf_counter() - started
+
+    def check(self, request: RenderRequest) -> None:
+        self.inner.check(request)
+
+    def render(self, request: RenderRequest):
+        """The clip on rank 0 (None on rank 1), per the single-device seed contract."""
+        clip = self.inner.render(request)
+        return clip if self.writer else None
+
+    def render_batch(self, requests: list[RenderRequest]) -> list:
+        return [self.render(r) for r in requests]
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def open_gang(model_path: str, spec: ParallelSpec, rank: int, **kwargs):
+    """This rank's renderer of a gang: the Kandinsky 5 plan, or CFG parallel for Kandinsky 6."""
+    from pipelines.kinds import kind_of
+    from pipelines.models import resolve_model
+
+    local = resolve_model(model_path, kwargs.get("storage_options"), spec_only=True)
+    if kind_of(local).name == "ti2va":
+        return K6GangRenderer(model_path, spec, rank, **kwargs)
+    return GangRenderer(model_path, spec, rank, **kwargs)

@@ -5,7 +5,9 @@ The seed contract: for a request with seed `s`, `K6Renderer.render` gives
 num_inference_steps, guidance_scale, generator=torch.Generator("cpu").manual_seed(s), output_type="np")`
 as `Clip(np.round(out.frames[0] * 255).astype(np.uint8), out.audio[:1], audio_sample_rate)` — bit for bit, on the
 same device. One generator draws, in this order, the reference image's VAE posterior sample (when there is an image),
-the video noise and the audio noise, exactly as in the plain call.
+the video noise and the audio noise, exactly as in the plain call. With `options.expand_prompts` the plain call is the
+same with `expand_prompts=True`: the renderer runs the pipeline's own `Kandinsky6TI2VAPipeline.expand_prompts` with that
+generator first (so it knows the rewrite, returned as `Clip.prompt`), then the pipeline on the rewrite.
 
 Facts about diffusers 0.42.1's `Kandinsky6TI2VAPipeline`, each checked by tests/test_k6.py:
 - It does not clean prompts; it pads every prompt to `max_sequence_length` (1024) tokens and masks the padding, so
@@ -14,6 +16,10 @@ Facts about diffusers 0.42.1's `Kandinsky6TI2VAPipeline`, each checked by tests/
 - Audio and video are denoised together: `frame_rate` sets the audio length, and so changes the frames too.
 - The sound lasts num_frames / frame_rate seconds rounded up to whole audio latents (`audio_samples`).
 - A PIL image is resized to cover (width, height), aspect kept, and center-cropped.
+- `expand_prompts` rewrites a prompt with the Qwen text encoder's `generate` (the processor's chat template, up to
+  `max_sequence_length` new tokens, the image too when there is one), seeding the global torch RNG from the
+  generator's seed and drawing nothing from the generator itself; the rewrite is then padded and cut to
+  `max_sequence_length` tokens like any prompt.
 
 Everything above the renderer is torch-free: the driver validates rows and options with it.
 """
@@ -147,6 +153,10 @@ def k6_option_problems(options: RenderOptions) -> list[str]:
     if options.attention_backend in MASKLESS_BACKENDS:
         found.append(f"attention_backend={options.attention_backend!r}: Kandinsky 6 masks its padded prompt tokens "
                      "and this backend cannot apply that mask (use native or a varlen one)")
+    if options.expand_prompts and options.offload_text_encoder:
+        found.append("expand_prompts=True: with offload_text_encoder=True every generated token (up to "
+                     f"{K6_MAX_SEQUENCE_LENGTH} a row) would stream the whole text encoder to the GPU again "
+                     "(use one or the other)")
     return found
 
 
@@ -211,26 +221,39 @@ class K6Renderer:
         if problem := k6_request_problem(request, self.distilled):
             raise ValueError(problem)
 
-    def render(self, request: RenderRequest) -> Clip:
-        """Frames (num_frames, height, width, 3) uint8 and the waveform (1, samples) float32, per the seed contract."""
+    def render(self, request: RenderRequest):
+        """Frames (num_frames, height, width, 3) uint8 and the waveform (1, samples) float32, per the seed contract;
+        with `options.expand_prompts` the Clip carries the expanded prompt too (and no waveform in video-only mode)."""
         import torch
 
         from pipelines.render import decode_image, frames_uint8
 
         self.check(request)
         image = getattr(request, "image", None)
+        image = None if image is None else decode_image(image)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        expanded = self.expand(request.prompt, image, generator) if self.options.expand_prompts else None
         out = self.pipe(
-            prompt=request.prompt, image=None if image is None else decode_image(image),
+            prompt=request.prompt if expanded is None else expanded, image=image,
             negative_prompt=request.negative_prompt, height=request.height, width=request.width,
             num_frames=request.num_frames, frame_rate=self.frame_rate,
             num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(request.seed), output_type="pt",
-            sample_audio=self.options.sample_audio,
+            generator=generator, output_type="pt", sample_audio=self.options.sample_audio,
+            max_sequence_length=K6_MAX_SEQUENCE_LENGTH,
         )
+        frames = frames_uint8(out.frames[0])
         if out.audio is None:  # the video-only mode (options.sample_audio off): frames alone
-            return frames_uint8(out.frames[0])
+            return frames if expanded is None else Clip(frames, prompt=expanded)
         audio = out.audio[:1].float().cpu().numpy()  # the pipeline's (batch, samples): one row as (1 channel, samples)
-        return Clip(frames=frames_uint8(out.frames[0]), audio=audio, sample_rate=self.sample_rate)
+        return Clip(frames=frames, audio=audio, sample_rate=self.sample_rate, prompt=expanded)
+
+    def expand(self, prompt: str, image, generator) -> str:
+        """The pipeline's own prompt expansion, exactly as `pipe(..., expand_prompts=True)` runs it (same device,
+        length and generator); it reseeds the global torch RNG and leaves `generator` as it was."""
+        return type(self.pipe).expand_prompts(
+            prompt, self.pipe.tokenizer, self.pipe.text_encoder, self.pipe._execution_device, image=image,
+            max_sequence_length=K6_MAX_SEQUENCE_LENGTH, generator=generator,
+        )
 
     def render_batch(self, requests: list[RenderRequest]) -> list[Clip]:
         """One `render` per request, so every clip is the one its row gives alone."""

@@ -26,6 +26,9 @@ class RenderRequest:
     seed: int
     image: bytes | None = None
     """The conditioning image's encoded file bytes (image-to-video, Kandinsky 6's first frame), or None."""
+    video: object = None
+    """The source clip of an upscale (super-resolution): uint8 frames (F, H, W, 3), or a `kinds.Clip` with its
+    sound; `height`, `width` and `num_frames` are then the output's."""
 
     def effective_negative_prompt(self) -> str | None:
         """The negative prompt the pipeline really uses: none without guidance, its default if unset."""
@@ -61,6 +64,11 @@ class RenderOptions:
     """(key, value) pairs overriding NABLA's P (attention mass kept) and wT/wH/wW (STA window)."""
     sample_audio: bool = True
     """Kandinsky 6: denoise sound with the frames (True) or render video alone (other frames, no sound)."""
+    resolution_scale: float | None = None
+    """Kandinsky 6 SR: 2, 2.25 or 4 times the source's size; None: the pipeline's default (2.25)."""
+    expand_prompts: bool = False
+    """Kandinsky 6: rewrite each prompt with its Qwen2.5-VL text encoder first (the pipeline's `expand_prompts`,
+    seeded from the row's seed); the render then encodes the expanded prompt."""
 
     @property
     def approximate(self) -> bool:

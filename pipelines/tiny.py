@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 # Bump when the architecture or the build recipe changes, so cached builds are not reused.
-TINY_VERSION = "3"
+TINY_VERSION = "4"
 
 # The pipeline drops the first 128 tokens of its prompt template (the system prompt) from the
 # Qwen embeddings; with the real Qwen tokenizer the template's head is exactly that long (checked at build).
@@ -222,6 +222,12 @@ def save_tiny(directory: str | os.PathLike, seed: int = 0, builder: str = "pipel
     `directory` in diffusers format (safetensors)."""
     import importlib
 
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        # transformers' save_pretrained writes weights on rank 0 only: this build would lack its text encoders'.
+        raise RuntimeError(f"building a tiny preset on rank {dist.get_rank()} of a process group would save it "
+                           "without weights; resolve the model before joining the gang")
     module, function = builder.split(":")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

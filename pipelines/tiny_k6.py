@@ -7,6 +7,9 @@ the video VAE are the Kandinsky 5 `tiny` preset's own (pipelines.tiny), so promp
 the real checkpoints. The transformer has the released architecture flags (cross-modal RoPE and gates, fixed
 modulation, two visual token types for the first-frame image) and the audio VAE the real 44.1 kHz framing (1024
 samples per audio latent), so audio lengths are the real ones. Its videos and sounds are noise: the weights are random.
+The Qwen processor carries Qwen2.5-VL's chat template, so the pipeline's `expand_prompts` runs too: the tiny encoder
+decodes greedily (transformers' default generation config; no EOS in sight, so every rewrite is the full 1024 tokens,
+about 3.5 s on one CPU thread) and its rewrites are noise as well.
 
 The sft checkpoints ship FlowMatchEulerDiscreteScheduler (shift 5.0), as here; the distilled ones ship
 PiflowScheduler (n_grid 10, shift 5.0), whose transformer predicts n_grid outputs per latent channel
@@ -41,6 +44,21 @@ VOCODER = dict(
 )
 SCHEDULER_SHIFT = 5.0
 PIFLOW_GRID = 10
+# Qwen2-VL's and Qwen2.5-VL's published chat template (`chat_template.json` of Qwen/Qwen2-VL-7B-Instruct and
+# Qwen/Qwen2.5-VL-7B-Instruct), which `Kandinsky6TI2VAPipeline.expand_prompts` applies; the text is the one
+# huggingface/transformers' tests/models/qwen2_5_vl/test_processor_qwen2_5_vl.py gives its processor.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_tiny_k6_pipeline(seed: int = 0, distilled: bool = False):
@@ -65,7 +83,7 @@ def build_tiny_k6_pipeline(seed: int = 0, distilled: bool = False):
     # Kandinsky 5's tiny text encoders, tokenizers and video VAE; its transformer is dropped.
     k5 = build_tiny_pipeline(0)
     processor = Qwen2_5_VLProcessor(image_processor=k5.tokenizer.image_processor, tokenizer=k5.tokenizer.tokenizer,
-                                    video_processor=k5.tokenizer.video_processor)
+                                    video_processor=k5.tokenizer.video_processor, chat_template=QWEN_VL_CHAT_TEMPLATE)
     config = dict(TRANSFORMER)
     if distilled:
         config.update(out_visual_dim=config["in_visual_dim"] * PIFLOW_GRID,

@@ -43,6 +43,32 @@ def test_lite_config_carries_published_defaults(variant, duration):
     assert (cfg.render.height, cfg.render.width) == (512, 768)
 
 
+# config -> (model id, num_inference_steps, guidance_scale, num_frames, (height, width)): published defaults of the
+# checkpoints added beside Lite (each config's header comment names its sources). Distilled checkpoints run without
+# guidance; Kandinsky 6 distill's 10 steps are diffusers' docs table (its 0.42.1 docstring example still says 16).
+PUBLISHED = {
+    "pro-t2v-distilled-5s": ("kandinskylab/Kandinsky-5.0-T2V-Pro-distilled-5s-Diffusers", 16, 1.0, 121, (768, 1024)),
+    "pro-i2v-distilled-5s": ("kandinskylab/Kandinsky-5.0-I2V-Pro-distilled-5s-Diffusers", 16, 1.0, 121, (512, 768)),
+    "i2v-lite-5s": ("kandinskylab/Kandinsky-5.0-I2V-Lite-5s-Diffusers", 50, 5.0, 121, (512, 768)),
+    "k6-lite-distill-5s": ("kandinskylab/Kandinsky-6.0-Lite-distill-5s-Diffusers", 10, 1.0, 121, (480, 864)),
+    "k6-pro-distill-5s": ("kandinskylab/Kandinsky-6.0-Pro-distill-5s-Diffusers", 10, 1.0, 121, (480, 864)),
+}
+PRO = {"pro-t2v-distilled-5s", "pro-i2v-distilled-5s", "k6-pro-distill-5s"}  # their memory plans offload the encoders
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_config_carries_published_defaults(name):
+    cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
+    model_id, steps, guidance, frames, size = PUBLISHED[name]
+    assert cfg.model.path == model_id
+    assert (cfg.render.num_inference_steps, cfg.render.guidance_scale) == (steps, guidance)
+    assert (cfg.render.num_frames, cfg.render.fps) == (frames, 24)
+    assert (cfg.render.height, cfg.render.width) == size
+    assert cfg.model.offload_text_encoder == (name in PRO)
+    assert (cfg.output.format, cfg.output.uri) == ("mp4", f"s3://your-bucket/renders/{name}")
+    assert cfg.input.path.startswith("s3://your-bucket/"), "a placeholder meant to be overridden"
+
+
 def test_the_lite_sweep_renders_each_variant_at_its_published_defaults():
     from kandinsky_batch.sweep import Sweep
 
@@ -99,3 +125,14 @@ def test_cli_rejects_unknown_key_before_ray_starts(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "bogus" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "ray").exists(), "Ray started before the config was checked"
+
+
+@pytest.mark.parametrize("name, model_id, steps", [
+    ("k6-sr-distilled2steps-5s", "kandinskylab/Kandinsky-6.0-VSR-distilled2steps-5s-Diffusers", 2),
+    ("k6-sr-5s", "kandinskylab/Kandinsky-6.0-VSR-5s-Diffusers", 4),
+])
+def test_super_resolution_configs_upscale_another_jobs_output(name, model_id, steps):
+    cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
+    assert (cfg.model.path, cfg.render.num_inference_steps, cfg.model.resolution_scale) == (model_id, steps, 2.25)
+    assert cfg.model.compile, "eager flex attention materialises the whole attention matrix (the pipeline's docs)"
+    assert cfg.input.path.startswith("s3://your-bucket/renders/"), "the input is a job's output.uri"

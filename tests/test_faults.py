@@ -142,6 +142,28 @@ def test_orphaned_video_is_adopted_and_a_truncated_one_rendered_again(tmp_path, 
     assert {k: storage.get_bytes(k) for k in storage.list("posters")} == posters
 
 
+def test_an_orphan_of_an_expanded_prompt_is_rendered_again(tmp_path):
+    """Adopting records a row from its object alone, and the rewrite of an expanded prompt is not in the object:
+    such an orphan renders again, so its manifest row records the rewrite."""
+    import numpy as np
+
+    from kandinsky_batch.record import Stamp
+    from kandinsky_batch.resume import OutputState
+    from kandinsky_batch.rows import Task
+    from kandinsky_batch.video import encode_npy
+    from pipelines.request import RenderOptions
+
+    storage = Storage(str(tmp_path))
+    storage.put_bytes("videos/a.npy", encode_npy(np.zeros((1, 16, 16, 3), np.uint8)))
+    task = Task(id="a", row_index=0, prompt="a cat", negative_prompt=None, seed=1, height=16, width=16, num_frames=1,
+                num_inference_steps=2, guidance_scale=1.0)
+    silent = RenderOptions(sample_audio=False)
+    expanding = RenderOptions(sample_audio=False, expand_prompts=True)
+    assert len(OutputState(storage, Stamp("tiny-k6", "npy", 24, silent)).split([task]).adopted) == 1
+    split = OutputState(storage, Stamp("tiny-k6", "npy", 24, expanding)).split([task])
+    assert split.adopted == [] and [t.overwrite for t in split.todo] == [True]
+
+
 def _snapshot(storage: Storage) -> dict:
     """key -> (bytes, modification stamp), to show committed objects are never touched again."""
     out = {}

@@ -141,3 +141,34 @@ def test_invalid_degree_is_refused_before_ray_starts(tmp_path, override, key):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and key in proc.stderr
     assert not (tmp_path / "ray").exists(), "no Ray may start for a config error"
+
+
+def test_kandinsky6_cfg_gang_renders_clips_with_sound_as_one_device(tmp_path, ray_local):
+    """Kandinsky 6 in a CFG-parallel gang through the job path: each clip, frames and waveform, equals the plain
+    pipeline's on one device; sequence parallel (no plan for its fused video/audio blocks) is refused before Ray."""
+    import numpy as np
+    import torch
+    from diffusers import Kandinsky6TI2VAPipeline
+
+    from kandinsky_batch.video import decode_npz
+    from pipelines import resolve_model
+
+    rows = [{"id": "talk", "prompt": "a man talking"}, {"id": "rain", "prompt": "rain", "guidance_scale": 1.0}]
+    shape = ["model.path=tiny-k6", "render.fps=24", "render.num_frames=5", "cluster.replicas=1"]
+    result = run(_config(tmp_path, rows, [*shape, "cluster.cfg_parallel=true"]), progress=False)
+    assert result.ok == 2 and result.restarts == 0
+    storage = Storage(f"file://{tmp_path / 'out'}")
+    pipe = Kandinsky6TI2VAPipeline.from_pretrained(resolve_model("tiny-k6"))
+    pipe.set_progress_bar_config(disable=True)
+    for row in read_manifest(storage).to_pylist():
+        assert row["gang"] == "cfg2"
+        frames, audio, _ = decode_npz(storage.get_bytes(storage.key_of(row["uri"])))
+        want = pipe(prompt=row["prompt"], negative_prompt=row["negative_prompt"], height=row["height"],
+                    width=row["width"], num_frames=5, num_inference_steps=row["num_inference_steps"],
+                    guidance_scale=row["guidance_scale"], generator=torch.Generator("cpu").manual_seed(row["seed"]),
+                    output_type="np")
+        np.testing.assert_array_equal(frames, np.round(want.frames[0] * 255).astype(np.uint8), err_msg=row["id"])
+        np.testing.assert_array_equal(audio, want.audio[:1], err_msg=row["id"])
+    assert verify(f"file://{tmp_path / 'out'}") == []
+    with pytest.raises(ConfigError, match="sequence_parallel=2: Kandinsky 6 has no sequence-parallel plan"):
+        run(_config(tmp_path, rows, [*shape, "cluster.sequence_parallel=2"]), progress=False)

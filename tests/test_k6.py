@@ -17,7 +17,7 @@ from pipelines.render_k6 import (
     k6_count_tokens, k6_negative_prompt, k6_row_rules, k6_spec_fields,
 )
 from pipelines.request import DEFAULT_NEGATIVE_PROMPT, RenderOptions, RenderRequest
-from pipelines.tiny_k6 import build_tiny_k6_pipeline, save_tiny_k6
+from pipelines.tiny_k6 import QWEN_VL_CHAT_TEMPLATE, build_tiny_k6_pipeline, save_tiny_k6
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +46,18 @@ def _png(seed: int, height: int = 40, width: int = 56) -> bytes:
     return buffer.getvalue()
 
 
-def _plain(pipe, request: RenderRequest):
-    """What plain diffusers gives for the request: uint8 frames and the waveform as (1, samples)."""
+def _plain(pipe, request: RenderRequest, **kwargs):
+    """What plain diffusers gives for the request: uint8 frames and the waveform as (1, samples) (None without sound).
+
+    `kwargs` go to the call as they are (`expand_prompts=True`, `sample_audio=False`, another `prompt`).
+    """
     image = None if request.image is None else Image.open(io.BytesIO(request.image)).convert("RGB")
-    out = pipe(prompt=request.prompt, image=image, negative_prompt=request.negative_prompt, height=request.height,
-               width=request.width, num_frames=request.num_frames, num_inference_steps=request.num_inference_steps,
-               guidance_scale=request.guidance_scale, generator=torch.Generator("cpu").manual_seed(request.seed),
-               output_type="np")
-    return np.round(out.frames[0] * 255).astype(np.uint8), out.audio[:1]
+    args = dict(prompt=request.prompt, image=image, negative_prompt=request.negative_prompt, height=request.height,
+                width=request.width, num_frames=request.num_frames, num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale, generator=torch.Generator("cpu").manual_seed(request.seed),
+                output_type="np")
+    out = pipe(**{**args, **kwargs})
+    return np.round(out.frames[0] * 255).astype(np.uint8), None if out.audio is None else out.audio[:1]
 
 
 def test_tiny_k6_round_trips_through_diffusers_format(k6_dir, k6_pipe):
@@ -69,6 +73,7 @@ def test_tiny_k6_round_trips_through_diffusers_format(k6_dir, k6_pipe):
     assert index["audio_vae"] == ["diffusers", "MMAudioVAE"]
     assert index["vocoder"] == ["diffusers", "MMAudioVocoder"]
     assert not list(k6_dir.rglob("*.bin")), "weights must be safetensors"
+    assert k6_pipe.tokenizer.chat_template == QWEN_VL_CHAT_TEMPLATE  # saved with the processor: prompts can expand
     built = build_tiny_k6_pipeline(0)  # deterministic: a second build has the saved weights
     for name in ("transformer", "audio_vae", "vocoder", "vae", "text_encoder"):
         saved, again = getattr(k6_pipe, name).state_dict(), getattr(built, name).state_dict()
@@ -164,6 +169,72 @@ def test_image_is_resized_to_cover_and_center_cropped(k6_pipe):
     assert np.array_equal(outs[0].frames, outs[1].frames) and np.array_equal(outs[0].audio, outs[1].audio)
 
 
+# -- prompt expansion: the pipeline's own `expand_prompts`, 1024 greedy tokens of the tiny encoder (~3.5 s each) ----
+
+CAT = RenderRequest("a cat dancing in the rain", None, 32, 32, 5, 2, 5.0, 11)
+
+
+@pytest.fixture(scope="module")
+def cat_expanded(k6_pipe) -> str:
+    """CAT's prompt expanded by a direct call of the pipeline's staticmethod, as its docstring shows."""
+    generator = torch.Generator("cpu").manual_seed(CAT.seed)
+    state = generator.get_state()
+    expanded = Kandinsky6TI2VAPipeline.expand_prompts(CAT.prompt, k6_pipe.tokenizer, k6_pipe.text_encoder,
+                                                      torch.device("cpu"), generator=generator)
+    assert torch.equal(generator.get_state(), state)  # it reads the seed and draws nothing: the noise is unchanged
+    return expanded
+
+
+def test_expanded_prompts_render_as_plain_diffusers_expands_them(renderer, k6_pipe, k6_dir, cat_expanded,
+                                                                 monkeypatch):
+    monkeypatch.setattr(renderer, "options", RenderOptions(expand_prompts=True))
+    clip = renderer.render(CAT)
+    assert clip.prompt == cat_expanded != CAT.prompt
+    frames, audio = _plain(k6_pipe, CAT, expand_prompts=True)
+    assert np.array_equal(clip.frames, frames) and np.array_equal(clip.audio, audio)
+    assert clip.sample_rate == 44_100 and clip.audio.shape == (1, 9216)
+    # The tiny encoder's rewrite outgrows the prompt window: the pipeline cuts it as any prompt, and so do we.
+    assert k6_count_tokens(str(k6_dir / "tokenizer"), [cat_expanded])[0] > K6_MAX_SEQUENCE_LENGTH
+
+
+def test_expansion_sees_the_image_and_works_without_sound(renderer, k6_pipe, cat_expanded, monkeypatch):
+    """With an image the pipeline asks for a rewrite grounded on it (the I2VA instruction, the image in the chat);
+    in video-only mode the render is a Clip of frames and the rewrite, without a waveform."""
+    request = RenderRequest(**{**CAT.__dict__, "image": _png(CAT.seed), "guidance_scale": 1.0})
+    monkeypatch.setattr(renderer, "options", RenderOptions(expand_prompts=True, sample_audio=False))
+    clip = renderer.render(request)
+    assert clip.audio is None and clip.sample_rate is None
+    assert clip.prompt not in (request.prompt, cat_expanded)
+    # What it expanded to is the returned prompt: rendering that prompt plainly gives the same frames (the test above
+    # checks a whole expanded call against plain diffusers; one 1024-token expansion is enough here).
+    frames, audio = _plain(k6_pipe, request, prompt=clip.prompt, sample_audio=False)
+    assert audio is None and np.array_equal(clip.frames, frames)
+
+
+def test_the_expansion_gets_the_rows_seed_and_image_and_the_pipelines_length(renderer, monkeypatch):
+    """The tiny encoder decodes greedily, so the seed cannot show in its rewrites: what the renderer hands the
+    pipeline's `expand_prompts` is checked instead (a checkpoint whose generation config samples draws from the
+    global torch RNG, which diffusers seeds from `generator`)."""
+    import inspect
+
+    calls = []
+
+    def expand(prompt, tokenizer, text_encoder, device, image=None, max_sequence_length=1024, generator=None):
+        calls.append(dict(prompt=prompt, tokenizer=tokenizer, text_encoder=text_encoder, device=device, image=image,
+                          max_sequence_length=max_sequence_length, seed=generator.initial_seed()))
+        return f"{prompt}, rewritten"
+
+    monkeypatch.setattr(Kandinsky6TI2VAPipeline, "expand_prompts", staticmethod(expand))
+    monkeypatch.setattr(renderer, "options", RenderOptions(expand_prompts=True))
+    clip = renderer.render(RenderRequest("a cat", None, 32, 32, 5, 1, 1.0, 2**63 - 1, image=_png(1)))
+    [call] = calls
+    assert clip.prompt == "a cat, rewritten" and call["prompt"] == "a cat" and call["seed"] == 2**63 - 1
+    assert call["tokenizer"] is renderer.pipe.tokenizer and call["text_encoder"] is renderer.pipe.text_encoder
+    assert call["device"] == renderer.pipe._execution_device and call["image"].size == (56, 40)
+    default = inspect.signature(Kandinsky6TI2VAPipeline.__call__).parameters["max_sequence_length"].default
+    assert call["max_sequence_length"] == default == K6_MAX_SEQUENCE_LENGTH
+
+
 def test_spec_fields_and_row_rules_read_from_configs(k6_dir):
     assert k6_spec_fields(k6_dir) == dict(
         attention_type="regular", num_heads=4, spatial_multiple=16, temporal_multiple=4, max_frames=509,
@@ -222,7 +293,8 @@ def test_spec_and_count_need_no_torch(k6_dir):
 
 @pytest.mark.parametrize("option", [dict(cache="firstblock"), dict(batched_guidance=True),
                                     dict(attention_type="nabla"), dict(attention_backend="flash"),
-                                    dict(attention_backend="flex")])
+                                    dict(attention_backend="flex"),
+                                    dict(expand_prompts=True, offload_text_encoder=True)])
 def test_options_it_cannot_honour_are_refused_by_name(option, renderer, monkeypatch):
     name, value = next(iter(option.items()))
     with pytest.raises(ValueError, match=f"{name}={value!r}"):  # before any weights load

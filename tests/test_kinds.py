@@ -152,6 +152,7 @@ def test_kandinsky6_renders_video_with_sound_as_plain_diffusers(tmp_path, ray_lo
     plain = _pipe("Kandinsky6TI2VAPipeline", "tiny-k6")
     for rid, row in manifest.items():
         assert row["uri"].endswith(f"/videos/{rid}.npz") and row["audio_sample_rate"] == 44100
+        assert row["expanded_prompt"] is None and row["options"] is None
         frames, audio, rate = decode_npz(storage.get_bytes(storage.key_of(row["uri"])))
         image = Image.open(io.BytesIO(_png((240, 200, 40)))).convert("RGB") if row["image_sha256"] else None
         want = plain(prompt=row["prompt"], image=image, negative_prompt=row["negative_prompt"], height=32, width=32,
@@ -163,22 +164,26 @@ def test_kandinsky6_renders_video_with_sound_as_plain_diffusers(tmp_path, ray_lo
     assert verify(cfg.output.uri) == []
     assert run(cfg, progress=False).rendered == 0
 
-    # mp4: H.264 video with AAC sound, decoding to the manifest's frame count, size and audio length.
-    mp4 = load_config(None, [f"input.path={tmp_path / 'in.parquet'}", f"output.uri={tmp_path / 'mp4'}", *SIZE,
-                             "model.path=tiny-k6", "render.num_frames=5", "render.fps=24"])
-    assert run(mp4, progress=False).ok == 3
+    # mp4: H.264 video with AAC sound, decoding to the manifest's frame count, size and audio length; the prompts
+    # expanded first (tests/test_k6.py checks those renders against plain diffusers), each rewrite recorded.
+    # One row is enough for what the container and the options add (the rows above cover the kinds of row).
+    one = write_dataset(tmp_path / "one.parquet", [{"id": "talk", "prompt": "a man talking"}])
+    mp4 = load_config(None, [f"input.path={one}", f"output.uri={tmp_path / 'mp4'}", *SIZE,
+                             "model.path=tiny-k6", "render.num_frames=5", "render.fps=24", "model.expand_prompts=true"])
+    assert run(mp4, progress=False).ok == 1
     storage, manifest = _objects(mp4)
     for rid, row in manifest.items():
+        assert row["options"] == '{"expand_prompts": true}' and row["expanded_prompt"] not in (None, row["prompt"])
         frames, audio, rate = decode_av(storage.get_bytes(storage.key_of(row["uri"])))
         assert frames.shape == (row["num_frames"], row["height"], row["width"], 3) and rate == row["audio_sample_rate"]
         # AAC decodes whole 1024-sample frames: the sound is as long as recorded, to within one of them.
         assert abs(audio.shape[1] / rate - row["audio_seconds"]) <= 1024 / rate, rid
     assert verify(mp4.output.uri) == []
     # Video alone (the pipeline's video-only mode: other frames, no sound), raw frames in an .npy.
-    silent = load_config(None, [f"input.path={tmp_path / 'in.parquet'}", f"output.uri={tmp_path / 'silent'}", *SIZE,
+    silent = load_config(None, [f"input.path={one}", f"output.uri={tmp_path / 'silent'}", *SIZE,
                                 "model.path=tiny-k6", "render.num_frames=5", "render.fps=24", "output.format=npy",
                                 "model.sample_audio=false"])
-    assert run(silent, progress=False).ok == 3
+    assert run(silent, progress=False).ok == 1
     storage, manifest = _objects(silent)
     row = manifest["talk"]
     assert row["uri"].endswith("/videos/talk.npy") and row["audio_sample_rate"] is None
@@ -195,7 +200,7 @@ def test_kandinsky6_renders_video_with_sound_as_plain_diffusers(tmp_path, ray_lo
 
 
 def test_family_rules_are_checked_before_ray(tmp_path):
-    """Rules of a kind that need no render: a distilled Kandinsky 6 takes guidance 1.0 only; gangs refuse it."""
+    """Rules of a kind that need no render: a distilled Kandinsky 6 takes guidance 1.0 only (and no CFG gang)."""
     from dataclasses import replace
 
     from kandinsky_batch.preflight import preflight
@@ -210,10 +215,21 @@ def test_family_rules_are_checked_before_ray(tmp_path):
     assert [t.id for t in validated.task_list()] == ["a"]
     assert validated.invalid[0]["error"].startswith("guidance_scale=5.0: this distilled checkpoint runs at "
                                                     "guidance_scale=1.0 only")
-    with pytest.raises(ConfigError, match="cluster.cfg_parallel: gangs do not run Kandinsky 6 yet"):
-        preflight(_cfg(tmp_path, rows, "model.path=tiny-k6", "render.fps=24", "cluster.cfg_parallel=true"))
+    # A CFG-parallel gang has no uncond branch to split off for a distilled checkpoint (guidance 1.0 only).
+    from kandinsky_batch.routing import check_shapes
+    from pipelines.request import RenderOptions
+
+    gang = _cfg(tmp_path, rows, "model.path=tiny-k6", "render.fps=24", "cluster.cfg_parallel=true")
+    with pytest.raises(ConfigError, match="cluster.cfg_parallel: a distilled Kandinsky 6 checkpoint runs without"):
+        check_shapes(gang.cluster, distilled, RenderOptions())
+    check_shapes(gang.cluster, load_spec("tiny-k6"), RenderOptions())  # with guidance it runs (tests/test_gangs.py)
     with pytest.raises(ConfigError, match="model.sample_audio=False: only Kandinsky 6 renders sound"):
         preflight(_cfg(tmp_path, rows, "model.path=tiny", "model.sample_audio=false"))
+    with pytest.raises(ConfigError, match=r"model.expand_prompts=True: only Kandinsky 6 expands prompts \(t2v does"):
+        preflight(_cfg(tmp_path, rows, "model.path=tiny", "model.expand_prompts=true"))
+    with pytest.raises(ConfigError, match="model.expand_prompts=True: with offload_text_encoder=True"):
+        preflight(_cfg(tmp_path, rows, "model.path=tiny-k6", "render.fps=24", "model.expand_prompts=true",
+                       "model.offload_text_encoder=true"))
     with pytest.raises(ConfigError, match="model.attention_type='nabla': does not apply to t2i"):
         preflight(_cfg(tmp_path, rows, "model.path=tiny-t2i", "model.attention_type=nabla", "output.format=png",
                        "render.height=1024", "render.width=1024"))

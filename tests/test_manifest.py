@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import pyarrow as pa
 import pytest
 
 from kandinsky_batch.manifest import (
     SCHEMA,
     ManifestWriter,
+    _to_parquet,
     compact,
+    read_columns,
     read_manifest,
     read_parts,
     read_success,
@@ -32,7 +35,8 @@ def part_keys(storage: Storage) -> list[str]:
 def test_schema_columns_in_order():
     assert SCHEMA.names[:4] == ["id", "row_index", "prompt", "negative_prompt"]
     assert SCHEMA.names == [
-        "id", "row_index", "prompt", "negative_prompt", "image_uri", "image_sha256", "status", "error", "uri", "bytes",
+        "id", "row_index", "prompt", "negative_prompt", "expanded_prompt", "image_uri", "image_sha256", "source_uri",
+        "source_sha256", "status", "error", "uri", "bytes",
         "sha256", "poster", "seed", "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps",
         "format", "audio_sample_rate", "audio_seconds", "model", "sweep", "worker", "gang", "options", "approximate", "attempts", "render_seconds", "finished_at",
     ]
@@ -105,6 +109,21 @@ def test_empty_manifest_has_the_schema(output_target):
     storage = Storage(*output_target)
     table = read_manifest(storage)
     assert table.num_rows == 0 and table.schema == SCHEMA
+
+
+def test_parts_written_before_a_column_existed_read_it_as_null(output_target):
+    """An output resumed by a newer version: its older parts lack `expanded_prompt` and read with it null."""
+    storage = Storage(*output_target)
+    older = pa.schema([f for f in SCHEMA if f.name != "expanded_prompt"])
+    storage.put_bytes("manifest/part-old-000000.parquet",
+                      _to_parquet(pa.Table.from_pylist([row(0, prompt="a cat")], schema=older)))
+    writer = ManifestWriter(storage, "new")
+    writer.add(row(1, prompt="a dog", expanded_prompt="a dog, running"))
+    writer.flush()
+    table = read_manifest(storage)
+    assert table.schema == SCHEMA and table["expanded_prompt"].to_pylist() == [None, "a dog, running"]
+    assert read_columns(storage, ["id", "expanded_prompt"]).sort_by("id")["expanded_prompt"].to_pylist() == [
+        None, "a dog, running"]
 
 
 def test_rows_are_validated_against_the_schema():

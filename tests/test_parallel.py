@@ -34,13 +34,15 @@ def _rank_main(rank, spec, port, cache, requests, queue, options=None):
     import torch
 
     torch.set_num_threads(1)
-    from pipelines.parallel import GangRenderer, init_gang
+    from pipelines import resolve_model
+    from pipelines.parallel import init_gang, open_gang
 
     try:
+        resolve_model("tiny")  # as the worker does: built (once per node) before the process group exists
         init_gang(rank, spec.world_size, "127.0.0.1", port, "cpu", timeout_s=120)
         from pipelines import RenderOptions
 
-        gang = GangRenderer("tiny", spec, rank, device="cpu", options=options or RenderOptions())
+        gang = open_gang("tiny", spec, rank, device="cpu", options=options or RenderOptions())
         frames = [gang.render(r) for r in requests]
         gang.close()
         queue.put((rank, frames, None))
@@ -69,8 +71,8 @@ def run_gang(spec: ParallelSpec, cache: str, requests, options=None) -> list:
     return results[0][0]
 
 
-@pytest.mark.parametrize("spec", [ParallelSpec(ulysses=2), ParallelSpec(cfg=True), ParallelSpec(ulysses=2, cfg=True)],
-                         ids=lambda s: s.name)
+# SP 2 x CFG 2 (four ranks) runs through the whole job path in tests/test_gangs.py, with the same oracle.
+@pytest.mark.parametrize("spec", [ParallelSpec(ulysses=2), ParallelSpec(cfg=True)], ids=lambda s: s.name)
 def test_gang_frames_match_a_single_device(spec, model_cache, tiny_pipe, record_property):
     frames = run_gang(spec, model_cache, REQUESTS)
     exact = [assert_like_one_device(got, oracle(tiny_pipe, r.__dict__), spec, r) for r, got in zip(REQUESTS, frames)]
@@ -127,3 +129,32 @@ def test_shape_names_and_head_divisibility():
     [fbc] = ParallelSpec(ulysses=2).problems(28, cache="firstblock")
     assert "FirstBlockCache" in fbc
     assert ParallelSpec(cfg=True).problems(28, cache="firstblock") == []
+
+
+def test_a_tiny_preset_is_never_built_without_weights_on_a_gang_rank(tmp_path):
+    """transformers saves weights on rank 0 of a process group only: a rank > 0 must not build (and so cache) a
+    preset, or every later load on that node would find its text encoders empty."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_build_on_rank, args=(r, port, str(tmp_path), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert results[1].startswith("RuntimeError('building a tiny preset on rank 1 of a process group")
+    assert not list(tmp_path.glob("tiny-sr-*")), "nothing half-built is left in the cache"
+
+
+def _build_on_rank(rank, port, cache, queue):
+    from pipelines.parallel import init_gang
+    from pipelines.tiny import ensure_tiny
+
+    init_gang(rank, 2, "127.0.0.1", port, "cpu", timeout_s=60)
+    try:
+        if rank == 1:
+            ensure_tiny(cache, 0, "tiny-sr", "pipelines.tiny_sr:build_tiny_sr_pipeline")
+        queue.put((rank, "ok"))
+    except Exception as exc:  # noqa: BLE001 - reported to the test process
+        queue.put((rank, repr(exc)))

@@ -115,3 +115,16 @@ def test_storage_down_for_the_poster_leaves_the_row_unstored(output_target, monk
     assert (result.rows, result.unstored) == ([], (0,)) and "posters/clip-1.jpg" in result.outage
     # The video stands without a manifest row: a re-run adopts it and makes its poster then.
     assert storage.list("videos") == ["videos/clip-1.npy"] and storage.list("posters") == []
+
+
+def test_an_expanded_prompt_is_recorded_with_its_render(output_target):
+    """A Kandinsky 6 render of an expanded prompt (here video-only: a Clip without sound) commits its frames and
+    records the prompt it encoded; a render that expanded nothing records none."""
+    from pipelines.kinds import Clip
+
+    worker = _worker(*output_target)
+    row = worker._commit(_task("clip-1"), {"id": "clip-1"}, Clip(_clip(30), prompt="a cat, in the rain"), 0.1)
+    assert row["status"] == "ok" and row["expanded_prompt"] == "a cat, in the rain"
+    assert "audio_sample_rate" not in row
+    assert np.array_equal(decode(worker.storage.get_bytes(worker.storage.key_of(row["uri"])), "npy"), _clip(30))
+    assert "expanded_prompt" not in worker._commit(_task("clip-2"), {"id": "clip-2"}, _clip(30), 0.1)

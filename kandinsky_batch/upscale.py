@@ -1,0 +1,102 @@
+"""Upscaling as a second stage: another job's output as the input of a super-resolution job.
+
+A Kandinsky 6 SR job's `input.path` is a finished job's `output.uri` (one with `_SUCCESS`). Its manifest is the
+dataset: one row per source row, streamed a window at a time like any Parquet input, with the source's outcome
+and video in `source_*` columns. Rows the source did not render `ok` are recorded `invalid` naming the source's
+status; the rest upscale their video, keep their id (so the upscaled object sits under the same key in the new
+output) and record `source_uri` and `source_sha256`. A replica reads the video again, checks its sha256 and
+decodes it (frames, and the sound of a Kandinsky 6 clip, which is muxed onto the upscaled frames as it was).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kandinsky_batch.dataset import Dataset, InputError
+from kandinsky_batch.manifest import MANIFEST_DIR, SUCCESS_KEY, read_success
+from kandinsky_batch.storage import Storage
+from kandinsky_batch.video import decode_av, decode_mp4, decode_npy, decode_npz
+from pipelines.kinds import Clip
+
+# Source manifest column -> the SR dataset's column.
+RENAMED = {"id": "id", "prompt": "prompt", "seed": "seed", "sha256": "source_sha256", "status": "source_status",
+           "error": "source_error", "height": "source_height", "width": "source_width",
+           "num_frames": "source_frames", "fps": "source_fps", "format": "source_format",
+           "audio_sample_rate": "source_audio_rate", "model": "source_model"}
+SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("source_uri", pa.string()),
+                    ("source_sha256", pa.string()), ("source_status", pa.string()), ("source_error", pa.string()),
+                    ("source_height", pa.int64()), ("source_width", pa.int64()), ("source_frames", pa.int64()),
+                    ("source_fps", pa.int64()), ("source_format", pa.string()), ("source_audio_rate", pa.int64()),
+                    ("source_model", pa.string())])
+
+
+def is_job_output(path: str, storage_options: dict | None = None) -> bool:
+    """Whether `path` is a job's output prefix (it holds a `manifest/` folder) rather than a prompt dataset."""
+    try:
+        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        return fs.isdir(f"{root.rstrip('/')}/{MANIFEST_DIR}")
+    except Exception:  # noqa: BLE001 - not listable: Dataset reports why
+        return False
+
+
+class SourceManifest:
+    """A finished job's manifest read as a dataset of clips to upscale (the `Dataset` interface, mapped columns)."""
+
+    def __init__(self, path: str, storage_options: dict | None = None):
+        self.path, self.storage_options = path, storage_options
+        if read_success(Storage(path, storage_options)) is None:
+            raise InputError(f"input.path={path!r}: the job writing there has not finished (no {SUCCESS_KEY}); "
+                             "an sr job upscales a finished job's videos: run or resume that job first")
+        self._manifest = Dataset(f"{path.rstrip('/')}/{MANIFEST_DIR}", storage_options)
+        missing = [c for c in ("uri", *RENAMED) if c not in self._manifest.schema.names]
+        if missing:
+            raise InputError(f"input.path={path!r}: its manifest lacks columns {missing} (not a kandinsky-batch output)")
+        self.schema, self.num_rows = SCHEMA, self._manifest.num_rows
+        rates = self._manifest.column("audio_sample_rate")
+        self.sound = rates.null_count < len(rates)
+        """Whether the source's clips have sound (Kandinsky 6): the upscaled clips keep it."""
+
+    def batches(self, columns: list[str] | None = None, batch_size: int = 8192) -> Iterator[pa.Table]:
+        for raw in self._manifest.batches(["uri", *RENAMED], batch_size=batch_size):
+            ok = pc.fill_null(pc.equal(raw["status"], "ok"), False)
+            table = pa.table({
+                **{new: raw[old] for old, new in RENAMED.items()},
+                "source_uri": pc.if_else(ok, raw["uri"], pa.scalar(None, pa.string())),
+            })
+            table = pa.Table.from_arrays([table[f.name].cast(f.type) for f in SCHEMA], schema=SCHEMA)
+            yield table if columns is None else table.select(columns)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        return pa.chunked_array([t.column(0) for t in self.batches([name], batch_size=1 << 20)],
+                                self.schema.field(name).type)
+
+    def read(self) -> pa.Table:
+        return pa.concat_tables(self.batches())
+
+
+def read_source(uri: str, sha256: str, storage_options: dict | None = None):
+    """The source clip at `uri` as the SR renderer takes it (uint8 frames, or a `Clip` with its sound), after
+    checking it still holds what the source job committed."""
+    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"source {uri} changed since its job committed it (sha256 differs from its manifest's)")
+    ext = uri.rsplit(".", 1)[-1]
+    if ext == "npz":
+        frames, audio, rate = decode_npz(data)
+        return Clip(frames=frames, audio=audio, sample_rate=rate)
+    if ext == "npy":
+        return decode_npy(data)
+    if ext != "mp4":
+        raise ValueError(f"source {uri}: a .{ext} object is not a video (sr upscales mp4, npy or npz clips)")
+    try:
+        frames, audio, rate = decode_av(data)
+    except ValueError:  # no audio stream: frames alone
+        return decode_mp4(data)
+    return Clip(frames=frames, audio=audio, sample_rate=rate)
+

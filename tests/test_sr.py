@@ -1,0 +1,165 @@
+"""Kandinsky 6 super-resolution: the tiny-sr preset is a real diffusers checkpoint, SRRenderer keeps the seed contract,
+and an sr job upscales another job's ok videos (its manifest is the input), keeping their sound and recording the
+source row, with resume and verify."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import Kandinsky6SRPipeline
+
+from kandinsky_batch.config import ConfigError, load_config
+from kandinsky_batch.dataset import InputError
+from kandinsky_batch.job import run
+from kandinsky_batch.manifest import read_manifest
+from kandinsky_batch.storage import Storage
+from kandinsky_batch.upscale import SourceManifest, read_source
+from kandinsky_batch.verify import verify
+from kandinsky_batch.video import decode_av, decode_npz, encode_av
+from pipelines import resolve_model
+from pipelines.kinds import Clip
+from pipelines.models import load_spec
+from pipelines.render_sr import SRRenderer, sr_option_problems, upscaled_size
+from pipelines.request import RenderOptions, RenderRequest
+from tests.helpers import write_dataset
+
+
+@pytest.fixture(scope="module")
+def sr_pipe(model_cache):
+    """The plain diffusers pipeline, loaded as any checkpoint is: the oracle."""
+    pipe = Kandinsky6SRPipeline.from_pretrained(resolve_model("tiny-sr"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _clip(frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+
+
+def _plain(pipe, frames: np.ndarray, scale: float, steps: int, seed: int) -> np.ndarray:
+    out = pipe(video=frames.astype(np.float32) / 255, resolution_scale=scale, num_inference_steps=steps,
+               generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+    return np.round(out.frames[0] * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("height, width, scale", [(64, 64, 2), (64, 128, 2.25), (64, 80, 2.25), (64, 64, 4),
+                                                   (80, 64, 2.25)])
+def test_output_size_is_what_the_pipeline_renders(height, width, scale, sr_pipe):
+    # One frame (1 + 4k with k = 0) keeps this cheap; sizes come from the tiles, not the frame count. 80x64 at
+    # 2.25 is pre-upscaled to 96x64, whose tile (256x128 over 2) does not fit: both refuse it.
+    try:
+        want = upscaled_size(height, width, scale, sr_pipe.transformer_tile_sizes)
+    except ValueError as exc:
+        assert "too small for resolution_scale=2.25" in str(exc)
+        with pytest.raises(ValueError, match="must be at least 128x64 pixels"):
+            _plain(sr_pipe, _clip(1, height, width), scale, 1, 0)
+        return
+    assert _plain(sr_pipe, _clip(1, height, width), scale, 1, 0).shape[1:3] == want
+
+
+def test_sizes_the_pipeline_would_change_or_cannot_tile_are_refused(sr_pipe):
+    tiles = sr_pipe.transformer_tile_sizes
+    with pytest.raises(ValueError, match="source width=72: must be a multiple of 16"):
+        upscaled_size(64, 72, 2, tiles)
+    with pytest.raises(ValueError, match=r"source height x width=48x48: too small for resolution_scale=2 "
+                                         r"\(rule: at least 64x64"):
+        upscaled_size(48, 48, 2, tiles)
+    with pytest.raises(ValueError, match="resolution_scale=3: must be one of 2, 2.25, 4"):
+        upscaled_size(64, 64, 3, tiles)
+    spec = load_spec("tiny-sr")
+    assert (spec.kind, spec.spatial_multiple, spec.temporal_multiple, spec.tile_sizes) == ("sr", 16, 4, tiles)
+
+
+def test_renderer_equals_plain_diffusers_and_passes_the_sound_through(sr_pipe, model_cache):
+    renderer = SRRenderer("tiny-sr", device="cpu", options=RenderOptions(resolution_scale=2))
+    frames = _clip(5, 64, 64, seed=1)
+    audio = np.random.default_rng(2).uniform(-1, 1, (1, 9000)).astype(np.float32)
+    request = RenderRequest(prompt=None, negative_prompt=None, height=128, width=128, num_frames=5,
+                            num_inference_steps=2, guidance_scale=1.0, seed=7,
+                            video=Clip(frames=frames, audio=audio, sample_rate=44100))
+    out = renderer.render(request)
+    np.testing.assert_array_equal(out.frames, _plain(sr_pipe, frames, 2, 2, 7))
+    assert out.audio is audio and out.sample_rate == 44100
+    # Frames alone give frames alone; another seed other frames.
+    other = renderer.render(RenderRequest(**{**request.__dict__, "seed": 8, "video": frames}))
+    assert isinstance(other, np.ndarray) and not np.array_equal(other, out.frames)
+    with pytest.raises(ValueError, match="the 64x64x5 source upscales to 128x128x5 at resolution_scale=2"):
+        renderer.render(RenderRequest(**{**request.__dict__, "height": 144}))
+    assert sr_option_problems(RenderOptions(cache="magcache"))[0].startswith("cache='magcache': not for Kandinsky 6 SR")
+
+
+def test_source_clips_are_read_with_their_sound_and_checked(tmp_path):
+    import hashlib
+
+    frames = _clip(5, 64, 64)
+    audio = np.sin(np.linspace(0, 200, 8192, dtype=np.float32))[None] * 0.5
+    data = encode_av(frames, audio, 44100, 24)
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(data)
+    clip = read_source(str(path), hashlib.sha256(data).hexdigest())
+    want_frames, want_audio, _ = decode_av(data)
+    np.testing.assert_array_equal(clip.frames, want_frames)
+    np.testing.assert_array_equal(clip.audio, want_audio)
+    assert clip.sample_rate == 44100
+    with pytest.raises(ValueError, match="changed since its job committed it"):
+        read_source(str(path), "0" * 64)
+
+
+@pytest.mark.slow
+def test_upscale_job_renders_another_jobs_ok_videos_as_plain_diffusers(tmp_path, ray_local, sr_pipe):
+    rows = [{"id": "cat", "prompt": "a cat meowing"}, {"id": "dog", "prompt": "a dog barking"},
+            {"id": "odd", "prompt": "six frames", "num_frames": 6}]
+    data = write_dataset(tmp_path / "in.parquet", rows)
+    common = ["render.num_inference_steps=2", "render.fps=24", "cluster.replicas=1", "output.format=npy"]
+    source = load_config(None, [f"input.path={data}", f"output.uri={tmp_path / 'k6'}", "model.path=tiny-k6",
+                                "render.height=64", "render.width=64", "render.num_frames=9", *common])
+    first = run(source, progress=False)
+    assert (first.ok, first.invalid) == (2, 1)
+    cfg = load_config(None, [f"input.path={tmp_path / 'k6'}", f"output.uri={tmp_path / 'sr'}", "model.path=tiny-sr",
+                             "model.resolution_scale=2", *common])
+    result = run(cfg, progress=False)
+    assert (result.ok, result.invalid) == (2, 1)
+    src = {r["id"]: r for r in read_manifest(Storage(source.output.uri)).to_pylist()}
+    storage = Storage(cfg.output.uri)
+    manifest = {r["id"]: r for r in read_manifest(storage).to_pylist()}
+    for rid in ("cat", "dog"):
+        row, before = manifest[rid], src[rid]
+        # The source row, recorded: its video and checksum, prompt and seed; the output is twice its size.
+        assert (row["source_uri"], row["source_sha256"]) == (before["uri"], before["sha256"])
+        assert (row["prompt"], row["seed"], row["num_frames"]) == (before["prompt"], before["seed"], 9)
+        assert (row["height"], row["width"], row["guidance_scale"]) == (128, 128, 1.0)
+        assert json.loads(row["options"]) == {"resolution_scale": 2.0} and row["uri"].endswith(f"/videos/{rid}.npz")
+        frames, audio, rate = decode_npz(storage.get_bytes(storage.key_of(row["uri"])))
+        src_frames, src_audio, src_rate = decode_npz(Storage(source.output.uri).get_bytes(
+            Storage(source.output.uri).key_of(before["uri"])))
+        np.testing.assert_array_equal(frames, _plain(sr_pipe, src_frames, 2, 2, row["seed"]), err_msg=rid)
+        np.testing.assert_array_equal(audio, src_audio)  # the sound, untouched
+        assert (rate, row["audio_seconds"]) == (src_rate, before["audio_seconds"])
+    assert manifest["odd"]["status"] == "invalid"
+    assert manifest["odd"]["error"].startswith("source status='invalid': only the source job's ok rows are upscaled "
+                                               "(the source row: num_frames=6")
+    assert verify(cfg.output.uri) == []
+    assert run(cfg, progress=False).rendered == 0  # resume: nothing twice
+    # Another scale is another output: refused on the same prefix without --force.
+    with pytest.raises(Exception, match="resolution_scale"):
+        run(load_config(None, [f"input.path={tmp_path / 'k6'}", f"output.uri={tmp_path / 'sr'}",
+                               "model.path=tiny-sr", "model.resolution_scale=4", *common]), progress=False)
+
+
+def test_inputs_and_configs_an_upscale_cannot_take_are_refused_before_ray(tmp_path, model_cache):
+    data = write_dataset(tmp_path / "in.parquet", [{"prompt": "a cat"}])
+    with pytest.raises(ConfigError, match="tiny-sr is an sr model: it upscales another job's videos, so "
+                                          "input.path must be that job's output.uri"):
+        run(load_config(None, [f"input.path={data}", f"output.uri={tmp_path / 'o'}", "model.path=tiny-sr"]))
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "manifest").mkdir(parents=True)
+    with pytest.raises(InputError, match="has not finished"):
+        SourceManifest(str(unfinished))
+    with pytest.raises(ConfigError, match=r"model.resolution_scale=2.0: only Kandinsky 6 SR upscales \(t2v does not\)"):
+        run(load_config(None, [f"input.path={data}", f"output.uri={tmp_path / 'o'}", "model.resolution_scale=2"]))
+    with pytest.raises(ConfigError, match="sequence_parallel: Kandinsky 6 SR has no guidance"):
+        run(load_config(None, [f"input.path={data}", f"output.uri={tmp_path / 'o'}", "model.path=tiny-sr",
+                               "cluster.sequence_parallel=2"]))
