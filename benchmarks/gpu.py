@@ -8,12 +8,15 @@ Parts, in order (a part that fails or runs out of time loses only its own figure
   offload   encoding with the text encoders group-offloaded (the product's `model.offload_text_encoder`)
   nabla10s  a 10 s clip: the fastest dense backend against NABLA (blocks eager, flex compiled) (gpu_step.py)
   compile   NABLA with the whole blocks compiled, 10 s (slow to compile: >100 s on an H200)
+  k6        Kandinsky 6 Lite-size guided step (video + audio, 1024-token masked prompt) per mask-taking backend
+            and compiled, and its video and audio decodes, 5 s 768x512 (gpu_k6.py; ~2 minutes, estimated)
 The fastest eager attention backend that `step` finds is what `memory` and `nabla10s` use.
 Measured part times on an H200 (2026-11-26): contract 45 s, step 110 s, overlap 125 s, memory 65 s,
 nabla10s ~75 s: with a machine's start, all of it does not fit one 10-minute command; split with `--parts`.
 
     python benchmarks/gpu.py --out-dir "$OUT" --parts contract,step,overlap      # on the GPU, ~5 minutes
     python benchmarks/gpu.py --out-dir "$OUT" --parts memory,offload,nabla10s,compile
+    python benchmarks/gpu.py --out-dir "$OUT" --parts k6
     .venv/bin/python benchmarks/gpu.py --tiny --out-dir /tmp/gpu     # dry run on the CPU at tiny dims
 """
 
@@ -28,9 +31,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("contract", "step", "overlap", "memory", "offload", "nabla10s", "compile")
+PARTS = ("contract", "step", "overlap", "memory", "offload", "nabla10s", "compile", "k6")
 BUDGET_S = {"contract": 90, "step": 210, "overlap": 150, "memory": 110, "offload": 90, "nabla10s": 150,
-            "compile": 300}
+            "compile": 300, "k6": 180}
 
 
 def part_command(part: str, tiny: bool, best: str, out: Path) -> list[str]:
@@ -53,6 +56,8 @@ def part_command(part: str, tiny: bool, best: str, out: Path) -> list[str]:
                 *json_out]
     if part == "compile":
         return ["gpu_step.py", *small, "--clip", clip10, "--decode", "", "--configs", "flex+nabla+compile", *json_out]
+    if part == "k6":
+        return ["gpu_k6.py", *small, "--clip", clip5, *json_out]
     raise ValueError(f"unknown part {part!r} (parts: {', '.join(PARTS)})")
 
 

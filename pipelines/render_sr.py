@@ -81,6 +81,16 @@ def sr_option_problems(options: RenderOptions) -> list[str]:
     return found
 
 
+def _quiet_eager_flex() -> None:
+    """Silence the advice to compile flex attention, once per process, on a CPU: there eager flex is the only way (a
+    small clip's tiles fit), while on a GPU the advice stands and the SR configs set `model.compile`."""
+    import logging
+    import warnings
+
+    logging.getLogger("diffusers.models.transformers.transformer_kandinsky6_sr").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
+
+
 class SRRenderer:
     """A Kandinsky 6 SR pipeline loaded once on one device, upscaling source clips (`RenderRequest.video`)."""
 
@@ -106,6 +116,8 @@ class SRRenderer:
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.tile_sizes = self.pipe.transformer_tile_sizes
+        if not self.device.startswith("cuda") and not options.compile:
+            _quiet_eager_flex()
         self.writer = True  # no gangs: every replica returns its clips
         self.load_seconds = time.perf_counter() - started
 

@@ -169,7 +169,8 @@ def test_kandinsky6_renders_video_with_sound_as_plain_diffusers(tmp_path, ray_lo
     # One row is enough for what the container and the options add (the rows above cover the kinds of row).
     one = write_dataset(tmp_path / "one.parquet", [{"id": "talk", "prompt": "a man talking"}])
     mp4 = load_config(None, [f"input.path={one}", f"output.uri={tmp_path / 'mp4'}", *SIZE,
-                             "model.path=tiny-k6", "render.num_frames=5", "render.fps=24", "model.expand_prompts=true"])
+                             "model.path=tiny-k6", "render.num_frames=5", "render.fps=24", "model.expand_prompts=true",
+                             "cluster.replicas=1"])
     assert run(mp4, progress=False).ok == 1
     storage, manifest = _objects(mp4)
     for rid, row in manifest.items():
@@ -182,7 +183,7 @@ def test_kandinsky6_renders_video_with_sound_as_plain_diffusers(tmp_path, ray_lo
     # Video alone (the pipeline's video-only mode: other frames, no sound), raw frames in an .npy.
     silent = load_config(None, [f"input.path={one}", f"output.uri={tmp_path / 'silent'}", *SIZE,
                                 "model.path=tiny-k6", "render.num_frames=5", "render.fps=24", "output.format=npy",
-                                "model.sample_audio=false"])
+                                "model.sample_audio=false", "cluster.replicas=1"])
     assert run(silent, progress=False).ok == 1
     storage, manifest = _objects(silent)
     row = manifest["talk"]
