@@ -5,12 +5,14 @@ dataset: one row per source row, streamed a window at a time like any Parquet in
 and video in `source_*` columns. Rows the source did not render `ok` are recorded `invalid` naming the source's
 status; the rest upscale their video, keep their id (so the upscaled object sits under the same key in the new
 output) and record `source_uri` and `source_sha256`. A replica reads the video again, checks its sha256 and
-decodes it (frames, and the sound of a Kandinsky 6 clip, which is muxed onto the upscaled frames as it was).
+decodes it (frames, and the sound of a Kandinsky 6 clip, which goes onto the upscaled frames as it was: an mp4's
+AAC stream copied packet for packet, an npz's waveform bit for bit).
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
@@ -20,7 +22,7 @@ import pyarrow.compute as pc
 from kandinsky_batch.dataset import Dataset, InputError
 from kandinsky_batch.manifest import MANIFEST_DIR, SUCCESS_KEY, read_success
 from kandinsky_batch.storage import Storage
-from kandinsky_batch.video import decode_av, decode_mp4, decode_npy, decode_npz
+from kandinsky_batch.video import decode_av, decode_mp4, decode_npy, decode_npz, encode, encode_av_copy
 from pipelines.kinds import Clip
 
 # Source manifest column -> the SR dataset's column.
@@ -79,6 +81,21 @@ class SourceManifest:
         return pa.concat_tables(self.batches())
 
 
+@dataclass(frozen=True)
+class SourceClip(Clip):
+    """A source clip with sound, and the mp4 it came from: its audio stream is copied into the upscaled mp4."""
+
+    mp4: bytes | None = field(default=None, repr=False)
+
+
+def encode_upscaled(rendered, source, fmt: str, fps: int) -> bytes:
+    """The upscaled clip's bytes: an mp4 source's sound is copied packet for packet (no second AAC encode, so it
+    decodes exactly as the source's); otherwise as any render (`kandinsky_batch.video.encode`)."""
+    if fmt == "mp4" and getattr(source, "mp4", None) is not None:
+        return encode_av_copy(getattr(rendered, "frames", rendered), fps, source.mp4)
+    return encode(rendered, fmt, fps)
+
+
 def read_source(uri: str, sha256: str, storage_options: dict | None = None):
     """The source clip at `uri` as the SR renderer takes it (uint8 frames, or a `Clip` with its sound), after
     checking it still holds what the source job committed."""
@@ -98,5 +115,5 @@ def read_source(uri: str, sha256: str, storage_options: dict | None = None):
         frames, audio, rate = decode_av(data)
     except ValueError:  # no audio stream: frames alone
         return decode_mp4(data)
-    return Clip(frames=frames, audio=audio, sample_rate=rate)
+    return SourceClip(frames=frames, audio=audio, sample_rate=rate, mp4=data)
 

@@ -32,15 +32,25 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
         raise ValueError(f"mp4 (yuv420p) needs even height and width, got height={height} width={width}")
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=int(fps))
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
-        stream.options = dict(X264_OPTIONS)
-        stream.codec_context.thread_count = X264_THREADS
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))  # drain the encoder's delayed frames
+        _mux_frames(container, _video_stream(container, frames, fps), frames)
     return buf.getvalue()
+
+
+def _video_stream(container, frames: np.ndarray, fps: int):
+    """The container's H.264 stream for these frames (libx264, yuv420p, fixed options and threads)."""
+    _, height, width, _ = frames.shape
+    stream = container.add_stream("libx264", rate=int(fps))
+    stream.width, stream.height = width, height
+    stream.pix_fmt = "yuv420p"
+    stream.options = dict(X264_OPTIONS)
+    stream.codec_context.thread_count = X264_THREADS
+    return stream
+
+
+def _mux_frames(container, stream, frames: np.ndarray) -> None:
+    for frame in frames:
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode(None))  # drain the encoder's delayed frames
 
 
 def decode_mp4(data: bytes) -> np.ndarray:
@@ -104,19 +114,13 @@ def encode_av(frames: np.ndarray, audio: np.ndarray, sample_rate: int, fps: int)
     """mp4 with the H.264 video of `encode_mp4` and the waveform (channels, samples) as AAC at its sample rate."""
     _check_frames(frames)
     _check_audio(audio, sample_rate)
-    _, height, width, _ = frames.shape
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
-        video = container.add_stream("libx264", rate=int(fps))
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = dict(X264_OPTIONS)
-        video.codec_context.thread_count = X264_THREADS
+        video = _video_stream(container, frames, fps)
         layout = "mono" if audio.shape[0] == 1 else "stereo"
         sound = container.add_stream("aac", rate=int(sample_rate), layout=layout)
         sound.bit_rate = AAC_BITRATE
-        for frame in frames:
-            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(video.encode(None))
+        _mux_frames(container, video, frames)
         size = sound.codec_context.frame_size or 1024
         clipped = np.ascontiguousarray(np.clip(audio, -1.0, 1.0))
         for start in range(0, clipped.shape[1], size):
@@ -125,6 +129,26 @@ def encode_av(frames: np.ndarray, audio: np.ndarray, sample_rate: int, fps: int)
             chunk.sample_rate, chunk.pts = int(sample_rate), start
             container.mux(sound.encode(chunk))
         container.mux(sound.encode(None))
+    return buf.getvalue()
+
+
+def encode_av_copy(frames: np.ndarray, fps: int, source: bytes) -> bytes:
+    """mp4 with the H.264 video of `encode_mp4` and the audio stream of the mp4 `source`, packet for packet (no
+    re-encoding: the sound decodes exactly as the source's does)."""
+    _check_frames(frames)
+    buf = io.BytesIO()
+    with av.open(io.BytesIO(source), mode="r") as original, av.open(buf, mode="w", format="mp4") as container:
+        if not original.streams.audio:
+            raise ValueError("the source mp4 holds no audio stream")
+        video = _video_stream(container, frames, fps)
+        sound_in = original.streams.audio[0]
+        sound = container.add_stream_from_template(sound_in)
+        _mux_frames(container, video, frames)
+        for packet in original.demux(sound_in):
+            if packet.dts is None:  # the demuxer's end-of-stream marker
+                continue
+            packet.stream = sound
+            container.mux(packet)
     return buf.getvalue()
 
 

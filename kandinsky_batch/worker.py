@@ -22,7 +22,7 @@ from kandinsky_batch.poster import poster
 from kandinsky_batch.record import BatchResult, Stamp
 from kandinsky_batch.rows import Task
 from kandinsky_batch.storage import Storage, StorageUnavailable, object_key, poster_key
-from kandinsky_batch.upscale import read_source
+from kandinsky_batch.upscale import encode_upscaled, read_source
 from kandinsky_batch.video import encode
 from pipelines import ParallelSpec, RenderOptions, open_renderer, resolve_model
 
@@ -218,7 +218,8 @@ class RenderWorker:
         if getattr(rendered, "prompt", None) is not None:  # the model expanded the row's prompt and rendered that
             row["expanded_prompt"] = rendered.prompt
         try:
-            data = encode(rendered, self.spec.stamp.format, self.spec.stamp.fps)
+            data = (encode(rendered, self.spec.stamp.format, self.spec.stamp.fps) if task.source is None
+                    else encode_upscaled(rendered, task.source, self.spec.stamp.format, self.spec.stamp.fps))
             still = poster(frames)  # before any commit: a poster that cannot be made fails the row, leaving nothing
             key, still_key = object_key(task.id, self.spec.stamp.extension), poster_key(task.id)
             if not self._put(key, data, task.overwrite):

@@ -16,7 +16,7 @@ from kandinsky_batch.dataset import InputError
 from kandinsky_batch.job import run
 from kandinsky_batch.manifest import read_manifest
 from kandinsky_batch.storage import Storage
-from kandinsky_batch.upscale import SourceManifest, read_source
+from kandinsky_batch.upscale import SourceManifest, encode_upscaled, read_source
 from kandinsky_batch.verify import verify
 from kandinsky_batch.video import decode_av, decode_npz, encode_av
 from pipelines import resolve_model
@@ -106,6 +106,12 @@ def test_source_clips_are_read_with_their_sound_and_checked(tmp_path):
     assert clip.sample_rate == 44100
     with pytest.raises(ValueError, match="changed since its job committed it"):
         read_source(str(path), "0" * 64)
+    # The upscaled mp4 takes the source's AAC stream as it is: its sound decodes exactly as the source's.
+    upscaled = _clip(5, 128, 128, seed=3)
+    out = encode_upscaled(Clip(frames=upscaled, audio=clip.audio, sample_rate=44100), clip, "mp4", 24)
+    got_frames, got_audio, rate = decode_av(out)
+    np.testing.assert_array_equal(got_audio, want_audio)
+    assert got_frames.shape == upscaled.shape and rate == 44100
 
 
 @pytest.mark.slow
