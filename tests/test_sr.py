@@ -169,3 +169,38 @@ def test_inputs_and_configs_an_upscale_cannot_take_are_refused_before_ray(tmp_pa
     with pytest.raises(ConfigError, match="sequence_parallel: Kandinsky 6 SR has no guidance"):
         run(load_config(None, [f"input.path={data}", f"output.uri={tmp_path / 'o'}", "model.path=tiny-sr",
                                "cluster.sequence_parallel=2"]))
+
+
+def test_source_rows_are_checked_one_by_one(tmp_path, model_cache):
+    """The rules of an upscale's rows (no Ray): only the source's ok videos, at the job's frame rate, that the model
+    can tile; each other row is invalid naming the source field and the rule, and the rest stay valid."""
+    import pyarrow as pa
+
+    from kandinsky_batch.rows import IdIndex, RowValidator
+    from kandinsky_batch.upscale import SCHEMA
+
+    def source(rid, **changes):
+        row = dict(id=rid, prompt="a cat", seed=3, source_uri=f"file:///src/videos/{rid}.mp4", source_sha256="ab" * 32,
+                   source_status="ok", source_error=None, source_height=64, source_width=64, source_frames=9,
+                   source_fps=24, source_format="mp4", source_audio_rate=44100, source_model="tiny-k6")
+        return {**row, **changes}
+
+    rows = [source("ok"), source("slow", source_fps=8), source("still", source_format="png", source_frames=1,
+                                                                 source_uri="file:///src/videos/still.png"),
+            source("small", source_height=48, source_width=48), source("odd", source_frames=6),
+            source("gone", source_status="failed", source_error="RuntimeError: boom", source_uri=None)]
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    cfg = load_config(None, ["input.path=x", "output.uri=y", "model.path=tiny-sr", "model.resolution_scale=2",
+                             "render.fps=24", "render.num_inference_steps=2"])
+    validated = RowValidator(cfg, load_spec("tiny-sr"), IdIndex.build(table["id"], 6, "mp4")).validate(
+        table, np.arange(6))
+    [task] = validated.task_list()
+    assert (task.id, task.height, task.width, task.num_frames, task.seed) == ("ok", 128, 128, 9, 3)
+    assert (task.source_uri, task.guidance_scale, task.negative_prompt) == (rows[0]["source_uri"], 1.0, None)
+    errors = {r["id"]: r["error"] for r in validated.invalid}
+    assert errors["slow"].startswith("source fps=8: the upscaled clip is written at render.fps=24")
+    assert errors["still"].startswith("source format='png': not a video")
+    assert errors["small"].startswith("source height x width=48x48: too small for resolution_scale=2")
+    assert errors["odd"].startswith("num_frames=6: must be 4k+1")
+    assert errors["gone"] == ("source status='failed': only the source job's ok rows are upscaled (the source row: "
+                              "RuntimeError: boom)")
