@@ -155,7 +155,7 @@ def child_finalize(out: Path, rows: int) -> dict:
     storage = Storage(f"file://{out}")
     keys = pa.table({"id": pa.array([f"row-{i}" for i in range(rows)]), "row_index": pa.array(np.arange(rows))})
     started = time.perf_counter()
-    counts = finalize(storage, "bench-final", keys, keys.slice(0, 0))
+    counts = finalize(storage, "bench-final", keys, keys.slice(0, 0)).counts
     write_success(storage, {"counts": counts})
     return {"finalize_seconds": time.perf_counter() - started, "rows": sum(counts.values()),
             "peak_rss_mb": _peak_rss_mb()}

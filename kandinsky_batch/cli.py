@@ -48,7 +48,8 @@ def _run(args) -> int:
     result = run(cfg, force=args.force, progress=not args.no_progress)
     print(f"done: {result.rows} rows: {result.ok} ok, {result.invalid} invalid, {result.failed} failed "
           f"({result.rendered} rendered, {result.skipped} already done, {result.adopted} adopted, "
-          f"{result.retries} retries) in {result.seconds:.1f} s -> {cfg.output.uri}")
+          f"{result.retries} retries) in {result.seconds:.1f} s -> {cfg.output.uri}"
+          + (f"; it also keeps {result.kept} rows of ids this input does not hold" if result.kept else ""))
     return EXIT_OK
 
 

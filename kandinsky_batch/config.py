@@ -66,6 +66,8 @@ class ModelConfig:
     """`tiny` (random weights, built offline), a hub id, a local diffusers dir, or an fsspec URI of one."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options when `path` is an object-store URI."""
+    revision: Optional[str] = None
+    """A hub id's snapshot to load (a commit, branch or tag); recorded in the manifest's `model_revision`."""
     attention_backend: Optional[str] = None
     """diffusers attention backend (`native`, `_native_cudnn`, `flash`, `sage`, `flex`, ...); None: diffusers' default."""
     compile: bool = False

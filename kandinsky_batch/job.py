@@ -20,7 +20,9 @@ from kandinsky_batch.manifest import ManifestWriter, finalize, write_success
 from kandinsky_batch.metrics import JobMetrics
 from kandinsky_batch.preflight import Lane, preflight
 from kandinsky_batch.scheduler import Pool, WorkQueue
+from kandinsky_batch.storage import OBJECT_DIRS
 from kandinsky_batch.worker import WorkerSpec
+from pipelines.models import pinned
 
 LIBRARIES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "av")
 METRICS_SECONDS = 2.0
@@ -39,6 +41,8 @@ class JobResult:
     skipped: int = 0
     adopted: int = 0
     rendered: int = 0
+    kept: int = 0
+    """Rows of ids this run's input does not hold (an earlier run's other dataset), kept in the manifest as they were."""
     retries: int = 0
     restarts: int = 0
     model_loads: int = 0
@@ -95,7 +99,7 @@ class _Progress:
 def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int) -> Pool:
     """The work queue's pool of one model's replica group: its replicas load that model."""
     spec = WorkerSpec(
-        model_path=lane.model.path, output_uri=cfg.output.uri, stamp=lane.stamp,
+        model_path=pinned(lane.model.path, lane.model.revision), output_uri=cfg.output.uri, stamp=lane.stamp,
         model_storage_options=lane.model.storage_options, output_storage_options=cfg.output.storage_options,
         input_storage_options=cfg.input.storage_options,
         retries=cfg.output.retries, retry_backoff=cfg.output.retry_backoff,
@@ -113,14 +117,14 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
     # 1. Preflight: config, dataset, sweep, each model's limits and options, ids and resume conflicts, before Ray.
     checked = preflight(cfg, force=force)
     storage = checked.storage
-    for folder in ("videos", "posters"):
+    for folder in OBJECT_DIRS:
         storage.cleanup_temp(folder)
     cells = len(checked.sweep.cells) * len(checked.lanes)
     result = JobResult(rows=checked.dataset.num_rows * cells, input_rows=checked.dataset.num_rows)
 
     # 2. Stream the rows (a sweep's cells): invalid and adopted ones are committed as they are read, the rest
     # queue for replicas. Parts are published every few seconds, so a killed driver loses at most the rows in flight.
-    writer = ManifestWriter(storage, run_id, flush_rows=4096, flush_seconds=5.0)
+    writer = ManifestWriter(storage, run_id, flush_rows=4096, flush_seconds=5.0, schema=checked.manifest_schema)
     bar = _Progress(result.rows, run_id, progress)
 
     def commit(row: dict) -> None:
@@ -158,8 +162,10 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
     # 4. Every input row has its final manifest row: compact the parts, then write _SUCCESS last.
     intake.check()
     rendered, invalid = intake.keys()
-    counts = finalize(storage, run_id, rendered, invalid)
+    final = finalize(storage, run_id, rendered, invalid)
+    counts = final.counts
     result.ok, result.failed, result.invalid = counts.get("ok", 0), counts.get("failed", 0), counts.get("invalid", 0)
+    result.kept = sum(final.kept.values())
     result.skipped, result.adopted = intake.counts.skipped, intake.counts.adopted
     result.rendered = bar.counts["ok"] + bar.counts["failed"] - intake.counts.adopted
     result.seconds = time.perf_counter() - started

@@ -6,13 +6,14 @@ import io
 import json
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .storage import Storage
+from .storage import Storage, key_from_uri
 
 MANIFEST_DIR = "manifest"
 SUCCESS_KEY = "_SUCCESS"
@@ -31,9 +32,11 @@ SCHEMA = pa.schema(
         pa.field("source_sha256", pa.string()),
         pa.field("status", pa.string()),
         pa.field("error", pa.string()),
+        pa.field("key", pa.string()),
         pa.field("uri", pa.string()),
         pa.field("bytes", pa.int64()),
         pa.field("sha256", pa.string()),
+        pa.field("poster_key", pa.string()),
         pa.field("poster", pa.string()),
         pa.field("seed", pa.int64()),
         pa.field("height", pa.int32()),
@@ -46,7 +49,11 @@ SCHEMA = pa.schema(
         pa.field("audio_sample_rate", pa.int32()),
         pa.field("audio_seconds", pa.float64()),
         pa.field("model", pa.string()),
+        pa.field("model_revision", pa.string()),
+        pa.field("weights", pa.string()),
         pa.field("sweep", pa.string()),
+        pa.field("sweep_model", pa.string()),
+        pa.field("sweep_seed_index", pa.int64()),
         pa.field("worker", pa.string()),
         pa.field("gang", pa.string()),
         pa.field("options", pa.string()),
@@ -59,11 +66,24 @@ SCHEMA = pa.schema(
 
 
 _NAMES = frozenset(SCHEMA.names)
+# Where a row's objects are: `key`/`poster_key` (relative to the output prefix) are what is stored; `uri`/`poster`
+# are filled in by the readers below against where the output is now, so a moved output still resolves.
+LOCATED = (("key", "uri"), ("poster_key", "poster"))
 
 
-def check_row(row: dict) -> None:
+def job_schema(carried: pa.Schema | None = None) -> pa.Schema:
+    """The manifest schema of a job: SCHEMA, then the input columns it carries through (`carried`)."""
+    if not carried or not len(carried):
+        return SCHEMA
+    clash = [name for name in carried.names if name in _NAMES]
+    if clash:
+        raise ValueError(f"carried input columns {clash} collide with manifest columns")
+    return pa.schema([*SCHEMA, *carried])
+
+
+def check_row(row: dict, names: frozenset = _NAMES) -> None:
     """The checks Arrow does not make on Python rows: known keys, a string id, a known status (ValueError)."""
-    unknown = set(row) - _NAMES
+    unknown = set(row) - names
     if unknown:
         raise ValueError(f"manifest row id={row.get('id')!r} has unknown keys {sorted(unknown)}; allowed: {SCHEMA.names}")
     # Arrow does not enforce nullable=False when converting Python objects, so check here.
@@ -73,15 +93,21 @@ def check_row(row: dict) -> None:
         raise ValueError(f"manifest row id={row['id']!r} has status={row['status']!r}; allowed: {list(STATUSES)}")
 
 
-def to_table(rows: list[dict]) -> pa.Table:
-    """Rows as a table with SCHEMA; missing keys become null, unknown keys and bad values raise ValueError."""
+def to_table(rows: list[dict], schema: pa.Schema = SCHEMA) -> pa.Table:
+    """Rows as a table with `schema`; missing keys become null, unknown keys and bad values raise ValueError."""
+    names = frozenset(schema.names)
     for row in rows:
-        check_row(row)
+        check_row(row, names)
     try:
-        return pa.Table.from_pylist(rows, schema=SCHEMA)
+        return pa.Table.from_pylist(rows, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         ids = [row.get("id") for row in rows][:10]
         raise ValueError(f"manifest rows (ids {ids}) do not fit the schema: {exc}") from exc
+
+
+def concat(tables: list[pa.Table]) -> pa.Table:
+    """Manifest tables of several parts as one: parts of other runs may carry other input columns (null elsewhere)."""
+    return pa.concat_tables(tables, promote_options="permissive") if tables else SCHEMA.empty_table()
 
 
 def _to_parquet(table: pa.Table) -> bytes:
@@ -97,13 +123,16 @@ class ManifestWriter:
     (checked on `add`); call `flush()` when done. `run_id` must be unique per writer.
     """
 
-    def __init__(self, storage: Storage, run_id: str, flush_rows: int = 64, flush_seconds: float = 10.0) -> None:
+    def __init__(self, storage: Storage, run_id: str, flush_rows: int = 64, flush_seconds: float = 10.0,
+                 schema: pa.Schema = SCHEMA) -> None:
         if flush_rows < 1 or flush_seconds < 0:
             raise ValueError(f"need flush_rows >= 1 and flush_seconds >= 0, got {flush_rows}, {flush_seconds}")
         if "/" in run_id or not run_id:
             raise ValueError(f"run_id must be a non-empty name without '/', got {run_id!r}")
         self.storage = storage
         self.run_id = run_id
+        self.schema = schema
+        self._names = frozenset(schema.names)
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self.parts: list[str] = []
@@ -114,7 +143,7 @@ class ManifestWriter:
 
     def add(self, row: dict) -> None:
         """Buffer one row (its keys, id and status checked now, so a bad row fails at its source); may flush."""
-        check_row(row)
+        check_row(row, self._names)
         with self._lock:
             if not self._rows:
                 self._oldest = time.monotonic()
@@ -135,7 +164,7 @@ class ManifestWriter:
             if not self._rows:
                 return None
             key = f"{MANIFEST_DIR}/part-{self.run_id}-{self._seq:06d}.parquet"
-            data = _to_parquet(to_table(self._rows))
+            data = _to_parquet(stored(to_table(self._rows, self.schema)))
             # Create-only: two writers sharing a run_id would otherwise overwrite each other's rows.
             if not self.storage.put_bytes_if_absent(key, data) and self.storage.get_bytes(key) != data:
                 raise RuntimeError(f"manifest part {key} exists with other rows: run_id {self.run_id!r} is reused")
@@ -150,8 +179,64 @@ def _part_keys(storage: Storage) -> list[str]:
     return [k for k in storage.list(MANIFEST_DIR) if k.endswith(".parquet")]
 
 
+def _conform(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    """A stored part in SCHEMA's types and order (columns it predates as nulls), then its carried input columns."""
+    names = columns if columns is not None else SCHEMA.names
+    arrays, fields = [], []
+    for name in names:
+        field_ = SCHEMA.field(name) if name in _NAMES else table.schema.field(name)
+        if name in table.column_names:
+            column = table.column(name)
+            arrays.append(column if column.type == field_.type else column.cast(field_.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, field_.type))
+        fields.append(field_)
+    if columns is None:
+        for name in table.column_names:
+            if name not in _NAMES:
+                arrays.append(table.column(name))
+                fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _located(storage: Storage, table: pa.Table) -> pa.Table:
+    """Keys of older parts (absolute URIs only) derived from their URIs; URIs resolved against the prefix as it is now."""
+    for key_name, uri_name in LOCATED:
+        if key_name not in table.column_names:
+            continue
+        keys = table.column(key_name).to_pylist()
+        uris = table.column(uri_name).to_pylist() if uri_name in table.column_names else [None] * len(keys)
+        keys = [k if k is not None else key_from_uri(u) for k, u in zip(keys, uris)]
+        table = table.set_column(table.schema.get_field_index(key_name), key_name, pa.array(keys, pa.string()))
+        if uri_name in table.column_names:
+            resolved = pa.array([None if k is None else storage.url(k) for k in keys], pa.string())
+            table = table.set_column(table.schema.get_field_index(uri_name), uri_name, resolved)
+    return table
+
+
 def _read_part(storage: Storage, key: str, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.get_bytes(key)), schema=SCHEMA, columns=columns)
+    """One stored part, conformed to SCHEMA, with its objects located under the prefix as it is now."""
+    handle = pq.ParquetFile(io.BytesIO(storage.get_bytes(key)))
+    wanted = columns if columns is None else list(dict.fromkeys(
+        [*columns, *(k for k, u in LOCATED if u in columns or k in columns),
+         *(u for k, u in LOCATED if k in columns or u in columns)]))
+    present = None if wanted is None else [c for c in wanted if c in handle.schema_arrow.names]
+    table = _located(storage, _conform(handle.read(columns=present), wanted))
+    return table if columns is None else table.select(columns)
+
+
+def stored(table: pa.Table) -> pa.Table:
+    """A table as parts store it: objects by key alone (the readers resolve `uri`/`poster` where the output is)."""
+    for key_name, uri_name in LOCATED:
+        if uri_name not in table.column_names:
+            continue
+        if key_name in table.column_names:  # a row given by URI alone is stored by the key the URI names
+            keys = [k if k is not None else key_from_uri(u)
+                    for k, u in zip(table[key_name].to_pylist(), table[uri_name].to_pylist())]
+            table = table.set_column(table.schema.get_field_index(key_name), key_name, pa.array(keys, pa.string()))
+        i = table.schema.get_field_index(uri_name)
+        table = table.set_column(i, uri_name, pa.nulls(table.num_rows, pa.string()))
+    return table
 
 
 def _load_parts(storage: Storage, columns: list[str] | None = None,
@@ -170,24 +255,24 @@ def _load_parts(storage: Storage, columns: list[str] | None = None,
 def read_columns(storage: Storage, columns: list[str], transform=lambda table: table) -> pa.Table:
     """Some columns of all parts, unresolved (duplicates kept), each part passed through `transform` as read."""
     tables, _ = _load_parts(storage, columns, transform)
-    return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(columns)
+    return concat(tables) if tables else SCHEMA.empty_table().select(columns)
 
 
 def read_parts(storage: Storage) -> tuple[pa.Table, list[str]]:
     """All rows of all parts, unresolved (duplicates kept), and the part keys they came from."""
     tables, keys = _load_parts(storage)
-    return (pa.concat_tables(tables) if tables else SCHEMA.empty_table()), keys
+    return concat(tables), keys
 
 
 def _resolve(tables: list[pa.Table]) -> pa.Table:
     if sum(t.num_rows for t in tables) == 0:
         return SCHEMA.empty_table()
     # Rank by finished_at (null = oldest), then the later part, then the later row within a part.
-    tagged = pa.concat_tables(
+    tagged = concat([
         t.append_column("_part", pa.array([i] * t.num_rows, pa.int64()))
         .append_column("_pos", pa.array(range(t.num_rows), pa.int64()))
         for i, t in enumerate(tables)
-    )
+    ])
     tagged = tagged.append_column("_t", pc.fill_null(tagged["finished_at"].cast(pa.int64()), -(2**63)))
     order = pc.sort_indices(
         tagged,
@@ -238,11 +323,14 @@ RANK_COLUMNS = ["id", "row_index", "status", "finished_at"]
 FINAL_PART_ROWS = 100_000
 
 
-def _winners(tables: list[pa.Table], rendered: pa.Table, invalid: pa.Table) -> pa.Table:
-    """Which stored row is each input row's final one: (_part, _pos, row_index), from the narrow columns only.
+def _winners(tables: list[pa.Table], rendered: pa.Table, invalid: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """Which stored row is each final row: (_part, _pos, row_index), from the narrow columns only; and the
+    rows per status of those kept from other inputs.
 
     Rows with a task get their id's latest render outcome (moved to this run's row_index); this run's
-    invalid rows get the latest row recorded at their (id, row_index) with status invalid.
+    invalid rows get the latest row recorded at their (id, row_index) with status invalid. Ids this run's input
+    does not hold (an earlier job's other dataset, a subset re-run) keep their latest row at each row_index:
+    a run never drops another run's records.
     """
     tagged = pa.concat_tables(
         _ranked(t).append_column("_part", pa.array(np.full(t.num_rows, i), pa.int64())) for i, t in enumerate(tables)
@@ -262,14 +350,28 @@ def _winners(tables: list[pa.Table], rendered: pa.Table, invalid: pa.Table) -> p
     marked = marked.take(_first_unique(marked))
     if marked.num_rows != invalid.num_rows:
         raise RuntimeError(f"{invalid.num_rows - marked.num_rows} invalid rows have no manifest row")
+    ours = pa.concat_arrays([rendered["id"].combine_chunks(), invalid["id"].combine_chunks()]) \
+        if rendered.num_rows + invalid.num_rows else pa.array([], pa.string())
+    others = (tagged.filter(pc.invert(pc.is_in(tagged["id"], ours)))
+              .sort_by([("id", "ascending"), ("row_index", "ascending"), *order]))
+    others = others.take(_first_unique(others))
+    kept = dict(zip(*_value_counts(others["status"])))
     columns = ["_part", "_pos", "row_index"]
-    return pa.concat_tables([joined.select(columns), marked.select(columns)]).sort_by([("_part", "ascending"),
-                                                                                       ("_pos", "ascending")])
+    return concat([joined.select(columns), marked.select(columns), others.select(columns)]).sort_by(
+        [("_part", "ascending"), ("_pos", "ascending")]), kept
+
+
+@dataclass
+class Finalized:
+    """What `finalize` wrote: this run's rows per status, and those kept from other inputs per status."""
+
+    counts: dict[str, int]
+    kept: dict[str, int]
 
 
 def finalize(storage: Storage, run_id: str, rendered: pa.Table, invalid: pa.Table,
-             part_rows: int = FINAL_PART_ROWS) -> dict[str, int]:
-    """Rewrite the manifest as exactly one row per input row in final parts; returns the rows per status.
+             part_rows: int = FINAL_PART_ROWS) -> Finalized:
+    """Rewrite the manifest as exactly one row per input row in final parts, keeping other inputs' rows.
 
     `rendered` and `invalid` hold the (id, row_index) of every input row that had a task or was invalid this
     run. Which stored row wins is decided on four narrow columns; the rows themselves are then copied a part
@@ -277,16 +379,16 @@ def finalize(storage: Storage, run_id: str, rendered: pa.Table, invalid: pa.Tabl
     sorted by row_index within each (readers sort across them).
     """
     narrow, keys = _load_parts(storage, RANK_COLUMNS)
-    winners = _winners(narrow, rendered, invalid)
+    winners, kept = _winners(narrow, rendered, invalid)
     del narrow
     total = winners.num_rows
     count = max(1, -(-total // part_rows))
     written, counts, buffer = [], {}, []
 
     def publish() -> None:
-        table = pa.concat_tables(buffer).sort_by([("row_index", "ascending")]) if buffer else SCHEMA.empty_table()
+        table = concat(buffer).sort_by([("row_index", "ascending")]) if buffer else SCHEMA.empty_table()
         name = f"part-{run_id}-final.parquet" if count == 1 else f"part-{run_id}-final-{len(written):03d}.parquet"
-        storage.put_bytes(f"{MANIFEST_DIR}/{name}", _to_parquet(table))
+        storage.put_bytes(f"{MANIFEST_DIR}/{name}", _to_parquet(stored(table)))
         written.append(f"{MANIFEST_DIR}/{name}")
         for status, n in zip(*_value_counts(table["status"])):
             counts[status] = counts.get(status, 0) + n
@@ -311,7 +413,7 @@ def finalize(storage: Storage, run_id: str, rendered: pa.Table, invalid: pa.Tabl
     for key in keys:
         if key not in written:
             storage.delete(key)
-    return counts
+    return Finalized({k: n - kept.get(k, 0) for k, n in counts.items() if n - kept.get(k, 0)}, kept)
 
 
 def _value_counts(column) -> tuple[list, list]:
@@ -347,7 +449,7 @@ def compact(storage: Storage, run_id: str, table: pa.Table | None = None) -> pa.
     for i, part in enumerate(slices):
         name = f"part-{run_id}-final.parquet" if len(slices) == 1 else f"part-{run_id}-final-{i:03d}.parquet"
         written.append(f"{MANIFEST_DIR}/{name}")
-        storage.put_bytes(written[-1], _to_parquet(part))
+        storage.put_bytes(written[-1], _to_parquet(stored(part)))
     # Delete only what was read: a part published meanwhile holds rows the final parts lack.
     for key in keys:
         if key not in written:

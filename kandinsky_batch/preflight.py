@@ -7,10 +7,15 @@ by model: each gets its limits, options, gang shapes, validator and resume view 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
+import pyarrow as pa
+
 from kandinsky_batch.config import ClusterConfig, ConfigError, JobConfig, ModelConfig
-from kandinsky_batch.dataset import Dataset
+from kandinsky_batch.dataset import COLUMNS as INPUT_COLUMNS
+from kandinsky_batch.dataset import Dataset, InputError
+from kandinsky_batch.manifest import SCHEMA, job_schema
 from kandinsky_batch.images import ImageReader
 from kandinsky_batch.intake import committed_tasks
 from kandinsky_batch.options import effective_options
@@ -18,11 +23,12 @@ from kandinsky_batch.record import Stamp
 from kandinsky_batch.resume import OutputState, check_conflicts
 from kandinsky_batch.routing import check_shapes
 from kandinsky_batch.rows import IdIndex, RowValidator
-from kandinsky_batch.storage import Storage
+from kandinsky_batch.storage import IMAGES_DIR, VIDEOS_DIR, Storage
 from kandinsky_batch.sweep import ModelVariant, Sweep
 from kandinsky_batch.upscale import SourceManifest, is_job_output
 from kandinsky_batch.video import IMAGE_FORMATS
 from pipelines import ModelSpec, load_spec
+from pipelines.models import pinned, preset
 from pipelines.kinds import BY_NAME, IMAGE, NO_IMAGE, VIDEO_AUDIO, Kind
 
 SOUND_FPS = 24  # Kandinsky 6 denoises sound and frames together for 24 fps (pipelines.render_k6.FRAME_RATE)
@@ -59,6 +65,8 @@ class Checked:
     storage: Storage
     sweep: Sweep
     lanes: list[Lane]
+    manifest_schema: pa.Schema = SCHEMA
+    """The job's manifest schema: the manifest's columns, then the input columns carried through."""
 
     # The single model's view (a job without a model axis has one lane).
     @property
@@ -86,6 +94,17 @@ def check_format(fmt: str, kind: Kind, model: str) -> None:
                           f"{'images' if kind.output == IMAGE else 'video'} (formats: {', '.join(allowed)})")
 
 
+def check_revision(model: ModelConfig) -> None:
+    """`model.revision` pins a hub snapshot: a preset, a local directory or an object-store copy has none."""
+    if model.revision is None:
+        return
+    if not model.revision.strip() or "@" in model.revision:
+        raise ConfigError(f"model.revision={model.revision!r}: must be a hub commit, branch or tag")
+    if preset(model.path) is not None or "://" in model.path or os.path.isdir(model.path):
+        raise ConfigError(f"model.revision={model.revision!r}: model.path={model.path!r} is not a hub id "
+                          "(only a hub checkpoint has revisions)")
+
+
 def check_upscale(kind: Kind, upscale: bool, sweep: Sweep, path: str, model: str) -> None:
     """An sr model upscales one finished job's output, and only an sr model takes a job's output as input."""
     if kind.upscales and not upscale:
@@ -100,6 +119,21 @@ def check_upscale(kind: Kind, upscale: bool, sweep: Sweep, path: str, model: str
                           "(sweeps are for generation models)")
 
 
+def carried_columns(schema: pa.Schema) -> tuple[dict[str, str], pa.Schema]:
+    """The input columns the job does not read, which go through to the manifest unchanged: input name -> manifest
+    name (`input_NAME` where the name is a manifest column's), and their manifest fields with the input's types."""
+    names, fields = {}, []
+    for f in schema:
+        if f.name in INPUT_COLUMNS or f.name == "sweep":  # an input's `sweep` is not the manifest's (sweep.expand)
+            continue
+        names[f.name] = f"input_{f.name}" if f.name in SCHEMA.names else f.name
+        fields.append(pa.field(names[f.name], f.type))
+    taken = [f.name for f in fields if f.name in SCHEMA.names or [g.name for g in fields].count(f.name) > 1]
+    if taken:
+        raise InputError(f"input column {taken[0]!r}: its manifest name is taken (rename the column)")
+    return names, pa.schema(fields)
+
+
 def preflight(cfg: JobConfig, force: bool = False) -> Checked:
     """Refuse a job that cannot run as asked (ConfigError, InputError, ResumeConflict), naming key and value."""
     # 1. The dataset as a whole: files, columns and types, row count (footers only); the sweep against it. Another
@@ -112,11 +146,13 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
     ids = IdIndex.build(id_column, dataset.num_rows, cfg.output.format)
     storage = Storage(cfg.output.uri, cfg.output.storage_options, retries=cfg.output.retries,
                       backoff=cfg.output.retry_backoff)
+    carried, carried_schema = carried_columns(dataset.schema)
     outputs = None
     lanes = []
     for variant in sweep.models:
         # 3. Each model's limits and the options it will really run with; gang shapes it can take.
-        spec = load_spec(variant.model.path, variant.model.storage_options)
+        check_revision(variant.model)
+        spec = load_spec(pinned(variant.model.path, variant.model.revision), variant.model.storage_options)
         options, spec = effective_options(variant.model, spec)
         check_shapes(variant.cluster, spec, options)
         kind = BY_NAME[spec.kind]
@@ -126,12 +162,13 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
             raise ConfigError(f"render.fps={variant.render.fps}: {variant.model.path} renders its sound for "
                               f"{SOUND_FPS} fps video (rule: render.fps={SOUND_FPS})")
         stamp = Stamp(model=variant.model.path, format=cfg.output.format, fps=variant.render.fps, options=options,
-                      sound=dataset.sound if kind.upscales else kind.output == VIDEO_AUDIO and options.sample_audio)
+                      sound=dataset.sound if kind.upscales else kind.output == VIDEO_AUDIO and options.sample_audio,
+                      folder=IMAGES_DIR if kind.output == IMAGE else VIDEOS_DIR, revision=variant.model.revision)
         # 4. What the output prefix holds (read once): rows committed with other parameters are refused unless forced.
         outputs = outputs.with_stamp(stamp) if outputs else OutputState(storage, stamp, force=force)
         images = ImageReader(cfg.input.path, cfg.input.storage_options) if kind.image != NO_IMAGE else None
-        validator = RowValidator(replace(cfg, render=variant.render), spec, ids, images)
+        validator = RowValidator(replace(cfg, render=variant.render), spec, ids, images, carried)
         lanes.append(Lane(variant, spec, stamp, validator, outputs))
     for lane in lanes:
         check_conflicts(lane.state, committed_tasks(dataset, lane, sweep, cfg.render.seed), cfg.output.uri)
-    return Checked(dataset, storage, sweep, lanes)
+    return Checked(dataset, storage, sweep, lanes, job_schema(carried_schema))

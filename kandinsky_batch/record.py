@@ -10,6 +10,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 
+from kandinsky_batch.storage import object_key, poster_key
 from pipelines.request import RenderOptions
 
 
@@ -29,6 +30,14 @@ class Stamp:
     options: RenderOptions = field(default_factory=RenderOptions)
     sound: bool = False
     """Whether the model renders sound (Kandinsky 6): raw frames then come with their waveform, in an `.npz`."""
+    folder: str = "videos"
+    """The prefix's folder of the rows' objects: `videos`, or `images` for a still-image model."""
+    revision: str | None = None
+    """The hub revision (`model.revision`) the model is pinned to, or None."""
+
+    def keys(self, row_id: str) -> tuple[str, str]:
+        """(object key, poster key) of a row under the output prefix: where its render and its poster go."""
+        return object_key(row_id, self.extension, self.folder), poster_key(row_id)
 
     @property
     def extension(self) -> str:
@@ -37,7 +46,7 @@ class Stamp:
 
     @functools.cached_property
     def fields(self) -> dict:
-        return {"model": self.model, "format": self.format, "fps": self.fps,
+        return {"model": self.model, "model_revision": self.revision, "format": self.format, "fps": self.fps,
                 "options": recorded_options(self.options), "approximate": self.options.approximate}
 
     def row(self, values: dict, **outcome) -> dict:

@@ -24,7 +24,7 @@ from kandinsky_batch.manifest import latest_outcomes, read_columns
 from kandinsky_batch.poster import poster
 from kandinsky_batch.record import Stamp
 from kandinsky_batch.rows import Task
-from kandinsky_batch.storage import Storage, object_key, poster_key
+from kandinsky_batch.storage import IMAGES_DIR, VIDEOS_DIR, Storage
 from kandinsky_batch.video import decode
 
 # What decides a row's pixels and bytes: if any differs, an old object is not this row's output.
@@ -97,7 +97,7 @@ class OutputState:
         # columns that decide identity are read, so a large manifest costs its prompts and little else.
         self.outcomes = latest_outcomes(read_columns(storage, OUTCOME_COLUMNS, _digested))
         self.committed = int(pc.sum(pc.equal(self.outcomes["status"], "ok")).as_py() or 0)
-        self.objects = pa.array(storage.list("videos"), pa.string())
+        self.objects = pa.array(storage.list(VIDEOS_DIR) + storage.list(IMAGES_DIR), pa.string())
 
     def with_stamp(self, stamp: Stamp) -> "OutputState":
         """The same outputs (read once) seen by another model of the job: its rows carry `stamp`'s values."""
@@ -126,7 +126,7 @@ class OutputState:
         result = Split()
         previous = self._previous([t.id for t in tasks])
         ext = self.stamp.extension
-        keys = [object_key(t.id, ext) for t in tasks]
+        keys = [self.stamp.keys(t.id)[0] for t in tasks]
         present = (pc.is_in(pa.array(keys, pa.string()), self.objects).to_pylist() if len(self.objects)
                    else [False] * len(tasks))
         for task, key, exists in zip(tasks, keys, present):
@@ -147,11 +147,11 @@ class OutputState:
                           and not self.stamp.options.expand_prompts else None)
                 if frames is not None:
                     # Its poster, made from the decoded frames; one already there (the same render's) stands.
-                    still = poster_key(task.id)
+                    still = self.stamp.keys(task.id)[1]
                     self.storage.put_bytes_if_absent(still, poster(frames))
                     result.adopted.append(self.stamp.row(
-                        task.row(), status="ok", error=None, uri=self.storage.url(key), bytes=len(data),
-                        sha256=hashlib.sha256(data).hexdigest(), poster=self.storage.url(still), attempts=0,
+                        task.row(), status="ok", error=None, key=key, bytes=len(data),
+                        sha256=hashlib.sha256(data).hexdigest(), poster_key=still, attempts=0,
                         worker="adopted"))
                     continue
                 # Truncated, corrupt, or left by a failed row: this run's render replaces it.

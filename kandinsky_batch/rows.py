@@ -25,6 +25,8 @@ from pipelines.kinds import BY_NAME, IMAGE_REQUIRED, NO_IMAGE
 MAX_ID_CHARS = 256
 MAX_STEPS = 1000
 PARAMS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")
+SWEEP_CELL_COLUMNS = ("sweep_model", "sweep_seed_index")
+"""A sweep cell's axis values as typed columns (set by `Sweep.expand`), named apart from the effective model and seed."""
 # Unicode categories an id may not contain: controls, format (zero-width, bidi), surrogates, private use,
 # and line/paragraph separators (they split log lines).
 _BAD_ID_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")
@@ -66,16 +68,18 @@ class Task:
     """Replace an object already under this row's key (a forced re-render, a truncated orphan)."""
     text_tokens: tuple = (0, 0)
     """Tokens of the prompt and the effective negative prompt: rows batch together only when equal."""
+    carried: tuple = field(default=(), repr=False)
+    """(manifest column, value) of the input columns the job carries through to the manifest unread."""
 
     def request(self) -> RenderRequest:
-        fields = self.row()
+        fields = {name: getattr(self, name) for name in _ROW_FIELDS}
         for name in ("id", "row_index", "sweep", "image_uri", "image_sha256", "source_uri", "source_sha256"):
             del fields[name]
         return RenderRequest(**fields, image=self.image, video=self.source)
 
     def row(self) -> dict:
-        """The task's manifest fields: its id, position and effective parameters."""
-        return {name: getattr(self, name) for name in _ROW_FIELDS}
+        """The task's manifest fields: its id, position, effective parameters and the input's carried columns."""
+        return {**{name: getattr(self, name) for name in _ROW_FIELDS}, **dict(self.carried)}
 
     def batch_key(self) -> tuple:
         """Rows with equal keys can share one batched forward. The transformer has no text attention
@@ -92,7 +96,8 @@ class Task:
         return self.tokens() * self.num_inference_steps * (2 if self.guidance_scale > 1.0 else 1)
 
 
-_ROW_FIELDS = tuple(f.name for f in fields(Task) if f.name not in ("overwrite", "text_tokens", "image", "source"))
+_ROW_FIELDS = tuple(f.name for f in fields(Task)
+                    if f.name not in ("overwrite", "text_tokens", "image", "source", "carried"))
 
 
 def _id_error(row_id: str | None) -> str | None:
@@ -281,11 +286,14 @@ class Validated:
     invalid: list[dict]
     done: list[tuple[str, int]] = field(default_factory=list)
     """(id, row_index) of rows already committed with these effective values (see `RowValidator.validate`)."""
+    carried: list[tuple] = field(default_factory=list)
+    """Per valid row (in `tasks`' order): its carried input columns as (manifest column, value) pairs."""
 
     def task_list(self) -> list[Task]:
+        carried = self.carried or [()] * self.tasks.num_rows
         return [Task(**{k: v for k, v in row.items() if k not in ("prompt_tokens", "negative_tokens")},
-                     text_tokens=(row["prompt_tokens"], row["negative_tokens"]))
-                for row in self.tasks.to_pylist()]
+                     text_tokens=(row["prompt_tokens"], row["negative_tokens"]), carried=extra)
+                for row, extra in zip(self.tasks.to_pylist(), carried)]
 
 
 TASK_SCHEMA = pa.schema([
@@ -312,8 +320,11 @@ class RowValidator:
     once (the default negative prompt repeats on every row). Nothing per row outlives the batch.
     """
 
-    def __init__(self, cfg: JobConfig, spec: ModelSpec, ids: IdIndex, images: ImageReader | None = None):
+    def __init__(self, cfg: JobConfig, spec: ModelSpec, ids: IdIndex, images: ImageReader | None = None,
+                 carried: dict[str, str] | None = None):
         self.defaults, self.spec, self.ids = cfg.render, spec, ids
+        self.carried = {**(carried or {}), **{name: name for name in SWEEP_CELL_COLUMNS}}
+        """Input column -> manifest column of what goes through unread (the user's columns, a sweep cell's axes)."""
         self.kind = BY_NAME[spec.kind]
         if not self.kind.frames:  # one image: the config's frame count (a video default) does not apply
             self.defaults = replace(cfg.render, num_frames=1)
@@ -353,6 +364,7 @@ class RowValidator:
         guidance = [float(g) for g in params["guidance_scale"]]
         effective = [self.spec.negative_prompt(d.negative_prompt if neg is None else neg, g)
                      for g, neg in zip(guidance, negatives)]
+        carried = self._carried(batch)
         # 1. Effective values of every row; rows committed with exactly these are done.
         candidates, skipped = [], []
         for i in range(n):
@@ -366,6 +378,7 @@ class RowValidator:
             image = images[i]
             candidate["image_uri"] = image.uri if isinstance(image, Conditioning) else None
             candidate["image_sha256"] = image.sha256 if isinstance(image, Conditioning) else None
+            candidate.update((name, values[i]) for name, values in carried)
             candidates.append(candidate)
             skipped.append(done is not None and positions[i] not in self.ids.errors and not (errors and i in errors)
                            and done(candidate))
@@ -398,8 +411,13 @@ class RowValidator:
                 valid.append(candidate)
             else:
                 invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
-        return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished)
+        return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished,
+                         [tuple((name, row[name]) for name, _ in carried) for row in valid])
 
+    def _carried(self, batch: pa.Table) -> list[tuple[str, list]]:
+        """(manifest column, values) of the batch's columns that go through to the manifest unread."""
+        return [(manifest, batch.column(name).to_pylist()) for name, manifest in self.carried.items()
+                if name in batch.column_names]
 
     def _validate_sources(self, batch: pa.Table, rows: np.ndarray, done: Callable[[dict], bool] | None) -> Validated:
         """Rows of another job's manifest (`kandinsky_batch.upscale`) to upscale: each source row that rendered

@@ -74,16 +74,34 @@ def _stem(row_id: str) -> str:
     return f"{cleaned}-{digest}"
 
 
-def object_key(row_id: str, fmt: str) -> str:
-    """Deterministic key `videos/{safe}.{fmt}` for a row id; never leaves `videos/`."""
+# The output layout: rows' objects sit under one of these folders of the prefix, keyed by their row id.
+VIDEOS_DIR, IMAGES_DIR, POSTERS_DIR = "videos", "images", "posters"
+OBJECT_DIRS = (VIDEOS_DIR, IMAGES_DIR, POSTERS_DIR)
+
+
+def object_key(row_id: str, fmt: str, folder: str = VIDEOS_DIR) -> str:
+    """Deterministic key `{folder}/{safe}.{fmt}` for a row id (`videos/`, or `images/` for a still-image model)."""
     if not _FORMAT.fullmatch(fmt):
         raise ValueError(f"format must match [a-z0-9]{{1,16}}, got {fmt!r}")
-    return f"videos/{_stem(row_id)}.{fmt}"
+    if folder not in (VIDEOS_DIR, IMAGES_DIR):
+        raise ValueError(f"object folder must be {VIDEOS_DIR!r} or {IMAGES_DIR!r}, got {folder!r}")
+    return f"{folder}/{_stem(row_id)}.{fmt}"
 
 
 def poster_key(row_id: str) -> str:
     """Deterministic key `posters/{safe}.jpg` of a row's poster: the same stem as its video's key."""
-    return f"posters/{_stem(row_id)}.jpg"
+    return f"{POSTERS_DIR}/{_stem(row_id)}.jpg"
+
+
+def key_from_uri(uri: str | None) -> str | None:
+    """The key of an object recorded by its absolute URI (outputs written before the `key` column): its folder
+    and file name, so an output that was moved since still resolves. None if the URI is not in the layout."""
+    if not uri:
+        return None
+    parts = uri.rstrip("/").rsplit("/", 2)
+    if len(parts) < 3 or parts[-2] not in OBJECT_DIRS or not parts[-1]:
+        return None
+    return f"{parts[-2]}/{parts[-1]}"
 
 
 def _walk(path: str):

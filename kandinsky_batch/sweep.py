@@ -68,6 +68,8 @@ class Cell:
     """Id parts in axis order, without the model's."""
     values: dict = field(default_factory=dict)
     """Axis values recorded in the manifest's `sweep` column, without the model's."""
+    seed_index: int | None = None
+    """Which value of the seeds axis the cell takes (the manifest's `sweep_seed_index`), None without one."""
 
 
 def _part(axis: str, value) -> str:
@@ -210,14 +212,14 @@ class Sweep:
                 axes.append([(axis, float(v) if axis == "guidance_scale" else v) for v in values])
         seeds = _seeds(cfg, sweep["seeds"]) if "seeds" in sweep else [None]
         cells = []
-        for combo in itertools.product(*axes, seeds):
-            *render, seed = combo
+        for combo in itertools.product(*axes, list(enumerate(seeds))):
+            *render, (seed_index, seed) = combo
             parts = tuple(_part(axis, value) for axis, value in render)
             values = dict(render)
             if seed is not None:
                 parts += (f"seed-{seed[1]}",)
                 values["seed"] = seed[1]
-            cells.append(Cell(dict(render), seed, parts, values))
+            cells.append(Cell(dict(render), seed, parts, values, None if seed is None else seed_index))
         if len(cells) * len(models) > MAX_CELLS:
             raise ConfigError(f"sweep: {len(cells) * len(models)} cells per input row (rule: at most {MAX_CELLS})")
         return cls(models, cells, "model" in sweep)
@@ -263,6 +265,11 @@ class Sweep:
                 seeds = [_cell_seed(None, job_seed, i) if s is None else s for i, s in zip(base, own)]
             table = _set(table, "seed", pa.array(seeds, pa.int64()))
             table = _set(table, "sweep", pa.array([values] * table.num_rows, pa.string()))
+            # The cell's axis values typed, named apart from the effective `model` (a path) and `seed` (a number).
+            if self.swept_models:
+                table = _set(table, "sweep_model", pa.array([variant.label] * table.num_rows, pa.string()))
+            if cell.seed_index is not None:
+                table = _set(table, "sweep_seed_index", pa.array([cell.seed_index] * table.num_rows, pa.int64()))
             tables.append(table)
         return pa.concat_tables(tables, promote_options="permissive"), np.tile(rows, len(tables)), errors
 

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from kandinsky_batch.dataset import Dataset, InputError
 from kandinsky_batch.manifest import MANIFEST_DIR, SUCCESS_KEY, read_success
-from kandinsky_batch.storage import Storage
+from kandinsky_batch.storage import Storage, key_from_uri
 from kandinsky_batch.video import decode_av, decode_mp4, decode_npy, decode_npz, encode, encode_av_copy
 from pipelines.kinds import Clip
 
@@ -54,8 +54,12 @@ class SourceManifest:
         if read_success(Storage(path, storage_options)) is None:
             raise InputError(f"input.path={path!r}: the job writing there has not finished (no {SUCCESS_KEY}); "
                              "an sr job upscales a finished job's videos: run or resume that job first")
+        self._storage = Storage(path, storage_options)
         self._manifest = Dataset(f"{path.rstrip('/')}/{MANIFEST_DIR}", storage_options)
-        missing = [c for c in ("uri", *RENAMED) if c not in self._manifest.schema.names]
+        names = self._manifest.schema.names
+        # Outputs record their objects by key (relative to the prefix); older ones by absolute URI.
+        self._located = [c for c in ("key", "uri") if c in names]
+        missing = [c for c in RENAMED if c not in names] + ([] if self._located else ["key"])
         if missing:
             raise InputError(f"input.path={path!r}: its manifest lacks columns {missing} (not a kandinsky-batch output)")
         self.schema, self.num_rows = SCHEMA, self._manifest.num_rows
@@ -64,11 +68,16 @@ class SourceManifest:
         """Whether the source's clips have sound (Kandinsky 6): the upscaled clips keep it."""
 
     def batches(self, columns: list[str] | None = None, batch_size: int = 8192) -> Iterator[pa.Table]:
-        for raw in self._manifest.batches(["uri", *RENAMED], batch_size=batch_size):
-            ok = pc.fill_null(pc.equal(raw["status"], "ok"), False)
+        for raw in self._manifest.batches([*self._located, *RENAMED], batch_size=batch_size):
+            ok = pc.fill_null(pc.equal(raw["status"], "ok"), False).to_pylist()
+            keys = raw["key"].to_pylist() if "key" in raw.column_names else [None] * raw.num_rows
+            uris = raw["uri"].to_pylist() if "uri" in raw.column_names else [None] * raw.num_rows
+            keys = [k if k is not None else key_from_uri(u) for k, u in zip(keys, uris)]
             table = pa.table({
                 **{new: raw[old] for old, new in RENAMED.items()},
-                "source_uri": pc.if_else(ok, raw["uri"], pa.scalar(None, pa.string())),
+                # Where the clip is now: the source prefix may have been moved since its job wrote it.
+                "source_uri": pa.array([self._storage.url(k) if good and k else None for k, good in zip(keys, ok)],
+                                       pa.string()),
             })
             table = pa.Table.from_arrays([table[f.name].cast(f.type) for f in SCHEMA], schema=SCHEMA)
             yield table if columns is None else table.select(columns)

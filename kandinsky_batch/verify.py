@@ -16,22 +16,16 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from .manifest import STATUSES, read_manifest, read_parts, read_success
-from .storage import Storage
+from .storage import OBJECT_DIRS, Storage
 
-VIDEOS_DIR = "videos"
-POSTERS_DIR = "posters"
 _CHECK_THREADS = 16  # objects are checked concurrently: verification is dominated by round trips
 
 
 def _check_object(storage: Storage, row: dict) -> tuple[str | None, str | None]:
     """(key, problem) for one ok row; key is None when the uri cannot be mapped to a key."""
-    rid = row["id"]
-    if row["uri"] is None or row["bytes"] is None or row["sha256"] is None:
-        return None, f"id={rid!r}: ok row lacks uri, bytes or sha256"
-    try:
-        key = storage.key_of(row["uri"])
-    except ValueError as exc:
-        return None, f"id={rid!r}: {exc}"
+    rid, key = row["id"], row["key"]
+    if key is None or row["bytes"] is None or row["sha256"] is None:
+        return None, f"id={rid!r}: ok row lacks key, bytes or sha256"
     size = storage.size(key)
     if size is None:
         return key, f"id={rid!r}: object {key} is missing"
@@ -45,13 +39,9 @@ def _check_object(storage: Storage, row: dict) -> tuple[str | None, str | None]:
 
 def _check_poster(storage: Storage, row: dict, predates_posters: bool) -> tuple[str | None, str | None]:
     """(key, problem) for one ok row's poster; key is None when it has none or the uri cannot be mapped."""
-    rid = row["id"]
-    if row["poster"] is None:
+    rid, key = row["id"], row["poster_key"]
+    if key is None:
         return None, None if predates_posters else f"id={rid!r}: ok row has no poster"
-    try:
-        key = storage.key_of(row["poster"])
-    except ValueError as exc:
-        return None, f"id={rid!r}: poster {exc}"
     try:
         data = storage.get_bytes(key)
     except FileNotFoundError:
@@ -101,8 +91,8 @@ def verify(uri: str, storage_options: dict | None = None) -> list[str]:
         problems.append(f"id={row['id']!r}: status {row['status']!r} is not one of {list(STATUSES)}")
 
     ok = table.filter(pc.equal(table["status"], "ok"))
-    ok_rows = ok.select(["id", "uri", "bytes", "sha256", "poster", "finished_at"]).to_pylist()
-    first_poster = pc.min(ok.filter(pc.is_valid(ok["poster"]))["finished_at"]).as_py()
+    ok_rows = ok.select(["id", "key", "bytes", "sha256", "poster_key", "finished_at"]).to_pylist()
+    first_poster = pc.min(ok.filter(pc.is_valid(ok["poster_key"]))["finished_at"]).as_py()
 
     def check(row: dict) -> list[tuple[str | None, str | None]]:
         # Null finished_at ranks oldest, as in the manifest's own resolution.
@@ -114,7 +104,7 @@ def verify(uri: str, storage_options: dict | None = None) -> list[str]:
     referenced = {key for key, _ in results if key is not None}
     problems.extend(problem for _, problem in results if problem is not None)
 
-    for key in storage.list(VIDEOS_DIR) + storage.list(POSTERS_DIR):
+    for key in (key for folder in OBJECT_DIRS for key in storage.list(folder)):
         if key not in referenced:
             problems.append(f"stray object {key}: no ok manifest row refers to it")
     return problems

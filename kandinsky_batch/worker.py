@@ -21,10 +21,10 @@ from kandinsky_batch.images import read as read_image
 from kandinsky_batch.poster import poster
 from kandinsky_batch.record import BatchResult, Stamp
 from kandinsky_batch.rows import Task
-from kandinsky_batch.storage import Storage, StorageUnavailable, object_key, poster_key
+from kandinsky_batch.storage import Storage, StorageUnavailable
 from kandinsky_batch.upscale import encode_upscaled, read_source
 from kandinsky_batch.video import encode
-from pipelines import ParallelSpec, RenderOptions, open_renderer, resolve_model
+from pipelines import ParallelSpec, RenderOptions, open_renderer, resolve_model, weights_fingerprint
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,11 @@ class RenderWorker:
         group = "" if self.spec.group == "default" else f"{self.spec.group}/"
         return f"{group}replica{self.replica}@{socket.gethostname()}:{os.getpid()}:{where}"
 
+    @functools.cached_property
+    def weights(self) -> str:
+        """The fingerprint of the weights this replica renders with (recorded on every row it commits)."""
+        return weights_fingerprint(self.spec.model_path, self.spec.model_storage_options)
+
     def ready(self) -> dict:
         """Answer once the model is loaded: the driver waits for this before queueing rows."""
         import ray
@@ -221,7 +226,7 @@ class RenderWorker:
             data = (encode(rendered, self.spec.stamp.format, self.spec.stamp.fps) if task.source is None
                     else encode_upscaled(rendered, task.source, self.spec.stamp.format, self.spec.stamp.fps))
             still = poster(frames)  # before any commit: a poster that cannot be made fails the row, leaving nothing
-            key, still_key = object_key(task.id, self.spec.stamp.extension), poster_key(task.id)
+            key, still_key = self.spec.stamp.keys(task.id)
             if not self._put(key, data, task.overwrite):
                 # An earlier attempt of this row committed first (its replica died before answering):
                 # objects are created at most once per key, so that one stands and is what we record.
@@ -233,8 +238,8 @@ class RenderWorker:
             raise
         except Exception as exc:  # noqa: BLE001 - an encode or poster error fails this row only
             return {**row, "status": "failed", "error": _describe(exc)}
-        return {**row, "status": "ok", "error": None, "uri": self.storage.url(key), "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(), "poster": self.storage.url(still_key)}
+        return {**row, "status": "ok", "error": None, "key": key, "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(), "poster_key": still_key, "weights": self.weights}
 
     def _put(self, key: str, data: bytes, overwrite: bool) -> bool:
         """Write an object (replacing one when the task overwrites, else create-only); False if it stood already."""

@@ -89,6 +89,19 @@ def preset(path: str) -> tuple[str, int] | None:
     return name, int(value) if sep else 0
 
 
+def split_revision(path: str) -> tuple[str, str | None]:
+    """(hub id, revision) of a hub id pinned as `ORG/NAME@REVISION` (`pinned`); (path, None) for any other path."""
+    if _is_uri(path) or os.path.isdir(path) or "@" not in path:
+        return path, None
+    name, _, revision = path.rpartition("@")
+    return name, revision or None
+
+
+def pinned(path: str, revision: str | None) -> str:
+    """The model path that pins a hub id to `model.revision` (the form `resolve_model` and `split_revision` read)."""
+    return path if revision is None else f"{path}@{revision}"
+
+
 def resolve_model(path: str, storage_options: dict | None = None, spec_only: bool = False) -> str:
     """Turn `model.path` into something `from_pretrained` loads: a local directory or a hub id.
 
@@ -100,10 +113,11 @@ def resolve_model(path: str, storage_options: dict | None = None, spec_only: boo
         return str(_copy_once(path, storage_options, SPEC_FILES if spec_only else None))
     if os.path.isdir(path):
         return path
-    if spec_only:
+    repo, revision = split_revision(path)
+    if spec_only or revision is not None:  # a pinned snapshot loads from its own folder, weights and all
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(path, allow_patterns=SPEC_FILES)
+        return snapshot_download(repo, revision=revision, allow_patterns=SPEC_FILES if spec_only else None)
     return path
 
 

@@ -63,7 +63,7 @@ def test_text_to_image_renders_images_as_plain_diffusers(tmp_path, ray_local):
     plain = _pipe("Kandinsky5T2IPipeline", "tiny-t2i")
     for rid in ("cat", "dog"):
         row = manifest[rid]
-        assert row["num_frames"] == 1 and row["uri"].endswith(f"/videos/{rid}.png")
+        assert row["num_frames"] == 1 and row["key"] == f"images/{rid}.png"  # stills under images/
         image = decode(storage.get_bytes(storage.key_of(row["uri"])), "png")
         want = plain(prompt=row["prompt"], negative_prompt=row["negative_prompt"], height=640, width=1408,
                      num_inference_steps=2, guidance_scale=row["guidance_scale"],

@@ -36,9 +36,10 @@ def test_schema_columns_in_order():
     assert SCHEMA.names[:4] == ["id", "row_index", "prompt", "negative_prompt"]
     assert SCHEMA.names == [
         "id", "row_index", "prompt", "negative_prompt", "expanded_prompt", "image_uri", "image_sha256", "source_uri",
-        "source_sha256", "status", "error", "uri", "bytes",
-        "sha256", "poster", "seed", "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps",
-        "format", "audio_sample_rate", "audio_seconds", "model", "sweep", "worker", "gang", "options", "approximate", "attempts", "render_seconds", "finished_at",
+        "source_sha256", "status", "error", "key", "uri", "bytes", "sha256", "poster_key", "poster", "seed", "height",
+        "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "format", "audio_sample_rate",
+        "audio_seconds", "model", "model_revision", "weights", "sweep", "sweep_model", "sweep_seed_index", "worker",
+        "gang", "options", "approximate", "attempts", "render_seconds", "finished_at",
     ]
     assert not SCHEMA.field("id").nullable
     assert str(SCHEMA.field("finished_at").type) == "timestamp[us, tz=UTC]"

@@ -124,6 +124,10 @@ def test_row_columns_override_axes_and_explicit_seeds_apply_to_every_row(tmp_pat
     assert by_id["cat__steps-16__seed-11"].num_inference_steps == 7  # the row's own value wins, as recorded
     assert by_id["dog__steps-16__seed-11"].num_inference_steps == 16
     assert {t.seed for t in tasks} == {11, 12}
+    # The cell's seed axis as a typed column apart from the effective seed: its position in the list.
+    assert by_id["dog__steps-4__seed-12"].row()["sweep_seed_index"] == 1
+    assert by_id["dog__steps-4__seed-11"].row()["sweep_seed_index"] == 0
+    assert "sweep_model" not in by_id["dog__steps-4__seed-11"].row()  # no model axis
 
 
 def test_invalid_cells_name_the_axis_value_and_rule_and_the_rest_of_the_grid_renders(tmp_path):
@@ -168,7 +172,8 @@ def test_a_two_model_sweep_renders_each_cell_once_on_its_model_as_plain_diffuser
         assert row["worker"].startswith(cell["model"] + "/replica"), row["worker"]  # a replica of its model
         assert row["num_inference_steps"] == cell["num_inference_steps"]
         assert row["seed"] == derive_seed(cfg.render.seed + cell["seed"], row["id"].split("__")[0])
-        frames = decode(storage.get_bytes(storage.key_of(row["uri"])), "npy")
+        assert (row["sweep_model"], row["sweep_seed_index"]) == (cell["model"], cell["seed"])  # typed, apart
+        frames = decode(storage.get_bytes(row["key"]), "npy")
         np.testing.assert_array_equal(frames, oracle(pipes[row["model"]], row), err_msg=row["id"])
         differs += not np.array_equal(frames, oracle(pipes["tiny:1" if row["model"] == "tiny" else "tiny"], row))
     assert differs == 24  # the two models really are two models

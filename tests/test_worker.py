@@ -70,9 +70,10 @@ def test_an_ok_row_commits_its_poster_of_the_same_frames(output_target):
     worker = _worker(*output_target)
     [row] = worker.render([(_task("clip-1"), 1)], ticket=0).rows
     storage = worker.storage
-    assert row["status"] == "ok" and row["poster"] == storage.url(poster_key("clip-1"))
-    frames = decode(storage.get_bytes(storage.key_of(row["uri"])), "npy")
-    assert storage.get_bytes(storage.key_of(row["poster"])) == poster(frames)
+    assert row["status"] == "ok" and row["poster_key"] == poster_key("clip-1")
+    assert row["key"] == "videos/clip-1.npy" and "uri" not in row  # located by key, relative to the prefix
+    frames = decode(storage.get_bytes(row["key"]), "npy")
+    assert storage.get_bytes(row["poster_key"]) == poster(frames)
     assert storage.list("posters") == ["posters/clip-1.jpg"]
 
 
@@ -81,7 +82,7 @@ def test_an_earlier_attempts_poster_stands_unless_the_task_overwrites(output_tar
     storage = worker.storage
     storage.put_bytes(poster_key("clip-1"), poster(_clip(10)))  # an earlier attempt's (its replica then died)
     row = worker._commit(_task("clip-1"), {"id": "clip-1"}, _clip(200), 0.1)
-    assert row["status"] == "ok" and row["poster"] == storage.url(poster_key("clip-1"))
+    assert row["status"] == "ok" and row["poster_key"] == poster_key("clip-1")
     assert storage.get_bytes(poster_key("clip-1")) == poster(_clip(10))
     row = worker._commit(_task("clip-1", overwrite=True), {"id": "clip-1"}, _clip(200), 0.1)
     assert row["status"] == "ok" and storage.get_bytes(poster_key("clip-1")) == poster(_clip(200))
@@ -96,7 +97,7 @@ def test_a_poster_error_fails_the_row_and_commits_nothing(output_target, monkeyp
     monkeypatch.setattr(worker_module, "poster", broken)
     [row] = worker.render([(_task("clip-1"), 1)], ticket=0).rows
     assert row["status"] == "failed" and "encoder JPEG not available" in row["error"]
-    assert row.get("poster") is None and row.get("uri") is None
+    assert row.get("poster_key") is None and row.get("key") is None
     assert worker.storage.list("videos") == [] and worker.storage.list("posters") == []
 
 
@@ -126,5 +127,5 @@ def test_an_expanded_prompt_is_recorded_with_its_render(output_target):
     row = worker._commit(_task("clip-1"), {"id": "clip-1"}, Clip(_clip(30), prompt="a cat, in the rain"), 0.1)
     assert row["status"] == "ok" and row["expanded_prompt"] == "a cat, in the rain"
     assert "audio_sample_rate" not in row
-    assert np.array_equal(decode(worker.storage.get_bytes(worker.storage.key_of(row["uri"])), "npy"), _clip(30))
+    assert np.array_equal(decode(worker.storage.get_bytes(row["key"]), "npy"), _clip(30))
     assert "expanded_prompt" not in worker._commit(_task("clip-2"), {"id": "clip-2"}, _clip(30), 0.1)
