@@ -146,7 +146,9 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
     ids = IdIndex.build(id_column, dataset.num_rows, cfg.output.format)
     storage = Storage(cfg.output.uri, cfg.output.storage_options, retries=cfg.output.retries,
                       backoff=cfg.output.retry_backoff)
-    carried, carried_schema = carried_columns(dataset.schema)
+    # The input's unread columns go through to the manifest (an upscale's: those its source job carried).
+    carried, carried_schema = (({name: name for name in dataset.carried.names}, dataset.carried) if upscale
+                               else carried_columns(dataset.schema))
     outputs = None
     lanes = []
     for variant in sweep.models:

@@ -426,6 +426,7 @@ class RowValidator:
 
         d, scale = self.defaults, self.scale or DEFAULT_SCALE
         columns = batch.to_pydict()
+        carried = self._carried(batch)
         ids = row_ids(batch.column("id"), rows).to_pylist()
         valid, invalid, finished = [], [], []
         for i, position in enumerate(rows.tolist()):
@@ -437,6 +438,7 @@ class RowValidator:
                              num_frames=source["source_frames"], num_inference_steps=d.num_inference_steps,
                              guidance_scale=1.0, sweep=None, image_uri=None, image_sha256=None,
                              source_uri=source["source_uri"], source_sha256=source["source_sha256"])
+            candidate.update((name, values[i]) for name, values in carried)  # the first stage's carried columns
             error = self.ids.errors.get(position) or _source_error(source, d.fps)
             if error is None:
                 try:
@@ -452,7 +454,8 @@ class RowValidator:
                 valid.append({**candidate, "image": None, "prompt_tokens": 0, "negative_tokens": 0})
             else:
                 invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
-        return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished)
+        return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished,
+                         [tuple((name, row[name]) for name, _ in carried) for row in valid])
 
     def _images(self, values: list) -> list:
         """Per row: its checked image (`Conditioning`), the error naming the `image` field, or None."""

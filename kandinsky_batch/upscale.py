@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from kandinsky_batch.dataset import Dataset, InputError
 from kandinsky_batch.manifest import MANIFEST_DIR, SUCCESS_KEY, read_success
+from kandinsky_batch.manifest import SCHEMA as MANIFEST
 from kandinsky_batch.storage import Storage, key_from_uri
 from kandinsky_batch.video import decode_av, decode_mp4, decode_npy, decode_npz, encode, encode_av_copy
 from pipelines.kinds import Clip
@@ -62,13 +63,15 @@ class SourceManifest:
         missing = [c for c in RENAMED if c not in names] + ([] if self._located else ["key"])
         if missing:
             raise InputError(f"input.path={path!r}: its manifest lacks columns {missing} (not a kandinsky-batch output)")
-        self.schema, self.num_rows = SCHEMA, self._manifest.num_rows
+        # The columns the source job carried through from its own input go on through this stage too.
+        self.carried = pa.schema([f for f in self._manifest.schema if f.name not in MANIFEST.names])
+        self.schema, self.num_rows = pa.schema([*SCHEMA, *self.carried]), self._manifest.num_rows
         rates = self._manifest.column("audio_sample_rate")
         self.sound = rates.null_count < len(rates)
         """Whether the source's clips have sound (Kandinsky 6): the upscaled clips keep it."""
 
     def batches(self, columns: list[str] | None = None, batch_size: int = 8192) -> Iterator[pa.Table]:
-        for raw in self._manifest.batches([*self._located, *RENAMED], batch_size=batch_size):
+        for raw in self._manifest.batches([*self._located, *RENAMED, *self.carried.names], batch_size=batch_size):
             ok = pc.fill_null(pc.equal(raw["status"], "ok"), False).to_pylist()
             keys = raw["key"].to_pylist() if "key" in raw.column_names else [None] * raw.num_rows
             uris = raw["uri"].to_pylist() if "uri" in raw.column_names else [None] * raw.num_rows
@@ -79,7 +82,8 @@ class SourceManifest:
                 "source_uri": pa.array([self._storage.url(k) if good and k else None for k, good in zip(keys, ok)],
                                        pa.string()),
             })
-            table = pa.Table.from_arrays([table[f.name].cast(f.type) for f in SCHEMA], schema=SCHEMA)
+            table = pa.Table.from_arrays([table[f.name].cast(f.type) for f in SCHEMA]
+                                         + [raw[name] for name in self.carried.names], schema=self.schema)
             yield table if columns is None else table.select(columns)
 
     def column(self, name: str) -> pa.ChunkedArray:

@@ -116,16 +116,20 @@ def test_source_clips_are_read_with_their_sound_and_checked(tmp_path):
 
 @pytest.mark.slow
 def test_upscale_job_renders_another_jobs_ok_videos_as_plain_diffusers(tmp_path, ray_local, sr_pipe):
-    rows = [{"id": "cat", "prompt": "a cat meowing"}, {"id": "dog", "prompt": "a dog barking"},
-            {"id": "odd", "prompt": "six frames", "num_frames": 6}]
+    rows = [{"id": "cat", "prompt": "a cat meowing", "caption": "meow"},
+            {"id": "dog", "prompt": "a dog barking", "caption": "woof"},
+            {"id": "odd", "prompt": "six frames", "num_frames": 6, "caption": None}]
     data = write_dataset(tmp_path / "in.parquet", rows)
     common = ["render.num_inference_steps=2", "render.fps=24", "cluster.replicas=1", "output.format=npy"]
     source = load_config(None, [f"input.path={data}", f"output.uri={tmp_path / 'k6'}", "model.path=tiny-k6",
                                 "render.height=64", "render.width=64", "render.num_frames=9", *common])
     first = run(source, progress=False)
     assert (first.ok, first.invalid) == (2, 1)
-    cfg = load_config(None, [f"input.path={tmp_path / 'k6'}", f"output.uri={tmp_path / 'sr'}", "model.path=tiny-sr",
-                             "model.resolution_scale=2", *common])
+    # The first stage's output, moved since its job wrote it: its manifest's keys resolve where it is now.
+    (tmp_path / "k6").rename(tmp_path / "k6-moved")
+    source.output.uri = str(tmp_path / "k6-moved")
+    cfg = load_config(None, [f"input.path={tmp_path / 'k6-moved'}", f"output.uri={tmp_path / 'sr'}",
+                             "model.path=tiny-sr", "model.resolution_scale=2", *common])
     result = run(cfg, progress=False)
     assert (result.ok, result.invalid) == (2, 1)
     src = {r["id"]: r for r in read_manifest(Storage(source.output.uri)).to_pylist()}
@@ -136,6 +140,7 @@ def test_upscale_job_renders_another_jobs_ok_videos_as_plain_diffusers(tmp_path,
         # The source row, recorded: its video and checksum, prompt and seed; the output is twice its size.
         assert (row["source_uri"], row["source_sha256"]) == (before["uri"], before["sha256"])
         assert (row["prompt"], row["seed"], row["num_frames"]) == (before["prompt"], before["seed"], 9)
+        assert row["caption"] == before["caption"] == {"cat": "meow", "dog": "woof"}[rid]  # carried through both stages
         assert (row["height"], row["width"], row["guidance_scale"]) == (128, 128, 1.0)
         assert json.loads(row["options"]) == {"resolution_scale": 2.0} and row["uri"].endswith(f"/videos/{rid}.npz")
         frames, audio, rate = decode_npz(storage.get_bytes(storage.key_of(row["uri"])))
@@ -151,7 +156,7 @@ def test_upscale_job_renders_another_jobs_ok_videos_as_plain_diffusers(tmp_path,
     assert run(cfg, progress=False).rendered == 0  # resume: nothing twice
     # Another scale is another output: refused on the same prefix without --force.
     with pytest.raises(Exception, match="resolution_scale"):
-        run(load_config(None, [f"input.path={tmp_path / 'k6'}", f"output.uri={tmp_path / 'sr'}",
+        run(load_config(None, [f"input.path={tmp_path / 'k6-moved'}", f"output.uri={tmp_path / 'sr'}",
                                "model.path=tiny-sr", "model.resolution_scale=4", *common]), progress=False)
 
 
