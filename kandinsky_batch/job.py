@@ -106,7 +106,7 @@ def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int) 
     )
     name = Intake.pool_name(lane, placement.group.name, lanes)
     return Pool(name, cluster.spawner(placement, spec, name), group=placement.group.name,
-                ranks=placement.parallel.world_size)
+                ranks=placement.parallel.world_size, stamp=lane.stamp)
 
 
 def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult:

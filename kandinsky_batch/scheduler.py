@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
-from kandinsky_batch.record import BatchResult
+from kandinsky_batch.record import BatchResult, Stamp
 from kandinsky_batch.rows import Task
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ class Pool:
     pending: deque = field(default_factory=deque)  # (task, attempts so far)
     group: str = ""
     ranks: int = 1
+    stamp: Stamp | None = None
+    """The job-level values of its model's manifest rows: the rows the queue settles itself carry them too."""
 
     def __post_init__(self) -> None:
         self.group = self.group or self.name
@@ -478,8 +480,12 @@ class WorkQueue:
             # The running batch counts an attempt; rows queued behind it never ran.
             self._requeue(slot.pool, lost[1:])
             for task, attempt in lost[0].batch:
-                self._settle(slot.pool, task, attempt, {**task.row(), "status": "failed", "attempts": attempt,
-                                                        "error": f"worker died: {exc}"})
+                # Built like the replica's own rows (`Stamp.row`): a sweep's failed row still names its model.
+                outcome = dict(status="failed", attempts=attempt, error=f"worker died: {exc}",
+                               worker=slot.info.get("worker"), gang=slot.info.get("gang"))
+                stamp = slot.pool.stamp
+                row = stamp.row(task.row(), **outcome) if stamp else {**task.row(), **outcome}
+                self._settle(slot.pool, task, attempt, row)
         else:
             self._requeue(slot.pool, lost)
         if was_starting and exc is not None:

@@ -132,7 +132,9 @@ def ray_local(model_cache) -> Iterator[None]:
 
     loopback_only()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1",
+    # `address="local"`: a fresh cluster even when a stale `ray start` left its address file on this host.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1",
              runtime_env={"worker_process_setup_hook": "tests.faults.install",
                           "env_vars": {"PYTHONPATH": root}})
     try:

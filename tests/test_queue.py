@@ -11,10 +11,11 @@ import itertools
 
 import pytest
 
-from kandinsky_batch.record import BatchResult
+from kandinsky_batch.record import BatchResult, Stamp
 from kandinsky_batch.rows import Task
 from kandinsky_batch.scheduler import (Pool, ReplicaLost, SlotState, StorageOutage, WindowList, WorkersFailed,
                                        WorkQueue)
+from pipelines.request import RenderOptions
 
 
 def _task(i: int, frames: int = 5) -> Task:
@@ -141,7 +142,9 @@ def _queue(world: World, tasks: list[Task], pools=("default",), **kwargs) -> tup
     source = WindowList([{pools[0]: tasks[i:i + 8]} for i in range(0, len(tasks), 8)])
     defaults = dict(max_attempts=3, on_row=rows.append, wait=world.wait, get=world.get, clock=world.clock,
                     tick_seconds=1.0, fleet_seconds=1.0, no_replica_timeout=60.0)
-    queue = WorkQueue([Pool(name, world.spawn(name)) for name in pools], world, source, **{**defaults, **kwargs})
+    stamp = kwargs.pop("stamp", None)
+    queue = WorkQueue([Pool(name, world.spawn(name), stamp=stamp) for name in pools], world, source,
+                      **{**defaults, **kwargs})
     return queue, rows
 
 
@@ -181,11 +184,16 @@ def test_a_row_that_kills_every_replica_fails_after_max_attempts():
     world = World({"default": 2})
     world.crash_rows = {"r5": 99}
     tasks = [_task(i) for i in range(12)]
-    queue, rows = _queue(world, tasks)
+    stamp = Stamp(model="sft", format="mp4", fps=24, options=RenderOptions(cache="magcache"))
+    queue, rows = _queue(world, tasks, stamp=stamp)
     queue.run()
     by_id = _once(rows, tasks)
     assert by_id["r5"]["status"] == "failed" and by_id["r5"]["attempts"] == 3
     assert "worker died" in by_id["r5"]["error"]
+    # The row the queue settles itself carries the job's values like a replica's own rows (`Stamp.row`).
+    row = by_id["r5"]
+    assert {k: row[k] for k in stamp.fields} == stamp.fields and row["options"] == '{"cache": "magcache"}'
+    assert row["worker"].startswith("default#") and "gang" in row
     assert all(r["status"] == "ok" for i, r in by_id.items() if i != "r5")
 
 
