@@ -61,7 +61,7 @@ def status(uri: str, storage_options: dict | None = None, now: datetime | None =
         for value, n in zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist()):
             counts[value] = n
     beat, success = heartbeat.read(storage), read_success(storage)
-    finished = datetime.fromisoformat(success["finished_at"]) if success else None
+    finished = datetime.fromisoformat(success["finished_at"]) if success and success.get("finished_at") else None
     if beat is not None and (finished is None or datetime.fromisoformat(beat["updated_at"]) > finished):
         age = heartbeat.age_seconds(beat, now)
         result = Status("running" if age < heartbeat.FRESH_SECONDS else "stale", counts, beat["run_id"],
@@ -74,7 +74,7 @@ def status(uri: str, storage_options: dict | None = None, now: datetime | None =
                 result.eta_seconds = left * 60 / result.rate_per_minute
         return result
     if success is not None:
-        return Status("finished", counts, success.get("run_id"), finished_at=success["finished_at"])
+        return Status("finished", counts, success.get("run_id"), finished_at=success.get("finished_at"))
     return Status("incomplete" if table.num_rows else "not started", counts)
 
 

@@ -160,7 +160,13 @@ def format_validation(v: Validation) -> str:
         for rule in v.rules:
             lines.append(f"  {rule.count:>6}  {rule.field}: {rule.rule}")
             lines.append(f"          e.g. id={rule.example_id!r}: {rule.example}")
-    lines.append(f"estimate: {_hours(v.gpu_hours)} for the {v.would_render} rows to render")
+    if v.gpu_hours is None:
+        calibrated = [m for m in v.models if m.gpu_hours is not None]
+        lines.append(f"estimate: {_hours(sum(m.gpu_hours for m in calibrated))} for "
+                     f"{sum(m.rows for m in calibrated)} of the {v.would_render} rows to render; the other "
+                     f"{sum(m.rows for m in v.models if m.gpu_hours is None)} not calibrated")
+    else:
+        lines.append(f"estimate: {_hours(v.gpu_hours)} for the {v.would_render} rows to render")
     for m in v.models:
         if not m.rows and len(v.models) > 1:
             continue

@@ -160,16 +160,27 @@ def test_an_upscale_source_manifest_is_limited_too(tmp_path):
     assert sum(b.num_rows for b in dataset.batches(batch_size=2)) == 3
 
 
-def test_a_run_with_nothing_to_render_honours_the_limit_and_clears_its_heartbeat(tmp_path):
+def test_a_run_with_nothing_to_render_honours_the_limit_and_clears_its_heartbeat(tmp_path, monkeypatch):
     from kandinsky_batch.job import run  # every row invalid: nothing renders, so Ray never starts
+
+    import kandinsky_batch.job as job
 
     rows = [{"id": f"r{i}", "prompt": f"p{i}", "num_frames": 8} for i in range(10)]
     cfg = _cfg(tmp_path, rows, "input.limit=4")
+    beats = []
+
+    def write_success_seeing_the_heartbeat(storage, summary):
+        beats.append(heartbeat.read(storage))
+        write_success(storage, summary)
+
+    monkeypatch.setattr(job, "write_success", write_success_seeing_the_heartbeat)
     result = run(cfg, progress=False)
     storage = Storage(cfg.output.uri)
     assert (result.rows, result.invalid) == (4, 4)
     assert read_manifest(storage)["id"].to_pylist() == ["r0", "r1", "r2", "r3"]
-    assert heartbeat.read(storage) is None and read_success(storage) is not None
+    # The heartbeat was there until _SUCCESS was written, then removed.
+    assert beats[0]["run_id"] == read_success(storage)["run_id"] and beats[0]["rows_total"] == 4
+    assert heartbeat.read(storage) is None
     found = status(cfg.output.uri)
     assert found.state == "finished" and found.rows == {"ok": 0, "invalid": 4, "failed": 0}
 
@@ -206,6 +217,8 @@ def test_status_follows_the_heartbeat_and_the_manifest(tmp_path):
     assert status(uri).state == "finished"
     beat.stop()
     assert heartbeat.read(storage) is None and status(uri).state == "finished"
+    storage.delete("_SUCCESS")
+    assert status(uri).state == "incomplete"
 
 
 def test_the_cli_validates_without_importing_ray_and_refuses_in_one_line(tmp_path, capsys):
