@@ -1,4 +1,5 @@
-"""`kandinsky-batch run | verify | report | build-tiny`; `python -m kandinsky_batch` is the same program."""
+"""`kandinsky-batch run | validate | status | verify | report | build-tiny`; `python -m kandinsky_batch` is the
+same program."""
 
 from __future__ import annotations
 
@@ -18,6 +19,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true",
                      help="re-render rows the output prefix holds with other parameters")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--dry-run", action="store_true", help="only validate: the same as `validate` (nothing starts)")
+    run.add_argument("--json", action="store_true", help="with --dry-run: print the report as JSON")
+    check = verbs.add_parser("validate", help="check every row as `run` would, without Ray or weights, writing "
+                             "nothing; count what run would do and estimate its GPU-hours")
+    check.add_argument("config", help="YAML job config (see configs/)")
+    check.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. input.limit=100")
+    check.add_argument("--force", action="store_true", help="as `run --force`: rows rendered with other parameters "
+                       "would be re-rendered (not refused)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    status = verbs.add_parser("status", help="rows ok / invalid / failed so far, and whether a job is running there")
+    status.add_argument("output_uri")
+    status.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     verify = verbs.add_parser("verify", help="check every ok row's object exists whole with its checksum")
     verify.add_argument("output_uri")
     verify.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
@@ -41,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
+    if args.dry_run:
+        return _validate(args)
     from kandinsky_batch.config import load_config
     from kandinsky_batch.job import run
 
@@ -50,6 +66,24 @@ def _run(args) -> int:
           f"({result.rendered} rendered, {result.skipped} already done, {result.adopted} adopted, "
           f"{result.retries} retries) in {result.seconds:.1f} s -> {cfg.output.uri}"
           + (f"; it also keeps {result.kept} rows of ids this input does not hold" if result.kept else ""))
+    return EXIT_OK
+
+
+def _validate(args) -> int:
+    from kandinsky_batch.config import load_config
+    from kandinsky_batch.validate import format_validation, validate
+
+    cfg = load_config(args.config, args.overrides)
+    found = validate(cfg, force=args.force)
+    print(json.dumps(found.to_dict(), indent=2) if args.json else format_validation(found))
+    return EXIT_OK
+
+
+def _status(args) -> int:
+    from kandinsky_batch.status import format_status, status
+
+    found = status(args.output_uri, json.loads(args.storage_options))
+    print(json.dumps(found.__dict__, indent=2) if args.json else format_status(found))
     return EXIT_OK
 
 
@@ -89,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after flags (`run cfg.yaml --force a=1 b=2`): argparse stops
     # collecting positionals at the first flag, so gather the rest here.
     args, extra = parser.parse_known_args(argv)
-    stray = [item for item in extra if item.startswith("-") or args.verb != "run"]
+    stray = [item for item in extra if item.startswith("-") or args.verb not in ("run", "validate")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if args.verb == "run":
+    if args.verb in ("run", "validate"):
         args.overrides = list(args.overrides) + extra
     from kandinsky_batch.config import ConfigError
     from kandinsky_batch.dataset import InputError
@@ -102,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     from kandinsky_batch.storage import StorageUnavailable
 
     try:
-        return {"run": _run, "verify": _verify, "report": _report, "build-tiny": _build_tiny}[args.verb](args)
+        return {"run": _run, "validate": _validate, "status": _status, "verify": _verify, "report": _report, "build-tiny": _build_tiny}[args.verb](args)
     except (ConfigError, InputError, ReportError, ResumeConflict) as exc:
         # Bad input is the user's to fix: one line, no traceback.
         print(f"error: {exc}", file=sys.stderr)

@@ -34,9 +34,13 @@ class InputConfig:
     """Parquet file or directory of Parquet files, at any fsspec URI."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options (credentials, endpoint) for `path`; never written anywhere."""
+    limit: Optional[int] = None
+    """Only the first N rows of the dataset (a smoke run): ids, validation, resume and the manifest see N rows."""
 
     def __post_init__(self) -> None:
         _require(bool(str(self.path).strip()), "input.path", self.path, "must name a Parquet file or directory")
+        if self.limit is not None:
+            _require(self.limit >= 1, "input.limit", self.limit, "must be >= 1 (or null: every row)")
 
 
 @dataclass

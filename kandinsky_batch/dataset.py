@@ -153,6 +153,38 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
                                 schema=schema)
 
 
+class Limited:
+    """The first `limit` rows of a dataset (`input.limit`): the `Dataset` interface, for a `Dataset` or an
+    upscale's `SourceManifest` alike, so ids, validation, resume and finalize all see those rows only."""
+
+    def __init__(self, dataset, limit: int):
+        self.dataset, self.limit = dataset, limit
+        self.num_rows = min(dataset.num_rows, limit)
+
+    def __getattr__(self, name: str):  # schema, path, an upscale source's `sound`, ...
+        return getattr(self.dataset, name)
+
+    def batches(self, columns: list[str] | None = None, batch_size: int = 8192) -> Iterator[pa.Table]:
+        left = self.num_rows
+        for batch in self.dataset.batches(columns, batch_size=batch_size):
+            if left <= 0:
+                return
+            yield batch if batch.num_rows <= left else batch.slice(0, left)
+            left -= batch.num_rows
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        return pa.chunked_array([t.column(0) for t in self.batches([name], batch_size=1 << 20)],
+                                self.schema.field(name).type)
+
+    def read(self) -> pa.Table:
+        return pa.concat_tables(self.batches())
+
+
+def limited(dataset, limit: int | None):
+    """`dataset`, or its first `limit` rows when a limit is set."""
+    return dataset if limit is None else Limited(dataset, limit)
+
+
 def read_table(path: str, storage_options: dict | None = None) -> pa.Table:
     """Read the whole dataset (a file, or a directory of `*.parquet` in name order) and check its columns."""
     return Dataset(path, storage_options).read()

@@ -54,6 +54,13 @@ def _keys(rows) -> pa.Table:
                                            pa.int64())}, schema=KEYS)
 
 
+def _expanded(batch: pa.Table, positions: np.ndarray, lane: "Lane", sweep: Sweep, job_seed: int):
+    """One model's cells of a batch of input rows: (cells, their rows, sweep errors, cell ids)."""
+    ids = row_ids(batch.column("id") if "id" in batch.column_names else None, positions)
+    cells, rows, errors = sweep.expand(batch, ids, positions, lane.variant, job_seed)
+    return cells, rows, errors, (row_ids(cells.column("id"), rows) if sweep.active else ids)
+
+
 def committed_tasks(dataset: Dataset, lane: "Lane", sweep: Sweep, job_seed: int,
                     rows: int = WINDOW_ROWS) -> Iterator[list[Task]]:
     """One model's tasks whose ids the manifest holds `ok`, a window at a time (for `resume.check_conflicts`)."""
@@ -63,10 +70,7 @@ def committed_tasks(dataset: Dataset, lane: "Lane", sweep: Sweep, job_seed: int,
     for batch in dataset.batches(batch_size=max(1, rows // len(sweep.cells))):
         positions = np.arange(start, start + batch.num_rows)
         start += batch.num_rows
-        ids = row_ids(batch.column("id") if "id" in batch.column_names else None, positions)
-        batch, positions, errors = sweep.expand(batch, ids, positions, lane.variant, job_seed)
-        if sweep.active:
-            ids = row_ids(batch.column("id"), positions)
+        batch, positions, errors, ids = _expanded(batch, positions, lane, sweep, job_seed)
         keep = pc.is_in(ids, ok).to_numpy(zero_copy_only=False)
         if keep.any():
             # Rows committed with the same values are done without tokenizing; the rest are checked in full.
@@ -78,17 +82,78 @@ def committed_tasks(dataset: Dataset, lane: "Lane", sweep: Sweep, job_seed: int,
             yield [task for tasks in routed.values() for task in tasks]
 
 
+def window_rows_of(lanes: list["Lane"], sweep: Sweep, rows: int = WINDOW_ROWS) -> int:
+    """Input rows per window: about `rows` cells, whatever the grid's size; fewer with conditioning images
+    (images given as bytes travel with their rows)."""
+    if any(lane.validator.images is not None for lane in lanes):
+        rows = min(rows, IMAGE_WINDOW_ROWS)
+    return max(1, rows // (len(sweep.cells) * len(lanes)))
+
+
+@dataclass
+class Sorted:
+    """One model's cells of one window against the output prefix (`sort_window`)."""
+
+    invalid: list[dict]
+    """Manifest rows of the invalid cells (validation and routing), sweep axes named."""
+    tasked: list[tuple[str, int]]
+    """(id, row_index) of every valid cell: already done, adopted or to render (finalize's rendered rows)."""
+    todo: dict[str, list[Task]]
+    """Cells to render by replica group, longest first."""
+    adopted: list[dict]
+    """Manifest rows of orphaned objects taken as they are."""
+    skipped: int = 0
+    """Cells already done."""
+
+
+def sort_window(lane: "Lane", sweep: Sweep, validated, dry_run: bool = False) -> Sorted:
+    """Route one model's validated cells of a window and look them up against the output prefix.
+
+    Refuses (ResumeConflict) cells committed with other parameters unless the job is forced. `dry_run` writes
+    nothing (an orphan that would be adopted is decoded, but its poster is not made).
+    """
+    routed, unroutable = route(validated.task_list(), lane.cluster)
+    result = Sorted(sweep.annotate(validated.invalid + unroutable, lane.variant), list(validated.done), {}, [],
+                    len(validated.done))
+    for name, tasks in routed.items():
+        if not tasks:
+            continue
+        result.tasked.extend((t.id, t.row_index) for t in tasks)
+        split = lane.state.split(tasks, dry_run=dry_run)
+        if split.conflicts and not lane.state.force:
+            raise ResumeConflict(f"output.uri holds rows rendered with other parameters, e.g. "
+                                 f"{split.conflicts[0]}; use --force to re-render them")
+        result.adopted.extend(split.adopted)
+        result.skipped += split.done
+        if split.todo:
+            result.todo[name] = sorted(split.todo, key=lambda t: -t.cost())  # longest first shortens the tail
+    return result
+
+
+def validated_windows(dataset: Dataset, lanes: list["Lane"], sweep: Sweep, job_seed: int, rows: int,
+                      stop: threading.Event | None = None) -> Iterator[tuple[int, list[tuple["Lane", object]]]]:
+    """(input rows read, [(lane, its validated cells), ...]) per window of `rows` input rows, in dataset order:
+    the one validation path of `run`'s intake and of `validate`."""
+    start = 0
+    for batch in dataset.batches(batch_size=rows):
+        if stop is not None and stop.is_set():
+            return
+        positions = np.arange(start, start + batch.num_rows)
+        start += batch.num_rows
+        found = []
+        for lane in lanes:
+            cells, cell_rows, errors, cell_ids = _expanded(batch, positions, lane, sweep, job_seed)
+            found.append((lane, lane.validator.validate(cells, cell_rows, lane.state.done_check(cell_ids), errors)))
+        yield batch.num_rows, found
+
+
 class Intake:
     """Produces windows `{group name: [Task, ...]}` on a thread; the work queue polls them (`scheduler.Source`)."""
 
     def __init__(self, dataset: Dataset, lanes: list["Lane"], sweep: Sweep, job_seed: int,
                  record: Callable[[dict], None], window_rows: int = WINDOW_ROWS, depth: int = 2):
         self.dataset, self.lanes, self.sweep, self.job_seed, self.record = dataset, lanes, sweep, job_seed, record
-        # A window holds about `window_rows` cells, whatever the grid's size; fewer with conditioning images
-        # (images given as bytes travel with their rows).
-        if any(lane.validator.images is not None for lane in lanes):
-            window_rows = min(window_rows, IMAGE_WINDOW_ROWS)
-        self.window_rows = max(1, window_rows // (len(sweep.cells) * len(lanes)))
+        self.window_rows = window_rows_of(lanes, sweep, window_rows)
         self.counts = IntakeCounts()
         self.rendered: list[pa.Table] = []  # (id, row_index) of every row with a task
         self.invalid: list[pa.Table] = []   # (id, row_index) of every invalid row
@@ -111,20 +176,12 @@ class Intake:
 
     def _run(self) -> None:
         try:
-            start = 0
-            for batch in self.dataset.batches(batch_size=self.window_rows):
-                if self._stop.is_set():
-                    return
-                positions = np.arange(start, start + batch.num_rows)
-                start += batch.num_rows
-                ids = row_ids(batch.column("id") if "id" in batch.column_names else None, positions)
+            for read, found in validated_windows(self.dataset, self.lanes, self.sweep, self.job_seed,
+                                                 self.window_rows, self._stop):
                 window = {}
-                for lane in self.lanes:
-                    cells, rows, errors = self.sweep.expand(batch, ids, positions, lane.variant, self.job_seed)
-                    cell_ids = row_ids(cells.column("id"), rows) if self.sweep.active else ids
-                    validated = lane.validator.validate(cells, rows, lane.state.done_check(cell_ids), errors)
+                for lane, validated in found:
                     window.update(self._take(lane, validated))
-                self.counts.read += batch.num_rows
+                self.counts.read += read
                 self._hand_over(window)
         except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread, which raises it
             self._error = exc
@@ -133,34 +190,20 @@ class Intake:
 
     def _take(self, lane: "Lane", validated) -> dict[str, list[Task]]:
         """One model's cells of a window: record what needs no GPU, return the rest by pool, longest first."""
-        routed, unroutable = route(validated.task_list(), lane.cluster)
-        invalid = self.sweep.annotate(validated.invalid + unroutable, lane.variant)
-        for row in invalid:
+        found = sort_window(lane, self.sweep, validated)
+        for row in found.invalid:
             self.record(lane.stamp.row(row))
-        if invalid:
-            self.invalid.append(_keys(invalid))
-        if validated.done:
-            self.rendered.append(_keys([{"id": i, "row_index": r} for i, r in validated.done]))
-            self.counts.skipped += len(validated.done)
-        window = {}
-        for name, tasks in routed.items():
-            if not tasks:
-                continue
-            self.rendered.append(_keys(tasks))
-            split = lane.state.split(tasks)
-            if split.conflicts and not lane.state.force:
-                raise ResumeConflict(f"output.uri holds rows rendered with other parameters, e.g. "
-                                     f"{split.conflicts[0]}; use --force to re-render them")
-            for row in split.adopted:
-                self.record(row)
-            self.counts.skipped += split.done
-            self.counts.adopted += len(split.adopted)
-            self.counts.todo += len(split.todo)
-            if split.todo:
-                pool = self.pool_name(lane, name, len(self.lanes))
-                window[pool] = sorted(split.todo, key=lambda t: -t.cost())  # longest first shortens the tail
-        self.counts.invalid += len(invalid)
-        return window
+        if found.invalid:
+            self.invalid.append(_keys(found.invalid))
+        if found.tasked:
+            self.rendered.append(_keys([{"id": i, "row_index": r} for i, r in found.tasked]))
+        for row in found.adopted:
+            self.record(row)
+        self.counts.invalid += len(found.invalid)
+        self.counts.skipped += found.skipped
+        self.counts.adopted += len(found.adopted)
+        self.counts.todo += sum(len(tasks) for tasks in found.todo.values())
+        return {self.pool_name(lane, name, len(self.lanes)): tasks for name, tasks in found.todo.items()}
 
     def _hand_over(self, window: dict) -> None:
         """Hand a window to the work queue, blocking while the queue is full."""

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from kandinsky_batch import cluster
 from kandinsky_batch.config import JobConfig, to_dict
+from kandinsky_batch.heartbeat import Heartbeat
 from kandinsky_batch.intake import Intake
 from kandinsky_batch.manifest import ManifestWriter, finalize, write_success
 from kandinsky_batch.metrics import JobMetrics
@@ -126,6 +127,7 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
     # queue for replicas. Parts are published every few seconds, so a killed driver loses at most the rows in flight.
     writer = ManifestWriter(storage, run_id, flush_rows=4096, flush_seconds=5.0, schema=checked.manifest_schema)
     bar = _Progress(result.rows, run_id, progress)
+    heartbeat = Heartbeat(storage, run_id, result.rows).start()  # for `kandinsky-batch status`
 
     def commit(row: dict) -> None:
         writer.add({**row, "finished_at": datetime.now(timezone.utc)})
@@ -144,7 +146,8 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
                     pools, cluster.RayFleet(cfg.cluster, gangs), intake, max_attempts=cfg.cluster.max_attempts,
                     on_row=commit, wait=cluster.wait, get=cluster.get, batch_size=cfg.render.batch_size,
                     no_replica_timeout=cfg.cluster.no_replica_timeout,
-                    on_tick=lambda q: (writer.flush_if_due(), bar.update(intake, q)),
+                    on_tick=lambda q: (writer.flush_if_due(), bar.update(intake, q),
+                                       heartbeat.beat(sum(bar.counts.values()))),
                 )
                 queue.run()
                 if queue.first_dispatch is not None:
@@ -176,4 +179,5 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
         "sweep": {"axes": checked.sweep.axes, "cells_per_row": cells,
                   "models": {lane.label: lane.model.path for lane in checked.lanes}} if checked.sweep.active else None,
     })
+    heartbeat.stop()
     return result

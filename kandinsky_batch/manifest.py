@@ -289,9 +289,10 @@ def _resolve(tables: list[pa.Table]) -> pa.Table:
     return resolved.sort_by([("row_index", "ascending"), ("id", "ascending")])
 
 
-def read_manifest(storage: Storage) -> pa.Table:
-    """One row per (id, row_index) (latest `finished_at`, ties to the later part), sorted by `row_index`."""
-    tables, _ = _load_parts(storage)
+def read_manifest(storage: Storage, columns: list[str] | None = None) -> pa.Table:
+    """One row per (id, row_index) (latest `finished_at`, ties to the later part), sorted by `row_index`;
+    only `columns` (which must include id, row_index and finished_at) if given."""
+    tables, _ = _load_parts(storage, columns)
     return _resolve(tables)
 
 

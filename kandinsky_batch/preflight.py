@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from kandinsky_batch.config import ClusterConfig, ConfigError, JobConfig, ModelConfig
 from kandinsky_batch.dataset import COLUMNS as INPUT_COLUMNS
-from kandinsky_batch.dataset import Dataset, InputError
+from kandinsky_batch.dataset import Dataset, InputError, limited
 from kandinsky_batch.manifest import SCHEMA, job_schema
 from kandinsky_batch.images import ImageReader
 from kandinsky_batch.intake import committed_tasks
@@ -139,7 +139,8 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
     # 1. The dataset as a whole: files, columns and types, row count (footers only); the sweep against it. Another
     # job's output (an upscale's input) is read through its manifest.
     upscale = is_job_output(cfg.input.path, cfg.input.storage_options)
-    dataset = (SourceManifest if upscale else Dataset)(cfg.input.path, cfg.input.storage_options)
+    dataset = limited((SourceManifest if upscale else Dataset)(cfg.input.path, cfg.input.storage_options),
+                      cfg.input.limit)
     sweep = Sweep.parse(cfg)
     # 2. Ids over the whole dataset (exact duplicates and shared object keys) from the id column alone.
     id_column = dataset.column("id") if "id" in dataset.schema.names else None

@@ -121,8 +121,10 @@ class OutputState:
             return None
         return lambda candidate: ok.get(candidate["id"]) == identity(self.stamp.row(candidate))
 
-    def split(self, tasks: list[Task]) -> Split:
-        """Sort a window of tasks into done (skip), adopted (commit without rendering) and todo (render)."""
+    def split(self, tasks: list[Task], dry_run: bool = False) -> Split:
+        """Sort a window of tasks into done (skip), adopted (commit without rendering) and todo (render).
+
+        `dry_run` writes nothing: an orphan that decodes whole is still listed as adopted, without its poster."""
         result = Split()
         previous = self._previous([t.id for t in tasks])
         ext = self.stamp.extension
@@ -148,7 +150,8 @@ class OutputState:
                 if frames is not None:
                     # Its poster, made from the decoded frames; one already there (the same render's) stands.
                     still = self.stamp.keys(task.id)[1]
-                    self.storage.put_bytes_if_absent(still, poster(frames))
+                    if not dry_run:
+                        self.storage.put_bytes_if_absent(still, poster(frames))
                     result.adopted.append(self.stamp.row(
                         task.row(), status="ok", error=None, key=key, bytes=len(data),
                         sha256=hashlib.sha256(data).hexdigest(), poster_key=still, attempts=0,
