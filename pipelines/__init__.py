@@ -15,6 +15,7 @@ _EXPORTS = {
     "build_tiny_pipeline": "pipelines.tiny", "ensure_tiny": "pipelines.tiny", "save_tiny": "pipelines.tiny",
     "open_renderer": "pipelines.factory", "ParallelSpec": "pipelines.shape", "SHARD_TOLERANCE": "pipelines.shape",
     "CPU_NUMERICS_ENV": "pipelines.numerics", "cpu_numerics_env": "pipelines.numerics",
+    "QUIET_ENV": "pipelines.console", "quiet_progress": "pipelines.console",
 }
 __all__ = sorted(_EXPORTS)
 
