@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib import metadata
 
 EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE = 0, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kandinsky-batch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kandinsky-batch {metadata.version('kandinsky-batch')}")
     verbs = parser.add_subparsers(dest="verb", required=True)
     run = verbs.add_parser("run", help="render a Parquet prompt dataset to videos + a manifest")
     run.add_argument("config", help="YAML job config (see configs/)")
@@ -32,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("output_uri")
     status.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    run.add_argument("--verbose", action="store_true",
+                     help="also show Ray's start-up logs and the model libraries' progress bars")
     verify = verbs.add_parser("verify", help="check every ok row's object exists whole with its checksum")
     verify.add_argument("output_uri")
     verify.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
@@ -61,7 +65,7 @@ def _run(args) -> int:
     from kandinsky_batch.job import run
 
     cfg = load_config(args.config, args.overrides)
-    result = run(cfg, force=args.force, progress=not args.no_progress)
+    result = run(cfg, force=args.force, progress=not args.no_progress, verbose=args.verbose)
     print(f"done: {result.rows} rows: {result.ok} ok, {result.invalid} invalid, {result.failed} failed "
           f"({result.rendered} rendered, {result.skipped} already done, {result.adopted} adopted, "
           f"{result.retries} retries) in {result.seconds:.1f} s -> {cfg.output.uri}"

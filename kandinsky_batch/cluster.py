@@ -11,12 +11,12 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 from kandinsky_batch.config import ClusterConfig, ReplicaGroup
 from kandinsky_batch.scheduler import ReplicaLost
 from kandinsky_batch.worker import RenderWorker, WorkerSpec
-from pipelines import SIMULATED, ParallelSpec, cpu_numerics_env
+from pipelines import QUIET_ENV, SIMULATED, ParallelSpec, cpu_numerics_env
 
 
 def loopback_only() -> None:
@@ -34,23 +34,31 @@ def loopback_only() -> None:
 
 
 @contextmanager
-def connect(cfg: ClusterConfig, *others: ClusterConfig) -> Iterator[None]:
+def connect(cfg: ClusterConfig, *others: ClusterConfig, verbose: bool = False,
+            phase: Callable[[str], None] = lambda text: None) -> Iterator[None]:
     """Join `cluster.address`, or start a local loopback-only Ray; shut down only what we started.
 
-    A local Ray gets CPUs for the largest fleet among `cfg` and `others` (a sweep's models' gang shapes)."""
+    A local Ray gets CPUs for the largest fleet among `cfg` and `others` (a sweep's models' gang shapes).
+    `phase` hears what is being done; Ray's own start-up warnings show only when `verbose`."""
     clusters = (cfg, *others)
     import ray
 
     if ray.is_initialized():
         yield
         return
+    # Ray's driver-side warnings at start (token auth switched on by default, ...) are advice to an operator of
+    # Ray, not to a user of this job, and land inside the progress bar; errors still show. Actors' own output
+    # still reaches the driver (`log_to_driver`): a replica's traceback is a real error.
+    level = logging.WARNING if verbose else logging.ERROR
     if cfg.address:
-        ray.init(address=cfg.address, logging_level=logging.WARNING, log_to_driver=True)
+        phase(f"joining Ray at {cfg.address}…")
+        ray.init(address=cfg.address, logging_level=level, log_to_driver=True)
     else:
+        phase("starting Ray…")
         ranks = max(sum(g.parallel().world_size * (g.replicas or 1) for g in c.replica_groups()) for c in clusters)
         loopback_only()
         ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, ranks),
-                 include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+                 include_dashboard=False, logging_level=level, _node_ip_address="127.0.0.1")
     try:
         yield
     finally:
@@ -163,9 +171,12 @@ class ActorReplica:
         # Renders get their own threads (`render` group); rendezvous/join/ready run on the default one,
         # so rows queued ahead can never take the thread a gang's `join` needs to load the model.
         options = dict(num_gpus=placement.num_gpus, num_cpus=placement.num_cpus)
-        if not placement.num_gpus and cpu_numerics_env() and not spec.model_path.startswith(SIMULATED):
-            # One BLAS code path on every x86 CPU (AMD or Intel), read when the actor's process loads torch.
-            options["runtime_env"] = {"env_vars": cpu_numerics_env()}
+        if not spec.model_path.startswith(SIMULATED):
+            # Every replica's download and loading bars would reach the driver's console through Ray's log
+            # forwarding; on CPUs, one BLAS code path on every x86 CPU (AMD or Intel). Both are read when the
+            # actor's process imports the libraries.
+            env = {**QUIET_ENV, **({} if placement.num_gpus else cpu_numerics_env())}
+            options["runtime_env"] = {"env_vars": env}
         actor_cls = ray.remote(max_restarts=0, max_task_retries=0,
                                concurrency_groups={"render": RenderWorker.CONCURRENCY})(RenderWorker)
         self.group = None

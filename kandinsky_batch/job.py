@@ -7,6 +7,7 @@ import platform
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -24,6 +25,7 @@ from kandinsky_batch.scheduler import Pool, WorkQueue
 from kandinsky_batch.storage import OBJECT_DIRS
 from kandinsky_batch.worker import WorkerSpec
 from pipelines.models import pinned
+from pipelines import quiet_progress
 
 LIBRARIES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "av")
 METRICS_SECONDS = 2.0
@@ -67,21 +69,56 @@ def _versions() -> dict:
     return found
 
 
-class _Progress:
-    """The progress bar and the live metrics, fed from the manifest rows as they are committed."""
+@contextmanager
+def _checking(enabled: bool, stream=None):
+    """`checking input…` on a terminal while the input is checked, erased after: a refused job's stderr stays
+    its one `error:` line. Not written to a file or a pipe, where it could not be taken back."""
+    stream = stream or sys.stderr
+    shown = enabled and stream.isatty()
+    if shown:
+        stream.write("checking input…")
+        stream.flush()
+    try:
+        yield
+    finally:
+        if shown:
+            stream.write("\r\x1b[K")  # back to the line's start, erase it
+            stream.flush()
 
-    def __init__(self, total: int, run_id: str, enabled: bool):
-        self.bar = tqdm(total=total, unit="row", disable=not enabled, desc="render",
-                        mininterval=0.5 if sys.stderr.isatty() else 10)
+
+def _loading(labels: list[str], replicas: int) -> str:
+    """The phase while replicas load their models: `loading model tiny on 2 replicas…`."""
+    return (f"loading model{'s' if len(labels) > 1 else ''} {', '.join(labels)} "
+            f"on {replicas} replica{'' if replicas == 1 else 's'}…")
+
+
+class _Progress:
+    """The progress bar and the live metrics, fed from the manifest rows as they are committed.
+
+    Until the first batch goes to a replica the bar cannot move (Ray starts, models load: tens of seconds), so
+    its description names the phase the job is in; then it says `rendering`."""
+
+    def __init__(self, total: int, run_id: str, enabled: bool, stream=None):
+        stream = stream or sys.stderr
+        self.bar = tqdm(total=total, unit="row", disable=not enabled, desc="reading rows…", file=stream,
+                        mininterval=0.5 if stream.isatty() else 10)
         self.metrics = JobMetrics(run_id)
         self.counts = {"ok": 0, "failed": 0, "invalid": 0, "skipped": 0}
         self._next_metrics = 0.0
+        self.rendering = False
+
+    def phase(self, text: str) -> None:
+        """Show what the job is doing now, at once (not at the bar's next refresh)."""
+        self.bar.set_description_str(text, refresh=True)
 
     def settled(self, status: str) -> None:
         self.counts[status] += 1
         self.metrics.settled(status)
 
     def update(self, intake: Intake, queue: WorkQueue | None = None) -> None:
+        if queue is not None and queue.first_dispatch is not None and not self.rendering:
+            self.rendering = True
+            self.phase("rendering")
         self.counts["skipped"] = intake.counts.skipped
         done = sum(self.counts.values())
         if done > self.bar.n:
@@ -110,13 +147,18 @@ def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int) 
                 ranks=placement.parallel.world_size, stamp=lane.stamp)
 
 
-def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult:
-    """Render every row of `cfg.input` that is not already committed under `cfg.output.uri`."""
+def run(cfg: JobConfig, force: bool = False, progress: bool = True, verbose: bool = False) -> JobResult:
+    """Render every row of `cfg.input` that is not already committed under `cfg.output.uri`.
+
+    `verbose` keeps Ray's start-up warnings and the model libraries' progress bars on the console."""
     started, started_clock = time.perf_counter(), time.monotonic()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    if not verbose:
+        quiet_progress()  # the tiny presets are built (and saved) here, in the driver, by the preflight
 
     # 1. Preflight: config, dataset, sweep, each model's limits and options, ids and resume conflicts, before Ray.
-    checked = preflight(cfg, force=force)
+    with _checking(progress):
+        checked = preflight(cfg, force=force)
     storage = checked.storage
     for folder in OBJECT_DIRS:
         storage.cleanup_temp(folder)
@@ -138,12 +180,17 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
         # 3. Render on Ray replicas, if anything is left to render; the fleet follows the cluster's GPUs and is
         # shared by the models of a sweep.
         if intake.wait_first():
-            with cluster.connect(cfg.cluster, *(lane.cluster for lane in checked.lanes)):
+            with cluster.connect(cfg.cluster, *(lane.cluster for lane in checked.lanes), verbose=verbose,
+                                 phase=bar.phase):
                 pools = [_pool(cfg, lane, placement, len(checked.lanes))
                          for lane in checked.lanes for placement in cluster.plan(lane.cluster)]
                 gangs = {p.group: max(q.ranks for q in pools if q.group == p.group) for p in pools}
+                fleet = cluster.RayFleet(cfg.cluster, gangs)
+                names = [lane.label for lane in checked.lanes] if len(checked.lanes) > 1 else [cfg.model.path]
+                replicas = sum(units // gangs.get(group, 1) for group, units in fleet.capacity().items())
+                bar.phase(_loading(names, replicas))
                 queue = WorkQueue(
-                    pools, cluster.RayFleet(cfg.cluster, gangs), intake, max_attempts=cfg.cluster.max_attempts,
+                    pools, fleet, intake, max_attempts=cfg.cluster.max_attempts,
                     on_row=commit, wait=cluster.wait, get=cluster.get, batch_size=cfg.render.batch_size,
                     no_replica_timeout=cfg.cluster.no_replica_timeout,
                     on_tick=lambda q: (writer.flush_if_due(), bar.update(intake, q),

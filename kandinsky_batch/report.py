@@ -25,6 +25,13 @@ DEFAULT_EXPIRES = 7 * 24 * 3600
 S3_MAX_EXPIRES = 7 * 24 * 3600  # SigV4 presigned URLs live at most a week
 COLUMNS = ["id", "row_index", "prompt", "status", "error", "uri", "poster", "format", "model", "sweep", "gang",
            "approximate", "render_seconds"]
+# The settings a cell renders with, in the order the page lists those every cell shares: (label, column).
+SETTINGS = (("model", "model"), ("steps", "num_inference_steps"), ("guidance", "guidance_scale"),
+            ("size", "size"), ("frames", "num_frames"), ("fps", "fps"), ("format", "format"), ("seed", "seed"),
+            ("negative prompt", "negative_prompt"), ("options", "options"), ("gang", "gang"),
+            ("sound", "audio_sample_rate"), ("device", "device"))
+_SETTING_COLUMNS = ["height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "format",
+                    "seed", "negative_prompt", "options", "gang", "audio_sample_rate", "model", "worker"]
 _COPY_THREADS = 16  # copies are dominated by round trips on object stores
 _GANG_PART = re.compile(r"[a-z]*(\d+)(?:\(\w+\))?")  # `1`, `sp2`, `cfg2`, `sp4(ring2)`
 
@@ -74,6 +81,40 @@ def gpus_of(gang: str | None) -> int | None:
             return None
         count *= int(match.group(1))
     return count
+
+
+def device_of(worker: str | None) -> str | None:
+    """`GPU` or `CPU`: what a manifest `worker` (`replica0@host:pid:gpu0`, `...:cpu`) rendered on; None if unknown."""
+    where = (worker or "").partition("@")[2].split(":", 2)[-1]
+    return "GPU" if where.startswith(("gpu", "cuda")) else "CPU" if where == "cpu" else None
+
+
+def _setting(row: dict, column: str):
+    if column == "size":
+        return None if row["width"] is None or row["height"] is None else f"{row['width']}×{row['height']}"
+    if column == "device":
+        return device_of(row["worker"])
+    if column == "audio_sample_rate":
+        return None if row[column] is None else f"{row[column]} Hz"
+    return row[column]
+
+
+def shared_settings(rows: list[dict]) -> list[dict]:
+    """The settings every cell shares, once for the page: those all rows that record one record alike
+    (an invalid row never reached a replica: it has no gang, options or device to disagree with)."""
+    shared = []
+    for label, column in SETTINGS:
+        values = {value for row in rows if (value := _setting(row, column)) is not None}
+        if len(values) == 1:
+            shared.append({"label": label, "column": column, "value": _show(values.pop())})
+    return shared
+
+
+def seconds_unit(rows: list[dict]) -> str:
+    """The unit of "seconds x ranks" per video: `GPU·s` when every timed row rendered on GPUs, `CPU·s` when on
+    CPUs (one thread per rank), `rank·s` for a mixed or unknown fleet."""
+    devices = {device_of(row["worker"]) for row in rows if row["status"] == "ok" and row["render_seconds"] is not None}
+    return {frozenset(["GPU"]): "GPU·s", frozenset(["CPU"]): "CPU·s"}.get(frozenset(devices), "rank·s")
 
 
 def variant_key(values: dict) -> str:
@@ -288,7 +329,8 @@ def write_report(uri: str, out: str | os.PathLike | None = None, *, storage_opti
         raise ReportError(f"manifest is missing: no {MANIFEST_DIR}/*.parquet under {storage.url(MANIFEST_DIR)}")
 
     # 2. Lay the manifest out as a grid and count each variant.
-    table = read_manifest(storage).select(COLUMNS)
+    manifest = read_manifest(storage)
+    table = manifest.select(COLUMNS)
     if table.num_rows == 0:
         raise ReportError(f"manifest under {storage.url(MANIFEST_DIR)} holds no rows")
     grid = build(table.to_pylist(), columns)
@@ -299,11 +341,13 @@ def write_report(uri: str, out: str | os.PathLike | None = None, *, storage_opti
     _place(storage, signer, grid, out, expires, copy_videos)
 
     # 4. Render the page.
+    settings_rows = manifest.select(["status", "render_seconds", *_SETTING_COLUMNS]).to_pylist()
     statuses = table["status"].to_pylist()
     models = {m for m in table["model"].to_pylist() if m} | {
         str(s["model"]) for s in map(_sweep_of, table.select(["id", "sweep"]).to_pylist()) if s.get("model")}
     html = _template().render(
         uri=uri, grid=grid, header=_header(grid), chart=_chart(grid.variants), success=read_success(storage),
+        settings=shared_settings(settings_rows), unit=seconds_unit(settings_rows),
         counts={status: statuses.count(status) for status in STATUSES}, total=len(statuses),
         tiny=sorted(m for m in models if m.startswith("tiny")),
         videos="copied" if copy_videos else "local" if storage.local else "signed",

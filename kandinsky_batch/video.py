@@ -4,6 +4,8 @@ JPEG), or frames with sound (mp4 with H.264 video and AAC audio, or a lossless n
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from collections.abc import Callable
 
 import av
@@ -12,6 +14,8 @@ import numpy as np
 # Fixed rather than "auto": x264's output depends on its thread count, and auto follows the host's cores.
 X264_THREADS = 4
 X264_OPTIONS = {"crf": "18", "preset": "medium"}
+# The index (moov) before the media (mdat): a browser starts playing a linked mp4 before it has all of it.
+MP4_OPTIONS = {"movflags": "+faststart"}
 
 
 def _check_frames(frames: np.ndarray) -> None:
@@ -30,10 +34,19 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
     _, height, width, _ = frames.shape
     if height % 2 or width % 2:
         raise ValueError(f"mp4 (yuv420p) needs even height and width, got height={height} width={width}")
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        _mux_frames(container, _video_stream(container, frames, fps), frames)
-    return buf.getvalue()
+    return _write_mp4(lambda container: _mux_frames(container, _video_stream(container, frames, fps), frames))
+
+
+def _write_mp4(mux: Callable) -> bytes:
+    """The bytes of a new mp4 container filled by `mux(container)`, muxed with `MP4_OPTIONS`.
+
+    A file, not memory: to move the moov atom in front FFmpeg reopens its output by name once it is written."""
+    with tempfile.TemporaryDirectory(prefix="kb-mp4-") as folder:
+        path = os.path.join(folder, "clip.mp4")
+        with av.open(path, mode="w", format="mp4", options=dict(MP4_OPTIONS)) as container:
+            mux(container)
+        with open(path, "rb") as f:
+            return f.read()
 
 
 def _video_stream(container, frames: np.ndarray, fps: int):
@@ -114,8 +127,8 @@ def encode_av(frames: np.ndarray, audio: np.ndarray, sample_rate: int, fps: int)
     """mp4 with the H.264 video of `encode_mp4` and the waveform (channels, samples) as AAC at its sample rate."""
     _check_frames(frames)
     _check_audio(audio, sample_rate)
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
+
+    def mux(container) -> None:
         video = _video_stream(container, frames, fps)
         layout = "mono" if audio.shape[0] == 1 else "stereo"
         sound = container.add_stream("aac", rate=int(sample_rate), layout=layout)
@@ -129,27 +142,30 @@ def encode_av(frames: np.ndarray, audio: np.ndarray, sample_rate: int, fps: int)
             chunk.sample_rate, chunk.pts = int(sample_rate), start
             container.mux(sound.encode(chunk))
         container.mux(sound.encode(None))
-    return buf.getvalue()
+
+    return _write_mp4(mux)
 
 
 def encode_av_copy(frames: np.ndarray, fps: int, source: bytes) -> bytes:
     """mp4 with the H.264 video of `encode_mp4` and the audio stream of the mp4 `source`, packet for packet (no
     re-encoding: the sound decodes exactly as the source's does)."""
     _check_frames(frames)
-    buf = io.BytesIO()
-    with av.open(io.BytesIO(source), mode="r") as original, av.open(buf, mode="w", format="mp4") as container:
+    with av.open(io.BytesIO(source), mode="r") as original:
         if not original.streams.audio:
             raise ValueError("the source mp4 holds no audio stream")
-        video = _video_stream(container, frames, fps)
-        sound_in = original.streams.audio[0]
-        sound = container.add_stream_from_template(sound_in)
-        _mux_frames(container, video, frames)
-        for packet in original.demux(sound_in):
-            if packet.dts is None:  # the demuxer's end-of-stream marker
-                continue
-            packet.stream = sound
-            container.mux(packet)
-    return buf.getvalue()
+        return _write_mp4(lambda container: _mux_copy(container, original, frames, fps))
+
+
+def _mux_copy(container, original, frames: np.ndarray, fps: int) -> None:
+    video = _video_stream(container, frames, fps)
+    sound_in = original.streams.audio[0]
+    sound = container.add_stream_from_template(sound_in)
+    _mux_frames(container, video, frames)
+    for packet in original.demux(sound_in):
+        if packet.dts is None:  # the demuxer's end-of-stream marker
+            continue
+        packet.stream = sound
+        container.mux(packet)
 
 
 def decode_av(data: bytes) -> tuple[np.ndarray, np.ndarray, int]:

@@ -16,6 +16,7 @@ _EXPORTS = {
     "open_renderer": "pipelines.factory", "ParallelSpec": "pipelines.shape", "SHARD_TOLERANCE": "pipelines.shape",
     "CPU_NUMERICS_ENV": "pipelines.numerics", "cpu_numerics_env": "pipelines.numerics",
     "weights_fingerprint": "pipelines.weights",
+    "QUIET_ENV": "pipelines.console", "quiet_progress": "pipelines.console",
 }
 __all__ = sorted(_EXPORTS)
 

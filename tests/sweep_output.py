@@ -52,11 +52,12 @@ def jpeg(frame: np.ndarray) -> bytes:
 
 def write_sweep(uri: str, options: dict | None = None, *, prompts: list[str] = PROMPTS, axes: dict | None = None,
                 gangs: dict | None = None, approximate: dict | None = None, outcomes: dict | None = None,
-                fps: int = 8, num_frames: int = 12, height: int = 64, width: int = 96) -> Storage:
+                fps: int = 8, num_frames: int = 12, height: int = 64, width: int = 96,
+                worker: str = "replica0@host:1:cpu") -> Storage:
     """A finished output of every prompt x every combination of `axes` (None: a plain job, one row per prompt).
 
     `gangs` and `approximate` map a model to its gang (default `1`) and approximate flag (default False);
-    `outcomes` maps a cell id to (status, error) for cells that did not render.
+    `outcomes` maps a cell id to (status, error) for cells that did not render; ok rows name `worker`.
     """
     storage = Storage(uri, options)
     rng = np.random.default_rng(7)
@@ -83,7 +84,7 @@ def write_sweep(uri: str, options: dict | None = None, *, prompts: list[str] = P
             gang = gangs.get(model, "1")
             row.update(uri=storage.url(object_key(rid, "mp4")), bytes=len(data),
                        sha256=hashlib.sha256(data).hexdigest(), poster=storage.url(poster_key(rid)),
-                       worker="replica0@host:1:cpu", gang=gang, approximate=approximate.get(model, False),
+                       worker=worker, gang=gang, approximate=approximate.get(model, False),
                        attempts=1, render_seconds=float(steps * (0.4 + 0.3 * (model != "tiny"))
                                                         * rng.uniform(0.85, 1.3) / GANGS[gang]))
         writer.add(row)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kandinsky_batch.cli import EXIT_USAGE, main
-from kandinsky_batch.report import ReportError, gpus_of, variant_key, write_report
+from kandinsky_batch.report import ReportError, device_of, gpus_of, variant_key, write_report
 from kandinsky_batch.storage import Storage
 from tests.conftest import S3_BUCKET
 from tests.sweep_output import cell_id, expected_stats, write_sweep
@@ -225,3 +225,52 @@ def test_non_tiny_models_get_no_notice(tmp_path):
     uri = f"file://{tmp_path / 'out'}"
     write_sweep(uri, prompts=["a"], axes={"model": ["kandinsky5lite_t2v_sft_5s"], "seed": [0]})
     assert not Page(write_report(uri)).find("p", id="tiny-notice")
+
+
+def test_the_settings_every_cell_shares_are_shown_once_in_the_header(sweep):
+    uri, _ = sweep
+    page = Page(write_report(uri))
+    assert len(page.find("dl", id="settings")) == 1
+    items = [e for e in page.elements if "data-setting" in e]
+    shown = dict(zip((e["data-setting"] for e in items), (d["data-value"] for d in page.find("dd"))))
+    # write_sweep: guidance 5.0, 96x64, 12 frames at 8 fps, mp4, on CPU workers, for every cell; the sweep axes
+    # (model, steps, seed) and the gang (1 for tiny, sp2xcfg2 for tiny-b) differ, and no row has a negative prompt.
+    assert shown == {"guidance_scale": "5.0", "size": "96×64", "num_frames": "12", "fps": "8", "format": "mp4",
+                     "device": "CPU"}
+    assert [e["text"] for e in items] == ["guidance5.0", "size96×64", "frames12", "fps8", "formatmp4", "deviceCPU"]
+
+
+def test_each_cell_names_its_row_id_on_hover_and_in_its_detail(sweep):
+    uri, _ = sweep
+    page = Page(write_report(uri))
+    cells = page.find("td", cls="cell")
+    assert cells and all(c["title"] for c in cells)
+    entries = page.find("div", cls="entry")
+    assert len(entries) == len(cells)  # one manifest row per cell here
+    ids = {e["data-id"] for e in entries}
+    assert {c["title"] for c in cells} == ids
+    shown = page.find("div", cls="rid")
+    assert sorted(e["text"] for e in shown) == sorted(ids) and all(e["title"] == e["text"] for e in shown)
+    for rid in BROKEN:  # failed and invalid cells name theirs too
+        [entry] = page.find("div", cls="entry", data_id=rid)
+        assert rid in entry["text"]
+
+
+@pytest.mark.parametrize("worker, unit", [("replica0@host:1:cpu", "CPU·s"), ("sp2/replica1@host:7:gpu0", "GPU·s"),
+                                          ("replica0@host:1:cuda:0", "GPU·s"), ("replica0@host:1:mps", "rank·s")])
+def test_seconds_per_video_are_gpu_seconds_only_on_gpus(tmp_path, worker, unit):
+    uri = f"file://{tmp_path / 'out'}"
+    write_sweep(uri, prompts=["a"], axes={"model": ["tiny"], "seed": [0, 1]}, worker=worker)
+    index = write_report(uri)
+    page = Page(index)
+    [header] = [h for h in page.find("th") if "data-unit" in h]
+    assert header["data-unit"] == unit and header["text"] == f"{unit} / video"
+    if unit != "GPU·s":
+        assert "GPU·s" not in index.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("worker, device", [("replica0@host:1:cpu", "CPU"), ("g/replica2@node-a:9:gpu3", "GPU"),
+                                            ("replica0@host:1:gpu0,1", "GPU"), ("replica0@host:1:cuda", "GPU"),
+                                            ("replica0@host:1:mps", None), (None, None), ("", None)])
+def test_device_of_worker(worker, device):
+    assert device_of(worker) == device

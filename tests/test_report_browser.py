@@ -1,4 +1,5 @@
-"""The report in a real headless Chromium: loads cleanly, every poster decodes, a click plays, numbers are right.
+"""The report in a real headless Chromium: loads cleanly, every poster decodes, a click plays, numbers are right,
+the settings every cell shares head the page, each cell names its row id, and a CPU run's timings say CPU·s.
 
 Needs Debian's `chromium` (`apt-get install -y chromium`; `make test` installs it) and Playwright for Python
 (the `test` extra); Playwright drives the system browser, nothing is downloaded. A missing browser fails the test.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -136,6 +138,54 @@ def test_variant_table_equals_the_manifest(loaded, sweep_output):
                 assert float(text) == pytest.approx(float(value), abs=0.0051 if value < 10 else 0.051), (variant, field)
     grid_cells = page.locator("td.cell").count()
     assert grid_cells == sum(s["ok"] + s["failed"] + s["invalid"] for s in want.values())
+    assert loaded.problems == []
+
+
+def test_the_header_shows_the_settings_every_cell_shares_once(loaded, sweep_output):
+    page = loaded.page
+    block = page.locator("#settings")
+    assert block.is_visible()
+    shown = dict(page.eval_on_selector_all(
+        "#settings [data-setting]", "els => els.map(e => [e.dataset.setting, e.querySelector('dd').textContent])"))
+    manifest = pq.read_table(Path(sweep_output.removeprefix("file://")) / "manifest")
+
+    def distinct(column: str) -> list:
+        return pc.unique(manifest[column].drop_null()).to_pylist()
+
+    # configs/tiny-sweep.yaml renders every cell at 64x64, 17 frames, guidance 5.0, 8 fps, mp4, on this CPU host;
+    # the model, the steps and the seed are its sweep's axes: they head the grid instead.
+    assert distinct("height") == distinct("width") == [64] and distinct("num_frames") == [17]
+    assert (shown["size"], shown["num_frames"], shown["guidance_scale"]) == ("64×64", "17", "5.0")
+    assert (shown["fps"], shown["format"], shown["device"]) == ("8", "mp4", "CPU")
+    assert not {"model", "num_inference_steps", "seed"} & set(shown)
+    assert len(distinct("model")) == 2 and len(distinct("num_inference_steps")) == 2
+    if "negative_prompt" in shown:
+        assert distinct("negative_prompt") == [shown["negative_prompt"]]
+    # Once: the grid's cells do not repeat them.
+    assert page.locator("td.cell", has_text="64×64").count() == 0
+    assert loaded.problems == []
+
+
+def test_hovering_a_cell_names_its_row_id(loaded):
+    page = loaded.page
+    entries = page.eval_on_selector_all(".entry", "els => els.map(e => [e.dataset.id, e.dataset.status])")
+    assert {status for _, status in entries} == {"ok", "invalid"}
+    for rid, status in (entries[0], next(e for e in entries if e[1] == "invalid")):
+        cell = page.locator("td.cell", has=page.locator(f'.entry[data-id="{rid}"]'))
+        cell.hover()
+        assert cell.get_attribute("title") == rid
+        detail = cell.locator(".rid")
+        assert detail.is_visible() and detail.inner_text() == rid, status
+        # Whole, not clipped: ids of a sweep differ at their ends.
+        assert detail.evaluate("e => e.scrollWidth <= e.clientWidth && e.scrollHeight <= e.clientHeight")
+    assert loaded.problems == []
+
+
+def test_a_cpu_run_reports_cpu_seconds_not_gpu_seconds(loaded):
+    page = loaded.page
+    header = page.locator("#variant-table th[data-unit]")
+    assert header.inner_text() == "CPU·s / video"
+    assert "GPU·s" not in page.locator("body").inner_text()
     assert loaded.problems == []
 
 

@@ -99,7 +99,7 @@ def _run_job(tmp_path: Path, model_cache: str, moto_endpoint: str, hostile_flag:
                f"output.uri=s3://{bucket}/secure", f"output.storage_options.key={KEY}",
                f"output.storage_options.secret={SECRET}",
                f"output.storage_options.client_kwargs.endpoint_url={moto_endpoint}", "cluster.replicas=1",
-               *TINY_RENDER, "--no-progress"]
+               *TINY_RENDER]  # with its progress bar: the console test below reads what the user sees
     stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     sockets: set[tuple[str, str, int]] = set()
     try:
@@ -187,6 +187,19 @@ def test_no_credential_in_outputs_printed_text_or_ray_session(finished):
     for path, blob in finished.session_files.items():
         leaks += _leaks(path, blob)
     assert leaks == [], "credentials leaked:\n" + "\n".join(leaks)
+
+
+def test_the_console_shows_the_phases_and_no_ray_or_library_noise(finished):
+    """stderr is the progress bar: its phases until it moves, none of Ray's start-up warnings and none of the
+    model libraries' bars (a cold session cache has this driver build the tiny preset: its save prints one)."""
+    # Read back as text, the carriage returns of tqdm's redraws are line ends.
+    lines = [line for line in finished.stderr.splitlines() if line.strip()]
+    phases = [line.split(":")[0] for line in lines]
+    assert phases[:3] == ["reading rows…", "starting Ray…", "loading model tiny on 1 replica…"], phases
+    assert set(phases[3:]) == {"rendering"} and f"{ROWS}/{ROWS}" in lines[-1], lines
+    for noise in ("Writing model shards", "Loading checkpoint shards", "Token authentication", "WARNING"):
+        assert noise not in finished.stderr, finished.stderr[-2000:]
+    assert finished.stdout.startswith(f"done: {ROWS} rows: {ROWS} ok") and "done:" not in finished.stderr
 
 
 def test_the_job_leaves_no_ray_process_running(finished):

@@ -8,7 +8,9 @@ import av
 import numpy as np
 import pytest
 
-from kandinsky_batch.video import decode, decode_mp4, decode_npy, encode, encode_mp4, encode_npy
+from kandinsky_batch import video
+from kandinsky_batch.video import (decode, decode_av, decode_mp4, decode_npy, encode, encode_av, encode_av_copy,
+                                   encode_mp4, encode_npy)
 
 
 def smooth_frames(num_frames: int = 9, height: int = 64, width: int = 96) -> np.ndarray:
@@ -83,3 +85,46 @@ def test_bad_frames_are_rejected(frames):
 def test_bad_fps_is_rejected():
     with pytest.raises(ValueError, match="fps"):
         encode_mp4(smooth_frames(num_frames=2), 0)
+
+
+def top_level_boxes(data: bytes) -> list[str]:
+    """The types of an mp4's top-level boxes, in file order (ISO BMFF: 32-bit size, 4-char type; size 1 = 64-bit)."""
+    boxes, at = [], 0
+    while at < len(data):
+        size, kind = int.from_bytes(data[at:at + 4], "big"), data[at + 4:at + 8].decode("ascii")
+        if size == 1:
+            size = int.from_bytes(data[at + 8:at + 16], "big")
+        assert size >= 8, f"box {kind!r} at {at} has size {size}"
+        boxes.append(kind)
+        at += size
+    assert at == len(data), "boxes do not tile the file"
+    return boxes
+
+
+def _sound(seconds: float = 0.5, rate: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t)]).astype(np.float32) * 0.5
+
+
+ENCODE_PATHS = {
+    "mp4": lambda frames: encode(frames, "mp4", 12),
+    "av": lambda frames: encode_av(frames, _sound(), 16000, 12),
+    "av_copy": lambda frames: encode_av_copy(frames, 12, encode_av(frames[::-1].copy(), _sound(), 16000, 12)),
+}
+
+
+@pytest.mark.parametrize("path", sorted(ENCODE_PATHS))
+def test_every_mp4_has_its_moov_before_its_mdat_and_decodes_as_before(path, monkeypatch):
+    frames = smooth_frames(num_frames=6)
+    faststart = ENCODE_PATHS[path](frames)
+    boxes = top_level_boxes(faststart)
+    assert boxes.index("moov") < boxes.index("mdat"), boxes
+    # Before: the same muxer without faststart (moov last, the positive control); the media decode identically.
+    monkeypatch.setattr(video, "MP4_OPTIONS", {})
+    before = ENCODE_PATHS[path](frames)
+    boxes = top_level_boxes(before)
+    assert boxes.index("moov") > boxes.index("mdat"), boxes
+    assert np.array_equal(decode_mp4(faststart), decode_mp4(before))
+    if path != "mp4":
+        (_, audio, rate), (_, audio_before, rate_before) = decode_av(faststart), decode_av(before)
+        assert rate == rate_before and np.array_equal(audio, audio_before) and audio.shape[1] > 0
