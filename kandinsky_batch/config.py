@@ -19,6 +19,7 @@ from pipelines.shape import ParallelSpec
 
 FORMATS = ("mp4", "npy", "png", "webp", "jpeg")
 MAX_SEED = 2**63 - 1  # seeds live in an int64 manifest column
+DEFAULT_FPS = 24  # what the Kandinsky checkpoints render for
 
 
 class ConfigError(ValueError):
@@ -136,7 +137,8 @@ class RenderConfig:
     """Classifier-free guidance; <= 1 turns it off (one transformer call per step)."""
     negative_prompt: Optional[str] = None
     """None: the pipeline's own default negative prompt (recorded in the manifest)."""
-    fps: int = 24
+    fps: Optional[int] = None
+    """Frame rate written into the video; None: 24 for generation, each clip's source's for an upscale (sr)."""
     seed: int = 0
     """Job seed: a row without `seed` gets one derived from this and its id."""
     batch_size: int = 1
@@ -146,15 +148,23 @@ class RenderConfig:
     def __post_init__(self) -> None:
         for key in ("height", "width", "num_frames", "num_inference_steps", "fps"):
             value = getattr(self, key)
-            _require(value > 0, f"render.{key}", value, "must be a positive integer")
+            _require((value is None and key == "fps") or value > 0, f"render.{key}", value,
+                     "must be a positive integer")
         _require((self.num_frames - 1) % 4 == 0, "render.num_frames", self.num_frames, "must be 4k+1 (1, 5, ..., 121)")
         _require(self.num_inference_steps <= 1000, "render.num_inference_steps", self.num_inference_steps,
                  "must be at most 1000")
         _require(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, "render.guidance_scale",
                  self.guidance_scale, "must be a finite number >= 0")
-        _require(self.fps <= 240, "render.fps", self.fps, "must be at most 240")
+        _require(self.fps is None or self.fps <= 240, "render.fps", self.fps, "must be at most 240")
         _require(0 <= self.seed <= MAX_SEED, "render.seed", self.seed, f"must be in [0, {MAX_SEED}]")
         _require(1 <= self.batch_size <= 64, "render.batch_size", self.batch_size, "must be in [1, 64]")
+
+    def written_fps(self, upscales: bool) -> int | None:
+        """The frame rate a job writes, resolved here only: `fps` if set, else 24, or None for an upscale (each clip
+        at its source's)."""
+        if self.fps is not None:
+            return self.fps
+        return None if upscales else DEFAULT_FPS
 
 
 def _check_shape(prefix: str, sequence_parallel: int, ring_degree: int) -> None:
