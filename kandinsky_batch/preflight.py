@@ -140,7 +140,7 @@ def check_image_column(kind: Kind, columns: list[str], path: str) -> None:
                          "from a conditioning image")
 
 
-def check_defaults(validator: RowValidator, columns: list[str], sweep: Sweep, model: str) -> None:
+def check_defaults(validator: RowValidator, columns: list[str], sweep: Sweep, label: str | None = None) -> None:
     """Refuse a `render.*` default that every row takes (no dataset column, no sweep axis sets it) and the model
     cannot render, with the rule the row validator would give each row."""
     fixed = {key for key in PARAMS if key not in columns and key not in sweep.axes}
@@ -148,7 +148,9 @@ def check_defaults(validator: RowValidator, columns: list[str], sweep: Sweep, mo
     for keys, message in param_problems(defaults, validator.spec):
         if set(keys) <= fixed:
             missing = " and ".join(f"no {key!r} column" for key in keys)
-            raise ConfigError(f"render.{message} ({model}); every row would take it: the dataset has {missing}")
+            model = f"sweep model {label!r}: " if label else ""
+            raise ConfigError(f"{model}render.{message}; every row would take it (the dataset has {missing} and no "
+                              "sweep axis sets it)")
 
 
 def preflight(cfg: JobConfig, force: bool = False) -> Checked:
@@ -191,8 +193,9 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
         images = ImageReader(cfg.input.path, cfg.input.storage_options) if kind.image != NO_IMAGE else None
         validator = RowValidator(replace(cfg, render=variant.render), spec, ids, images)
         if not kind.upscales:  # an upscale's sizes and frames are its sources'
-            check_defaults(validator, dataset.schema.names, sweep, variant.model.path)
+            check_defaults(validator, dataset.schema.names, sweep, variant.label if sweep.swept_models else None)
         lanes.append(Lane(variant, spec, stamp, validator, outputs))
     for lane in lanes:
-        check_conflicts(lane.state, committed_tasks(dataset, lane, sweep, cfg.render.seed), cfg.output.uri)
+        check_conflicts(lane.state, committed_tasks(dataset, lane, sweep, cfg.render.seed), cfg.output.uri,
+                        positional=id_column is None)
     return Checked(dataset, storage, sweep, lanes)
