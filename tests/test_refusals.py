@@ -106,6 +106,19 @@ def _case(name: str, tmp: Path, s3: dict):
     if name == "input-no-prompt":
         data = _dataset(tmp / "p.parquet", text=["a cat"])
         return [*run, f"input.path={data}"], {}, "required column 'prompt' is missing", None
+    if name == "input-not-parquet":
+        (tmp / "text.parquet").write_text("prompt\na cat\n")
+        return [*run, f"input.path={tmp}/text.parquet"], {}, "not a readable Parquet file", None
+    if name == "input-wrong-type":
+        data = _dataset(tmp / "t.parquet", prompt=["a cat"], num_frames=["many"])
+        return [*run, f"input.path={data}"], {}, "column 'num_frames' has type string, expected integer", None
+    if name == "input-no-rows":
+        data = _dataset(tmp / "e.parquet", prompt=pa.array([], pa.string()))
+        return [*run, f"input.path={data}"], {}, "the dataset has no rows", None
+    if name == "option-of-another-model":
+        return [*run, f"input.path={prompts}", "model.sample_audio=false"], {}, "model.sample_audio=False", None
+    if name == "gang-the-model-cannot-take":
+        return [*run, f"input.path={prompts}", "cluster.sequence_parallel=3"], {}, "sequence_parallel", None
     if name == "input-no-image-column":
         return ([*run, f"input.path={prompts}", "model.path=tiny-i2v"], {},
                 "required column 'image' is missing: the i2v model renders from a conditioning image", None)
@@ -156,7 +169,9 @@ def _case(name: str, tmp: Path, s3: dict):
 
 CASES = ["config-missing", "yaml-syntax", "yaml-list", "unknown-key", "bad-value", "override-without-equals",
          "max-invalid-out-of-range", "model-typo", "model-missing-directory", "model-hub-id-not-cached",
-         "model-uri-missing", "sweep-model-typo", "input-missing", "input-no-prompt", "input-no-image-column",
+         "model-uri-missing", "sweep-model-typo", "input-missing", "input-no-prompt", "input-not-parquet",
+         "input-wrong-type", "input-no-rows", "input-no-image-column", "option-of-another-model",
+         "gang-the-model-cannot-take",
          "job-wide-frames", "job-wide-size", "format-of-another-kind", "sr-on-prompts", "s3-input-no-bucket",
          "s3-output-no-bucket", "s3-output-closed-port", "s3-output-no-credentials", "positional-ids-after-insert",
          "verify-missing", "verify-file", "verify-not-output", "report-missing", "report-file", "report-not-output"]
