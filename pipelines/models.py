@@ -311,7 +311,10 @@ def load_spec(path: str, storage_options: dict | None = None) -> ModelSpec:
     if path.startswith(SIMULATED):
         from pipelines.simulated import simulated_spec
 
-        return simulated_spec(path)
+        try:
+            return simulated_spec(path)
+        except ValueError as exc:  # a malformed `simulated:...`: refused like any model path
+            raise ModelNotFound(str(exc)) from None
     local = Path(resolve_model(path, storage_options, spec_only=True))
     kind = kind_of(local)
     if kind.name == "sr":
