@@ -8,7 +8,9 @@ import json
 import sys
 from importlib import metadata
 
-EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE = 0, 2, 3
+# 0: done; 1: `verify` found problems; 2: bad config or input, refused before Ray; 3: stopped early, progress kept;
+# 4: finished (`_SUCCESS` written), but nothing rendered ok, or more rows invalid than `--max-invalid` allows.
+EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_NOTHING_OK = 0, 2, 3, 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     run.add_argument("--verbose", action="store_true",
                      help="also show Ray's start-up logs and the model libraries' progress bars")
+    run.add_argument("--max-invalid", type=float, default=None, metavar="F",
+                     help="exit 4 when more than this fraction of rows (in [0, 1]) is invalid; the job still "
+                          "finishes and writes _SUCCESS")
     verify = verbs.add_parser("verify", help="check every ok row's object exists whole with its checksum")
     verify.add_argument("output_uri")
     verify.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
@@ -61,15 +66,27 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args) -> int:
     if args.dry_run:
         return _validate(args)
-    from kandinsky_batch.config import load_config
+    from kandinsky_batch.config import ConfigError, load_config
     from kandinsky_batch.job import run
 
+    if args.max_invalid is not None and not 0 <= args.max_invalid <= 1:
+        raise ConfigError(f"--max-invalid={args.max_invalid:g}: must be a fraction in [0, 1]")
     cfg = load_config(args.config, args.overrides)
     result = run(cfg, force=args.force, progress=not args.no_progress, verbose=args.verbose)
     print(f"done: {result.rows} rows: {result.ok} ok, {result.invalid} invalid, {result.failed} failed "
           f"({result.rendered} rendered, {result.skipped} already done, {result.adopted} adopted, "
           f"{result.retries} retries) in {result.seconds:.1f} s -> {cfg.output.uri}"
           + (f"; it also keeps {result.kept} rows of ids this input does not hold" if result.kept else ""))
+    if result.rows and not result.ok:
+        print(f"error: finished, but none of {result.rows} rows rendered ok; most common reason "
+              f"({result.top_count} of {result.rows} rows): {result.top_reason}", file=sys.stderr)
+        return EXIT_NOTHING_OK
+    if args.max_invalid is not None and result.rows and result.invalid / result.rows > args.max_invalid:
+        print(f"error: {result.invalid} of {result.rows} rows invalid ({result.invalid / result.rows:.1%}), more "
+              f"than --max-invalid={args.max_invalid:g}; the job finished and wrote _SUCCESS, nothing done is "
+              f"lost; most common reason ({result.top_count} of {result.rows} rows): {result.top_reason}",
+              file=sys.stderr)
+        return EXIT_NOTHING_OK
     return EXIT_OK
 
 
@@ -138,10 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     from kandinsky_batch.resume import ResumeConflict
     from kandinsky_batch.scheduler import StorageOutage, WorkersFailed
     from kandinsky_batch.storage import StorageUnavailable
+    from kandinsky_batch.verify import VerifyError
+    from pipelines.kinds import UnsupportedModel
+    from pipelines.models import ModelNotFound
 
     try:
-        return {"run": _run, "validate": _validate, "status": _status, "verify": _verify, "report": _report, "build-tiny": _build_tiny}[args.verb](args)
-    except (ConfigError, InputError, ReportError, ResumeConflict) as exc:
+        return {"run": _run, "validate": _validate, "status": _status, "verify": _verify, "report": _report,
+                "build-tiny": _build_tiny}[args.verb](args)
+    except (ConfigError, InputError, ReportError, ResumeConflict, VerifyError, ModelNotFound,
+            UnsupportedModel) as exc:
         # Bad input is the user's to fix: one line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

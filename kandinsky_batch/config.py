@@ -6,10 +6,12 @@ Unknown keys, wrong types and bad values fail here, before Ray starts, naming th
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipelines.request import ATTENTION_TYPES, CACHES, NABLA_ARGS, RenderOptions  # torch-free, like pipelines.shape
@@ -17,6 +19,7 @@ from pipelines.shape import ParallelSpec
 
 FORMATS = ("mp4", "npy", "png", "webp", "jpeg")
 MAX_SEED = 2**63 - 1  # seeds live in an int64 manifest column
+DEFAULT_FPS = 24  # what the Kandinsky checkpoints render for
 
 
 class ConfigError(ValueError):
@@ -140,7 +143,8 @@ class RenderConfig:
     """Classifier-free guidance; <= 1 turns it off (one transformer call per step)."""
     negative_prompt: Optional[str] = None
     """None: the pipeline's own default negative prompt (recorded in the manifest)."""
-    fps: int = 24
+    fps: Optional[int] = None
+    """Frame rate written into the video; None: 24 for generation, each clip's source's for an upscale (sr)."""
     seed: int = 0
     """Job seed: a row without `seed` gets one derived from this and its id."""
     batch_size: int = 1
@@ -150,15 +154,23 @@ class RenderConfig:
     def __post_init__(self) -> None:
         for key in ("height", "width", "num_frames", "num_inference_steps", "fps"):
             value = getattr(self, key)
-            _require(value > 0, f"render.{key}", value, "must be a positive integer")
+            _require((value is None and key == "fps") or value > 0, f"render.{key}", value,
+                     "must be a positive integer")
         _require((self.num_frames - 1) % 4 == 0, "render.num_frames", self.num_frames, "must be 4k+1 (1, 5, ..., 121)")
         _require(self.num_inference_steps <= 1000, "render.num_inference_steps", self.num_inference_steps,
                  "must be at most 1000")
         _require(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, "render.guidance_scale",
                  self.guidance_scale, "must be a finite number >= 0")
-        _require(self.fps <= 240, "render.fps", self.fps, "must be at most 240")
+        _require(self.fps is None or self.fps <= 240, "render.fps", self.fps, "must be at most 240")
         _require(0 <= self.seed <= MAX_SEED, "render.seed", self.seed, f"must be in [0, {MAX_SEED}]")
         _require(1 <= self.batch_size <= 64, "render.batch_size", self.batch_size, "must be in [1, 64]")
+
+    def written_fps(self, upscales: bool) -> int | None:
+        """The frame rate a job writes, resolved here only: `fps` if set, else 24, or None for an upscale (each clip
+        at its source's)."""
+        if self.fps is not None:
+            return self.fps
+        return None if upscales else DEFAULT_FPS
 
 
 def _check_shape(prefix: str, sequence_parallel: int, ring_degree: int) -> None:
@@ -259,19 +271,66 @@ class JobConfig:
         Sweep.parse(self)
 
 
+def _local(value, model: bool = False) -> bool:
+    """Whether a config value is a relative local path: no scheme, not absolute; a model path only as `./x`, `../x`
+    (`org/name` is a hub id, `tiny` a preset)."""
+    if not isinstance(value, str) or "://" in value or os.path.isabs(value) or value.startswith("~"):
+        return False
+    return value.startswith(("./", "../")) if model else bool(value.strip())
+
+
+def _rebase(loaded: DictConfig, folder: str) -> None:
+    """Resolve the file's relative local paths against its folder, so a config means the same from any directory."""
+    for section, key in (("input", "path"), ("output", "uri"), ("model", "path")):
+        value = OmegaConf.select(loaded, f"{section}.{key}", default=None)
+        if _local(value, model=section == "model"):
+            loaded[section][key] = os.path.normpath(os.path.join(folder, value))
+    models = OmegaConf.select(loaded, "sweep.model", default=None)
+    for i, value in enumerate(models if OmegaConf.is_list(models) else []):
+        if _local(value, model=True):
+            models[i] = os.path.normpath(os.path.join(folder, value))
+        elif OmegaConf.is_dict(value) and _local(value.get("path"), model=True):
+            value["path"] = os.path.normpath(os.path.join(folder, value["path"]))
+
+
+def _load_yaml(path: str) -> DictConfig:
+    """The YAML file as a mapping of sections; syntax errors name the file, line and column in one line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path!r}: is a directory, not a YAML file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path!r}: not valid YAML: {where}{problem}") from None
+    if data is not None and not isinstance(data, dict):
+        got = "a list" if isinstance(data, list) else f"a {type(data).__name__} ({str(data)[:40]!r})"
+        raise ConfigError(f"config file {path!r}: expected a mapping of sections (input, output, model, render, "
+                          f"cluster, sweep), got {got}")
+    loaded = OmegaConf.load(path)  # OmegaConf's own loader for the values (its float and interpolation rules)
+    _rebase(loaded, os.path.dirname(path))
+    return loaded
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Merge schema defaults, the YAML file at `path` and `key=value` overrides; validate everything."""
+    """Merge schema defaults, the YAML file at `path` and `key=value` overrides; validate everything.
+
+    Relative local paths in the file resolve against its folder; those in overrides against the working directory.
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. output.uri=./outputs/demo)")
+    loaded = _load_yaml(path) if path is not None else None
     try:
         merged = OmegaConf.structured(JobConfig)
-        if path is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if loaded is not None:
+            merged = OmegaConf.merge(merged, loaded)
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path!r}: no such file") from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "config"
         # Name the value too when it came from an override (`render.height=tall`, `bogus.key=1`).

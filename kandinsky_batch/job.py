@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -27,6 +28,7 @@ from kandinsky_batch.worker import WorkerSpec
 from pipelines.models import pinned
 from pipelines import quiet_progress
 
+MAX_REASONS = 10_000  # distinct errors counted for the most common one: bounded when every row's error differs
 LIBRARIES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "av")
 METRICS_SECONDS = 2.0
 
@@ -57,6 +59,16 @@ class JobResult:
     first_render_seconds: float | None = None
     """From `run` to the first batch handed to a replica (preflight, Ray start, model load included)."""
     workers: list = field(default_factory=list)
+    reasons: Counter = field(default_factory=Counter)
+    """This run's invalid and failed rows by their first reason (not written to `_SUCCESS`)."""
+
+    @property
+    def top_reason(self) -> str | None:
+        return self.reasons.most_common(1)[0][0] if self.reasons else None
+
+    @property
+    def top_count(self) -> int:
+        return self.reasons.most_common(1)[0][1] if self.reasons else 0
 
 
 def _versions() -> dict:
@@ -174,6 +186,10 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True, verbose: boo
     def commit(row: dict) -> None:
         writer.add({**row, "finished_at": datetime.now(timezone.utc)})
         bar.settled(row["status"])
+        if row["status"] != "ok" and row.get("error"):
+            reason = row["error"].split("; ")[0]
+            if reason in result.reasons or len(result.reasons) < MAX_REASONS:
+                result.reasons[reason] += 1
 
     intake = Intake(checked.dataset, checked.lanes, checked.sweep, cfg.render.seed, commit).start()
     try:
@@ -221,7 +237,7 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True, verbose: boo
     result.seconds = time.perf_counter() - started
     write_success(storage, {
         "run_id": run_id, "finished_at": datetime.now(timezone.utc).isoformat(),
-        "counts": {k: v for k, v in result.__dict__.items() if k != "workers"},
+        "counts": {k: v for k, v in result.__dict__.items() if k not in ("workers", "reasons")},
         "workers": result.workers, "model": cfg.model.path, "config": to_dict(cfg), "versions": _versions(),
         "sweep": {"axes": checked.sweep.axes, "cells_per_row": cells,
                   "models": {lane.label: lane.model.path for lane in checked.lanes}} if checked.sweep.active else None,

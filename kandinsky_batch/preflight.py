@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+import fsspec
 import pyarrow as pa
 
 from kandinsky_batch.config import ClusterConfig, ConfigError, JobConfig, ModelConfig
 from kandinsky_batch.dataset import COLUMNS as INPUT_COLUMNS
-from kandinsky_batch.dataset import Dataset, InputError, limited
+from kandinsky_batch.dataset import Dataset, InputError, _reason, limited
 from kandinsky_batch.manifest import SCHEMA, job_schema
 from kandinsky_batch.images import ImageReader
 from kandinsky_batch.intake import committed_tasks
@@ -22,16 +23,19 @@ from kandinsky_batch.options import effective_options
 from kandinsky_batch.record import Stamp
 from kandinsky_batch.resume import OutputState, check_conflicts
 from kandinsky_batch.routing import check_shapes
-from kandinsky_batch.rows import IdIndex, RowValidator
+from kandinsky_batch.rows import PARAMS, IdIndex, RowValidator, param_problems
 from kandinsky_batch.storage import IMAGES_DIR, VIDEOS_DIR, Storage
 from kandinsky_batch.sweep import ModelVariant, Sweep
 from kandinsky_batch.upscale import SourceManifest, is_job_output
 from kandinsky_batch.video import IMAGE_FORMATS
 from pipelines import ModelSpec, load_spec
-from pipelines.models import pinned, preset
-from pipelines.kinds import BY_NAME, IMAGE, NO_IMAGE, VIDEO_AUDIO, Kind
+from pipelines.kinds import BY_NAME, IMAGE, IMAGE_REQUIRED, NO_IMAGE, VIDEO_AUDIO, Kind
+from pipelines.models import ModelNotFound, pinned, preset
 
 SOUND_FPS = 24  # Kandinsky 6 denoises sound and frames together for 24 fps (pipelines.render_k6.FRAME_RATE)
+# The storage probe's bounds on S3: an endpoint that does not answer is refused in seconds, not after the full
+# retry budget the job itself gets (botocore's and s3fs's retries on every call).
+PROBE_S3_CONFIG = {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1, "mode": "standard"}}
 
 
 @dataclass
@@ -132,12 +136,59 @@ def carried_columns(schema: pa.Schema) -> tuple[dict[str, str], pa.Schema]:
     if taken:
         raise InputError(f"input column {taken[0]!r}: its manifest name is taken (rename the column)")
     return names, pa.schema(fields)
+def probe_storage(key: str, uri: str, storage_options: dict | None, error: type[Exception]) -> None:
+    """One listing of an object-store prefix, with short timeouts: missing credentials, a bucket that does not
+    exist or an endpoint that does not answer are refused in one line (`key=uri: reason`) before anything waits on
+    them. Local paths need no probe; a prefix that does not exist yet is fine (its bucket must)."""
+    protocol, _ = fsspec.core.split_protocol(uri)
+    if protocol in (None, "file", "local"):
+        return
+    options = dict(storage_options or {})
+    if protocol in ("s3", "s3a"):
+        options["config_kwargs"] = {**options.get("config_kwargs", {}), **PROBE_S3_CONFIG}
+    where = f"{key}={uri!r}"
+    try:
+        fs, root = fsspec.core.url_to_fs(uri, skip_instance_cache=True, **options)
+    except Exception as exc:  # noqa: BLE001 - unknown protocol, missing backend, bad options
+        raise error(f"{where}: cannot open ({_reason(exc, storage_options)})") from None
+    bucket = root.split("/", 1)[0]
+    try:
+        try:
+            fs.ls(root)
+        except FileNotFoundError:  # a new prefix, or no bucket at all
+            fs.info(bucket)
+    except FileNotFoundError:
+        raise error(f"{where}: bucket {bucket!r} does not exist (or these credentials cannot see it)") from None
+    except Exception as exc:  # noqa: BLE001 - credentials, permissions, network: said in one line, secrets blanked
+        raise error(f"{where}: cannot list ({_reason(exc, storage_options)})") from None
+
+
+def check_image_column(kind: Kind, columns: list[str], path: str) -> None:
+    """Image-conditioned models that need an image (i2v, i2i) refuse a dataset without an `image` column."""
+    if kind.image == IMAGE_REQUIRED and "image" not in columns:
+        raise InputError(f"input.path={path!r}: required column 'image' is missing: the {kind.name} model renders "
+                         "from a conditioning image")
+
+
+def check_defaults(validator: RowValidator, columns: list[str], sweep: Sweep, label: str | None = None) -> None:
+    """Refuse a `render.*` default that every row takes (no dataset column, no sweep axis sets it) and the model
+    cannot render, with the rule the row validator would give each row."""
+    fixed = {key for key in PARAMS if key not in columns and key not in sweep.axes}
+    defaults = {key: getattr(validator.defaults, key) for key in PARAMS} | {"seed": 0}
+    for keys, message in param_problems(defaults, validator.spec):
+        if set(keys) <= fixed:
+            missing = " and ".join(f"no {key!r} column" for key in keys)
+            model = f"sweep model {label!r}: " if label else ""
+            raise ConfigError(f"{model}render.{message}; every row would take it (the dataset has {missing} and no "
+                              "sweep axis sets it)")
 
 
 def preflight(cfg: JobConfig, force: bool = False) -> Checked:
     """Refuse a job that cannot run as asked (ConfigError, InputError, ResumeConflict), naming key and value."""
     # 1. The dataset as a whole: files, columns and types, row count (footers only); the sweep against it. Another
-    # job's output (an upscale's input) is read through its manifest.
+    # job's output (an upscale's input) is read through its manifest. Object stores are probed first, briefly.
+    probe_storage("input.path", cfg.input.path, cfg.input.storage_options, InputError)
+    probe_storage("output.uri", cfg.output.uri, cfg.output.storage_options, ConfigError)
     upscale = is_job_output(cfg.input.path, cfg.input.storage_options)
     dataset = limited((SourceManifest if upscale else Dataset)(cfg.input.path, cfg.input.storage_options),
                       cfg.input.limit)
@@ -155,23 +206,32 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
     for variant in sweep.models:
         # 3. Each model's limits and the options it will really run with; gang shapes it can take.
         check_revision(variant.model)
-        spec = load_spec(pinned(variant.model.path, variant.model.revision), variant.model.storage_options)
+        try:
+            spec = load_spec(pinned(variant.model.path, variant.model.revision), variant.model.storage_options)
+        except ModelNotFound as exc:
+            raise ModelNotFound(f"sweep model {variant.label!r}: {exc}" if sweep.swept_models else str(exc)) from None
         options, spec = effective_options(variant.model, spec)
         check_shapes(variant.cluster, spec, options)
         kind = BY_NAME[spec.kind]
         check_upscale(kind, upscale, sweep, cfg.input.path, variant.model.path)
         check_format(cfg.output.format, kind, variant.model.path)
-        if kind.output == VIDEO_AUDIO and variant.render.fps != SOUND_FPS:
-            raise ConfigError(f"render.fps={variant.render.fps}: {variant.model.path} renders its sound for "
+        if not upscale:
+            check_image_column(kind, dataset.schema.names, cfg.input.path)
+        fps = variant.render.written_fps(kind.upscales)
+        if kind.output == VIDEO_AUDIO and fps != SOUND_FPS:
+            raise ConfigError(f"render.fps={fps}: {variant.model.path} renders its sound for "
                               f"{SOUND_FPS} fps video (rule: render.fps={SOUND_FPS})")
-        stamp = Stamp(model=variant.model.path, format=cfg.output.format, fps=variant.render.fps, options=options,
+        stamp = Stamp(model=variant.model.path, format=cfg.output.format, fps=fps, options=options,
                       sound=dataset.sound if kind.upscales else kind.output == VIDEO_AUDIO and options.sample_audio,
                       folder=IMAGES_DIR if kind.output == IMAGE else VIDEOS_DIR, revision=variant.model.revision)
         # 4. What the output prefix holds (read once): rows committed with other parameters are refused unless forced.
         outputs = outputs.with_stamp(stamp) if outputs else OutputState(storage, stamp, force=force)
         images = ImageReader(cfg.input.path, cfg.input.storage_options) if kind.image != NO_IMAGE else None
         validator = RowValidator(replace(cfg, render=variant.render), spec, ids, images, carried)
+        if not kind.upscales:  # an upscale's sizes and frames are its sources'
+            check_defaults(validator, dataset.schema.names, sweep, variant.label if sweep.swept_models else None)
         lanes.append(Lane(variant, spec, stamp, validator, outputs))
     for lane in lanes:
-        check_conflicts(lane.state, committed_tasks(dataset, lane, sweep, cfg.render.seed), cfg.output.uri)
+        check_conflicts(lane.state, committed_tasks(dataset, lane, sweep, cfg.render.seed), cfg.output.uri,
+                        positional=id_column is None)
     return Checked(dataset, storage, sweep, lanes, job_schema(carried_schema))

@@ -26,7 +26,8 @@ class Stamp:
 
     model: str
     format: str
-    fps: int
+    fps: int | None
+    """Frame rate of every row; None: each row's own (an upscale writes each clip at its source's)."""
     options: RenderOptions = field(default_factory=RenderOptions)
     sound: bool = False
     """Whether the model renders sound (Kandinsky 6): raw frames then come with their waveform, in an `.npz`."""
@@ -46,7 +47,8 @@ class Stamp:
 
     @functools.cached_property
     def fields(self) -> dict:
-        return {"model": self.model, "model_revision": self.revision, "format": self.format, "fps": self.fps,
+        fps = {} if self.fps is None else {"fps": self.fps}
+        return {"model": self.model, "model_revision": self.revision, "format": self.format, **fps,
                 "options": recorded_options(self.options), "approximate": self.options.approximate}
 
     def row(self, values: dict, **outcome) -> dict:

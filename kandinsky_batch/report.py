@@ -17,6 +17,7 @@ import numpy as np
 
 from .manifest import MANIFEST_DIR, STATUSES, read_manifest, read_success
 from .storage import Storage
+from .verify import open_target
 
 # The sweep axes in the order they are shown; an axis not listed here (a newer version's) goes last.
 AXES = ("model", "num_inference_steps", "guidance_scale", "negative_prompt", "height", "width", "num_frames", "seed")
@@ -317,7 +318,7 @@ def write_report(uri: str, out: str | os.PathLike | None = None, *, storage_opti
     where they are unless `copy_videos`: relative links on local disk, URLs presigned for `expires` seconds.
     """
     # 1. Check the request before reading anything large.
-    storage = Storage(uri, storage_options)
+    storage = open_target(uri, storage_options, "report", ReportError)
     if isinstance(expires, bool) or not isinstance(expires, int) or expires <= 0:
         raise ReportError(f"--expires must be a positive number of seconds, got {expires!r}")
     signer = storage

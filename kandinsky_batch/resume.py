@@ -163,10 +163,11 @@ class OutputState:
         return result
 
 
-def check_conflicts(state: OutputState, windows, uri: str) -> None:
+def check_conflicts(state: OutputState, windows, uri: str, positional: bool = False) -> None:
     """Refuse, before anything renders, an output prefix holding rows rendered with other parameters.
 
-    `windows` yields lists of the run's tasks whose ids the manifest holds `ok` (only those are compared).
+    `windows` yields lists of the run's tasks whose ids the manifest holds `ok` (only those are compared);
+    `positional`: the dataset has no id column, so its ids are row positions (the refusal says what that means).
     """
     if state.force or state.committed == 0:
         return
@@ -176,7 +177,9 @@ def check_conflicts(state: OutputState, windows, uri: str) -> None:
         found += len(split.conflicts)
         first = first or (split.conflicts[0] if split.conflicts else None)
     if found:
+        why = ("; this dataset has no id column, so ids are row positions: inserting or reordering rows changes "
+               "them; add an `id` column (or use a new output.uri)") if positional else ""
         raise ResumeConflict(
             f"output.uri={uri!r} already holds {found} row(s) rendered with other parameters, e.g. {first}; "
-            f"use a new output.uri, or --force to re-render them in place"
+            f"use a new output.uri, or --force to re-render them in place{why}"
         )

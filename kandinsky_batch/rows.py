@@ -62,6 +62,8 @@ class Task:
     source_uri: str | None = None
     """The clip an upscale (sr) renders from: another job's committed video."""
     source_sha256: str | None = None
+    fps: int | None = None
+    """The frame rate it is written at when the job's is not set (an upscale: its source's); None: the job's."""
     source: object = field(default=None, repr=False)
     """That clip decoded (frames, or a Clip with sound): read by the replica that renders the row."""
     overwrite: bool = False
@@ -73,7 +75,7 @@ class Task:
 
     def request(self) -> RenderRequest:
         fields = {name: getattr(self, name) for name in _ROW_FIELDS}
-        for name in ("id", "row_index", "sweep", "image_uri", "image_sha256", "source_uri", "source_sha256"):
+        for name in ("id", "row_index", "sweep", "image_uri", "image_sha256", "source_uri", "source_sha256", "fps"):
             del fields[name]
         return RenderRequest(**fields, image=self.image, video=self.source)
 
@@ -132,37 +134,55 @@ def _text_error(field: str, text, spec: ModelSpec, required: bool, tokens: int |
     return None
 
 
-def _param_error(task: dict, spec: ModelSpec) -> str | None:
+def param_problems(task: dict, spec: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
+    """Every render-parameter rule `task` breaks, in checking order, as (the fields it names, the message)."""
+    problems = []
     for key in ("height", "width"):
         value = task[key]
         if value <= 0 or value % spec.spatial_multiple or value > spec.max_size:
-            return (f"{key}={value}: must be a positive multiple of {spec.spatial_multiple} "
-                    f"and at most {spec.max_size} for this model")
-    if spec.sizes and (task["width"], task["height"]) not in spec.sizes:
+            problems.append(((key,), f"{key}={value}: must be a positive multiple of {spec.spatial_multiple} "
+                                     f"and at most {spec.max_size} for this model"))
+    # The list of sizes is checked once both sides pass their own rule: a bad side already names the problem.
+    if not problems and spec.sizes and (task["width"], task["height"]) not in spec.sizes:
         shown = ", ".join(f"{w}x{h}" for w, h in spec.sizes)
-        return (f"width x height={task['width']}x{task['height']}: not a size this {spec.kind} model renders "
-                f"(rule: one of {shown})")
+        problems.append((("width", "height"), f"width x height={task['width']}x{task['height']}: not a size this "
+                                              f"{spec.kind} model renders (rule: one of {shown})"))
     frames = task["num_frames"]
     if spec.max_frames == 1 and frames != 1:
-        return f"num_frames={frames}: this model renders one image (rule: leave num_frames empty, or 1)"
-    if frames < spec.min_frames:
-        return (f"num_frames={frames}: too few for this {spec.kind} model (rule: at least {spec.min_frames}; "
-                "it renormalises its first latent frames against later ones)")
-    if frames < 1 or (frames - 1) % spec.temporal_multiple or frames > spec.max_frames:
-        return (f"num_frames={frames}: must be {spec.temporal_multiple}k+1 and at most {spec.max_frames} "
-                f"(e.g. 121 for 5 s, 241 for 10 s)")
+        problems.append((("num_frames",), f"num_frames={frames}: this model renders one image (rule: leave "
+                                          "num_frames empty, or 1)"))
+    else:
+        if frames < spec.min_frames:
+            problems.append((("num_frames",), f"num_frames={frames}: too few for this {spec.kind} model (rule: at "
+                                              f"least {spec.min_frames}; it renormalises its first latent frames "
+                                              "against later ones)"))
+        if frames < 1 or (frames - 1) % spec.temporal_multiple or frames > spec.max_frames:
+            problems.append((("num_frames",), f"num_frames={frames}: must be {spec.temporal_multiple}k+1 and at "
+                                              f"most {spec.max_frames} (e.g. 121 for 5 s, 241 for 10 s)"))
     steps = task["num_inference_steps"]
     if not 1 <= steps <= MAX_STEPS:
-        return f"num_inference_steps={steps}: must be in [1, {MAX_STEPS}]"
+        problems.append((("num_inference_steps",), f"num_inference_steps={steps}: must be in [1, {MAX_STEPS}]"))
     guidance = task["guidance_scale"]
     if not (math.isfinite(guidance) and guidance >= 0):
-        return f"guidance_scale={guidance}: must be a finite number >= 0"
-    if spec.guidance is not None and guidance != spec.guidance:
-        return f"guidance_scale={guidance}: this distilled checkpoint runs at guidance_scale={spec.guidance} only"
+        problems.append((("guidance_scale",), f"guidance_scale={guidance}: must be a finite number >= 0"))
+    elif spec.guidance is not None and guidance != spec.guidance:
+        problems.append((("guidance_scale",), f"guidance_scale={guidance}: this distilled checkpoint runs at "
+                                              f"guidance_scale={spec.guidance} only"))
     seed = task["seed"]
     if not 0 <= seed <= MAX_SEED:
-        return f"seed={seed}: must be in [0, {MAX_SEED}]"
-    return None
+        problems.append((("seed",), f"seed={seed}: must be in [0, {MAX_SEED}]"))
+    return problems
+
+
+def _param_error(task: dict, spec: ModelSpec) -> str | None:
+    """Every render-parameter rule `task` breaks, joined with '; ' (None: it breaks none)."""
+    return _joined(message for _, message in param_problems(task, spec))
+
+
+def _joined(errors) -> str | None:
+    """A row's reasons in checking order, each once, joined with '; ' (None: no reason)."""
+    unique = list(dict.fromkeys(e for e in errors if e))
+    return "; ".join(unique) or None
 
 
 def _image_text_tokens(spec: ModelSpec, prompt: str, negative: str | None, size: tuple) -> tuple:
@@ -184,7 +204,7 @@ def _image_text_tokens(spec: ModelSpec, prompt: str, negative: str | None, size:
     return None, (counts[0], counts[1] if negative is not None else 0)
 
 
-def _source_error(source: dict, fps: int) -> str | None:
+def _source_error(source: dict, fps: int | None) -> str | None:
     """Why a source row (`kandinsky_batch.upscale`) is not a clip to upscale, naming the source's field."""
     if source["source_status"] != "ok":
         why = f": {source['source_error']}" if source["source_error"] else ""
@@ -194,7 +214,7 @@ def _source_error(source: dict, fps: int) -> str | None:
             "mp4", "npy", "npz"):
         return (f"source format={source['source_format']!r}: not a video (rule: sr upscales mp4 or npy clips of a "
                 "video model)")
-    if source["source_fps"] != fps:
+    if fps is not None and source["source_fps"] != fps:
         return (f"source fps={source['source_fps']}: the upscaled clip is written at render.fps={fps} "
                 f"(rule: set render.fps to the source's)")
     return None
@@ -301,7 +321,7 @@ TASK_SCHEMA = pa.schema([
     ("seed", pa.int64()), ("height", pa.int64()), ("width", pa.int64()), ("num_frames", pa.int64()),
     ("num_inference_steps", pa.int64()), ("guidance_scale", pa.float64()),
     ("sweep", pa.string()), ("image_uri", pa.string()), ("image_sha256", pa.string()), ("image", pa.binary()),
-    ("source_uri", pa.string()), ("source_sha256", pa.string()),
+    ("source_uri", pa.string()), ("source_sha256", pa.string()), ("fps", pa.int64()),
     ("prompt_tokens", pa.int64()), ("negative_tokens", pa.int64()),
 ])
 
@@ -393,14 +413,17 @@ class RowValidator:
             if skipped[i]:
                 finished.append((candidate["id"], candidate["row_index"]))
                 continue
-            error = (self.ids.errors.get(positions[i]) or (errors or {}).get(i)
-                     or (images[i] if isinstance(images[i], str) else None)
-                     or _text_error("prompt", prompts[i], self.spec, True, self._tokens.get(prompts[i], 0))
-                     or _param_error(candidate, self.spec))
-            # The model's own default passes as it is (text-to-image's is empty); a given one must be usable text.
-            if error is None and effective[i] is not None and effective[i] != self.spec.negative_prompt(None, 2.0):
-                error = _text_error("negative_prompt", effective[i], self.spec, False,
-                                    self._tokens.get(effective[i], 0))
+            # Every rule the row breaks, in this order (the first one named first).
+            error = _joined([self.ids.errors.get(positions[i]), (errors or {}).get(i),
+                             images[i] if isinstance(images[i], str) else None,
+                             _text_error("prompt", prompts[i], self.spec, True, self._tokens.get(prompts[i], 0)),
+                             _param_error(candidate, self.spec),
+                             # The model's own default passes as it is (text-to-image's is empty); a given one
+                             # must be usable text.
+                             _text_error("negative_prompt", effective[i], self.spec, False,
+                                         self._tokens.get(effective[i], 0))
+                             if effective[i] is not None and effective[i] != self.spec.negative_prompt(None, 2.0)
+                             else None])
             tokens = None
             if error is None and self.with_image_tokens:
                 error, tokens = _image_text_tokens(self.spec, prompts[i], effective[i], images[i].size)
@@ -437,17 +460,19 @@ class RowValidator:
                              height=source["source_height"], width=source["source_width"],
                              num_frames=source["source_frames"], num_inference_steps=d.num_inference_steps,
                              guidance_scale=1.0, sweep=None, image_uri=None, image_sha256=None,
-                             source_uri=source["source_uri"], source_sha256=source["source_sha256"])
+                             source_uri=source["source_uri"], source_sha256=source["source_sha256"],
+                             fps=source["source_fps"] if d.fps is None else None)
             candidate.update((name, values[i]) for name, values in carried)  # the first stage's carried columns
-            error = self.ids.errors.get(position) or _source_error(source, d.fps)
-            if error is None:
+            problem = _source_error(source, d.fps)
+            if problem is None:
                 try:
                     candidate["height"], candidate["width"] = upscaled_size(
                         source["source_height"], source["source_width"], scale, self.spec.tile_sizes,
                         self.spec.spatial_multiple)
                 except ValueError as exc:
-                    error = str(exc)
-                error = error or _param_error(candidate, self.spec)
+                    problem = str(exc)
+                problem = problem or _param_error(candidate, self.spec)
+            error = _joined([self.ids.errors.get(position), problem])
             if error is None and done is not None and done(candidate):
                 finished.append((candidate["id"], candidate["row_index"]))
             elif error is None:

@@ -15,10 +15,43 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from .manifest import STATUSES, read_manifest, read_parts, read_success
+from .dataset import _reason
+from .manifest import MANIFEST_DIR, STATUSES, SUCCESS_KEY, read_manifest, read_parts, read_success
 from .storage import OBJECT_DIRS, Storage
 
 _CHECK_THREADS = 16  # objects are checked concurrently: verification is dominated by round trips
+
+
+class VerifyError(ValueError):
+    """The target is not an output prefix at all (missing, a file, a folder no job wrote): one line, exit 2."""
+
+
+def target_problem(storage: Storage, storage_options: dict | None = None) -> str | None:
+    """Why `storage`'s prefix is not a job's output (missing, a file, neither manifest/ nor _SUCCESS), or None."""
+    try:
+        info = storage.fs.info(storage.root)
+        if info.get("type") == "file":
+            return "is a file, not an output prefix (give the output.uri a job wrote to)"
+        manifest = storage.fs.isdir(f"{storage.root}/{MANIFEST_DIR}")
+        if not manifest and not storage.fs.exists(f"{storage.root}/{SUCCESS_KEY}"):
+            return (f"holds no {MANIFEST_DIR}/ and no {SUCCESS_KEY}: not a kandinsky-batch output "
+                    "(give the output.uri a job wrote to)")
+    except FileNotFoundError:
+        return "no such file or directory"
+    except Exception as exc:  # noqa: BLE001 - credentials, network: said in one line, secrets blanked
+        return f"cannot be read ({_reason(exc, storage_options)})"
+    return None
+
+
+def open_target(uri: str, storage_options: dict | None, verb: str, error: type[Exception]) -> Storage:
+    """The storage of an output prefix to read (`verify`, `report`); `error` naming the verb if it is none."""
+    try:
+        storage = Storage(uri, storage_options)
+    except Exception as exc:  # noqa: BLE001 - unknown protocol, missing backend, bad options
+        raise error(f"{verb} {uri!r}: cannot open ({_reason(exc, storage_options)})") from None
+    if (problem := target_problem(storage, storage_options)) is not None:
+        raise error(f"{verb} {uri!r}: {problem}")
+    return storage
 
 
 def _check_object(storage: Storage, row: dict) -> tuple[str | None, str | None]:
@@ -67,7 +100,7 @@ def _repeated(table: pa.Table, keys: list[str]) -> list[tuple]:
 
 def verify(uri: str, storage_options: dict | None = None) -> list[str]:
     """Problems found in the output at `uri`, one line each; [] when it is complete and consistent."""
-    storage = Storage(uri, storage_options)
+    storage = open_target(uri, storage_options, "verify", VerifyError)
     problems: list[str] = []
     if read_success(storage) is None:
         problems.append("_SUCCESS is missing: the job did not finish")

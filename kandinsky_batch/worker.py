@@ -223,8 +223,9 @@ class RenderWorker:
         if getattr(rendered, "prompt", None) is not None:  # the model expanded the row's prompt and rendered that
             row["expanded_prompt"] = rendered.prompt
         try:
-            data = (encode(rendered, self.spec.stamp.format, self.spec.stamp.fps) if task.source is None
-                    else encode_upscaled(rendered, task.source, self.spec.stamp.format, self.spec.stamp.fps))
+            fps = self.spec.stamp.fps or task.fps  # an upscale without render.fps: its source's
+            data = (encode(rendered, self.spec.stamp.format, fps) if task.source is None
+                    else encode_upscaled(rendered, task.source, self.spec.stamp.format, fps))
             still = poster(frames)  # before any commit: a poster that cannot be made fails the row, leaving nothing
             key, still_key = self.spec.stamp.keys(task.id)
             if not self._put(key, data, task.overwrite):

@@ -7,6 +7,7 @@ another draw of its transformer), a local diffusers directory, an fsspec URI of 
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import html
@@ -37,6 +38,66 @@ PRESETS = {
 }
 # The pipeline's default `max_sequence_length`: prompt tokens kept after the template.
 MAX_PROMPT_TOKENS = 512
+
+
+class ModelNotFound(ValueError):
+    """`model.path` names no model that can be loaded here; the message says what the value was taken as."""
+
+
+def _taken_as(path: str) -> str:
+    """What `model.path` is read as: a preset, an object-store URI, a local directory or a hub id."""
+    if path.partition(":")[0] in PRESETS:
+        return "a preset"
+    if _is_uri(path):
+        return "an object-store URI"
+    if path.startswith(("./", "../", "/", "~")) or os.path.isdir(path):
+        return "a local directory"
+    return "a hub id"
+
+
+def _not_found(path: str, problem: str) -> ModelNotFound:
+    """The one-line refusal of `model.path`, with a near preset name when there is one (`tinyy` -> `tiny`)."""
+    near = difflib.get_close_matches(path.partition(":")[0], PRESETS, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near and _taken_as(path) != "a preset" else ""
+    return ModelNotFound(f"model.path={path!r} (taken as {_taken_as(path)}): {problem}{hint}")
+
+
+def _redacted(exc: BaseException, storage_options: dict | None) -> str:
+    """An exception's first line with the storage options' string values (credentials) blanked out."""
+    text = str(exc).strip()
+    line = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    stack = [storage_options or {}]
+    while stack:
+        for value in stack.pop().values():
+            if isinstance(value, dict):
+                stack.append(value)
+            elif isinstance(value, str) and len(value) >= 4:
+                line = line.replace(value, "<redacted>")
+    return line
+
+
+def _hub_snapshot(path: str, revision: str | None = None, patterns: list[str] | None = SPEC_FILES) -> str:
+    """A hub id's files (by default its configs and tokenizer) at `revision` from the Hugging Face cache (downloaded
+    unless offline), or why not."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    try:
+        return snapshot_download(path, revision=revision, allow_patterns=patterns)
+    except RevisionNotFoundError:
+        raise _not_found(path, f"the hub repository has no revision {revision!r} (model.revision)") from None
+    except HFValidationError:
+        raise _not_found(path, "not a preset, a local directory, an object-store URI or a valid hub id "
+                               "(org/name)") from None
+    except RepositoryNotFoundError:
+        raise _not_found(path, "no such repository on the Hugging Face hub (or it is gated or private: "
+                               "log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        raise _not_found(path, f"not in the local Hugging Face cache and {why}, so it cannot be downloaded "
+                               "(download it where there is network, or point model.path at a local copy)") from None
 
 
 def cache_root() -> Path:
@@ -85,7 +146,7 @@ def preset(path: str) -> tuple[str, int] | None:
     if name not in PRESETS:
         return None
     if sep and (not value.isdigit() or int(value) > 2**31):
-        raise ValueError(f"model.path={path!r}: expected {name!r} or '{name}:SEED' with SEED an integer in [0, 2^31]")
+        raise ModelNotFound(f"model.path={path!r} (taken as a preset): expected {name!r} or '{name}:SEED' with SEED an integer in [0, 2^31]")
     return name, int(value) if sep else 0
 
 
@@ -105,19 +166,31 @@ def pinned(path: str, revision: str | None) -> str:
 def resolve_model(path: str, storage_options: dict | None = None, spec_only: bool = False) -> str:
     """Turn `model.path` into something `from_pretrained` loads: a local directory or a hub id.
 
-    With `spec_only`, fetch only configs and the tokenizer (what validation needs), never weights.
+    With `spec_only`, fetch only configs and the tokenizer (what validation needs), never weights; a path that names
+    no model raises ModelNotFound.
     """
     if (found := preset(path)) is not None:
         return str(ensure_tiny(cache_root(), found[1], found[0], PRESETS[found[0]]))
     if _is_uri(path):
-        return str(_copy_once(path, storage_options, SPEC_FILES if spec_only else None))
-    if os.path.isdir(path):
-        return path
+        if not spec_only:
+            return str(_copy_once(path, storage_options, None))
+        try:
+            return str(_copy_once(path, storage_options, SPEC_FILES))
+        except FileNotFoundError as exc:
+            raise _not_found(path, "holds no model_index.json (not a diffusers directory)"
+                             if "model_index.json" in str(exc) else _redacted(exc, storage_options)) from None
+        except Exception as exc:  # noqa: BLE001 - credentials, network, a missing backend: said in one line
+            raise _not_found(path, f"cannot be read ({_redacted(exc, storage_options)})") from None
+    if os.path.isdir(os.path.expanduser(path)):
+        local = os.path.expanduser(path)
+        if spec_only and not os.path.isfile(os.path.join(local, "model_index.json")):
+            raise _not_found(path, "holds no model_index.json (not a diffusers directory)")
+        return local
+    if _taken_as(path) == "a local directory":
+        raise _not_found(path, "no such directory")
     repo, revision = split_revision(path)
     if spec_only or revision is not None:  # a pinned snapshot loads from its own folder, weights and all
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(repo, revision=revision, allow_patterns=SPEC_FILES if spec_only else None)
+        return _hub_snapshot(repo, revision, SPEC_FILES if spec_only else None)
     return path
 
 
@@ -256,7 +329,10 @@ def load_spec(path: str, storage_options: dict | None = None) -> ModelSpec:
     if path.startswith(SIMULATED):
         from pipelines.simulated import simulated_spec
 
-        return simulated_spec(path)
+        try:
+            return simulated_spec(path)
+        except ValueError as exc:  # a malformed `simulated:...`: refused like any model path
+            raise ModelNotFound(str(exc)) from None
     local = Path(resolve_model(path, storage_options, spec_only=True))
     kind = kind_of(local)
     if kind.name == "sr":

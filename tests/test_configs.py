@@ -136,3 +136,36 @@ def test_super_resolution_configs_upscale_another_jobs_output(name, model_id, st
     assert (cfg.model.path, cfg.render.num_inference_steps, cfg.model.resolution_scale) == (model_id, steps, 2.25)
     assert cfg.model.compile, "eager flex attention materialises the whole attention matrix (the pipeline's docs)"
     assert cfg.input.path.startswith("s3://your-bucket/renders/"), "the input is a job's output.uri"
+
+
+def test_relative_paths_in_a_config_resolve_against_its_folder(tmp_path, monkeypatch):
+    """Local paths in the file are the file's (`../jobs/x`), on the command line the working directory's; hub ids,
+    presets and URIs stay as they are."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "job.yaml").write_text(
+        "input:\n  path: ../jobs/prompts.parquet\noutput:\n  uri: out\nmodel:\n  path: ./models/mine\n"
+        "sweep:\n  model: [tiny, ../models/b, {name: c, path: ./c}, kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers]\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("configs/job.yaml")
+    assert (cfg.input.path, cfg.output.uri, cfg.model.path) == ("jobs/prompts.parquet", "configs/out",
+                                                               "configs/models/mine")
+    assert cfg.sweep["model"][:2] == ["tiny", "models/b"] and cfg.sweep["model"][2]["path"] == "configs/c"
+    assert cfg.sweep["model"][3] == "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers"
+    cfg = load_config(str(folder / "job.yaml"), ["output.uri=./here", "input.path=s3://b/p", "model.path=tiny"])
+    assert (cfg.input.path, cfg.output.uri, cfg.model.path) == ("s3://b/p", "./here", "tiny")
+    demo = load_config(str(ROOT / "configs" / "tiny.yaml"))
+    assert (demo.input.path, demo.output.uri) == (str(ROOT / "jobs" / "prompts.parquet"), str(ROOT / "outputs" / "demo"))
+
+
+@pytest.mark.parametrize("text, said", [
+    ("- input\n- output\n", "expected a mapping of sections (input, output, model, render, cluster, sweep), got a list"),
+    ("just words\n", "expected a mapping of sections (input, output, model, render, cluster, sweep), got a str"),
+    ("input:\n  path: [a,\n", "not valid YAML: line 3, column 1:"),
+])
+def test_a_config_file_that_is_not_a_mapping_says_where(tmp_path, text, said):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "c.yaml"))
+    assert str(info.value).startswith(f"config file '{tmp_path / 'c.yaml'}': {said}"), str(info.value)
+    assert "\n" not in str(info.value)

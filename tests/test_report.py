@@ -155,6 +155,9 @@ def test_clear_errors(sweep, tmp_path):
         write_report(uri, tmp_path / "r", expires=0)
     empty = tmp_path / "empty"
     empty.mkdir()
+    with pytest.raises(ReportError, match="holds no manifest/ and no _SUCCESS: not a kandinsky-batch output"):
+        write_report(f"file://{empty}")
+    (empty / "manifest").mkdir()
     with pytest.raises(ReportError, match=f"manifest is missing: no manifest/.*under file://{empty}/manifest"):
         write_report(f"file://{empty}")
 
@@ -169,7 +172,8 @@ def test_cli(sweep, tmp_path, capsys):
     assert main(["report", uri, "--columns", "guidance_scale"]) == EXIT_USAGE
     assert "error: unknown axis 'guidance_scale' in --columns" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nowhere")]) == EXIT_USAGE
-    assert "error: manifest is missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: report ") and "no such file or directory" in err, err
 
 
 def test_local_links_from_another_directory_are_relative(sweep, tmp_path):

@@ -5,6 +5,7 @@ source row, with resume and verify."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,3 +210,28 @@ def test_source_rows_are_checked_one_by_one(tmp_path, model_cache):
     assert errors["odd"].startswith("num_frames=6: must be 4k+1")
     assert errors["gone"] == ("source status='failed': only the source job's ok rows are upscaled (the source row: "
                               "RuntimeError: boom)")
+
+
+def test_an_upscale_without_render_fps_writes_each_clip_at_its_sources(model_cache):
+    """render.fps unset (configs/tiny-sr.yaml): sources of mixed frame rates all upscale, each at its own; set, the
+    rule stays (tests above)."""
+    import pyarrow as pa
+
+    from kandinsky_batch.record import Stamp
+    from kandinsky_batch.rows import IdIndex, RowValidator
+    from kandinsky_batch.upscale import SCHEMA
+
+    rows = [dict(id=rid, prompt="a cat", seed=3, source_uri=f"file:///src/videos/{rid}.mp4", source_sha256="ab" * 32,
+                 source_status="ok", source_error=None, source_height=64, source_width=64, source_frames=9,
+                 source_fps=fps, source_format="mp4", source_audio_rate=None, source_model="tiny")
+            for rid, fps in (("k6", 24), ("demo", 8))]
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny-sr.yaml"))
+    assert cfg.render.fps is None and cfg.render.written_fps(upscales=True) is None
+    assert cfg.render.written_fps(upscales=False) == 24  # generation's default
+    validated = RowValidator(cfg, load_spec("tiny-sr"), IdIndex.build(table["id"], 2, "mp4")).validate(
+        table, np.arange(2))
+    assert validated.invalid == []
+    stamp = Stamp(model="tiny-sr", format="mp4", fps=cfg.render.written_fps(upscales=True))
+    assert {t.id: stamp.row(t.row())["fps"] for t in validated.task_list()} == {"k6": 24, "demo": 8}
+    assert Stamp(model="tiny", format="mp4", fps=24).row({"fps": None})["fps"] == 24  # a job's rate wins when set

@@ -378,3 +378,31 @@ def test_cli_refuses_bad_input_in_one_line_before_ray_starts(tmp_path, model_cac
         import shutil
 
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_row_names_every_rule_it_breaks_the_first_first(spec, cfg):
+    table = _table([{"id": "x", "prompt": " ", "height": 100, "num_frames": 6, "num_inference_steps": 0,
+                     "negative_prompt": " "}])
+    _, [row] = build_tasks(table, cfg, spec)
+    reasons = row["error"].split("; ")
+    assert [r.split("=")[0] for r in reasons] == ["prompt", "height", "num_frames", "num_inference_steps",
+                                                  "negative_prompt"], row["error"]
+    assert reasons[0].startswith("prompt=' ': empty or blank")
+
+
+def test_job_wide_defaults_are_refused_only_when_every_row_takes_them(tmp_path, model_cache):
+    """`render.*` applies to every row only without a dataset column and a sweep axis for it (the rule is the row's)."""
+    from kandinsky_batch.config import ConfigError
+    from kandinsky_batch.preflight import check_defaults
+    from kandinsky_batch.rows import IdIndex, RowValidator
+    from kandinsky_batch.sweep import Sweep
+
+    cfg = load_config(None, ["input.path=x", "output.uri=y", "model.path=tiny-i2v", "render.num_frames=9"])
+    validator = RowValidator(cfg, load_spec("tiny-i2v"), IdIndex())
+    with pytest.raises(ConfigError, match=r"^render.num_frames=9: too few for this i2v model .*no 'num_frames' "
+                                          "column and no sweep axis sets it"):
+        check_defaults(validator, ["prompt", "image"], Sweep.parse(cfg))
+    check_defaults(validator, ["prompt", "image", "num_frames"], Sweep.parse(cfg))  # a row may set its own
+    swept = load_config(None, ["input.path=x", "output.uri=y", "model.path=tiny-i2v", "render.num_frames=9",
+                               "sweep.num_frames=[17,21]"])
+    check_defaults(validator, ["prompt", "image"], Sweep.parse(swept))

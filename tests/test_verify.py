@@ -6,11 +6,12 @@ import hashlib
 from datetime import datetime, timezone
 
 import numpy as np
+import pytest
 
 from kandinsky_batch.manifest import ManifestWriter, compact, read_manifest, write_success
 from kandinsky_batch.poster import poster
 from kandinsky_batch.storage import Storage, object_key, poster_key
-from kandinsky_batch.verify import verify
+from kandinsky_batch.verify import VerifyError, verify
 
 
 def make_output(uri: str, options: dict | None, posters: bool = True) -> Storage:
@@ -95,7 +96,13 @@ def test_two_ok_rows_for_one_id_are_reported(output_target):
     assert verify(*output_target) == [f"id={first['id']!r}: more than one ok row (one object key per id)"]
 
 
-def test_empty_output_reports_missing_manifest(output_target):
+def test_empty_output_is_refused_as_no_output(output_target):
+    with pytest.raises(VerifyError, match="no such file or directory"):
+        verify(*output_target)
+
+
+def test_output_without_success_reports_it(output_target):
+    Storage(*output_target).put_bytes("manifest/.keep", b"")
     problems = verify(*output_target)
     assert any("_SUCCESS is missing" in p for p in problems)
     assert any("manifest is missing" in p for p in problems)
