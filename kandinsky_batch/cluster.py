@@ -49,6 +49,11 @@ def connect(cfg: ClusterConfig, *others: ClusterConfig) -> Iterator[None]:
     else:
         ranks = max(sum(g.parallel().world_size * (g.replicas or 1) for g in c.replica_groups()) for c in clusters)
         loopback_only()
+        # Our own node runs nothing drain-aware: on SIGTERM (before `run` takes the signal back, see
+        # interrupt.py) Ray's handler would otherwise drain it for up to 30 s before exiting.
+        from ray._private import ray_constants
+
+        ray_constants.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S = 0
         ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, ranks),
                  include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
     try:

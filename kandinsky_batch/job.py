@@ -16,6 +16,7 @@ from tqdm import tqdm
 from kandinsky_batch import cluster
 from kandinsky_batch.config import JobConfig, to_dict
 from kandinsky_batch.intake import Intake
+from kandinsky_batch.interrupt import Interrupted, StopSignals
 from kandinsky_batch.manifest import ManifestWriter, finalize, write_success
 from kandinsky_batch.metrics import JobMetrics
 from kandinsky_batch.preflight import Lane, preflight
@@ -24,6 +25,8 @@ from kandinsky_batch.worker import WorkerSpec
 
 LIBRARIES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "av")
 METRICS_SECONDS = 2.0
+STOP_INTAKE_SECONDS = 3.0
+"""On a signal, how long to wait for the front end to finish the window it is on (it is abandoned after)."""
 
 
 @dataclass
@@ -106,12 +109,20 @@ def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int) 
 
 
 def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult:
-    """Render every row of `cfg.input` that is not already committed under `cfg.output.uri`."""
+    """Render every row of `cfg.input` that is not already committed under `cfg.output.uri`.
+
+    SIGINT/SIGTERM stop it within seconds (`Interrupted`, raised once what was committed is published)."""
+    with StopSignals() as stop:
+        return _run(cfg, force, progress, stop)
+
+
+def _run(cfg: JobConfig, force: bool, progress: bool, stop: StopSignals) -> JobResult:
     started, started_clock = time.perf_counter(), time.monotonic()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
     # 1. Preflight: config, dataset, sweep, each model's limits and options, ids and resume conflicts, before Ray.
-    checked = preflight(cfg, force=force)
+    with stop.abortable():  # it only reads: a signal ends it at once
+        checked = preflight(cfg, force=force)
     storage = checked.storage
     for folder in ("videos", "posters"):
         storage.cleanup_temp(folder)
@@ -131,8 +142,12 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
     try:
         # 3. Render on Ray replicas, if anything is left to render; the fleet follows the cluster's GPUs and is
         # shared by the models of a sweep.
-        if intake.wait_first():
+        with stop.abortable():
+            anything = intake.wait_first()
+        if anything:
             with cluster.connect(cfg.cluster, *(lane.cluster for lane in checked.lanes)):
+                stop.install()  # ray.init took SIGTERM over
+                stop.check()
                 pools = [_pool(cfg, lane, placement, len(checked.lanes))
                          for lane in checked.lanes for placement in cluster.plan(lane.cluster)]
                 gangs = {p.group: max(q.ranks for q in pools if q.group == p.group) for p in pools}
@@ -141,16 +156,24 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
                     on_row=commit, wait=cluster.wait, get=cluster.get, batch_size=cfg.render.batch_size,
                     no_replica_timeout=cfg.cluster.no_replica_timeout,
                     on_tick=lambda q: (writer.flush_if_due(), bar.update(intake, q)),
+                    should_stop=lambda: stop.requested,
                 )
                 queue.run()
+                if queue.stopped:
+                    stop.check()
                 if queue.first_dispatch is not None:
                     result.first_render_seconds = queue.first_dispatch - started_clock
                 result.retries, result.restarts, result.workers = queue.retries, queue.restarts, queue.workers
                 result.switches, result.model_loads = queue.switches, len(queue.workers)
                 result.drain_seconds = queue.drain_seconds
+    except Interrupted as exc:
+        # Publish what landed (below), then say what was kept: a re-run continues from it.
+        exc.committed = sum(bar.counts[s] for s in ("ok", "failed", "invalid"))
+        exc.in_output = checked.state.committed + bar.counts["ok"]
+        raise
     finally:
         # Whatever stopped the job, publish what landed: a re-run continues from it.
-        intake.close()
+        intake.close(STOP_INTAKE_SECONDS if stop.requested else None)
         writer.flush()
         bar.update(intake)
         bar.bar.close()
