@@ -44,22 +44,37 @@ def connect(cfg: ClusterConfig, *others: ClusterConfig) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    if cfg.address:
-        ray.init(address=cfg.address, logging_level=logging.WARNING, log_to_driver=True)
-    else:
-        ranks = max(sum(g.parallel().world_size * (g.replicas or 1) for g in c.replica_groups()) for c in clusters)
-        loopback_only()
-        # Our own node runs nothing drain-aware: on SIGTERM (before `run` takes the signal back, see
-        # interrupt.py) Ray's handler would otherwise drain it for up to 30 s before exiting.
-        from ray._private import ray_constants
-
-        ray_constants.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S = 0
-        ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, ranks),
-                 include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+    with _callers_sigterm():
+        if cfg.address:
+            ray.init(address=cfg.address, logging_level=logging.WARNING, log_to_driver=True)
+        else:
+            ranks = max(sum(g.parallel().world_size * (g.replicas or 1) for g in c.replica_groups())
+                        for c in clusters)
+            loopback_only()
+            ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, ranks),
+                     include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _callers_sigterm() -> Iterator[None]:
+    """Keep the caller's SIGTERM handler through `ray.init` (the job's, kandinsky_batch.interrupt).
+
+    `ray.init` installs two of its own: `sys.exit(15)`, then for a local node one that drains the node for up to
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s) and exits 1. Both go through this one function. (The core
+    worker's C++ handler, which aborts, is installed too: the caller takes SIGTERM back once `init` returns.)
+    """
+    from ray._private import utils
+
+    saved = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = saved
 
 
 @dataclass(frozen=True)

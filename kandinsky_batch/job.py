@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -134,9 +135,14 @@ def _run(cfg: JobConfig, force: bool, progress: bool, stop: StopSignals) -> JobR
     writer = ManifestWriter(storage, run_id, flush_rows=4096, flush_seconds=5.0)
     bar = _Progress(result.rows, run_id, progress)
 
+    sealed, settling = threading.Event(), threading.Lock()
+
     def commit(row: dict) -> None:
-        writer.add({**row, "finished_at": datetime.now(timezone.utc)})
-        bar.settled(row["status"])
+        with settling:
+            if sealed.is_set():
+                return  # stopped on a signal and published: a front end still running is ignored, re-run derives it
+            writer.add({**row, "finished_at": datetime.now(timezone.utc)})
+            bar.settled(row["status"])
 
     intake = Intake(checked.dataset, checked.lanes, checked.sweep, cfg.render.seed, commit).start()
     try:
@@ -167,7 +173,11 @@ def _run(cfg: JobConfig, force: bool, progress: bool, stop: StopSignals) -> JobR
                 result.switches, result.model_loads = queue.switches, len(queue.workers)
                 result.drain_seconds = queue.drain_seconds
     except Interrupted as exc:
-        # Publish what landed (below), then say what was kept: a re-run continues from it.
+        # Publish what landed, then say what was kept (the CLI's line): a re-run continues from it.
+        intake.close(STOP_INTAKE_SECONDS)
+        with settling:
+            sealed.set()
+        writer.flush()
         exc.committed = sum(bar.counts[s] for s in ("ok", "failed", "invalid"))
         exc.in_output = checked.state.committed + bar.counts["ok"]
         raise
