@@ -59,6 +59,8 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.signum is not None:
+            return  # stopping: keep ours, so that another signal before the process ends exits at once
         for signum, handler in self._saved.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 

@@ -21,12 +21,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from kandinsky_batch.interrupt import Interrupted, StopSignals
 from kandinsky_batch.manifest import read_manifest
 from kandinsky_batch.storage import Storage
 from tests.helpers import TINY_RENDER, write_dataset
 from tests.processes import kill_all, marked
+from tests.test_queue import World, _queue, _task
 
-pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE = re.compile(r"^interrupted \((SIGINT|SIGTERM)\): (\d+) rows committed this run(?: \((\d+) ok in the output\))?; "
                   r"re-run the same command to resume$")
@@ -52,8 +53,9 @@ def _cli(data: str, uri: str, *extra: str) -> list[str]:
             *TINY_RENDER, *extra]
 
 
-def _interrupt(args, env, signum, ready) -> tuple[subprocess.CompletedProcess, float]:
-    """Start the CLI, send `signum` to it once `ready()`, and return its result and the seconds signal -> exit."""
+def _interrupt(args, env, signum, ready, repeat: float | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """Start the CLI, send `signum` to it once `ready()` (again `repeat` s later), and return its result and the
+    seconds signal -> exit."""
     proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -64,6 +66,9 @@ def _interrupt(args, env, signum, ready) -> tuple[subprocess.CompletedProcess, f
             time.sleep(0.1)
         sent = time.monotonic()
         proc.send_signal(signum)
+        if repeat is not None:
+            time.sleep(repeat)
+            proc.send_signal(signum)
         out, err = proc.communicate(timeout=GUARD)
         seconds = time.monotonic() - sent
     finally:
@@ -94,6 +99,46 @@ def _published(uri: str) -> list[dict]:
     return rows
 
 
+def test_signals_raise_in_read_only_phases_and_only_ask_elsewhere():
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with StopSignals() as stop:
+            pass
+        assert signal.getsignal(signal.SIGTERM) is saved[signal.SIGTERM]  # no signal: the caller's are back
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)  # outside `abortable`: only asks (the work queue looks)
+            assert stop.signum == signal.SIGINT
+            with pytest.raises(Interrupted) as raised:
+                with stop.abortable():
+                    pass
+            assert raised.value.exit_code == 130
+        assert signal.getsignal(signal.SIGINT) == stop._handle  # stopping: a second signal would exit at once
+        with StopSignals() as stop:
+            with pytest.raises(Interrupted) as raised:
+                with stop.abortable():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)  # never reached: the handler raises
+            assert raised.value.exit_code == 143
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    line = Interrupted(signal.SIGINT, committed=3, in_output=10).line()
+    assert LINE.match(line) and "3 rows committed this run (10 ok in the output)" in line
+
+
+def test_the_work_queue_stops_when_asked_and_settles_what_is_back():
+    world = World({"default": 2})
+    tasks = [_task(i) for i in range(40)]
+    rows: list[dict] = []
+    queue, rows = _queue(world, tasks, should_stop=lambda: len(rows) >= 5)
+    queue.run()
+    assert queue.stopped and 5 <= len(rows) < len(tasks)
+    assert queue.flying == 0  # every batch on a replica came back and was settled before it returned
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert all(r.killed for r in world.spawned)  # replicas released
+
+
+@pytest.mark.slow
 def test_small_job_stops_on_sigint_and_sigterm_then_resumes(tmp_path, model_cache, ray_tmp):
     n = 16
     data = write_dataset(tmp_path / "prompts.parquet",
@@ -140,6 +185,7 @@ def _large_dataset(path, rows: int) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_large_dataset_stops_while_the_front_end_is_busy(tmp_path, model_cache, ray_tmp):
     data = _large_dataset(tmp_path / "large.parquet", 300_000)
     env = _env(ray_tmp, model_cache)
@@ -153,5 +199,11 @@ def test_large_dataset_stops_while_the_front_end_is_busy(tmp_path, model_cache, 
         mine = _stopped(result, signum)
         rows = _published(f"file://{out}")
         assert len(rows) == mine and 0 < mine < 300_000 and {r["status"] for r in rows} == {"invalid"}
+    # Ctrl-C twice: the second exits at once (or finds the job gone), with no traceback either way.
+    out = tmp_path / "out-twice"
+    twice, _ = _interrupt(_cli(data, f"file://{out}", "model.path=simulated:0"), env, signal.SIGINT,
+                          lambda: (out / "manifest").is_dir() and any(os.scandir(out / "manifest")), repeat=0.1)
+    assert twice.returncode == 130 and "Traceback" not in twice.stderr, twice.stderr[-3000:]
+    assert [line for line in twice.stderr.splitlines() if line.strip()][-1].startswith("interrupted")
     print(f"\n300k-row front end stop (signal -> exit): SIGINT {times[signal.SIGINT]:.1f} s, "
           f"SIGTERM {times[signal.SIGTERM]:.1f} s")
