@@ -120,6 +120,7 @@ def test_signals_raise_in_read_only_phases_and_only_ask_elsewhere():
                     time.sleep(5)  # never reached: the handler raises
             assert raised.value.exit_code == 143
     finally:
+        signal.set_wakeup_fd(-1)
         for signum, handler in saved.items():
             signal.signal(signum, handler)
     line = Interrupted(signal.SIGINT, committed=3, in_output=10).line()
@@ -203,7 +204,8 @@ def test_large_dataset_stops_while_the_front_end_is_busy(tmp_path, model_cache, 
     out = tmp_path / "out-twice"
     twice, _ = _interrupt(_cli(data, f"file://{out}", "model.path=simulated:0"), env, signal.SIGINT,
                           lambda: (out / "manifest").is_dir() and any(os.scandir(out / "manifest")), repeat=0.1)
-    assert twice.returncode == 130 and "Traceback" not in twice.stderr, twice.stderr[-3000:]
+    # -2: the second signal came while the interpreter was ending (its handlers reset): a shell sees 130 too.
+    assert twice.returncode in (130, -signal.SIGINT) and "Traceback" not in twice.stderr, twice.stderr[-3000:]
     assert [line for line in twice.stderr.splitlines() if line.strip()][-1].startswith("interrupted")
     print(f"\n300k-row front end stop (signal -> exit): SIGINT {times[signal.SIGINT]:.1f} s, "
           f"SIGTERM {times[signal.SIGTERM]:.1f} s")
