@@ -141,12 +141,14 @@ def test_the_work_queue_stops_when_asked_and_settles_what_is_back():
 
 @pytest.mark.slow
 def test_small_job_stops_on_sigint_and_sigterm_then_resumes(tmp_path, model_cache, ray_tmp):
-    n = 16
+    n = 12
     data = write_dataset(tmp_path / "prompts.parquet",
                          [{"id": f"row-{i:02d}", "prompt": f"scene number {i}, a slow pan over a field"}
                           for i in range(n)])
     uri = f"file://{tmp_path / 'out'}"
-    args, env, videos = _cli(data, uri), _env(ray_tmp, model_cache), tmp_path / "out" / "videos"
+    # The simulated model (no torch in the replica, so a cheaper start) at ~0.3 s a row: slow enough to stop mid-job.
+    args, env = _cli(data, uri, "model.path=simulated:10000"), _env(ray_tmp, model_cache)
+    videos = tmp_path / "out" / "videos"
 
     def objects() -> int:
         return len([p for p in os.listdir(videos) if p.endswith(".npy")]) if videos.is_dir() else 0
