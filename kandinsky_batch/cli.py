@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE = 0, 2, 3
@@ -115,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         print(exc.line(), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        # Ctrl-C before `run` took the signals (config, imports): nothing was written.
-        print("interrupted (SIGINT) before the job started: nothing written", file=sys.stderr)
-        return 128 + 2
+        # Ctrl-C outside `run`'s own handling (loading the config and libraries, the other verbs): no traceback.
+        print("interrupted (SIGINT)" + (" before the job started: nothing written" if args.verb == "run" else ""),
+              file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":
