@@ -9,6 +9,7 @@ Ray temp dir, so cleanup finds (and kills) only this test's processes. Stop time
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def ray_tmp():
     path = tempfile.mkdtemp(prefix="kbi-", dir="/tmp")
     yield path
     kill_all(marked(path))
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _env(ray_tmp: str, model_cache: str) -> dict:
