@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from importlib import metadata
 
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     from kandinsky_batch.config import ConfigError
     from kandinsky_batch.dataset import InputError
+    from kandinsky_batch.interrupt import Interrupted
     from kandinsky_batch.report import ReportError
     from kandinsky_batch.resume import ResumeConflict
     from kandinsky_batch.scheduler import StorageOutage, WorkersFailed
@@ -170,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     except (StorageOutage, StorageUnavailable, WorkersFailed) as exc:
         print(f"error: {exc}; progress is kept, re-run the same command to continue", file=sys.stderr)
         return EXIT_INCOMPLETE
+    except Interrupted as exc:
+        # SIGINT/SIGTERM (interrupt.py): what was committed is published; one line, 128 + the signal.
+        print(exc.line(), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        # Ctrl-C outside `run`'s own handling (loading the config and libraries, the other verbs): no traceback.
+        print("interrupted (SIGINT)" + (" before the job started: nothing written" if args.verb == "run" else ""),
+              file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

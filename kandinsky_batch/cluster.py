@@ -50,19 +50,39 @@ def connect(cfg: ClusterConfig, *others: ClusterConfig, verbose: bool = False,
     # Ray, not to a user of this job, and land inside the progress bar; errors still show. Actors' own output
     # still reaches the driver (`log_to_driver`): a replica's traceback is a real error.
     level = logging.WARNING if verbose else logging.ERROR
-    if cfg.address:
-        phase(f"joining Ray at {cfg.address}…")
-        ray.init(address=cfg.address, logging_level=level, log_to_driver=True)
-    else:
-        phase("starting Ray…")
-        ranks = max(sum(g.parallel().world_size * (g.replicas or 1) for g in c.replica_groups()) for c in clusters)
-        loopback_only()
-        ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, ranks),
-                 include_dashboard=False, logging_level=level, _node_ip_address="127.0.0.1")
+    with _callers_sigterm():
+        if cfg.address:
+            phase(f"joining Ray at {cfg.address}…")
+            ray.init(address=cfg.address, logging_level=level, log_to_driver=True)
+        else:
+            phase("starting Ray…")
+            ranks = max(sum(g.parallel().world_size * (g.replicas or 1) for g in c.replica_groups())
+                        for c in clusters)
+            loopback_only()
+            ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, ranks),
+                     include_dashboard=False, logging_level=level, _node_ip_address="127.0.0.1")
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _callers_sigterm() -> Iterator[None]:
+    """Keep the caller's SIGTERM handler through `ray.init` (the job's, kandinsky_batch.interrupt).
+
+    `ray.init` installs two of its own: `sys.exit(15)`, then for a local node one that drains the node for up to
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s) and exits 1. Both go through this one function. (The core
+    worker's C++ handler, which aborts, is installed too: the caller takes SIGTERM back once `init` returns.)
+    """
+    from ray._private import utils
+
+    saved = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = saved
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,8 @@ class Intake:
                                                  self.window_rows, self._stop):
                 window = {}
                 for lane, validated in found:
+                    if self._stop.is_set():
+                        return  # stopping: record nothing more (the next run reads this window again)
                     window.update(self._take(lane, validated))
                 self.counts.read += read
                 self._hand_over(window)
@@ -239,11 +241,14 @@ class Intake:
             raise self._error
         return not self._ready.empty()
 
-    def close(self) -> None:
-        """Stop reading (a job that ends early) and wait for the thread."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop reading (a job that ends early) and wait for the thread, at most `timeout` seconds (a job that
+        stops on a signal: a window being validated is abandoned, and read again by the next run). True if the
+        thread is done."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def check(self) -> None:
         """Raise what stopped the thread, if anything did."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from kandinsky_batch import cluster
 from kandinsky_batch.config import JobConfig, to_dict
 from kandinsky_batch.heartbeat import Heartbeat
 from kandinsky_batch.intake import Intake
+from kandinsky_batch.interrupt import Interrupted, StopSignals
 from kandinsky_batch.manifest import ManifestWriter, finalize, write_success
 from kandinsky_batch.metrics import JobMetrics
 from kandinsky_batch.preflight import Lane, preflight
@@ -31,6 +33,8 @@ from pipelines import quiet_progress
 MAX_REASONS = 10_000  # distinct errors counted for the most common one: bounded when every row's error differs
 LIBRARIES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "av")
 METRICS_SECONDS = 2.0
+STOP_INTAKE_SECONDS = 3.0
+"""On a signal, how long to wait for the front end to finish the window it is on (it is abandoned after)."""
 
 
 @dataclass
@@ -162,14 +166,20 @@ def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int) 
 def run(cfg: JobConfig, force: bool = False, progress: bool = True, verbose: bool = False) -> JobResult:
     """Render every row of `cfg.input` that is not already committed under `cfg.output.uri`.
 
-    `verbose` keeps Ray's start-up warnings and the model libraries' progress bars on the console."""
+    `verbose` keeps Ray's start-up warnings and the model libraries' progress bars on the console.
+    SIGINT/SIGTERM stop it within seconds (`Interrupted`, raised once what was committed is published)."""
+    with StopSignals() as stop:
+        return _run(cfg, force, progress, verbose, stop)
+
+
+def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopSignals) -> JobResult:
     started, started_clock = time.perf_counter(), time.monotonic()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     if not verbose:
         quiet_progress()  # the tiny presets are built (and saved) here, in the driver, by the preflight
 
     # 1. Preflight: config, dataset, sweep, each model's limits and options, ids and resume conflicts, before Ray.
-    with _checking(progress):
+    with _checking(progress), stop.abortable():  # it only reads: a signal ends it at once
         checked = preflight(cfg, force=force)
     storage = checked.storage
     for folder in OBJECT_DIRS:
@@ -183,21 +193,30 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True, verbose: boo
     bar = _Progress(result.rows, run_id, progress)
     heartbeat = Heartbeat(storage, run_id, result.rows).start()  # for `kandinsky-batch status`
 
+    sealed, settling = threading.Event(), threading.Lock()
+
     def commit(row: dict) -> None:
-        writer.add({**row, "finished_at": datetime.now(timezone.utc)})
-        bar.settled(row["status"])
-        if row["status"] != "ok" and row.get("error"):
-            reason = row["error"].split("; ")[0]
-            if reason in result.reasons or len(result.reasons) < MAX_REASONS:
-                result.reasons[reason] += 1
+        with settling:
+            if sealed.is_set():
+                return  # stopped on a signal and published: a front end still running is ignored, re-run derives it
+            writer.add({**row, "finished_at": datetime.now(timezone.utc)})
+            bar.settled(row["status"])
+            if row["status"] != "ok" and row.get("error"):
+                reason = row["error"].split("; ")[0]
+                if reason in result.reasons or len(result.reasons) < MAX_REASONS:
+                    result.reasons[reason] += 1
 
     intake = Intake(checked.dataset, checked.lanes, checked.sweep, cfg.render.seed, commit).start()
     try:
         # 3. Render on Ray replicas, if anything is left to render; the fleet follows the cluster's GPUs and is
         # shared by the models of a sweep.
-        if intake.wait_first():
+        with stop.abortable():
+            anything = intake.wait_first()
+        if anything:
             with cluster.connect(cfg.cluster, *(lane.cluster for lane in checked.lanes), verbose=verbose,
                                  phase=bar.phase):
+                stop.install()  # ray.init took SIGTERM over
+                stop.check()
                 pools = [_pool(cfg, lane, placement, len(checked.lanes))
                          for lane in checked.lanes for placement in cluster.plan(lane.cluster)]
                 gangs = {p.group: max(q.ranks for q in pools if q.group == p.group) for p in pools}
@@ -211,16 +230,29 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True, verbose: boo
                     no_replica_timeout=cfg.cluster.no_replica_timeout,
                     on_tick=lambda q: (writer.flush_if_due(), bar.update(intake, q),
                                        heartbeat.beat(sum(bar.counts.values()))),
+                    should_stop=lambda: stop.requested,
                 )
                 queue.run()
+                if queue.stopped:
+                    stop.check()
                 if queue.first_dispatch is not None:
                     result.first_render_seconds = queue.first_dispatch - started_clock
                 result.retries, result.restarts, result.workers = queue.retries, queue.restarts, queue.workers
                 result.switches, result.model_loads = queue.switches, len(queue.workers)
                 result.drain_seconds = queue.drain_seconds
+    except Interrupted as exc:
+        # Publish what landed, then say what was kept (the CLI's line): a re-run continues from it.
+        intake.close(STOP_INTAKE_SECONDS)
+        with settling:
+            sealed.set()
+        writer.flush()
+        exc.committed = sum(bar.counts[s] for s in ("ok", "failed", "invalid"))
+        exc.in_output = checked.state.committed + bar.counts["ok"]
+        heartbeat.stop()  # no job runs here any more: `status` says incomplete, not stale
+        raise
     finally:
         # Whatever stopped the job, publish what landed: a re-run continues from it.
-        intake.close()
+        intake.close(STOP_INTAKE_SECONDS if stop.requested else None)
         writer.flush()
         bar.update(intake)
         bar.bar.close()

@@ -202,13 +202,16 @@ class WorkQueue:
                  on_row: Callable[[dict], None], wait: Callable[[list, float], list], get: Callable[[Any], Any],
                  prefetch: int = 2, batch_size: int = 1, tick_seconds: float = 1.0, fleet_seconds: float = 2.0,
                  no_replica_timeout: float = 900.0, low_water: int = 4096,
-                 on_tick: Callable[["WorkQueue"], None] = lambda queue: None, clock: Callable[[], float] = time.monotonic):
+                 on_tick: Callable[["WorkQueue"], None] = lambda queue: None, clock: Callable[[], float] = time.monotonic,
+                 should_stop: Callable[[], bool] = lambda: False):
         self.pools = {p.name: p for p in pools}
         self.fleet, self.source = fleet, source
         self.max_attempts, self.on_row, self.wait, self.get = max_attempts, on_row, wait, get
         self.prefetch, self.batch_size = prefetch, batch_size
         self.tick_seconds, self.fleet_seconds, self.no_replica_timeout = tick_seconds, fleet_seconds, no_replica_timeout
-        self.low_water, self.on_tick, self.clock = low_water, on_tick, clock
+        self.low_water, self.on_tick, self.clock, self.should_stop = low_water, on_tick, clock, should_stop
+        self.stopped = False
+        """`run` returned because `should_stop()` said so (a signal), with rows left."""
         self.slots: list[Slot] = []
         self.warned: set[str] = set()
         self.hungry: set[Slot] = set()  # ready slots with room for another batch: only these are fed
@@ -238,10 +241,14 @@ class WorkQueue:
     # -- the loop -------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Until every row has its final manifest row (or the job cannot go on)."""
+        """Until every row has its final manifest row (or the job cannot go on, or `should_stop()`)."""
         stalled_since = next_fleet = self.clock()
         try:
             while True:
+                if self.should_stop():
+                    self._land_finished()
+                    self.stopped = True
+                    return
                 now = self.clock()
                 # 1. Take rows the front end has ready, while few are waiting (memory stays bounded).
                 self._pull()
@@ -275,6 +282,15 @@ class WorkQueue:
                     slot.retire()
         if self.outage is not None:
             raise StorageOutage(self.outage)
+
+    def _land_finished(self) -> None:
+        """Stopping: settle the results that are back already (their objects are stored), wait for no other."""
+        for _ in range(len(self.refs)):
+            ready = [ref for ref in self.wait(list(self.refs), 0) if ref in self.refs] if self.refs else []
+            if not ready:
+                return
+            for ref in ready:
+                self._handle(ref)
 
     def refs_in_flight(self) -> bool:
         return any(flight is not None for _, flight in self.refs.values())
