@@ -78,15 +78,15 @@ def _run(args) -> int:
           f"({result.rendered} rendered, {result.skipped} already done, {result.adopted} adopted, "
           f"{result.retries} retries) in {result.seconds:.1f} s -> {cfg.output.uri}"
           + (f"; it also keeps {result.kept} rows of ids this input does not hold" if result.kept else ""))
+    why = (f"; most common reason ({result.top_count} of {result.rows} rows): {result.top_reason}"
+           if result.top_reason else "")
     if result.rows and not result.ok:
-        print(f"error: finished, but none of {result.rows} rows rendered ok; most common reason "
-              f"({result.top_count} of {result.rows} rows): {result.top_reason}", file=sys.stderr)
+        print(f"error: finished, but none of {result.rows} rows rendered ok{why}", file=sys.stderr)
         return EXIT_NOTHING_OK
     if args.max_invalid is not None and result.rows and result.invalid / result.rows > args.max_invalid:
         print(f"error: {result.invalid} of {result.rows} rows invalid ({result.invalid / result.rows:.1%}), more "
               f"than --max-invalid={args.max_invalid:g}; the job finished and wrote _SUCCESS, nothing done is "
-              f"lost; most common reason ({result.top_count} of {result.rows} rows): {result.top_reason}",
-              file=sys.stderr)
+              f"lost{why}", file=sys.stderr)
         return EXIT_NOTHING_OK
     return EXIT_OK
 

@@ -59,6 +59,8 @@ def _not_found(path: str, problem: str) -> ModelNotFound:
     """The one-line refusal of `model.path`, with a near preset name when there is one (`tinyy` -> `tiny`)."""
     near = difflib.get_close_matches(path.partition(":")[0], PRESETS, n=1)
     hint = f"; did you mean {near[0]!r}?" if near and _taken_as(path) != "a preset" else ""
+    if _taken_as(path) == "a hub id" and "/" in path:  # `models/mine` may have meant a folder: say there is none
+        hint += f"; there is no local directory {path!r} either"
     return ModelNotFound(f"model.path={path!r} (taken as {_taken_as(path)}): {problem}{hint}")
 
 
