@@ -1,6 +1,6 @@
 """GPU part 4: no idle GPU between rows. The render actor's own two threads, driven without Ray.
 
-`kandinsky_batch.worker.RenderWorker` (the class Ray wraps as the render actor) is built directly on a
+`kandinsky_batch.fleet.worker.RenderWorker` (the class Ray wraps as the render actor) is built directly on a
 real-size random-weight model saved in diffusers format and loaded through `from_pretrained`: the Lite DiT
 and the HunyuanVideo VAE at full size, the tiny preset's text encoders (they run once per prompt). Rows are
 handed to it as the actor's concurrency group does: two `render` calls in flight, tickets in order, so
@@ -163,9 +163,9 @@ def main() -> int:
     parser.add_argument("--out", help="JSON path (default benchmarks/results/gpu_overlap.json)")
     args = parser.parse_args()
 
-    import kandinsky_batch.worker as worker_module
-    from kandinsky_batch.rows import Task
-    from kandinsky_batch.worker import RenderWorker, WorkerSpec
+    import kandinsky_batch.fleet.worker as worker_module
+    from kandinsky_batch.intake.rows import Task
+    from kandinsky_batch.fleet.worker import RenderWorker, WorkerSpec
 
     # 1. A real-size model on disk, loaded by the render actor class through from_pretrained.
     dims, vae_dims = DIMS[args.dims]

@@ -77,7 +77,7 @@ def _request(row: dict) -> RenderRequest:
 
 def ideal_makespan(seconds: list[float], replicas: int, prefetch: int = 2) -> float:
     """Makespan of a zero-overhead work queue: longest first, each replica `prefetch` rows deep, refilled when
-    one of its rows ends (what `kandinsky_batch.scheduler` does, minus every cost but the renders)."""
+    one of its rows ends (what `kandinsky_batch.fleet.scheduler` does, minus every cost but the renders)."""
     pending = iter(sorted(seconds, reverse=True))
     queues = [[next(pending, None) for _ in range(prefetch)] for _ in range(replicas)]
     queues = [[s for s in q if s is not None] for q in queues]
@@ -120,7 +120,7 @@ def local_ray(replicas: int, trace_dir: Path) -> Iterator[None]:
     """A loopback-only local Ray sized as `cluster.connect` sizes one, with every render traced."""
     import ray
 
-    from kandinsky_batch.cluster import loopback_only
+    from kandinsky_batch.fleet.cluster import loopback_only
 
     trace_dir.mkdir(parents=True, exist_ok=True)
     path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
@@ -164,7 +164,7 @@ def _summary(name: str, makespan: float, window: tuple[float, float], rows: list
 def _rows_after_fleet_is_up(replicas: int) -> Iterator[None]:
     """Hold rows until every replica is ready, as Ray Data's `wait_for_min_actors_s` does, so both makespans
     measure a warm fleet (a job hands rows to the first replicas up; on 2 cores their start-up would slow them)."""
-    from kandinsky_batch.scheduler import SlotState, WorkQueue
+    from kandinsky_batch.fleet.scheduler import SlotState, WorkQueue
 
     pull = WorkQueue._pull
 
@@ -184,10 +184,10 @@ def run_job(rows: list[dict], replicas: int, model: str, workdir: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kandinsky_batch.config import load_config
+    from kandinsky_batch.config.load import load_config
     from kandinsky_batch.job import run
-    from kandinsky_batch.manifest import read_manifest
-    from kandinsky_batch.storage import Storage
+    from kandinsky_batch.output.manifest import read_manifest
+    from kandinsky_batch.output.storage import Storage
 
     data = workdir / "prompts.parquet"
     pq.write_table(pa.Table.from_pylist(rows), data)
@@ -211,7 +211,7 @@ class SimulatedCallable:
     """What a Ray Data user would write: load the model once per actor, render + encode + upload per row."""
 
     def __init__(self, model: str, uri: str):
-        from kandinsky_batch.storage import Storage
+        from kandinsky_batch.output.storage import Storage
 
         self.renderer = SimulatedRenderer(model)
         self.storage = Storage(uri)
@@ -220,8 +220,8 @@ class SimulatedCallable:
     def __call__(self, batch: dict) -> dict:
         import hashlib
 
-        from kandinsky_batch.storage import object_key
-        from kandinsky_batch.video import encode
+        from kandinsky_batch.output.storage import object_key
+        from kandinsky_batch.output.video import encode
 
         out = defaultdict(list)
         for i in range(len(batch["id"])):

@@ -1,7 +1,7 @@
 """Benchmark 1, overhead: a 1-replica `kandinsky-batch run` against a bare diffusers loop, per video.
 
 Both render the same rows with the tiny model (64x64, 17 frames, 4 steps, CFG 5, the seeds the job derives),
-encode each to mp4 with `kandinsky_batch.video.encode_mp4` and write it to local disk; each runs in its own
+encode each to mp4 with `kandinsky_batch.output.video.encode_mp4` and write it to local disk; each runs in its own
 process with one torch thread (CPU replicas always render with one, see `cluster.plan`: the seed contract
 must not depend on the fleet's shape; `--threads` sets the bare loop's, default 1, and the job's
 `cluster.num_cpus`) and x264 with its fixed thread count. One thread is also the steadier figure here: on a
@@ -42,8 +42,8 @@ def bare(data: str, outdir: str, threads: int) -> dict:
     import torch
     from diffusers import Kandinsky5T2VPipeline
 
-    from kandinsky_batch.rows import derive_seed
-    from kandinsky_batch.video import encode_mp4
+    from kandinsky_batch.intake.rows import derive_seed
+    from kandinsky_batch.output.video import encode_mp4
     from pipelines import resolve_model
 
     torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ from _common import REPO, machine, table, write_json
 
 sys.path.insert(0, str(REPO))  # tests.sweep_output writes the synthetic output
 
-from kandinsky_batch.report import write_report  # noqa: E402
+from kandinsky_batch.output.report import write_report  # noqa: E402
 from tests.sweep_output import write_sweep  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"

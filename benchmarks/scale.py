@@ -89,7 +89,7 @@ def tokenizer_spec(path: str):
 
 
 def _config(data: Path, out: Path, extra: list[str] = ()):
-    from kandinsky_batch.config import load_config
+    from kandinsky_batch.config.load import load_config
 
     return load_config(None, [f"input.path={data}", f"output.uri=file://{out}", "model.path=simulated:0",
                               "output.format=npy", f"cluster.replicas={REPLICAS}", f"cluster.num_cpus={REPLICAS}",
@@ -97,7 +97,7 @@ def _config(data: Path, out: Path, extra: list[str] = ()):
 
 
 def _patch_spec() -> None:
-    import kandinsky_batch.preflight as preflight
+    import kandinsky_batch.intake.preflight as preflight
 
     preflight.load_spec = lambda path, storage_options=None: tokenizer_spec(path)
 
@@ -149,8 +149,8 @@ def child_job(data: Path, out: Path, limit: float) -> dict:
 
 def child_finalize(out: Path, rows: int) -> dict:
     """Time final_rows + compact over a manifest of `rows` ok rows in 4,096-row parts."""
-    from kandinsky_batch.manifest import finalize, write_success
-    from kandinsky_batch.storage import Storage
+    from kandinsky_batch.output.manifest import finalize, write_success
+    from kandinsky_batch.output.storage import Storage
 
     storage = Storage(f"file://{out}")
     keys = pa.table({"id": pa.array([f"row-{i}" for i in range(rows)]), "row_index": pa.array(np.arange(rows))})
@@ -163,8 +163,8 @@ def child_finalize(out: Path, rows: int) -> dict:
 
 def synthesize_committed(data: Path, out: Path, rows: int, objects: bool) -> None:
     """Commit the first `rows` rows of `data` as a job would have: manifest parts of 4,096 ok rows (+ objects)."""
-    from kandinsky_batch.manifest import ManifestWriter
-    from kandinsky_batch.preflight import preflight
+    from kandinsky_batch.output.manifest import ManifestWriter
+    from kandinsky_batch.intake.preflight import preflight
 
     _patch_spec()
     checked = preflight(_config(data, out))
@@ -213,8 +213,8 @@ def _rate(samples: list) -> float:
 
 
 def validation_rate(data: Path) -> float:
-    from kandinsky_batch.dataset import Dataset
-    from kandinsky_batch.rows import IdIndex, RowValidator
+    from kandinsky_batch.intake.dataset import Dataset
+    from kandinsky_batch.intake.rows import IdIndex, RowValidator
 
     cfg = _config(data, Path("/nonexistent"))
     spec = tokenizer_spec("simulated:0")

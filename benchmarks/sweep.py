@@ -1,6 +1,6 @@
 """A multi-model sweep on a simulated fleet: how close the work queue's model split comes to the lower bound.
 
-The real `WorkQueue` (kandinsky_batch/scheduler.py) runs against a discrete-event fleet on a virtual clock:
+The real `WorkQueue` (kandinsky_batch/fleet/scheduler.py) runs against a discrete-event fleet on a virtual clock:
 each replica loads its model in `--load` seconds, then renders its batches one after another, each taking the
 row's cost-model seconds (visual tokens x steps x passes, scaled so a 5 s 768x512 50-step CFG row takes
 `--sft-seconds`). No Ray, no sleeping: the policy alone (D'Hondt split by remaining work, reloading a replica as
@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import machine, table, write_json  # noqa: E402
-from kandinsky_batch.record import BatchResult  # noqa: E402
-from kandinsky_batch.rows import Task  # noqa: E402
-from kandinsky_batch.scheduler import Pool, WindowList, WorkQueue  # noqa: E402
+from kandinsky_batch.output.record import BatchResult  # noqa: E402
+from kandinsky_batch.intake.rows import Task  # noqa: E402
+from kandinsky_batch.fleet.scheduler import Pool, WindowList, WorkQueue  # noqa: E402
 
 # The Lite 5 s variants at their documented defaults: (label, steps, guidance).
 MODELS = [("sft", 50, 5.0), ("nocfg", 50, 1.0), ("distilled16steps", 16, 1.0)]

@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args) -> int:
     if args.dry_run:
         return _validate(args)
-    from kandinsky_batch.config import ConfigError, load_config
+    from kandinsky_batch.config.load import load_config
+    from kandinsky_batch.errors import ConfigError
     from kandinsky_batch.job import run
 
     if args.max_invalid is not None and not 0 <= args.max_invalid <= 1:
@@ -92,7 +93,7 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
-    from kandinsky_batch.config import load_config
+    from kandinsky_batch.config.load import load_config
     from kandinsky_batch.validate import format_validation, validate
 
     cfg = load_config(args.config, args.overrides)
@@ -102,7 +103,7 @@ def _validate(args) -> int:
 
 
 def _status(args) -> int:
-    from kandinsky_batch.status import format_status, status
+    from kandinsky_batch.output.status import format_status, status
 
     found = status(args.output_uri, json.loads(args.storage_options))
     print(json.dumps(found.__dict__, indent=2) if args.json else format_status(found))
@@ -110,7 +111,7 @@ def _status(args) -> int:
 
 
 def _verify(args) -> int:
-    from kandinsky_batch.verify import verify
+    from kandinsky_batch.output.verify import verify
 
     problems = verify(args.output_uri, json.loads(args.storage_options))
     for problem in problems:
@@ -120,7 +121,7 @@ def _verify(args) -> int:
 
 
 def _report(args) -> int:
-    from kandinsky_batch.report import write_report
+    from kandinsky_batch.output.report import write_report
 
     columns = None if args.columns is None else [a.strip() for a in args.columns.split(",") if a.strip()]
     index = write_report(args.output_uri, args.out, storage_options=json.loads(args.storage_options),
@@ -150,14 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.verb in ("run", "validate"):
         args.overrides = list(args.overrides) + extra
-    from kandinsky_batch.config import ConfigError
-    from kandinsky_batch.dataset import InputError
-    from kandinsky_batch.interrupt import Interrupted
-    from kandinsky_batch.report import ReportError
-    from kandinsky_batch.resume import ResumeConflict
-    from kandinsky_batch.scheduler import StorageOutage, WorkersFailed
-    from kandinsky_batch.storage import StorageUnavailable
-    from kandinsky_batch.verify import VerifyError
+    from kandinsky_batch.errors import (ConfigError, InputError, Interrupted, ReportError, ResumeConflict,
+                                        StorageOutage, StorageUnavailable, VerifyError, WorkersFailed)
     from pipelines.kinds import UnsupportedModel
     from pipelines.models import ModelNotFound
 

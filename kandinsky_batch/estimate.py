@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kandinsky_batch.rows import Task
+from kandinsky_batch.intake.rows import Task
 from pipelines import ModelSpec
 from pipelines.request import RenderOptions
 

@@ -17,26 +17,9 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from kandinsky_batch.errors import Interrupted
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Interrupted(Exception):
-    """The job stopped on a signal; what it had committed is published."""
-
-    def __init__(self, signum: int, committed: int = 0, in_output: int | None = None):
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.committed, self.in_output = signum, committed, in_output
-
-    @property
-    def exit_code(self) -> int:
-        """The shell's convention: 128 + the signal (130 for SIGINT, 143 for SIGTERM)."""
-        return 128 + self.signum
-
-    def line(self) -> str:
-        """The one line the CLI prints for it."""
-        kept = "" if self.in_output is None else f" ({self.in_output} ok in the output)"
-        return (f"interrupted ({signal.Signals(self.signum).name}): {self.committed} rows committed this run{kept}; "
-                "re-run the same command to resume")
 
 
 def _exit_now(signum: int) -> None:

@@ -16,17 +16,18 @@ from importlib import metadata
 
 from tqdm import tqdm
 
-from kandinsky_batch import cluster
-from kandinsky_batch.config import JobConfig, to_dict
-from kandinsky_batch.heartbeat import Heartbeat
-from kandinsky_batch.intake import Intake
+from kandinsky_batch.fleet import cluster
+from kandinsky_batch.config.schema import JobConfig
+from kandinsky_batch.config.load import to_dict
+from kandinsky_batch.output.heartbeat import Heartbeat
+from kandinsky_batch.intake.windows import Intake
 from kandinsky_batch.interrupt import Interrupted, StopSignals
-from kandinsky_batch.manifest import ManifestWriter, finalize, write_success
-from kandinsky_batch.metrics import JobMetrics
-from kandinsky_batch.preflight import Lane, preflight
-from kandinsky_batch.scheduler import Pool, WorkQueue
-from kandinsky_batch.storage import OBJECT_DIRS
-from kandinsky_batch.worker import WorkerSpec
+from kandinsky_batch.output.manifest import ManifestWriter, finalize, write_success
+from kandinsky_batch.fleet.metrics import JobMetrics
+from kandinsky_batch.intake.preflight import Lane, preflight
+from kandinsky_batch.fleet.scheduler import Pool, WorkQueue
+from kandinsky_batch.output.storage import OBJECT_DIRS
+from kandinsky_batch.fleet.worker import WorkerSpec
 from pipelines.models import pinned
 from pipelines import quiet_progress
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from kandinsky_batch.config import JobConfig
+from kandinsky_batch.config.schema import JobConfig
 from kandinsky_batch.estimate import calibrate
-from kandinsky_batch.intake import sort_window, validated_windows, window_rows_of
-from kandinsky_batch.preflight import preflight
+from kandinsky_batch.intake.windows import sort_window, validated_windows, window_rows_of
+from kandinsky_batch.intake.preflight import preflight
 
 MAX_RULES = 50
 """Distinct (field, rule) groups kept; later ones are counted under their field's `other rules`."""

@@ -119,7 +119,7 @@ class K6GangRenderer:
     uncond inputs are the pipeline's own negative embeddings and padding mask, taken from its `encode_prompt` as it
     runs: `__call__` accepts embeddings but no masks, so they cannot be passed in from outside. So every rank encodes
     the prompts and decodes (unlike the Kandinsky 5 plan, where rank 0 alone does); rank 0 returns the clip.
-    Sequence parallel is not offered (`kandinsky_batch.routing.check_shapes` says why).
+    Sequence parallel is not offered (`kandinsky_batch.intake.routing.check_shapes` says why).
     """
 
     def __init__(self, model_path: str, spec: ParallelSpec, rank: int, *, device: str | None = None,

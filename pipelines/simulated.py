@@ -27,7 +27,7 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 
 
 def cost(request: RenderRequest) -> float:
-    """Visual tokens x steps x transformer passes per step (the same model as `kandinsky_batch.rows.Task.cost`)."""
+    """Visual tokens x steps x transformer passes per step (the same model as `kandinsky_batch.intake.rows.Task.cost`)."""
     tokens = ((request.num_frames - 1) // TEMPORAL_MULTIPLE + 1) * (request.height // 16) * (request.width // 16)
     return tokens * request.num_inference_steps * (2 if request.guidance_scale > 1.0 else 1)
 

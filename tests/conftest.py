@@ -15,7 +15,7 @@ from moto.server import ThreadedMotoServer
 # Before any test module imports ray: Ray reads this once at import, and the test Ray must bind loopback only.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-# CPU replicas render on one pinned BLAS code path (pipelines.numerics) with one thread (kandinsky_batch.cluster);
+# CPU replicas render on one pinned BLAS code path (pipelines.numerics) with one thread (kandinsky_batch.fleet.cluster);
 # the in-process oracle must too: small CPU GEMMs round differently per code path and per thread count. The
 # variables are read when torch loads, so before it is imported; spawned test processes inherit them.
 # KANDINSKY_BATCH_CPU_NUMERICS=native runs the whole suite on the host's own kernels instead.
@@ -128,7 +128,7 @@ def ray_local(model_cache) -> Iterator[None]:
     """One loopback-only local Ray for the session; jobs run in-process join it instead of starting their own."""
     import ray
 
-    from kandinsky_batch.cluster import loopback_only
+    from kandinsky_batch.fleet.cluster import loopback_only
 
     loopback_only()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

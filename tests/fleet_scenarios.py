@@ -135,7 +135,7 @@ def _write_dataset(path: Path, rows: int) -> list[str]:
 
 def _objects(videos: Path) -> set[str]:
     """Committed objects (whole files; in-flight temp files skipped)."""
-    from kandinsky_batch.storage import TEMP_PREFIX
+    from kandinsky_batch.output.storage import TEMP_PREFIX
 
     try:
         return {name for name in os.listdir(videos) if not name.startswith(TEMP_PREFIX)}
@@ -227,7 +227,7 @@ class Fleet:
 
 def _record_manifest_adds(sink: list) -> None:
     """Keep every manifest row the job hands its writer (the final compaction drops superseded ones)."""
-    from kandinsky_batch import manifest
+    from kandinsky_batch.output import manifest
 
     writer = getattr(manifest, "ManifestWriter", None)
     if writer is None or not hasattr(writer, "add"):
@@ -244,8 +244,8 @@ def _record_manifest_adds(sink: list) -> None:
 def _report_rows(out: Path, ids: list[str], added: list[dict], fleet: Fleet | None,
                  replicas: list[dict]) -> dict:
     """What the output prefix and the job's manifest rows say happened to each input row."""
-    from kandinsky_batch.manifest import read_manifest
-    from kandinsky_batch.storage import Storage
+    from kandinsky_batch.output.manifest import read_manifest
+    from kandinsky_batch.output.storage import Storage
 
     report: dict = {}
     try:
@@ -360,7 +360,7 @@ def run_scenario(args, marker: str, report: dict) -> None:
             timings["node_start_s"] = fleet.add("node1", t0)
         timings["cluster_start_s"] = _now(t0)
 
-        from kandinsky_batch.config import load_config
+        from kandinsky_batch.config.load import load_config
         from kandinsky_batch.job import run
 
         cfg = load_config(None, [

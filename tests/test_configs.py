@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kandinsky_batch.config import ConfigError, load_config
+from kandinsky_batch.config.schema import ConfigError
+
+from kandinsky_batch.config.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -70,7 +72,7 @@ def test_config_carries_published_defaults(name):
 
 
 def test_the_lite_sweep_renders_each_variant_at_its_published_defaults():
-    from kandinsky_batch.sweep import Sweep
+    from kandinsky_batch.config.sweep import Sweep
 
     sweep = Sweep.parse(load_config(str(ROOT / "configs" / "lite-5s-sweep.yaml"), PLACEHOLDERS))
     for variant in sweep.models:

@@ -17,12 +17,12 @@ import psutil
 import pytest
 from moto.server import ThreadedMotoServer
 
-from kandinsky_batch.config import load_config
+from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from kandinsky_batch.manifest import MANIFEST_DIR, read_manifest
-from kandinsky_batch.scheduler import StorageOutage
-from kandinsky_batch.storage import Storage, StorageUnavailable
-from kandinsky_batch.verify import verify
+from kandinsky_batch.output.manifest import MANIFEST_DIR, read_manifest
+from kandinsky_batch.fleet.scheduler import StorageOutage
+from kandinsky_batch.output.storage import Storage, StorageUnavailable
+from kandinsky_batch.output.verify import verify
 from tests.faults import MARKER
 from tests.helpers import TINY_RENDER, write_dataset
 
@@ -147,10 +147,10 @@ def test_an_orphan_of_an_expanded_prompt_is_rendered_again(tmp_path):
     such an orphan renders again, so its manifest row records the rewrite."""
     import numpy as np
 
-    from kandinsky_batch.record import Stamp
-    from kandinsky_batch.resume import OutputState
-    from kandinsky_batch.rows import Task
-    from kandinsky_batch.video import encode_npy
+    from kandinsky_batch.output.record import Stamp
+    from kandinsky_batch.intake.resume import OutputState
+    from kandinsky_batch.intake.rows import Task
+    from kandinsky_batch.output.video import encode_npy
     from pipelines.request import RenderOptions
 
     storage = Storage(str(tmp_path))

@@ -12,12 +12,14 @@ import time
 
 import pytest
 
-from kandinsky_batch.config import ConfigError, load_config
+from kandinsky_batch.config.schema import ConfigError
+
+from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from kandinsky_batch.manifest import read_manifest
-from kandinsky_batch.storage import Storage
-from kandinsky_batch.verify import verify
-from kandinsky_batch.video import decode
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.verify import verify
+from kandinsky_batch.output.video import decode
 from pipelines import ParallelSpec
 from tests.helpers import TINY_RENDER, assert_like_one_device, oracle, write_dataset
 from tests.test_faults import _render_workers
@@ -150,7 +152,7 @@ def test_kandinsky6_cfg_gang_renders_clips_with_sound_as_one_device(tmp_path, ra
     import torch
     from diffusers import Kandinsky6TI2VAPipeline
 
-    from kandinsky_batch.video import decode_npz
+    from kandinsky_batch.output.video import decode_npz
     from pipelines import resolve_model
 
     rows = [{"id": "talk", "prompt": "a man talking"}, {"id": "rain", "prompt": "rain", "guidance_scale": 1.0}]

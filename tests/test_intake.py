@@ -7,15 +7,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kandinsky_batch.config import load_config
-from kandinsky_batch.dataset import Dataset
-from kandinsky_batch.intake import Intake
-from kandinsky_batch.preflight import Lane
-from kandinsky_batch.record import Stamp
-from kandinsky_batch.resume import OutputState
-from kandinsky_batch.rows import IdIndex, RowValidator, build_tasks
-from kandinsky_batch.storage import Storage
-from kandinsky_batch.sweep import Sweep
+from kandinsky_batch.config.load import load_config
+from kandinsky_batch.intake.dataset import Dataset
+from kandinsky_batch.intake.windows import Intake
+from kandinsky_batch.intake.preflight import Lane
+from kandinsky_batch.output.record import Stamp
+from kandinsky_batch.intake.resume import OutputState
+from kandinsky_batch.intake.rows import IdIndex, RowValidator, build_tasks
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.config.sweep import Sweep
 from pipelines import load_spec
 
 
@@ -95,7 +95,7 @@ def test_windows_give_exactly_the_rows_and_messages_of_a_whole_table_pass(tmp_pa
 
 
 def test_ids_sharing_an_object_key_across_windows_are_refused(tmp_path, spec):
-    from kandinsky_batch.storage import object_key
+    from kandinsky_batch.output.storage import object_key
 
     crafted = object_key("x y", "mp4")[len("videos/"):-len(".mp4")]  # a safe id equal to the hashed key
     rows = [{"id": "x y", "prompt": "a"}] + [{"id": f"r{i}", "prompt": "b"} for i in range(2000)]
@@ -140,7 +140,7 @@ def test_rows_committed_with_the_same_values_are_done_without_tokenizing(tmp_pat
     """A resumed window: committed rows count as skipped and never reach the tokenizer; the rest are tasks."""
     from datetime import datetime, timezone
 
-    from kandinsky_batch.manifest import ManifestWriter
+    from kandinsky_batch.output.manifest import ManifestWriter
 
     rows = [{"id": f"r{i}", "prompt": f"a fox number {i}"} for i in range(50)]
     _write(tmp_path / "in.parquet", rows)

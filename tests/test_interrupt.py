@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from kandinsky_batch.interrupt import Interrupted, StopSignals
-from kandinsky_batch.manifest import read_manifest
-from kandinsky_batch.storage import Storage
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.output.storage import Storage
 from tests.helpers import TINY_RENDER, write_dataset
 from tests.processes import kill_all, marked
 from tests.test_queue import World, _queue, _task

@@ -10,15 +10,15 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from kandinsky_batch.config import load_config
+from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from kandinsky_batch.manifest import SCHEMA, read_manifest, read_success
-from kandinsky_batch.poster import poster
-from kandinsky_batch.resume import ResumeConflict
-from kandinsky_batch.rows import derive_seed
-from kandinsky_batch.storage import Storage, poster_key
-from kandinsky_batch.verify import verify
-from kandinsky_batch.video import decode
+from kandinsky_batch.output.manifest import SCHEMA, read_manifest, read_success
+from kandinsky_batch.output.poster import poster
+from kandinsky_batch.intake.resume import ResumeConflict
+from kandinsky_batch.intake.rows import derive_seed
+from kandinsky_batch.output.storage import Storage, poster_key
+from kandinsky_batch.output.verify import verify
+from kandinsky_batch.output.video import decode
 from pipelines import DEFAULT_NEGATIVE_PROMPT
 from tests.helpers import TINY_RENDER, oracle, write_dataset
 

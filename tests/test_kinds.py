@@ -12,13 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from kandinsky_batch.config import ConfigError, load_config
+from kandinsky_batch.config.schema import ConfigError
+
+from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from kandinsky_batch.manifest import read_manifest
-from kandinsky_batch.resume import ResumeConflict
-from kandinsky_batch.storage import Storage
-from kandinsky_batch.verify import verify
-from kandinsky_batch.video import decode, decode_av, decode_npz
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.intake.resume import ResumeConflict
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.verify import verify
+from kandinsky_batch.output.video import decode, decode_av, decode_npz
 from pipelines import resolve_model, to_uint8
 from tests.helpers import write_dataset
 
@@ -204,8 +206,8 @@ def test_family_rules_are_checked_before_ray(tmp_path):
     """Rules of a kind that need no render: a distilled Kandinsky 6 takes guidance 1.0 only (and no CFG gang)."""
     from dataclasses import replace
 
-    from kandinsky_batch.preflight import preflight
-    from kandinsky_batch.rows import IdIndex, RowValidator
+    from kandinsky_batch.intake.preflight import preflight
+    from kandinsky_batch.intake.rows import IdIndex, RowValidator
     from pipelines import load_spec
 
     rows = [{"id": "a", "prompt": "a bell", "guidance_scale": 1.0}, {"id": "b", "prompt": "a bell"}]
@@ -217,7 +219,7 @@ def test_family_rules_are_checked_before_ray(tmp_path):
     assert validated.invalid[0]["error"].startswith("guidance_scale=5.0: this distilled checkpoint runs at "
                                                     "guidance_scale=1.0 only")
     # A CFG-parallel gang has no uncond branch to split off for a distilled checkpoint (guidance 1.0 only).
-    from kandinsky_batch.routing import check_shapes
+    from kandinsky_batch.intake.routing import check_shapes
     from pipelines.request import RenderOptions
 
     gang = _cfg(tmp_path, rows, "model.path=tiny-k6", "render.fps=24", "cluster.cfg_parallel=true")

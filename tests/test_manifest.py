@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pyarrow as pa
 import pytest
 
-from kandinsky_batch.manifest import (
+from kandinsky_batch.output.manifest import (
     SCHEMA,
     ManifestWriter,
     _to_parquet,
@@ -19,7 +19,7 @@ from kandinsky_batch.manifest import (
     to_table,
     write_success,
 )
-from kandinsky_batch.storage import Storage
+from kandinsky_batch.output.storage import Storage
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
 

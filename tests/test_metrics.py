@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kandinsky_batch.metrics import BUSY, QUEUED, RATE, ROWS, JobMetrics
+from kandinsky_batch.fleet.metrics import BUSY, QUEUED, RATE, ROWS, JobMetrics
 from tests.processes import marked as _marked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def test_default_backend_waits_for_ray_then_counts_the_rows_settled_meanwhile(mo
 
 
 def test_export_failures_never_reach_the_job(caplog):
-    caplog.set_level(logging.WARNING, logger="kandinsky_batch.metrics")
+    caplog.set_level(logging.WARNING, logger="kandinsky_batch.fleet.metrics")
     metrics = JobMetrics("run-4", backend=Broken())
     for _ in range(3):
         metrics.settled("ok")
@@ -171,15 +171,15 @@ def test_recording_is_cheap():
     assert (time.perf_counter() - start) / 20_000 < 100e-6  # ~2 us here; Ray itself adds ~2 us
 
 
-# A driver started the way kandinsky_batch.cluster.connect() starts a local Ray. It records from itself and
+# A driver started the way kandinsky_batch.fleet.cluster.connect() starts a local Ray. It records from itself and
 # from an actor, prints the Prometheus port, keeps ticking (gauges must be set again every export interval)
 # until its stdin closes, then shuts Ray down.
 DRIVER = r"""
 import json, logging, select, sys
-from kandinsky_batch.cluster import loopback_only
+from kandinsky_batch.fleet.cluster import loopback_only
 loopback_only()
 import ray
-from kandinsky_batch.metrics import JobMetrics
+from kandinsky_batch.fleet.metrics import JobMetrics
 
 context = ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,
                    _node_ip_address="127.0.0.1")

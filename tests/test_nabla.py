@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from kandinsky_batch.config import ConfigError, load_config
+from kandinsky_batch.config.schema import ConfigError
+
+from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from kandinsky_batch.manifest import read_manifest
-from kandinsky_batch.storage import Storage
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.output.storage import Storage
 from pipelines import ParallelSpec, RenderOptions, RenderRequest
 from tests.helpers import TINY_RENDER, assert_like_one_device, oracle, write_dataset
 from tests.test_parallel import run_gang

@@ -6,10 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from kandinsky_batch.config import ConfigError, load_config
+from kandinsky_batch.config.schema import ConfigError
+
+from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from kandinsky_batch.manifest import read_manifest
-from kandinsky_batch.storage import Storage
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.output.storage import Storage
 from pipelines import RenderOptions, RenderRequest, load_spec, open_renderer
 from tests.helpers import TINY_RENDER, oracle, write_dataset
 

@@ -20,12 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kandinsky_batch.config import load_config
+from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from kandinsky_batch.manifest import MANIFEST_DIR, read_manifest
-from kandinsky_batch.report import write_report
-from kandinsky_batch.storage import Storage
-from kandinsky_batch.verify import verify
+from kandinsky_batch.output.manifest import MANIFEST_DIR, read_manifest
+from kandinsky_batch.output.report import write_report
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.verify import verify
 from tests.conftest import S3_BUCKET
 from tests.helpers import TINY_RENDER
 
@@ -207,8 +207,8 @@ def test_an_older_output_recorded_by_absolute_uris_still_reads_after_a_move(rend
 def test_a_pinned_hub_revision_loads_that_snapshot_and_is_recorded(tmp_path, monkeypatch, model_cache):
     import huggingface_hub.constants as hub
 
-    from kandinsky_batch.config import ConfigError
-    from kandinsky_batch.preflight import preflight
+    from kandinsky_batch.config.schema import ConfigError
+    from kandinsky_batch.intake.preflight import preflight
     from pipelines import resolve_model
     from pipelines.models import pinned
     from pipelines.weights import weights_fingerprint

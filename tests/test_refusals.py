@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kandinsky_batch.cli import EXIT_NOTHING_OK, EXIT_OK, EXIT_USAGE
-from kandinsky_batch.video import encode
+from kandinsky_batch.output.video import encode
 
 ROOT = Path(__file__).resolve().parents[1]
 # `python -X importtime` lists every module a process imports on stderr: `ray` among them means the refusal came late.

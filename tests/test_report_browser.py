@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from kandinsky_batch.config import load_config
+from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from kandinsky_batch.report import write_report
+from kandinsky_batch.output.report import write_report
 from tests.helpers import write_dataset
 from tests.sweep_output import expected_stats
 

@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from kandinsky_batch.config import load_config
+from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from kandinsky_batch.manifest import read_manifest
-from kandinsky_batch.storage import Storage
-from kandinsky_batch.verify import verify
-from kandinsky_batch.video import decode
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.verify import verify
+from kandinsky_batch.output.video import decode
 from pipelines import RenderRequest, load_spec, open_renderer
 from pipelines.simulated import DEFAULT_SECONDS_PER_MEGAUNIT, SimulatedRenderer, cost, simulated_spec
 from tests.helpers import write_dataset
@@ -106,7 +106,7 @@ def test_job_through_the_simulated_model(tmp_path, ray_local):
 def test_a_job_feeds_its_live_metrics(tmp_path, ray_local, monkeypatch):
     """Every committed row is counted by status, and queue depth, busy fractions and the rate are set."""
     import kandinsky_batch.job as job
-    from kandinsky_batch.metrics import JobMetrics
+    from kandinsky_batch.fleet.metrics import JobMetrics
 
     made = []
 
@@ -142,8 +142,8 @@ def test_a_job_feeds_its_live_metrics(tmp_path, ray_local, monkeypatch):
 def test_the_driver_validates_with_the_real_tokenizer_without_torch(model_cache):
     """Preflight and validation of a tiny-model job import neither torch nor diffusers (the driver stays small)."""
     load_spec("tiny")  # builds the tiny model in the session's cache if needed (that needs torch; validating does not)
-    code = ("import sys, pyarrow as pa; from pipelines import load_spec; from kandinsky_batch.rows import build_tasks;"
-            "from kandinsky_batch.config import load_config;"
+    code = ("import sys, pyarrow as pa; from pipelines import load_spec; from kandinsky_batch.intake.rows import build_tasks;"
+            "from kandinsky_batch.config.load import load_config;"
             "cfg = load_config(None, ['input.path=x', 'output.uri=y']);"
             "tasks, invalid = build_tasks(pa.table({'prompt': ['a cat', ' ']}), cfg, load_spec('tiny'));"
             "print(len(tasks), len(invalid), tasks[0].text_tokens[0], 'torch' in sys.modules, 'diffusers' in sys.modules)")

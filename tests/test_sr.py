@@ -12,14 +12,16 @@ import pytest
 import torch
 from diffusers import Kandinsky6SRPipeline
 
-from kandinsky_batch.config import ConfigError, load_config
-from kandinsky_batch.dataset import InputError
+from kandinsky_batch.config.schema import ConfigError
+
+from kandinsky_batch.config.load import load_config
+from kandinsky_batch.intake.dataset import InputError
 from kandinsky_batch.job import run
-from kandinsky_batch.manifest import read_manifest
-from kandinsky_batch.storage import Storage
-from kandinsky_batch.upscale import SourceManifest, encode_upscaled, read_source
-from kandinsky_batch.verify import verify
-from kandinsky_batch.video import decode_av, decode_npz, encode_av
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.intake.job_output import SourceManifest, encode_upscaled, read_source
+from kandinsky_batch.output.verify import verify
+from kandinsky_batch.output.video import decode_av, decode_npz, encode_av
 from pipelines import resolve_model
 from pipelines.kinds import Clip
 from pipelines.models import load_spec
@@ -182,8 +184,8 @@ def test_source_rows_are_checked_one_by_one(tmp_path, model_cache):
     can tile; each other row is invalid naming the source field and the rule, and the rest stay valid."""
     import pyarrow as pa
 
-    from kandinsky_batch.rows import IdIndex, RowValidator
-    from kandinsky_batch.upscale import SCHEMA
+    from kandinsky_batch.intake.rows import IdIndex, RowValidator
+    from kandinsky_batch.intake.job_output import SCHEMA
 
     def source(rid, **changes):
         row = dict(id=rid, prompt="a cat", seed=3, source_uri=f"file:///src/videos/{rid}.mp4", source_sha256="ab" * 32,
@@ -217,9 +219,9 @@ def test_an_upscale_without_render_fps_writes_each_clip_at_its_sources(model_cac
     rule stays (tests above)."""
     import pyarrow as pa
 
-    from kandinsky_batch.record import Stamp
-    from kandinsky_batch.rows import IdIndex, RowValidator
-    from kandinsky_batch.upscale import SCHEMA
+    from kandinsky_batch.output.record import Stamp
+    from kandinsky_batch.intake.rows import IdIndex, RowValidator
+    from kandinsky_batch.intake.job_output import SCHEMA
 
     rows = [dict(id=rid, prompt="a cat", seed=3, source_uri=f"file:///src/videos/{rid}.mp4", source_sha256="ab" * 32,
                  source_status="ok", source_error=None, source_height=64, source_width=64, source_frames=9,

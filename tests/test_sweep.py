@@ -12,16 +12,18 @@ import json
 import numpy as np
 import pytest
 
-from kandinsky_batch.config import ConfigError, load_config
-from kandinsky_batch.intake import Intake
+from kandinsky_batch.config.schema import ConfigError
+
+from kandinsky_batch.config.load import load_config
+from kandinsky_batch.intake.windows import Intake
 from kandinsky_batch.job import run
-from kandinsky_batch.manifest import read_manifest, read_success
-from kandinsky_batch.preflight import preflight
-from kandinsky_batch.rows import derive_seed
-from kandinsky_batch.storage import Storage, object_key
-from kandinsky_batch.sweep import Sweep
-from kandinsky_batch.verify import verify
-from kandinsky_batch.video import decode
+from kandinsky_batch.output.manifest import read_manifest, read_success
+from kandinsky_batch.intake.preflight import preflight
+from kandinsky_batch.intake.rows import derive_seed
+from kandinsky_batch.output.storage import Storage, object_key
+from kandinsky_batch.config.sweep import Sweep
+from kandinsky_batch.output.verify import verify
+from kandinsky_batch.output.video import decode
 from tests.helpers import TINY_RENDER, oracle, write_dataset
 
 ROWS = [{"id": "cat", "prompt": "a cat dancing"}, {"id": "dog", "prompt": "a dog running"}]

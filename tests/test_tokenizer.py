@@ -8,7 +8,7 @@ implementation, over the same ranks and Qwen's pre-tokenizer pattern.
 import numpy as np
 import pytest
 
-from kandinsky_batch.rows import build_tasks
+from kandinsky_batch.intake.rows import build_tasks
 from pipelines import Renderer, load_spec
 from tests.helpers import oracle
 from tests.test_validation import _table
@@ -84,7 +84,7 @@ def test_russian_matches_an_independent_bpe_over_the_same_ranks(spec):
 
 
 def test_a_25_sentence_prompt_renders_and_a_60_sentence_one_is_invalid(spec, tiny_pipe):
-    from kandinsky_batch.config import load_config
+    from kandinsky_batch.config.load import load_config
     from tests.helpers import TINY_RENDER
 
     story = " ".join(SENTENCES)

@@ -17,20 +17,21 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from kandinsky_batch import heartbeat
+from kandinsky_batch.output import heartbeat
 from kandinsky_batch.cli import main
-from kandinsky_batch.config import ConfigError, load_config
-from kandinsky_batch.dataset import Dataset, limited
+from kandinsky_batch.config.schema import ConfigError
+from kandinsky_batch.config.load import load_config
+from kandinsky_batch.intake.dataset import Dataset, limited
 from kandinsky_batch.estimate import REFERENCE_TOKENS, calibrate
-from kandinsky_batch.intake import Intake, validated_windows, window_rows_of
-from kandinsky_batch.manifest import ManifestWriter, read_manifest, read_success, write_success
-from kandinsky_batch.preflight import preflight
-from kandinsky_batch.rows import Task
-from kandinsky_batch.status import format_status, status
-from kandinsky_batch.storage import Storage, object_key
-from kandinsky_batch.upscale import SourceManifest
+from kandinsky_batch.intake.windows import Intake, validated_windows, window_rows_of
+from kandinsky_batch.output.manifest import ManifestWriter, read_manifest, read_success, write_success
+from kandinsky_batch.intake.preflight import preflight
+from kandinsky_batch.intake.rows import Task
+from kandinsky_batch.output.status import format_status, status
+from kandinsky_batch.output.storage import Storage, object_key
+from kandinsky_batch.intake.job_output import SourceManifest
 from kandinsky_batch.validate import rule_of, validate
-from kandinsky_batch.video import encode_npy
+from kandinsky_batch.output.video import encode_npy
 from pipelines import ModelSpec
 from pipelines.request import RenderOptions
 from tests.helpers import TINY_RENDER, write_dataset

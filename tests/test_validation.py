@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kandinsky_batch.config import load_config
-from kandinsky_batch.dataset import InputError, read_table
-from kandinsky_batch.manifest import to_table
-from kandinsky_batch.rows import MAX_ID_CHARS, build_tasks, derive_seed
-from kandinsky_batch.storage import object_key
+from kandinsky_batch.config.load import load_config
+from kandinsky_batch.intake.dataset import InputError, read_table
+from kandinsky_batch.output.manifest import to_table
+from kandinsky_batch.intake.rows import MAX_ID_CHARS, build_tasks, derive_seed
+from kandinsky_batch.output.storage import object_key
 from pipelines import load_spec
 from tests.conftest import S3_BUCKET
 from tests.helpers import TINY_RENDER, write_dataset
@@ -392,10 +392,10 @@ def test_a_row_names_every_rule_it_breaks_the_first_first(spec, cfg):
 
 def test_job_wide_defaults_are_refused_only_when_every_row_takes_them(tmp_path, model_cache):
     """`render.*` applies to every row only without a dataset column and a sweep axis for it (the rule is the row's)."""
-    from kandinsky_batch.config import ConfigError
-    from kandinsky_batch.preflight import check_defaults
-    from kandinsky_batch.rows import IdIndex, RowValidator
-    from kandinsky_batch.sweep import Sweep
+    from kandinsky_batch.config.schema import ConfigError
+    from kandinsky_batch.intake.preflight import check_defaults
+    from kandinsky_batch.intake.rows import IdIndex, RowValidator
+    from kandinsky_batch.config.sweep import Sweep
 
     cfg = load_config(None, ["input.path=x", "output.uri=y", "model.path=tiny-i2v", "render.num_frames=9"])
     validator = RowValidator(cfg, load_spec("tiny-i2v"), IdIndex())

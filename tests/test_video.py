@@ -8,8 +8,8 @@ import av
 import numpy as np
 import pytest
 
-from kandinsky_batch import video
-from kandinsky_batch.video import (decode, decode_av, decode_mp4, decode_npy, encode, encode_av, encode_av_copy,
+from kandinsky_batch.output import video
+from kandinsky_batch.output.video import (decode, decode_av, decode_mp4, decode_npy, encode, encode_av, encode_av_copy,
                                    encode_mp4, encode_npy)
 
 

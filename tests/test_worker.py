@@ -5,13 +5,13 @@ import time
 
 import numpy as np
 
-from kandinsky_batch import worker as worker_module
-from kandinsky_batch.poster import poster
-from kandinsky_batch.record import Stamp
-from kandinsky_batch.rows import Task
-from kandinsky_batch.storage import StorageUnavailable, poster_key
-from kandinsky_batch.video import decode
-from kandinsky_batch.worker import RenderWorker, Turnstile, WorkerSpec
+from kandinsky_batch.fleet import worker as worker_module
+from kandinsky_batch.output.poster import poster
+from kandinsky_batch.output.record import Stamp
+from kandinsky_batch.intake.rows import Task
+from kandinsky_batch.output.storage import StorageUnavailable, poster_key
+from kandinsky_batch.output.video import decode
+from kandinsky_batch.fleet.worker import RenderWorker, Turnstile, WorkerSpec
 
 
 def test_turnstile_serves_tickets_in_order_whatever_order_threads_arrive():

@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kandinsky_batch.config import MAX_SEED, ClusterConfig, ConfigError, JobConfig, ModelConfig, RenderConfig
+from kandinsky_batch.config.schema import (MAX_SEED, ClusterConfig, ConfigError, JobConfig, ModelConfig, RenderConfig,
+                                           derive_seed)
 
 # The render axes, in the order their parts appear in a cell id, with the id prefix and Arrow type of each.
 RENDER_AXES = {
@@ -295,8 +296,6 @@ def _set(table: pa.Table, name: str, column) -> pa.Table:
 
 
 def _cell_seed(seed: tuple | None, job_seed: int, row_id: str) -> int:
-    from kandinsky_batch.rows import derive_seed
-
     if seed is None:
         return derive_seed(job_seed, row_id)
     kind, value = seed

@@ -2,7 +2,7 @@
 
 Rows ok / invalid / failed so far from the manifest parts (the latest row per (id, row_index), as
 `manifest.read_manifest` resolves them, narrow columns only), whether a job is running from its heartbeat
-(`kandinsky_batch.heartbeat`), its rate over the rows it rendered itself and the ETA of the rest.
+(`kandinsky_batch.output.heartbeat`), its rate over the rows it rendered itself and the ETA of the rest.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kandinsky_batch import heartbeat
-from kandinsky_batch.manifest import STATUSES, read_manifest, read_success
-from kandinsky_batch.storage import Storage
+from kandinsky_batch.output import heartbeat
+from kandinsky_batch.output.manifest import STATUSES, read_manifest, read_success
+from kandinsky_batch.output.storage import Storage
 
 COLUMNS = ["id", "row_index", "status", "finished_at", "worker"]
 

@@ -20,21 +20,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kandinsky_batch.manifest import latest_outcomes, read_columns
-from kandinsky_batch.poster import poster
-from kandinsky_batch.record import Stamp
-from kandinsky_batch.rows import Task
-from kandinsky_batch.storage import IMAGES_DIR, VIDEOS_DIR, Storage
-from kandinsky_batch.video import decode
+from kandinsky_batch.output.manifest import latest_outcomes, read_columns
+from kandinsky_batch.output.poster import poster
+from kandinsky_batch.output.record import Stamp
+from kandinsky_batch.intake.rows import Task
+from kandinsky_batch.output.storage import IMAGES_DIR, VIDEOS_DIR, Storage
+from kandinsky_batch.output.video import decode
+from kandinsky_batch.errors import ResumeConflict
 
 # What decides a row's pixels and bytes: if any differs, an old object is not this row's output.
 IDENTITY = ("prompt", "negative_prompt", "image_sha256", "source_sha256", "seed", "height", "width",
             "num_frames", "num_inference_steps", "guidance_scale", "model", "format", "fps", "options")
 OUTCOME_COLUMNS = ["id", "row_index", "status", "finished_at", *IDENTITY]
-
-
-class ResumeConflict(ValueError):
-    """The output prefix holds rows rendered with other parameters; mixing them needs --force."""
 
 
 @dataclass

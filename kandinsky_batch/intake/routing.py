@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kandinsky_batch.config import ClusterConfig, ConfigError
-from kandinsky_batch.rows import Task
+from kandinsky_batch.config.schema import ClusterConfig, ConfigError
+from kandinsky_batch.intake.rows import Task
 from pipelines import ModelSpec
 from pipelines.request import RenderOptions
 

@@ -10,7 +10,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 
-from kandinsky_batch.storage import object_key, poster_key
+from kandinsky_batch.output.storage import object_key, poster_key
 from pipelines.request import RenderOptions
 
 
@@ -42,7 +42,7 @@ class Stamp:
 
     @property
     def extension(self) -> str:
-        """The output objects' file extension (`kandinsky_batch.video.extension`)."""
+        """The output objects' file extension (`kandinsky_batch.output.video.extension`)."""
         return "npz" if self.format == "npy" and self.sound else self.format
 
     @functools.cached_property

@@ -15,15 +15,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from .dataset import _reason
-from .manifest import MANIFEST_DIR, STATUSES, SUCCESS_KEY, read_manifest, read_parts, read_success
-from .storage import OBJECT_DIRS, Storage
+from kandinsky_batch.intake.dataset import _reason
+from kandinsky_batch.output.manifest import MANIFEST_DIR, STATUSES, SUCCESS_KEY, read_manifest, read_parts, read_success
+from kandinsky_batch.output.storage import OBJECT_DIRS, Storage
+from kandinsky_batch.errors import VerifyError
 
 _CHECK_THREADS = 16  # objects are checked concurrently: verification is dominated by round trips
-
-
-class VerifyError(ValueError):
-    """The target is not an output prefix at all (missing, a file, a folder no job wrote): one line, exit 2."""
 
 
 def target_problem(storage: Storage, storage_options: dict | None = None) -> str | None:

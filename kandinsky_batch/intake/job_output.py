@@ -19,11 +19,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kandinsky_batch.dataset import Dataset, InputError
-from kandinsky_batch.manifest import MANIFEST_DIR, SUCCESS_KEY, read_success
-from kandinsky_batch.manifest import SCHEMA as MANIFEST
-from kandinsky_batch.storage import Storage, key_from_uri
-from kandinsky_batch.video import decode_av, decode_mp4, decode_npy, decode_npz, encode, encode_av_copy
+from kandinsky_batch.intake.dataset import Dataset, InputError
+from kandinsky_batch.output.manifest import MANIFEST_DIR, SUCCESS_KEY, read_success
+from kandinsky_batch.output.manifest import SCHEMA as MANIFEST
+from kandinsky_batch.output.storage import Storage, key_from_uri
+from kandinsky_batch.output.video import decode_av, decode_mp4, decode_npy, decode_npz, encode, encode_av_copy
 from pipelines.kinds import Clip
 
 # Source manifest column -> the SR dataset's column.
@@ -103,7 +103,7 @@ class SourceClip(Clip):
 
 def encode_upscaled(rendered, source, fmt: str, fps: int) -> bytes:
     """The upscaled clip's bytes: an mp4 source's sound is copied packet for packet (no second AAC encode, so it
-    decodes exactly as the source's); otherwise as any render (`kandinsky_batch.video.encode`)."""
+    decodes exactly as the source's); otherwise as any render (`kandinsky_batch.output.video.encode`)."""
     if fmt == "mp4" and getattr(source, "mp4", None) is not None:
         return encode_av_copy(getattr(rendered, "frames", rendered), fps, source.mp4)
     return encode(rendered, fmt, fps)

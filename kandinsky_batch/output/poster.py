@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from kandinsky_batch.video import _check_frames
+from kandinsky_batch.output.video import _check_frames
 
 POSTER_SIDE = 320  # the long side's bound in pixels; smaller frames keep their size
 POSTER_QUALITY = 80

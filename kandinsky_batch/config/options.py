@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from kandinsky_batch.config import ConfigError, ModelConfig
+from kandinsky_batch.config.schema import ConfigError, ModelConfig
 from pipelines import ModelSpec
 from pipelines.caching import PUBLISHED, cache_args_problem, ratio_problem, ratios_for_model
 from pipelines.request import RenderOptions

@@ -13,21 +13,21 @@ from dataclasses import dataclass, replace
 import fsspec
 import pyarrow as pa
 
-from kandinsky_batch.config import ClusterConfig, ConfigError, JobConfig, ModelConfig
-from kandinsky_batch.dataset import COLUMNS as INPUT_COLUMNS
-from kandinsky_batch.dataset import Dataset, InputError, _reason, limited
-from kandinsky_batch.manifest import SCHEMA, job_schema
-from kandinsky_batch.images import ImageReader
-from kandinsky_batch.intake import committed_tasks
-from kandinsky_batch.options import effective_options
-from kandinsky_batch.record import Stamp
-from kandinsky_batch.resume import OutputState, check_conflicts
-from kandinsky_batch.routing import check_shapes
-from kandinsky_batch.rows import PARAMS, IdIndex, RowValidator, param_problems
-from kandinsky_batch.storage import IMAGES_DIR, VIDEOS_DIR, Storage
-from kandinsky_batch.sweep import ModelVariant, Sweep
-from kandinsky_batch.upscale import SourceManifest, is_job_output
-from kandinsky_batch.video import IMAGE_FORMATS
+from kandinsky_batch.config.schema import ClusterConfig, ConfigError, JobConfig, ModelConfig
+from kandinsky_batch.intake.dataset import COLUMNS as INPUT_COLUMNS
+from kandinsky_batch.intake.dataset import Dataset, InputError, _reason, limited
+from kandinsky_batch.output.manifest import SCHEMA, job_schema
+from kandinsky_batch.intake.images import ImageReader
+from kandinsky_batch.intake.windows import committed_tasks
+from kandinsky_batch.config.options import effective_options
+from kandinsky_batch.output.record import Stamp
+from kandinsky_batch.intake.resume import OutputState, check_conflicts
+from kandinsky_batch.intake.routing import check_shapes
+from kandinsky_batch.intake.rows import PARAMS, IdIndex, RowValidator, param_problems
+from kandinsky_batch.output.storage import IMAGES_DIR, VIDEOS_DIR, Storage
+from kandinsky_batch.config.sweep import ModelVariant, Sweep
+from kandinsky_batch.intake.job_output import SourceManifest, is_job_output
+from kandinsky_batch.output.video import IMAGE_FORMATS
 from pipelines import ModelSpec, load_spec
 from pipelines.kinds import BY_NAME, IMAGE, IMAGE_REQUIRED, NO_IMAGE, VIDEO_AUDIO, Kind
 from pipelines.models import ModelNotFound, pinned, preset

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Iterator
 
 import fsspec
+
+from kandinsky_batch.errors import InputError
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -35,10 +37,6 @@ COLUMNS = {
               "string (a URI or a path relative to the dataset) or binary (the image file's bytes)"),
 }
 MAX_NAMED_COLUMNS = 20
-
-
-class InputError(ValueError):
-    """The input dataset as a whole cannot be used; the message says why in one line."""
 
 
 # Option values that say where, not who: kept in messages unless they embed credentials (user:pass@host).

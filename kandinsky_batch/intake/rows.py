@@ -6,7 +6,6 @@ the value and the rule; the other rows still render. Nothing is adjusted silentl
 
 from __future__ import annotations
 
-import hashlib
 import math
 import unicodedata
 from dataclasses import dataclass, field, fields, replace
@@ -16,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kandinsky_batch.config import MAX_SEED, JobConfig
-from kandinsky_batch.images import Conditioning, ImageReader, shown
-from kandinsky_batch.storage import object_key
+from kandinsky_batch.config.schema import MAX_SEED, JobConfig, derive_seed
+from kandinsky_batch.intake.images import Conditioning, ImageReader, shown
+from kandinsky_batch.output.storage import object_key
 from pipelines import ModelSpec, RenderRequest
 from pipelines.kinds import BY_NAME, IMAGE_REQUIRED, NO_IMAGE
 
@@ -30,12 +29,6 @@ SWEEP_CELL_COLUMNS = ("sweep_model", "sweep_seed_index")
 # Unicode categories an id may not contain: controls, format (zero-width, bidi), surrogates, private use,
 # and line/paragraph separators (they split log lines).
 _BAD_ID_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")
-
-
-def derive_seed(job_seed: int, row_id: str) -> int:
-    """A row's seed from the job seed and its id alone (never its position or batch), in [0, 2**63)."""
-    digest = hashlib.sha256(f"{job_seed}\x00{row_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 @dataclass(frozen=True)
@@ -205,7 +198,7 @@ def _image_text_tokens(spec: ModelSpec, prompt: str, negative: str | None, size:
 
 
 def _source_error(source: dict, fps: int | None) -> str | None:
-    """Why a source row (`kandinsky_batch.upscale`) is not a clip to upscale, naming the source's field."""
+    """Why a source row (`kandinsky_batch.intake.job_output`) is not a clip to upscale, naming the source's field."""
     if source["source_status"] != "ok":
         why = f": {source['source_error']}" if source["source_error"] else ""
         return (f"source status={source['source_status']!r}: only the source job's ok rows are upscaled "
@@ -443,7 +436,7 @@ class RowValidator:
                 if name in batch.column_names]
 
     def _validate_sources(self, batch: pa.Table, rows: np.ndarray, done: Callable[[dict], bool] | None) -> Validated:
-        """Rows of another job's manifest (`kandinsky_batch.upscale`) to upscale: each source row that rendered
+        """Rows of another job's manifest (`kandinsky_batch.intake.job_output`) to upscale: each source row that rendered
         `ok` a video the model can take, at the size it will have (the model takes no text and no guidance)."""
         from pipelines.render_sr import DEFAULT_SCALE, upscaled_size
 

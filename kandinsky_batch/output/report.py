@@ -15,9 +15,10 @@ from urllib.parse import quote
 import jinja2
 import numpy as np
 
-from .manifest import MANIFEST_DIR, STATUSES, read_manifest, read_success
-from .storage import Storage
-from .verify import open_target
+from kandinsky_batch.output.manifest import MANIFEST_DIR, STATUSES, read_manifest, read_success
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.verify import open_target
+from kandinsky_batch.errors import ReportError
 
 # The sweep axes in the order they are shown; an axis not listed here (a newer version's) goes last.
 AXES = ("model", "num_inference_steps", "guidance_scale", "negative_prompt", "height", "width", "num_frames", "seed")
@@ -35,10 +36,6 @@ _SETTING_COLUMNS = ["height", "width", "num_frames", "num_inference_steps", "gui
                     "seed", "negative_prompt", "options", "gang", "audio_sample_rate", "model", "worker"]
 _COPY_THREADS = 16  # copies are dominated by round trips on object stores
 _GANG_PART = re.compile(r"[a-z]*(\d+)(?:\(\w+\))?")  # `1`, `sp2`, `cfg2`, `sp4(ring2)`
-
-
-class ReportError(ValueError):
-    """The output cannot be reported as asked (no manifest, an unknown axis); the message names the value."""
 
 
 @dataclass
@@ -301,7 +298,7 @@ def _seconds(value) -> str:
 
 
 def _template() -> jinja2.Template:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("kandinsky_batch", "templates"), autoescape=True,
+    env = jinja2.Environment(loader=jinja2.PackageLoader("kandinsky_batch.output", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["seconds"] = _seconds
     env.filters["show"] = _show

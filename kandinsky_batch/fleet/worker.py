@@ -17,13 +17,13 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
-from kandinsky_batch.images import read as read_image
-from kandinsky_batch.poster import poster
-from kandinsky_batch.record import BatchResult, Stamp
-from kandinsky_batch.rows import Task
-from kandinsky_batch.storage import Storage, StorageUnavailable
-from kandinsky_batch.upscale import encode_upscaled, read_source
-from kandinsky_batch.video import encode
+from kandinsky_batch.intake.images import read as read_image
+from kandinsky_batch.output.poster import poster
+from kandinsky_batch.output.record import BatchResult, Stamp
+from kandinsky_batch.intake.rows import Task
+from kandinsky_batch.output.storage import Storage, StorageUnavailable
+from kandinsky_batch.intake.job_output import encode_upscaled, read_source
+from kandinsky_batch.output.video import encode
 from pipelines import ParallelSpec, RenderOptions, open_renderer, resolve_model, weights_fingerprint
 
 

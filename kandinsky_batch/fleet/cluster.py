@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
-from kandinsky_batch.config import ClusterConfig, ReplicaGroup
-from kandinsky_batch.scheduler import ReplicaLost
-from kandinsky_batch.worker import RenderWorker, WorkerSpec
+from kandinsky_batch.config.schema import ClusterConfig, ReplicaGroup
+from kandinsky_batch.fleet.scheduler import ReplicaLost
+from kandinsky_batch.fleet.worker import RenderWorker, WorkerSpec
 from pipelines import QUIET_ENV, SIMULATED, ParallelSpec, cpu_numerics_env
 
 

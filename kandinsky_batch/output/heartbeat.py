@@ -13,7 +13,7 @@ import socket
 import time
 from datetime import datetime, timezone
 
-from kandinsky_batch.storage import Storage
+from kandinsky_batch.output.storage import Storage
 
 KEY = "_RUNNING"
 INTERVAL_SECONDS = 10.0

@@ -23,14 +23,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kandinsky_batch.dataset import Dataset
-from kandinsky_batch.resume import ResumeConflict
-from kandinsky_batch.routing import route
-from kandinsky_batch.rows import Task, row_ids
-from kandinsky_batch.sweep import Sweep
+from kandinsky_batch.intake.dataset import Dataset
+from kandinsky_batch.intake.resume import ResumeConflict
+from kandinsky_batch.intake.routing import route
+from kandinsky_batch.intake.rows import Task, row_ids
+from kandinsky_batch.config.sweep import Sweep
 
 if TYPE_CHECKING:
-    from kandinsky_batch.preflight import Lane
+    from kandinsky_batch.intake.preflight import Lane
 
 WINDOW_ROWS = 8192
 IMAGE_WINDOW_ROWS = 512

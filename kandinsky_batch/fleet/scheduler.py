@@ -33,18 +33,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
-from kandinsky_batch.record import BatchResult, Stamp
-from kandinsky_batch.rows import Task
+from kandinsky_batch.output.record import BatchResult, Stamp
+from kandinsky_batch.intake.rows import Task
+from kandinsky_batch.errors import StorageOutage, WorkersFailed
 
 logger = logging.getLogger(__name__)
-
-class WorkersFailed(RuntimeError):
-    """Replicas could not be started or none could run for too long; the job cannot make progress."""
-
-
-class StorageOutage(RuntimeError):
-    """The output store stayed unreachable beyond its retry budget; progress so far is kept."""
-
 
 class ReplicaLost(RuntimeError):
     """A replica's actor died or a call on it raised (what `get` raises for it)."""

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .storage import Storage, key_from_uri
+from kandinsky_batch.output.storage import Storage, key_from_uri
 
 MANIFEST_DIR = "manifest"
 SUCCESS_KEY = "_SUCCESS"

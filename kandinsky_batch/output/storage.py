@@ -16,6 +16,8 @@ from typing import TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from kandinsky_batch.errors import StorageUnavailable
+
 try:
     from botocore import exceptions as _boto
 except ImportError:  # botocore only comes with s3fs; other backends raise plain OSErrors
@@ -38,19 +40,6 @@ _TRANSIENT_BOTO = (
     if _boto is not None
     else ()
 )
-
-
-class StorageUnavailable(RuntimeError):
-    """Transient storage errors outlasted the retry budget."""
-
-    def __init__(self, key: str, last_error: BaseException) -> None:
-        self.key = key
-        self.last_error = last_error
-        super().__init__(f"storage unavailable for key {key!r}: {type(last_error).__name__}: {last_error}")
-
-    def __reduce__(self) -> tuple:
-        # Ray pickles exceptions raised in actors; the default would call __init__ with the message only.
-        return (type(self), (self.key, self.last_error))
 
 
 def is_transient(exc: BaseException) -> bool:

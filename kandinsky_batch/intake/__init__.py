@@ -1,0 +1,1 @@
+"""The driver's front end (no Ray): datasets, rows, validation, resume and preflight, streamed in windows."""

@@ -1,0 +1,1 @@
+"""The output prefix: its layout and storage, manifest rows and parts, codecs, posters, verify, report."""
