@@ -13,7 +13,7 @@ from importlib import metadata
 
 from tqdm import tqdm
 
-from kandinsky_batch import cluster
+from kandinsky_batch import cluster, inprocess
 from kandinsky_batch.config import JobConfig, to_dict
 from kandinsky_batch.heartbeat import Heartbeat
 from kandinsky_batch.intake import Intake
@@ -97,7 +97,7 @@ class _Progress:
             self.metrics.tick()
 
 
-def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int) -> Pool:
+def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int, transport=cluster) -> Pool:
     """The work queue's pool of one model's replica group: its replicas load that model."""
     spec = WorkerSpec(
         model_path=pinned(lane.model.path, lane.model.revision), output_uri=cfg.output.uri, stamp=lane.stamp,
@@ -106,12 +106,15 @@ def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int) 
         retries=cfg.output.retries, retry_backoff=cfg.output.retry_backoff,
     )
     name = Intake.pool_name(lane, placement.group.name, lanes)
-    return Pool(name, cluster.spawner(placement, spec, name), group=placement.group.name,
+    return Pool(name, transport.spawner(placement, spec, name), group=placement.group.name,
                 ranks=placement.parallel.world_size, stamp=lane.stamp)
 
 
-def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult:
-    """Render every row of `cfg.input` that is not already committed under `cfg.output.uri`."""
+def run(cfg: JobConfig, force: bool = False, progress: bool = True, transport=None) -> JobResult:
+    """Render every row of `cfg.input` that is not already committed under `cfg.output.uri`.
+
+    `transport`: where the replicas run, `cluster` (Ray) or `inprocess`; None: as `cluster.address` says."""
+    transport = transport or inprocess.transport(cfg.cluster)
     started, started_clock = time.perf_counter(), time.monotonic()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
@@ -135,16 +138,16 @@ def run(cfg: JobConfig, force: bool = False, progress: bool = True) -> JobResult
 
     intake = Intake(checked.dataset, checked.lanes, checked.sweep, cfg.render.seed, commit).start()
     try:
-        # 3. Render on Ray replicas, if anything is left to render; the fleet follows the cluster's GPUs and is
-        # shared by the models of a sweep.
+        # 3. Render on the replicas (Ray's, or threads of this process), if anything is left to render; the fleet
+        # follows the cluster's GPUs and is shared by the models of a sweep.
         if intake.wait_first():
-            with cluster.connect(cfg.cluster, *(lane.cluster for lane in checked.lanes)):
-                pools = [_pool(cfg, lane, placement, len(checked.lanes))
-                         for lane in checked.lanes for placement in cluster.plan(lane.cluster)]
+            with transport.connect(cfg.cluster, *(lane.cluster for lane in checked.lanes)):
+                pools = [_pool(cfg, lane, placement, len(checked.lanes), transport)
+                         for lane in checked.lanes for placement in transport.plan(lane.cluster)]
                 gangs = {p.group: max(q.ranks for q in pools if q.group == p.group) for p in pools}
                 queue = WorkQueue(
-                    pools, cluster.RayFleet(cfg.cluster, gangs), intake, max_attempts=cfg.cluster.max_attempts,
-                    on_row=commit, wait=cluster.wait, get=cluster.get, batch_size=cfg.render.batch_size,
+                    pools, transport.Fleet(cfg.cluster, gangs), intake, max_attempts=cfg.cluster.max_attempts,
+                    on_row=commit, wait=transport.wait, get=transport.get, batch_size=cfg.render.batch_size,
                     no_replica_timeout=cfg.cluster.no_replica_timeout,
                     on_tick=lambda q: (writer.flush_if_due(), bar.update(intake, q),
                                        heartbeat.beat(sum(bar.counts.values()))),

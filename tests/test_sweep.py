@@ -148,7 +148,7 @@ def test_invalid_cells_name_the_axis_value_and_rule_and_the_rest_of_the_grid_ren
 
 
 @pytest.mark.slow
-def test_a_two_model_sweep_renders_each_cell_once_on_its_model_as_plain_diffusers(tmp_path, ray_local, tiny_pipe):
+def test_a_two_model_sweep_renders_each_cell_once_on_its_model_as_plain_diffusers(tmp_path, inprocess, tiny_pipe):
     from diffusers import Kandinsky5T2VPipeline
 
     from pipelines import resolve_model
