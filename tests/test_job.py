@@ -1,4 +1,7 @@
-"""End to end through `job.run` on a real local Ray: the seed contract, videos, posters, manifest, verify, resume.
+"""End to end through `job.run`: the seed contract, videos, posters, manifest, verify, resume.
+
+The seed contract runs on a real local Ray (actors, their pinned numerics, two replicas); the other jobs here test
+the system's logic and run their replicas in-process (`inprocess`), the same worker and queue without Ray.
 
 Every storage test runs on file:// and on s3:// (moto on 127.0.0.1).
 """

@@ -1,5 +1,8 @@
-"""The whole family through `job.run` on a local Ray: text-to-image, image-to-video and Kandinsky 6 (video with sound),
+"""The whole family through `job.run`: text-to-image, image-to-video and Kandinsky 6 (video with sound),
 each against plain diffusers for its kind (the seed contract), with images checked row by row, resume and verify.
+
+Image-to-video runs on a real local Ray (images read by URI inside the actors); the other kinds in-process
+(`inprocess`). Kandinsky 6 also runs on Ray in tests/test_gangs.py, and an upscale in tests/test_sr.py.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Evaluation sweeps: the `sweep:` block, each input row expanded into its cells, and a real two-model sweep.
 
 The config and expansion tests run the streaming front end without Ray (the simulated model's limits); the
-end-to-end test renders a sweep of two tiny models x 2 step counts x 3 seeds on a local Ray and checks every
-cell against plain diffusers for its model, seed and parameters, then adds a seed.
+end-to-end test renders a sweep of two tiny models x 2 step counts x 3 seeds with in-process replicas and checks
+every cell against plain diffusers for its model, seed and parameters, then adds a seed; a sweep of a single-replica
+model beside a gang model runs on a real local Ray (two models sharing the fleet, a gang placed beside single actors).
 """
 
 from __future__ import annotations
