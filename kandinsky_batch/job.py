@@ -16,7 +16,7 @@ from importlib import metadata
 
 from tqdm import tqdm
 
-from kandinsky_batch.fleet import cluster
+from kandinsky_batch.fleet import cluster, inprocess
 from kandinsky_batch.config.schema import JobConfig
 from kandinsky_batch.config.load import to_dict
 from kandinsky_batch.output.heartbeat import Heartbeat
@@ -151,7 +151,7 @@ class _Progress:
             self.metrics.tick()
 
 
-def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int) -> Pool:
+def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int, transport=cluster) -> Pool:
     """The work queue's pool of one model's replica group: its replicas load that model."""
     spec = WorkerSpec(
         model_path=pinned(lane.model.path, lane.model.revision), output_uri=cfg.output.uri, stamp=lane.stamp,
@@ -160,20 +160,22 @@ def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int) 
         retries=cfg.output.retries, retry_backoff=cfg.output.retry_backoff,
     )
     name = Intake.pool_name(lane, placement.group.name, lanes)
-    return Pool(name, cluster.spawner(placement, spec, name), group=placement.group.name,
+    return Pool(name, transport.spawner(placement, spec, name), group=placement.group.name,
                 ranks=placement.parallel.world_size, stamp=lane.stamp)
 
 
-def run(cfg: JobConfig, force: bool = False, progress: bool = True, verbose: bool = False) -> JobResult:
+def run(cfg: JobConfig, force: bool = False, progress: bool = True, verbose: bool = False,
+        transport=None) -> JobResult:
     """Render every row of `cfg.input` that is not already committed under `cfg.output.uri`.
 
     `verbose` keeps Ray's start-up warnings and the model libraries' progress bars on the console.
+    `transport`: where the replicas run, `cluster` (Ray) or `inprocess`; None: as `cluster.address` says.
     SIGINT/SIGTERM stop it within seconds (`Interrupted`, raised once what was committed is published)."""
     with StopSignals() as stop:
-        return _run(cfg, force, progress, verbose, stop)
+        return _run(cfg, force, progress, verbose, stop, transport or inprocess.transport(cfg.cluster))
 
 
-def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopSignals) -> JobResult:
+def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopSignals, transport) -> JobResult:
     started, started_clock = time.perf_counter(), time.monotonic()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     if not verbose:
@@ -209,25 +211,25 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
 
     intake = Intake(checked.dataset, checked.lanes, checked.sweep, cfg.render.seed, commit).start()
     try:
-        # 3. Render on Ray replicas, if anything is left to render; the fleet follows the cluster's GPUs and is
-        # shared by the models of a sweep.
+        # 3. Render on the replicas (Ray's, or threads of this process), if anything is left to render; the fleet
+        # follows the cluster's GPUs and is shared by the models of a sweep.
         with stop.abortable():
             anything = intake.wait_first()
         if anything:
-            with cluster.connect(cfg.cluster, *(lane.cluster for lane in checked.lanes), verbose=verbose,
-                                 phase=bar.phase):
+            with transport.connect(cfg.cluster, *(lane.cluster for lane in checked.lanes), verbose=verbose,
+                                   phase=bar.phase):
                 stop.install()  # ray.init took SIGTERM over
                 stop.check()
-                pools = [_pool(cfg, lane, placement, len(checked.lanes))
-                         for lane in checked.lanes for placement in cluster.plan(lane.cluster)]
+                pools = [_pool(cfg, lane, placement, len(checked.lanes), transport)
+                         for lane in checked.lanes for placement in transport.plan(lane.cluster)]
                 gangs = {p.group: max(q.ranks for q in pools if q.group == p.group) for p in pools}
-                fleet = cluster.RayFleet(cfg.cluster, gangs)
+                fleet = transport.Fleet(cfg.cluster, gangs)
                 names = [lane.label for lane in checked.lanes] if len(checked.lanes) > 1 else [cfg.model.path]
                 replicas = sum(units // gangs.get(group, 1) for group, units in fleet.capacity().items())
                 bar.phase(_loading(names, replicas))
                 queue = WorkQueue(
                     pools, fleet, intake, max_attempts=cfg.cluster.max_attempts,
-                    on_row=commit, wait=cluster.wait, get=cluster.get, batch_size=cfg.render.batch_size,
+                    on_row=commit, wait=transport.wait, get=transport.get, batch_size=cfg.render.batch_size,
                     no_replica_timeout=cfg.cluster.no_replica_timeout,
                     on_tick=lambda q: (writer.flush_if_due(), bar.update(intake, q),
                                        heartbeat.beat(sum(bar.counts.values()))),

@@ -7,6 +7,7 @@ import os
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import boto3
 import pytest
@@ -141,3 +142,28 @@ def ray_local(model_cache) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _in_process() -> Iterator[None]:
+    from kandinsky_batch.fleet import inprocess
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inprocess, "transport", lambda cfg: inprocess)
+        yield
+
+
+@pytest.fixture
+def inprocess(model_cache) -> Iterator[None]:
+    """Jobs run their replicas as threads of this process (no Ray): for tests whose point is the system's logic.
+
+    Each such test's Ray side stays covered by a real-Ray end-to-end test (`ray_local`) of the same kind."""
+    with _in_process():
+        yield
+
+
+@pytest.fixture(scope="module")
+def inprocess_module(model_cache) -> Iterator[None]:
+    """`inprocess` for a module-scoped fixture that runs a job once for several tests."""
+    with _in_process():
+        yield

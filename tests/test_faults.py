@@ -117,7 +117,7 @@ def test_deterministic_row_failure_is_recorded_after_its_attempts(tmp_path, ray_
     assert (again.rendered, again.skipped, again.failed) == (1, 4, 1)
 
 
-def test_orphaned_video_is_adopted_and_a_truncated_one_rendered_again(tmp_path, file_output, ray_local):
+def test_orphaned_video_is_adopted_and_a_truncated_one_rendered_again(tmp_path, file_output, inprocess):
     uri, options = file_output
     rows = _rows(5)
     run(_config(tmp_path, uri, options, rows), progress=False)

@@ -1,4 +1,7 @@
-"""End to end through `job.run` on a real local Ray: the seed contract, videos, posters, manifest, verify, resume.
+"""End to end through `job.run`: the seed contract, videos, posters, manifest, verify, resume.
+
+The seed contract runs on a real local Ray (actors, their pinned numerics, two replicas); the other jobs here test
+the system's logic and run their replicas in-process (`inprocess`), the same worker and queue without Ray.
 
 Every storage test runs on file:// and on s3:// (moto on 127.0.0.1).
 """
@@ -82,7 +85,7 @@ def test_seed_contract_end_to_end(tmp_path, s3_output, ray_local, tiny_pipe):
     assert success["versions"]["diffusers"]
 
 
-def test_mp4_videos_decode_to_the_manifest_frame_count_and_size(tmp_path, file_output, ray_local):
+def test_mp4_videos_decode_to_the_manifest_frame_count_and_size(tmp_path, file_output, inprocess):
     uri, options = file_output
     run(_config(tmp_path, uri, options, fmt="mp4"), progress=False)
     storage = Storage(uri, options)
@@ -96,7 +99,7 @@ def test_mp4_videos_decode_to_the_manifest_frame_count_and_size(tmp_path, file_o
     assert verify(uri, options) == []
 
 
-def test_verify_fails_a_corrupted_or_missing_object(tmp_path, ray_local):
+def test_verify_fails_a_corrupted_or_missing_object(tmp_path, inprocess):
     uri = f"file://{tmp_path / 'out'}"
     run(_config(tmp_path, uri, None, rows=ROWS[:3]), progress=False)
     storage = Storage(uri)
@@ -109,7 +112,7 @@ def test_verify_fails_a_corrupted_or_missing_object(tmp_path, ray_local):
     assert "seeded" in problems and "missing" in problems
 
 
-def test_rerun_renders_nothing_and_a_changed_config_is_refused(tmp_path, ray_local):
+def test_rerun_renders_nothing_and_a_changed_config_is_refused(tmp_path, inprocess):
     uri = f"file://{tmp_path / 'out'}"
     first = run(_config(tmp_path, uri, None, rows=ROWS[:3]), progress=False)
     assert first.rendered == 3
@@ -125,7 +128,7 @@ def test_rerun_renders_nothing_and_a_changed_config_is_refused(tmp_path, ray_loc
     assert {r["num_inference_steps"] for r in read_manifest(Storage(uri)).to_pylist()} == {3}
 
 
-def test_invalid_rows_are_recorded_and_valid_rows_still_render(tmp_path, ray_local):
+def test_invalid_rows_are_recorded_and_valid_rows_still_render(tmp_path, inprocess):
     rows = ROWS[:2] + [{"id": "bad-frames", "prompt": "x", "num_frames": 16}, {"id": "blank", "prompt": "  "}]
     uri = f"file://{tmp_path / 'out'}"
     result = run(_config(tmp_path, uri, None, rows=rows), progress=False)
@@ -136,7 +139,7 @@ def test_invalid_rows_are_recorded_and_valid_rows_still_render(tmp_path, ray_loc
     assert verify(uri) == []
 
 
-def test_duplicate_ids_keep_one_manifest_row_per_input_row(tmp_path, ray_local):
+def test_duplicate_ids_keep_one_manifest_row_per_input_row(tmp_path, inprocess):
     rows = [{"id": "a", "prompt": "first"}, {"id": "b", "prompt": "second"}, {"id": "a", "prompt": "again"}]
     uri = f"file://{tmp_path / 'out'}"
     for attempt in range(2):  # the re-run must keep the same rows and render nothing

@@ -1,5 +1,8 @@
-"""The whole family through `job.run` on a local Ray: text-to-image, image-to-video and Kandinsky 6 (video with sound),
+"""The whole family through `job.run`: text-to-image, image-to-video and Kandinsky 6 (video with sound),
 each against plain diffusers for its kind (the seed contract), with images checked row by row, resume and verify.
+
+Image-to-video runs on a real local Ray (images read by URI inside the actors); the other kinds in-process
+(`inprocess`). Kandinsky 6 also runs on Ray in tests/test_gangs.py, and an upscale in tests/test_sr.py.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _objects(cfg) -> tuple[Storage, dict]:
     return storage, {r["id"]: r for r in read_manifest(storage).to_pylist()}
 
 
-def test_text_to_image_renders_images_as_plain_diffusers(tmp_path, ray_local):
+def test_text_to_image_renders_images_as_plain_diffusers(tmp_path, inprocess):
     rows = [{"id": "cat", "prompt": "a cat"}, {"id": "dog", "prompt": "a dog", "guidance_scale": 1.0},
             {"id": "film", "prompt": "a film", "num_frames": 5}, {"id": "odd", "prompt": "a cat", "height": 512}]
     cfg = _cfg(tmp_path, rows, "model.path=tiny-t2i", "output.format=png", "render.height=640", "render.width=1408")
@@ -122,7 +125,7 @@ def test_image_to_video_reads_images_row_by_row(tmp_path, ray_local):
     assert run(cfg, force=True, progress=False).rendered == 2
 
 
-def test_images_as_bytes_in_the_dataset_and_a_video_model_refusing_them(tmp_path, ray_local):
+def test_images_as_bytes_in_the_dataset_and_a_video_model_refusing_them(tmp_path, inprocess):
     schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("image", pa.binary())])
     rows = [{"id": "blue", "prompt": "a blue sky", "image": _png((20, 40, 220))},
             {"id": "junk", "prompt": "a sky", "image": b"\x89PNG broken"}]
@@ -142,7 +145,7 @@ def test_images_as_bytes_in_the_dataset_and_a_video_model_refusing_them(tmp_path
     assert "the t2v model takes no image" in manifest["blue"]["error"]
 
 
-def test_kandinsky6_renders_video_with_sound_as_plain_diffusers(tmp_path, ray_local):
+def test_kandinsky6_renders_video_with_sound_as_plain_diffusers(tmp_path, inprocess):
     rows = [{"id": "talk", "prompt": "a man talking"}, {"id": "still", "prompt": "a bell", "image": None},
             {"id": "quiet", "prompt": "waves", "guidance_scale": 1.0}]
     (tmp_path / "bell.png").write_bytes(_png((240, 200, 40)))
@@ -238,7 +241,7 @@ def test_family_rules_are_checked_before_ray(tmp_path):
                        "render.height=1024", "render.width=1024"))
 
 
-def test_image_to_image_counts_its_texts_with_the_image_and_renders_as_plain_diffusers(tmp_path, ray_local):
+def test_image_to_image_counts_its_texts_with_the_image_and_renders_as_plain_diffusers(tmp_path, inprocess):
     schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("image", pa.binary())])
     rows = [{"id": "sky", "prompt": "a blue sky", "image": _png((20, 40, 220), size=(96, 64))},
             {"id": "pad", "prompt": "a <|image_pad|> sky", "image": _png((20, 40, 220))},

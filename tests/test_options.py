@@ -72,7 +72,7 @@ def test_step_cache_keeps_cond_and_uncond_apart(model_cache, tiny_pipe):
 
 
 @pytest.mark.slow
-def test_options_and_approximation_are_recorded_in_the_manifest(tmp_path, ray_local):
+def test_options_and_approximation_are_recorded_in_the_manifest(tmp_path, inprocess):
     data = write_dataset(tmp_path / "p.parquet", [{"id": "a", "prompt": "a cat"}, {"id": "b", "prompt": "a dog"}])
     base = [f"input.path={data}", "output.format=npy", "cluster.replicas=1", *TINY_RENDER]
     run(load_config(None, [*base, f"output.uri=file://{tmp_path / 'exact'}"]), progress=False)

@@ -47,7 +47,7 @@ def _cfg(data: Path, out: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory, ray_local) -> tuple[Path, Path]:
+def rendered(tmp_path_factory, inprocess_module) -> tuple[Path, Path]:
     """(dataset, output) of one finished 4-row job with user columns."""
     root = tmp_path_factory.mktemp("contract")
     data = root / "prompts.parquet"

@@ -29,7 +29,7 @@ COLUMNS = ["model", "num_inference_steps"]  # the report's default for the tiny 
 
 
 @pytest.fixture(scope="module")
-def sweep_output(tmp_path_factory, ray_local) -> str:
+def sweep_output(tmp_path_factory, inprocess_module) -> str:
     """A real tiny sweep, `configs/tiny-sweep.yaml` (2 tiny models x 2 step counts x 3 seeds) over the demo's
     prompts plus a blank one (its cells are invalid and show their error); its output URI."""
     root = tmp_path_factory.mktemp("sweep")

@@ -82,7 +82,7 @@ def test_imports_neither_torch_nor_diffusers():
 
 
 @pytest.mark.slow
-def test_job_through_the_simulated_model(tmp_path, ray_local):
+def test_job_through_the_simulated_model(tmp_path, inprocess):
     """Rows in = rows out: every row ok, its npy object holds the seed's frames, verify passes."""
     rows = [{"id": f"r{i}", "prompt": f"prompt {i}", "num_frames": 121 if i % 2 else 241} for i in range(6)]
     data = write_dataset(tmp_path / "prompts.parquet", rows)
@@ -103,7 +103,7 @@ def test_job_through_the_simulated_model(tmp_path, ray_local):
 
 
 @pytest.mark.slow
-def test_a_job_feeds_its_live_metrics(tmp_path, ray_local, monkeypatch):
+def test_a_job_feeds_its_live_metrics(tmp_path, inprocess, monkeypatch):
     """Every committed row is counted by status, and queue depth, busy fractions and the rate are set."""
     import kandinsky_batch.job as job
     from kandinsky_batch.fleet.metrics import JobMetrics

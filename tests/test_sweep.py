@@ -1,8 +1,9 @@
 """Evaluation sweeps: the `sweep:` block, each input row expanded into its cells, and a real two-model sweep.
 
 The config and expansion tests run the streaming front end without Ray (the simulated model's limits); the
-end-to-end test renders a sweep of two tiny models x 2 step counts x 3 seeds on a local Ray and checks every
-cell against plain diffusers for its model, seed and parameters, then adds a seed.
+end-to-end test renders a sweep of two tiny models x 2 step counts x 3 seeds with in-process replicas and checks
+every cell against plain diffusers for its model, seed and parameters, then adds a seed; a sweep of a single-replica
+model beside a gang model runs on a real local Ray (two models sharing the fleet, a gang placed beside single actors).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def test_invalid_cells_name_the_axis_value_and_rule_and_the_rest_of_the_grid_ren
 
 
 @pytest.mark.slow
-def test_a_two_model_sweep_renders_each_cell_once_on_its_model_as_plain_diffusers(tmp_path, ray_local, tiny_pipe):
+def test_a_two_model_sweep_renders_each_cell_once_on_its_model_as_plain_diffusers(tmp_path, inprocess, tiny_pipe):
     from diffusers import Kandinsky5T2VPipeline
 
     from pipelines import resolve_model

@@ -20,6 +20,7 @@ from pipelines.shape import ParallelSpec
 FORMATS = ("mp4", "npy", "png", "webp", "jpeg")
 MAX_SEED = 2**63 - 1  # seeds live in an int64 manifest column
 DEFAULT_FPS = 24  # what the Kandinsky checkpoints render for
+INPROCESS = "inprocess"  # cluster.address: replicas as threads of the driver's process (kandinsky_batch.fleet.inprocess)
 
 
 def derive_seed(job_seed: int, row_id: str) -> int:
@@ -205,7 +206,8 @@ class ReplicaGroup:
 @dataclass
 class ClusterConfig:
     address: Optional[str] = None
-    """Ray address to join (`auto` inside `ray job submit`); None starts a local Ray on loopback."""
+    """Ray address to join (`auto` inside `ray job submit`); None starts a local Ray on loopback; `inprocess`
+    runs the replicas as threads of this process, without Ray (tests and debugging; no gangs)."""
     replicas: Optional[int] = None
     """Model replicas: on a GPU cluster a cap, the fleet following the GPUs of the nodes alive. None: one per GPU
     (per gang of GPUs) in the cluster, or 1 on a host without GPUs."""
@@ -243,6 +245,11 @@ class ClusterConfig:
                 _require(group.replicas >= 1, f"{prefix}replicas", group.replicas, "must be >= 1")
             if group.max_tokens is not None:
                 _require(group.max_tokens >= 1, f"{prefix}max_tokens", group.max_tokens, "must be >= 1")
+        if self.address == INPROCESS:
+            for group in self.replica_groups():
+                _require(group.parallel().world_size == 1, "cluster.address", self.address,
+                         f"runs one rank per replica, but group {group.name!r} is a gang of "
+                         f"{group.parallel().world_size} ({group.parallel().name}): gangs need Ray")
         if self.groups:
             uniform = (self.replicas, self.sequence_parallel, self.ring_degree, self.cfg_parallel)
             _require(uniform == (None, 1, 1, False), "cluster.groups", names,

@@ -146,6 +146,9 @@ class RayFleet:
         return units if gpus else {name: max(n, self.gangs.get(name, 0)) for name, n in units.items()}
 
 
+Fleet = RayFleet  # the name `job.run` asks every transport for (see kandinsky_batch.fleet.inprocess)
+
+
 def wait(refs: list, timeout: float) -> list:
     """Ray's wait for the work queue: a ref that finished within `timeout`, or none (an empty list pauses briefly).
     One at a time: the queue's loop per result is cheaper than a second `ray.wait` over every ref."""

@@ -144,13 +144,16 @@ class RenderWorker:
         """The fingerprint of the weights this replica renders with (recorded on every row it commits)."""
         return weights_fingerprint(self.spec.model_path, self.spec.model_storage_options)
 
-    def ready(self) -> dict:
-        """Answer once the model is loaded: the driver waits for this before queueing rows."""
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (`inprocess` overrides it: no Ray there)."""
         import ray
 
+        return ray.get_runtime_context().get_node_id()
+
+    def ready(self) -> dict:
+        """Answer once the model is loaded: the driver waits for this before queueing rows."""
         return {"worker": self.name, "device": self.renderer.device, "load_seconds": self.renderer.load_seconds,
-                "gang": self.spec.parallel.name, "node": ray.get_runtime_context().get_node_id(),
-                "model": self.spec.model_path}
+                "gang": self.spec.parallel.name, "node": self.node_id(), "model": self.spec.model_path}
 
     def _render(self, tasks: list[Task], ticket: int) -> tuple[list | None, float]:
         """Frames per task (rank 0; None elsewhere) and the seconds spent rendering, turnstile wait excluded."""
