@@ -4,6 +4,9 @@ On a real tiny output written by `job.run` on the session's local Ray: npy rows 
 """
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +18,7 @@ from kandinsky_batch.job import run
 from kandinsky_batch.output.manifest import read_manifest
 from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.video import decode
+from pipelines.numerics import CPU_NUMERICS_ENV, SWITCH
 from tests.helpers import TINY_RENDER, write_dataset
 
 pytestmark = pytest.mark.slow
@@ -73,3 +77,14 @@ def test_an_unknown_id_or_a_bad_target_is_one_line_exit_2(outputs, tmp_path, cap
     assert main(["reproduce", str(tmp_path / "missing"), "plain"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such file or directory" in err, err
+
+
+def test_a_process_started_without_the_replicas_numerics_re_execs_with_them(outputs):
+    """The variables are read when torch loads: `reproduce` sets them by starting itself again, then renders."""
+    npy, _ = outputs
+    env = {k: v for k, v in os.environ.items() if k not in CPU_NUMERICS_ENV and k != SWITCH}
+    done = subprocess.run([sys.executable, "-m", "kandinsky_batch", "reproduce", npy, "plain"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "MKL_CBWR=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, 1 thread(s)" in done.stdout
+    assert done.stdout.rstrip().endswith("\nequal")
