@@ -170,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         from kandinsky_batch.reproduce import prepare_process
 
         prepare_process(sys.argv[1:] if argv is None else argv)
-    from kandinsky_batch.errors import (ConfigError, InputError, Interrupted, ReportError, ResumeConflict,
-                                        StorageOutage, StorageUnavailable, VerifyError, WorkersFailed)
-    from kandinsky_batch.reproduce import ReproduceError
+    from kandinsky_batch.errors import (ConfigError, InputError, Interrupted, ReportError, ReproduceError,
+                                        ResumeConflict, StorageOutage, StorageUnavailable, VerifyError, WorkersFailed)
     from pipelines.kinds import UnsupportedModel
     from pipelines.models import ModelNotFound
 

@@ -19,11 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kandinsky_batch.errors import ReproduceError
 from pipelines.numerics import SWITCH, cpu_numerics_env
-
-
-class ReproduceError(ValueError):
-    """The target cannot be reproduced: not an output, no such id, or a row that was not rendered ok."""
 
 
 def prepare_process(argv: list[str]) -> None:
@@ -53,6 +50,8 @@ class Comparison:
     manifest_sha256: str | None
     rerender_sha256: str
     environment: str
+    weights: str | None = None
+    """The fingerprint of the weights loaded here, when it differs from the row's `weights` (else None)."""
 
     @property
     def frames_equal(self) -> bool:
@@ -126,6 +125,16 @@ def _request(row: dict, storage_options: dict | None):
                          seed=row["seed"], image=image, video=video)
 
 
+def _model_path(row: dict) -> str:
+    """The row's model, pinned to the hub commit that rendered it when the manifest names one."""
+    from pipelines.models import pinned
+
+    weights = row.get("weights") or ""
+    if row.get("model_revision") is None and weights.startswith("hub:"):
+        return pinned(row["model"], weights.rsplit("@", 1)[1])
+    return pinned(row["model"], row.get("model_revision"))
+
+
 def reproduce(uri: str, row_id: str, storage_options: dict | None = None,
               input_storage_options: dict | None = None) -> Comparison:
     """Re-render row `row_id` of the output at `uri` in this process and compare it with its committed object."""
@@ -134,7 +143,7 @@ def reproduce(uri: str, row_id: str, storage_options: dict | None = None,
     from kandinsky_batch.intake.job_output import encode_upscaled
     from kandinsky_batch.output.verify import open_target
     from kandinsky_batch.output.video import decode, encode
-    from pipelines import open_renderer
+    from pipelines import open_renderer, weights_fingerprint
 
     storage = open_target(uri, storage_options, "reproduce", ReproduceError)
     row = _row(storage, row_id)
@@ -142,7 +151,9 @@ def reproduce(uri: str, row_id: str, storage_options: dict | None = None,
     request = _request(row, input_storage_options)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # as a CPU replica: small matmuls round differently with more threads
-    renderer = open_renderer(row["model"], options=_options(row["options"]))
+    model = _model_path(row)
+    renderer = open_renderer(model, options=_options(row["options"]))
+    loaded = weights_fingerprint(model) if row.get("weights") else None
     rendered = renderer.render(request)
     fmt, ext = row["format"], row["key"].rsplit(".", 1)[-1]
     encoded = (encode(rendered, fmt, row["fps"]) if request.video is None
@@ -156,7 +167,7 @@ def reproduce(uri: str, row_id: str, storage_options: dict | None = None,
     return Comparison(id=row_id, format=fmt, values=int(levels.size), differing=int(np.count_nonzero(levels)),
                       max_levels=int(levels.max(initial=0)), object_sha256=hashlib.sha256(data).hexdigest(),
                       manifest_sha256=row["sha256"], rerender_sha256=hashlib.sha256(encoded).hexdigest(),
-                      environment=environment())
+                      environment=environment(), weights=None if loaded == row.get("weights") else loaded)
 
 
 def format_comparison(c: Comparison) -> str:
@@ -172,5 +183,7 @@ def format_comparison(c: Comparison) -> str:
                 f"encoding: differs (object sha256 {c.object_sha256[:16]}…, re-render {c.rerender_sha256[:16]}…)")
     if c.manifest_sha256 not in (None, c.object_sha256):
         encoding += "; the object is not what the job committed (its sha256 differs from the manifest's)"
+    if c.weights is not None:
+        encoding += f"; the weights loaded here ({c.weights}) are not the ones that rendered the row"
     return "\n".join([f"reproduce {c.id!r}: re-rendered in-process with plain diffusers on {c.environment}",
                       frames, encoding, "equal" if c.equal else "not equal"])
