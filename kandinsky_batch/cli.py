@@ -1,5 +1,5 @@
-"""`kandinsky-batch run | validate | status | verify | report | reproduce | build-tiny`; `python -m kandinsky_batch` is the
-same program."""
+"""`kandinsky-batch run | validate | status | verify | report | reproduce | build-tiny`; `python -m kandinsky_batch`
+is the same program."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import signal
 import sys
 from importlib import metadata
 
-# 0: done; 1: `verify` found problems; 2: bad config or input, refused before Ray; 3: stopped early, progress kept;
+# 0: done; 1: `verify` found problems, or `reproduce` a re-render unlike its object; 2: bad config or input,
+# refused before Ray; 3: stopped early, progress kept;
 # 4: finished (`_SUCCESS` written), but nothing rendered ok, or more rows invalid than `--max-invalid` allows.
 EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_NOTHING_OK = 0, 2, 3, 4
 
