@@ -1,5 +1,5 @@
-"""`kandinsky-batch run | validate | status | verify | report | build-tiny`; `python -m kandinsky_batch` is the
-same program."""
+"""`kandinsky-batch run | validate | status | verify | report | reproduce | build-tiny`; `python -m kandinsky_batch`
+is the same program."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import signal
 import sys
 from importlib import metadata
 
-# 0: done; 1: `verify` found problems; 2: bad config or input, refused before Ray; 3: stopped early, progress kept;
+# 0: done; 1: `verify` found problems, or `reproduce` a re-render unlike its object; 2: bad config or input,
+# refused before Ray; 3: stopped early, progress kept;
 # 4: finished (`_SUCCESS` written), but nothing rendered ok, or more rows invalid than `--max-invalid` allows.
 EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_NOTHING_OK = 0, 2, 3, 4
 
@@ -55,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="lifetime of presigned video URLs on object stores, seconds (default: 7 days)")
     report.add_argument("--copy-videos", action="store_true", help="copy the videos next to the page instead of linking")
     report.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
+    again = verbs.add_parser("reproduce", help="re-render one committed row in-process with plain diffusers and "
+                             "compare it with its object (exit 0 equal, 1 not)")
+    again.add_argument("output_uri")
+    again.add_argument("id", help="the row's id")
+    again.add_argument("--storage-options", default="{}", help="fsspec options as JSON (the output's, and its "
+                       "rows' image or source URIs')")
     tiny = verbs.add_parser("build-tiny", help="write the tiny random-weight pipeline in diffusers format")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0, help="another draw of the transformer's weights (`tiny:SEED`)")
@@ -130,6 +137,15 @@ def _report(args) -> int:
     return EXIT_OK
 
 
+def _reproduce(args) -> int:
+    from kandinsky_batch.reproduce import format_comparison, reproduce
+
+    options = json.loads(args.storage_options)
+    found = reproduce(args.output_uri, args.id, options, options)
+    print(format_comparison(found))
+    return EXIT_OK if found.equal else 1
+
+
 def _build_tiny(args) -> int:
     from pipelines import save_tiny
     from pipelines.kinds import BY_NAME
@@ -151,15 +167,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.verb in ("run", "validate"):
         args.overrides = list(args.overrides) + extra
-    from kandinsky_batch.errors import (ConfigError, InputError, Interrupted, ReportError, ResumeConflict,
-                                        StorageOutage, StorageUnavailable, VerifyError, WorkersFailed)
+    if args.verb == "reproduce":  # the replicas' CPU numerics are read when torch loads: before any import of it
+        from kandinsky_batch.reproduce import prepare_process
+
+        prepare_process(sys.argv[1:] if argv is None else argv)
+    from kandinsky_batch.errors import (ConfigError, InputError, Interrupted, ReportError, ReproduceError,
+                                        ResumeConflict, StorageOutage, StorageUnavailable, VerifyError, WorkersFailed)
     from pipelines.kinds import UnsupportedModel
     from pipelines.models import ModelNotFound
 
     try:
         return {"run": _run, "validate": _validate, "status": _status, "verify": _verify, "report": _report,
-                "build-tiny": _build_tiny}[args.verb](args)
-    except (ConfigError, InputError, ReportError, ResumeConflict, VerifyError, ModelNotFound,
+                "reproduce": _reproduce, "build-tiny": _build_tiny}[args.verb](args)
+    except (ConfigError, InputError, ReportError, ResumeConflict, VerifyError, ReproduceError, ModelNotFound,
             UnsupportedModel) as exc:
         # Bad input is the user's to fix: one line, no traceback.
         print(f"error: {exc}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Every error the system raises for a person to read: what each means and how the CLI answers it.
 
 The CLI prints each in one line, no traceback: exit 2 for input to fix (config, dataset, model path, resume
-conflicts, verify/report targets), exit 3 for a job stopped early with its progress kept, 130/143 on a signal.
+conflicts, verify/report/reproduce targets), exit 3 for a job stopped early with its progress kept, 130/143 on a signal.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ class ReportError(ValueError):
 
 class VerifyError(ValueError):
     """The target is not an output prefix at all (missing, a file, a folder no job wrote): one line, exit 2."""
+
+
+class ReproduceError(ValueError):
+    """`reproduce` has no row to re-render: not an output, an unknown id, a row not ok: one line, exit 2."""
 
 
 class WorkersFailed(RuntimeError):

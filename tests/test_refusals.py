@@ -1,5 +1,6 @@
-"""Every refusal the README lists, through the real CLI: one `error:` line, exit 2, no traceback, nothing written,
-and Ray never imported (let alone started). Then the exits of a job that finished with too little rendered ok."""
+"""Every refusal docs/configuration.md lists (its "Refusals" table), through the real CLI: one `error:` line,
+exit 2, no traceback, nothing written, and Ray never imported (let alone started). Then the exits of a job that
+finished with too little rendered ok."""
 
 from __future__ import annotations
 

@@ -190,7 +190,7 @@ def test_a_cpu_run_reports_cpu_seconds_not_gpu_seconds(loaded):
 
 
 def test_screenshot(loaded, tmp_path):
-    """A full-page screenshot; it replaces docs/report.png (shown in the README) when that is missing or
+    """A full-page screenshot; it replaces docs/report.png (shown in docs/operations.md) when that is missing or
     KB_UPDATE_SCREENSHOT=1."""
     from PIL import Image
 
