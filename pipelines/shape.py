@@ -9,7 +9,7 @@ from dataclasses import dataclass
 # many uint8 levels apart, on at most this fraction of values. A shard runs GEMMs over fewer rows than the
 # whole sequence, and a CPU's BLAS may round those differently: seen on an Intel Xeon, 1 level on up to
 # 0.17 % of a 32x32 clip's values (native AVX-512 kernels), up to 0.008 % on the pinned AVX2 path.
-# In bf16 (GPUs) no bound is promised: see README, "Gangs".
+# In bf16 (GPUs) no bound is promised: see docs/gangs.md.
 SHARD_TOLERANCE = (1, 1e-2)
 
 

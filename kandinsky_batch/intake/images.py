@@ -4,7 +4,7 @@ read, checked and hashed before anything renders.
 A row whose image is missing, unreadable, not an image or of a size no model takes is `invalid`, naming the field,
 the value and the rule; the rest render. The manifest records the image's URI and sha256, and resume treats a
 changed image as a changed parameter. How the image is fitted to the render size is the pipeline's own behaviour
-(recorded in the README), never done here.
+(recorded in docs/family.md), never done here.
 
 Images read from a URI are read again by the replica that renders the row (the driver keeps only their sha256,
 so its memory does not grow with the images); the replica checks the sha256 and fails the row if the image changed
