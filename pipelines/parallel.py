@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from pipelines.nabla import use_ulysses_processors
-from pipelines.render import TEXT_COMPONENTS, Renderer
+from pipelines.render import Renderer
+from pipelines.render_common import TEXT_COMPONENTS
 from pipelines.request import RenderOptions, RenderRequest
 from pipelines.shape import ParallelSpec
 

@@ -26,9 +26,7 @@ from pipelines.guidance import GuidedSteps, negative_inputs
 from pipelines.kinds import NO_IMAGE, Kind, UnsupportedModel, kind_of
 from pipelines.limits import FAMILY, image_size, k5_i2i_token_problem, request_problem
 from pipelines.nabla import set_attention_type
-from pipelines.render_common import (  # noqa: F401  (to_uint8: `pipelines.to_uint8`, and the seed contract's)
-    TEXT_COMPONENTS, decode_image, default_device, frames_uint8, hidden_states_only, offload_text_encoders, to_uint8,
-)
+from pipelines.render_common import decode_image, default_device, frames_uint8, hidden_states_only, offload_text_encoders
 from pipelines.request import RenderOptions, RenderRequest
 from pipelines.resolve import resolve_model
 

@@ -120,7 +120,7 @@ def test_default_negative_prompt_is_what_diffusers_uses(renderer):
 
 def test_image_orientation_follows_exif(renderer, k6_pipe):
     """A phone JPEG stored sideways with an EXIF orientation conditions the first frame upright, as diffusers'
-    `load_image` (the decoder every kind shares, pipelines.render.decode_image) reads it."""
+    `load_image` (the decoder every kind shares, pipelines.render_common.decode_image) reads it."""
     from PIL import ImageOps
 
     pixels = np.random.default_rng(5).integers(0, 256, (40, 56, 3), dtype=np.uint8)
