@@ -68,9 +68,9 @@ def _kind(kind) -> Kind:
 def k5_spec_fields(local_dir: str | Path, kind) -> dict:
     """The `ModelSpec` limits of a Kandinsky 5 checkpoint of `kind` (a `Kind` or its name), from its configs.
 
-    For T2V the same numbers as `pipelines.models.load_spec`. T2I and I2I: one frame, and their sizes are
-    `T2I_SIZES` (`k5_row_rules`); their VAE config has no compression ratio (the pipelines fix it at 8). I2I's
-    `max_prompt_tokens` bounds the prompt's tokens together with its image's (`k5_i2i_count_tokens`).
+    Every Kandinsky 5 kind's `Kind.spec`. T2I and I2I: one frame, and their sizes are `T2I_SIZES` (`k5_row_rules`);
+    their VAE config has no compression ratio (the pipelines fix it at 8). I2I's `max_prompt_tokens` bounds the
+    prompt's tokens together with its image's (`k5_i2i_count_tokens`).
     """
     kind, local = _kind(kind), Path(local_dir)
     transformer = json.loads((local / "transformer" / "config.json").read_text())
