@@ -25,7 +25,7 @@ Dims, `--dims lite` (3.18 B parameters as diffusers builds them):
 Per option: seconds per guided step (median), first-step seconds (compile time), peak GPU memory; per video =
 steps x step + video decode + audio decode (VAE and vocoder). Options, `--configs` (comma-separated): an attention
 backend that takes the prompt's padding mask (native, _native_cudnn, _native_efficient, _native_math,
-flash_varlen, ...; those in `pipelines.render_k6.MASKLESS_BACKENDS` are refused, as the renderer refuses them), or
+flash_varlen, ...; those in `pipelines.limits_k6.MASKLESS_BACKENDS` are refused, as the renderer refuses them), or
 `best` = the fastest eager one timed before it; `+compile` = `compile_repeated_blocks(fullgraph=True)`.
 
     python benchmarks/gpu_k6.py --clip 5s                                          # on the GPU, ~2 minutes
@@ -47,7 +47,7 @@ from _gpu import (CLIPS, VAE_LITE, VAE_TINY, error_text, is_cuda, keep_fp32, lat
                   reset_peak, sync, timed)
 from gpu_step import time_decode
 from pipelines import tiny_k6
-from pipelines.render_k6 import FRAME_RATE, K6_MAX_SEQUENCE_LENGTH, MASKLESS_BACKENDS, audio_samples
+from pipelines.limits_k6 import FRAME_RATE, K6_MAX_SEQUENCE_LENGTH, MASKLESS_BACKENDS, audio_samples
 
 LITE_K6 = dict(
     in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=768, time_dim=512, patch_size=(1, 2, 2),
@@ -185,7 +185,7 @@ def check_configs(configs: list[str]) -> None:
                              f"(allowed: {sorted(MODIFIERS)})")
         if backend in MASKLESS_BACKENDS:
             raise ValueError(f"--configs: {name!r}: backend {backend!r} cannot apply the prompt's padding mask "
-                             "(pipelines.render_k6.MASKLESS_BACKENDS; use native or a varlen one)")
+                             "(pipelines.limits_k6.MASKLESS_BACKENDS; use native or a varlen one)")
 
 
 def main() -> int:

@@ -65,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     tiny = verbs.add_parser("build-tiny", help="write the tiny random-weight pipeline in diffusers format")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0, help="another draw of the transformer's weights (`tiny:SEED`)")
-    tiny.add_argument("--kind", default="t2v", choices=["t2v", "i2v", "t2i", "i2i", "ti2va", "sr"],
+    from pipelines.kinds import BY_NAME  # torch-free: the registry alone
+
+    tiny.add_argument("--kind", default="t2v", choices=[name for name, kind in BY_NAME.items() if kind.preset],
                       help="which member of the family: text-to-video (`tiny`), image-to-video (`tiny-i2v`), "
                            "text-to-image (`tiny-t2i`), image-to-image (`tiny-i2i`) Kandinsky 6 video with sound (`tiny-k6`) or Kandinsky 6 super-resolution (`tiny-sr`)")
     return parser
@@ -149,10 +151,9 @@ def _reproduce(args) -> int:
 def _build_tiny(args) -> int:
     from pipelines import save_tiny
     from pipelines.kinds import BY_NAME
-    from pipelines.models import PRESETS
 
     kind = BY_NAME[args.kind]
-    written = save_tiny(args.dir, args.seed, PRESETS[kind.preset])
+    written = save_tiny(args.dir, args.seed, kind.builder)
     print(f"tiny {kind.pipeline} (random weights; model.path={kind.preset}) written to {written}")
     return EXIT_OK
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from kandinsky_batch.errors import (ConfigError, InputError, Interrupted, ReportError, ReproduceError,
                                         ResumeConflict, StorageOutage, StorageUnavailable, VerifyError, WorkersFailed)
     from pipelines.kinds import UnsupportedModel
-    from pipelines.models import ModelNotFound
+    from pipelines.resolve import ModelNotFound
 
     try:
         return {"run": _run, "validate": _validate, "status": _status, "verify": _verify, "report": _report,

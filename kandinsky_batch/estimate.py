@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from kandinsky_batch.intake.rows import Task
 from pipelines import ModelSpec
+from pipelines.kinds import BY_NAME
 from pipelines.request import RenderOptions
 
 GPU = "NVIDIA H200"
@@ -34,7 +35,6 @@ PRO_STEP_SECONDS = 15.66
 LINEARITY = ("linear in tokens: attention grows faster, a 10 s clip measured 11.12 s per guided step eager, "
              "1.6x the 6.92 s this gives (RESULTS 3.2)")
 LITE_HEADS, PRO_HEADS = 28, 32
-MEASURED_KINDS = ("t2v", "i2v")  # the Kandinsky 5 video DiTs (I2V Lite/Pro share T2V's transformer sizes)
 
 
 @dataclass
@@ -83,10 +83,12 @@ def calibrate(spec: ModelSpec, options: RenderOptions) -> Calibration:
         return Calibration(f"simulated model: sleeps {rate} s per million cost units (no GPU)", rate / 1e6)
     if path.split(":")[0].startswith("tiny"):
         return Calibration(f"{path}: a tiny random-weight preset, its renders cost ~nothing", 0.0)
-    if spec.kind not in MEASURED_KINDS or spec.num_heads not in (LITE_HEADS, PRO_HEADS):
-        what = {"ti2va": "Kandinsky 6 (RESULTS 3.5 not run yet)", "sr": "Kandinsky 6 SR",
-                "t2i": "Kandinsky 5 text-to-image", "i2i": "Kandinsky 5 image-to-image"}.get(
-            spec.kind, f"a {spec.kind} DiT of {spec.num_heads} heads")
+    kind = BY_NAME[spec.kind]
+    measured = kind.generation == 5 and kind.frames  # the Kandinsky 5 video DiTs (I2V shares T2V's sizes)
+    if not measured or spec.num_heads not in (LITE_HEADS, PRO_HEADS):
+        # RESULTS 3.5 is the Kandinsky 6 (sound) measurement.
+        what = f"a {spec.kind} DiT of {spec.num_heads} heads" if measured else (
+            kind.title + (" (RESULTS 3.5 not run yet)" if kind.sound else ""))
         return Calibration(f"not calibrated: no measurement of {what}", None)
     notes = [LINEARITY]
     if options.approximate:

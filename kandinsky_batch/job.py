@@ -28,7 +28,7 @@ from kandinsky_batch.intake.preflight import Lane, preflight
 from kandinsky_batch.fleet.scheduler import Pool, WorkQueue
 from kandinsky_batch.output.storage import OBJECT_DIRS
 from kandinsky_batch.fleet.worker import WorkerSpec
-from pipelines.models import pinned
+from pipelines.resolve import pinned
 from pipelines import quiet_progress
 
 MAX_REASONS = 10_000  # distinct errors counted for the most common one: bounded when every row's error differs

@@ -9,9 +9,9 @@ from importlib import import_module
 _EXPORTS = {
     "DEFAULT_NEGATIVE_PROMPT": "pipelines.request", "RenderRequest": "pipelines.request",
     "RenderOptions": "pipelines.request", "CACHES": "pipelines.request",
-    "ModelSpec": "pipelines.models", "SIMULATED": "pipelines.models", "TINY": "pipelines.models",
-    "cache_root": "pipelines.models", "load_spec": "pipelines.models", "resolve_model": "pipelines.models",
-    "Renderer": "pipelines.render", "default_device": "pipelines.render", "to_uint8": "pipelines.render",
+    "ModelSpec": "pipelines.models", "SIMULATED": "pipelines.kinds", "TINY": "pipelines.resolve",
+    "cache_root": "pipelines.resolve", "load_spec": "pipelines.models", "resolve_model": "pipelines.resolve",
+    "Renderer": "pipelines.render", "default_device": "pipelines.render_common", "to_uint8": "pipelines.render_common",
     "build_tiny_pipeline": "pipelines.tiny", "ensure_tiny": "pipelines.tiny", "save_tiny": "pipelines.tiny",
     "open_renderer": "pipelines.factory", "ParallelSpec": "pipelines.shape", "SHARD_TOLERANCE": "pipelines.shape",
     "CPU_NUMERICS_ENV": "pipelines.numerics", "cpu_numerics_env": "pipelines.numerics",

@@ -21,6 +21,7 @@ same rules (pipelines.render). Facts about diffusers 0.42.1's pipelines, each ch
   instead (a mangled text, or a ValueError from the processor).
 """
 
+
 from __future__ import annotations
 
 import functools
@@ -29,25 +30,24 @@ import json
 import math
 from pathlib import Path
 
-from pipelines.request import DEFAULT_NEGATIVE_PROMPT
+from pipelines.kinds import (  # noqa: F401  (I2I_MAX_SEQUENCE_LENGTH, I2V_MIN_FRAMES: the registry's numbers)
+    I2I_MAX_SEQUENCE_LENGTH, I2V_MIN_FRAMES, IMAGE_REQUIRED, KINDS, NO_IMAGE, T2I_SIZES, Kind,
+)
+from pipelines.tokens import clean_prompt, fast_tokenizer
 
-FAMILY = ("t2v", "i2v", "t2i", "i2i")
-# T2V, I2V and T2I's default `max_sequence_length`: prompt tokens kept after the template.
-MAX_PROMPT_TOKENS = 512
-# I2I's default `max_sequence_length` (also the text RoPE's 1024 positions): the prompt's and the image's tokens.
-I2I_MAX_SEQUENCE_LENGTH = 1024
-MAX_SEQUENCE_LENGTHS = {"t2v": MAX_PROMPT_TOKENS, "i2v": MAX_PROMPT_TOKENS, "t2i": MAX_PROMPT_TOKENS,
-                        "i2i": I2I_MAX_SEQUENCE_LENGTH}
+# The kinds whose limits and rules are this module's.
+FAMILY = tuple(k.name for k in KINDS.values() if k.spec == f"{__name__}:k5_spec_fields")
+_FAMILY = {k.name: k for k in KINDS.values() if k.name in FAMILY}
+MAX_SEQUENCE_LENGTHS = {name: kind.max_sequence_length for name, kind in _FAMILY.items()}
 # Kandinsky5RoPE3D holds 128 positions per axis: latent frames and patched rows and columns.
 ROPE_POSITIONS = 128
-# (width, height): Kandinsky5T2IPipeline.resolutions, in its order.
-T2I_SIZES = ((1024, 1024), (640, 1408), (1408, 640), (768, 1280), (1280, 768), (896, 1152), (1152, 896))
-I2V_MIN_FRAMES = 17
 # Tokens each pipeline crops off the front of its templated text (`prompt_template_encode_start_idx`): the system
 # part of the template for T2V, I2V and T2I; 6 more than I2I's (`I2I_HEAD_TOKENS`).
-TEMPLATE_TOKENS = {"t2v": 128, "i2v": 128, "t2i": 40, "i2i": 54}
+TEMPLATE_TOKENS = {name: kind.template_tokens for name, kind in _FAMILY.items()}
 # What the pipeline uses when guidance is on and `negative_prompt` is None.
-DEFAULT_NEGATIVE_PROMPTS = {"t2v": DEFAULT_NEGATIVE_PROMPT, "i2v": DEFAULT_NEGATIVE_PROMPT, "t2i": "", "i2i": ""}
+DEFAULT_NEGATIVE_PROMPTS = {name: kind.default_negative_prompt for name, kind in _FAMILY.items()}
+# The kind whose template holds the row's image (I2I): the `k5_i2i_*` counts are its.
+_I2I = next(k for k in _FAMILY.values() if k.counts_image_tokens)
 # I2I's template is `<|im_start|>system\n...:<|im_end|><|im_start|>` (48 tokens, special tokens split it), then
 # `user` + the prompt as one text (Qwen's BPE may merge the two: "username"), then `<|vision_start|>`, the image's
 # `<|image_pad|>` tokens, `<|vision_end|><|im_end|>`.
@@ -57,28 +57,29 @@ I2I_IMAGE_TOKEN = "<|image_pad|>"
 QWEN_IMAGE_DEFAULTS = dict(patch_size=14, merge_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
 
 
-def _name(kind) -> str:
+def _kind(kind) -> Kind:
+    """The registry entry of `kind` (an entry or its name), which must be one of this module's."""
     name = getattr(kind, "name", kind)
     if name not in FAMILY:
         raise ValueError(f"kind={name!r}: not a Kandinsky 5 kind ({', '.join(FAMILY)})")
-    return name
+    return _FAMILY[name]
 
 
 def k5_spec_fields(local_dir: str | Path, kind) -> dict:
     """The `ModelSpec` limits of a Kandinsky 5 checkpoint of `kind` (a `Kind` or its name), from its configs.
 
-    For T2V the same numbers as `pipelines.models.load_spec`. T2I and I2I: one frame, and their sizes are
-    `T2I_SIZES` (`k5_row_rules`); their VAE config has no compression ratio (the pipelines fix it at 8). I2I's
-    `max_prompt_tokens` bounds the prompt's tokens together with its image's (`k5_i2i_count_tokens`).
+    Every Kandinsky 5 kind's `Kind.spec`. T2I and I2I: one frame, and their sizes are `T2I_SIZES` (`k5_row_rules`);
+    their VAE config has no compression ratio (the pipelines fix it at 8). I2I's `max_prompt_tokens` bounds the
+    prompt's tokens together with its image's (`k5_i2i_count_tokens`).
     """
-    name, local = _name(kind), Path(local_dir)
+    kind, local = _kind(kind), Path(local_dir)
     transformer = json.loads((local / "transformer" / "config.json").read_text())
     num_heads = transformer["model_dim"] // sum(transformer["axes_dims"])
     patch = transformer["patch_size"][1]
-    if name in ("t2i", "i2i"):
+    if not kind.frames:
         return dict(attention_type="regular", num_heads=num_heads, spatial_multiple=8 * patch, temporal_multiple=1,
-                    max_frames=1, max_size=max(max(size) for size in T2I_SIZES),
-                    max_prompt_tokens=MAX_SEQUENCE_LENGTHS[name])
+                    max_frames=1, max_size=max(max(size) for size in kind.sizes),
+                    max_prompt_tokens=kind.max_sequence_length)
     vae = json.loads((local / "vae" / "config.json").read_text())
     spatial = vae.get("spatial_compression_ratio", 8) * patch
     temporal = vae.get("temporal_compression_ratio", 4)
@@ -86,29 +87,27 @@ def k5_spec_fields(local_dir: str | Path, kind) -> dict:
     return dict(attention_type=attention, num_heads=num_heads,
                 spatial_multiple=128 if attention == "nabla" else spatial, temporal_multiple=temporal,
                 max_frames=temporal * (ROPE_POSITIONS - 1) + 1, max_size=spatial * ROPE_POSITIONS,
-                max_prompt_tokens=MAX_PROMPT_TOKENS)
+                max_prompt_tokens=kind.max_sequence_length)
 
 
 def k5_row_rules(kind) -> dict:
     """What a row of `kind` needs beyond the spec's limits: frame floor, allowed sizes, its image, its defaults."""
-    name = _name(kind)
+    kind = _kind(kind)
     return {
-        "min_frames": I2V_MIN_FRAMES if name == "i2v" else 1,
-        "sizes": T2I_SIZES if name in ("t2i", "i2i") else None,
-        "image": "required" if name in ("i2v", "i2i") else "none",
-        "image_resize": "stretch to (width, height), Lanczos, no crop" if name in ("i2v", "i2i") else None,
-        "default_negative_prompt": DEFAULT_NEGATIVE_PROMPTS[name],
-        "template_tokens": TEMPLATE_TOKENS[name],
+        "min_frames": kind.min_frames,
+        "sizes": kind.sizes or None,
+        "image": kind.image,
+        "image_resize": "stretch to (width, height), Lanczos, no crop" if kind.image != NO_IMAGE else None,
+        "default_negative_prompt": kind.default_negative_prompt,
+        "template_tokens": kind.template_tokens,
         # I2I: a text's count depends on its image's size (`k5_i2i_count_tokens`), not on the text alone.
-        "tokens_need_image": name == "i2i",
+        "tokens_need_image": kind.counts_image_tokens,
     }
 
 
 def default_negative_prompt(kind, negative_prompt: str | None, guidance_scale: float) -> str | None:
     """The negative prompt the pipeline of `kind` really uses: none without guidance, its own default if unset."""
-    if guidance_scale <= 1.0:
-        return None
-    return DEFAULT_NEGATIVE_PROMPTS[_name(kind)] if negative_prompt is None else negative_prompt
+    return _kind(kind).negative_prompt(negative_prompt, guidance_scale)
 
 
 def request_problem(kind, request) -> str | None:
@@ -116,50 +115,48 @@ def request_problem(kind, request) -> str | None:
 
     I2I's token budget needs the image's size: `Renderer.check` adds it (`k5_i2i_token_problem`).
     """
-    name = _name(kind)
-    image = getattr(request, "image", None)
-    if name in ("i2v", "i2i"):
+    kind = _kind(kind)
+    name, image = kind.name, getattr(request, "image", None)
+    if kind.image == IMAGE_REQUIRED:
         if image is None:
             return f"image=None: missing (rule: the {name} model renders from a conditioning image)"
-        if name == "i2v" and request.num_frames < I2V_MIN_FRAMES:
-            return (f"num_frames={request.num_frames}: too few (rule: i2v needs at least {I2V_MIN_FRAMES}; "
-                    "Kandinsky5I2VPipeline renormalises the first 4 latent frames against later ones)")
+        if kind.min_frames > 1 and request.num_frames < kind.min_frames:
+            return (f"num_frames={request.num_frames}: too few (rule: {name} needs at least {kind.min_frames}; "
+                    f"{kind.pipeline} renormalises the first 4 latent frames against later ones)")
     elif image is not None:
         return f"image=<{len(image)} bytes>: the {name} model takes no image"
-    if name in ("t2i", "i2i"):
+    if not kind.frames:
         if request.num_frames != 1:
             return f"num_frames={request.num_frames}: this model renders one image (rule: num_frames=1)"
-        if (request.width, request.height) not in T2I_SIZES:
-            sizes = ", ".join(f"{w}x{h}" for w, h in T2I_SIZES)
-            pipeline = "Kandinsky5T2IPipeline" if name == "t2i" else "Kandinsky5I2IPipeline"
+        if (request.width, request.height) not in kind.sizes:
+            sizes = ", ".join(f"{w}x{h}" for w, h in kind.sizes)
             return (f"width x height={request.width}x{request.height}: not a {name.upper()} size (rule: one of "
-                    f"{sizes}; {pipeline} would silently render another)")
-    if name == "i2i":
-        negative = default_negative_prompt(name, request.negative_prompt, request.guidance_scale)
+                    f"{sizes}; {kind.pipeline} would silently render another)")
+    if kind.counts_image_tokens:
+        negative = kind.negative_prompt(request.negative_prompt, request.guidance_scale)
         for field, text in (("prompt", request.prompt), ("negative_prompt", negative)):
             if text is not None and I2I_IMAGE_TOKEN in text:
-                return (f"{field}={text[:40]!r}: holds {I2I_IMAGE_TOKEN} (rule: not in an i2i text; the pipeline's "
-                        "Qwen processor takes it for the image's place and fails)")
+                return (f"{field}={text[:40]!r}: holds {I2I_IMAGE_TOKEN} (rule: not in an {name} text; the "
+                        "pipeline's Qwen processor takes it for the image's place and fails)")
     return None
 
 
 def option_problems(kind, options) -> list[str]:
     """Why render options cannot apply to a model of `kind` ("option=value: reason" each); empty if they can."""
-    name, found = _name(kind), []
-    if name in ("t2i", "i2i") and options.attention_type == "nabla":
-        pipeline = "Kandinsky5T2IPipeline" if name == "t2i" else "Kandinsky5I2IPipeline"
-        found.append(f"attention_type='nabla': does not apply to {name} ({pipeline} passes no sparse "
+    kind, found = _kind(kind), []
+    if not kind.sparse_attention and options.attention_type == "nabla":
+        found.append(f"attention_type='nabla': does not apply to {kind.name} ({kind.pipeline} passes no sparse "
                      "parameters, so it always runs full attention)")
-    if name != "t2v" and options.cache == "magcache":
+    if not kind.published_magcache and options.cache == "magcache":
         ratios = dict(options.cache_args).get("mag_ratios")
         if not isinstance(ratios, (list, tuple)):
             found.append(f"cache_args.mag_ratios={ratios!r}: the published MagCache calibrations are for T2V "
-                         f"checkpoints; a {name} model needs its own ratios, given as a list")
+                         f"checkpoints; a {kind.name} model needs its own ratios, given as a list")
     return found
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of encoded image bytes as the pipelines get them (`pipelines.render.decode_image`: EXIF
+    """(width, height) of encoded image bytes as the pipelines get them (`pipelines.render_common.decode_image`: EXIF
     orientation applied), read from the header and EXIF without decoding the pixels (PNG: its EXIF may follow)."""
     from PIL import Image
 
@@ -226,13 +223,10 @@ def k5_i2i_count_tokens(tokenizer_dir: str | Path, prompts: list[str], image_siz
     tail instead of the prompt (a mangled text, or a ValueError), so longer rows must be rejected.
     tests/test_family.py checks the count against the pipeline's own `cu_seqlens`, and the boundary. Torch-free.
     """
-    # Imported here: pipelines.models imports this module.
-    from pipelines.models import _fast_tokenizer, clean_prompt
-
-    encoded = _fast_tokenizer(str(tokenizer_dir)).encode_batch([I2I_USER + clean_prompt(p) for p in prompts],
+    encoded = fast_tokenizer(str(tokenizer_dir)).encode_batch([I2I_USER + clean_prompt(p) for p in prompts],
                                                                add_special_tokens=False)
     return [I2I_HEAD_TOKENS + len(e.ids) + I2I_TAIL_TOKENS + k5_i2i_image_tokens(tokenizer_dir, size)
-            - TEMPLATE_TOKENS["i2i"] for e, size in zip(encoded, image_sizes, strict=True)]
+            - _I2I.template_tokens for e, size in zip(encoded, image_sizes, strict=True)]
 
 
 def k5_i2i_token_problem(tokenizer_dir: str | Path, texts: dict, size: tuple[int, int],
@@ -246,6 +240,6 @@ def k5_i2i_token_problem(tokenizer_dir: str | Path, texts: dict, size: tuple[int
     for (field, text), count in zip(fields, counts):
         if count > limit:
             return (f"{field}={text[:40]!r}: {count} tokens with its {size[0]}x{size[1]} image "
-                    f"(rule: the i2i text encoder keeps at most {limit}, the image's "
+                    f"(rule: the {_I2I.name} text encoder keeps at most {limit}, the image's "
                     f"{k5_i2i_image_tokens(tokenizer_dir, size)} included; longer texts would be mangled)")
     return None

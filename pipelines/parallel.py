@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from pipelines.nabla import use_ulysses_processors
-from pipelines.render import TEXT_COMPONENTS, Renderer
+from pipelines.render import Renderer
+from pipelines.render_common import TEXT_COMPONENTS
 from pipelines.request import RenderOptions, RenderRequest
 from pipelines.shape import ParallelSpec
 
@@ -164,11 +165,11 @@ class K6GangRenderer:
 
 
 def open_gang(model_path: str, spec: ParallelSpec, rank: int, **kwargs):
-    """This rank's renderer of a gang: the Kandinsky 5 plan, or CFG parallel for Kandinsky 6."""
-    from pipelines.kinds import kind_of
-    from pipelines.models import resolve_model
+    """This rank's renderer of a gang, the kind's (`Kind.gang`): the Kandinsky 5 plan, or CFG parallel for Kandinsky 6."""
+    from pipelines.kinds import UnsupportedModel, kind_of, load
+    from pipelines.resolve import resolve_model
 
-    local = resolve_model(model_path, kwargs.get("storage_options"), spec_only=True)
-    if kind_of(local).name == "ti2va":
-        return K6GangRenderer(model_path, spec, rank, **kwargs)
-    return GangRenderer(model_path, spec, rank, **kwargs)
+    kind = kind_of(resolve_model(model_path, kwargs.get("storage_options"), spec_only=True))
+    if kind.gang is None:
+        raise UnsupportedModel(f"{model_path!r} is a {kind.name} model: {kind.no_gangs} (no gangs)")
+    return load(kind.gang)(model_path, spec, rank, **kwargs)

@@ -24,88 +24,17 @@ import torch
 from pipelines.caching import cache_config
 from pipelines.guidance import GuidedSteps, negative_inputs
 from pipelines.kinds import NO_IMAGE, Kind, UnsupportedModel, kind_of
-from pipelines.limits import (
-    FAMILY, MAX_SEQUENCE_LENGTHS, default_negative_prompt, image_size, k5_i2i_token_problem, option_problems,
-    request_problem,
-)
-from pipelines.models import resolve_model
+from pipelines.limits import FAMILY, image_size, k5_i2i_token_problem, request_problem
 from pipelines.nabla import set_attention_type
+from pipelines.render_common import decode_image, default_device, frames_uint8, hidden_states_only, offload_text_encoders
 from pipelines.request import RenderOptions, RenderRequest
-
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-
-
-def to_uint8(frames: np.ndarray) -> np.ndarray:
-    """Pipeline float frames in [0, 1] to uint8, exactly as the seed contract states."""
-    return np.round(frames * 255).astype(np.uint8)
-
-
-def frames_uint8(video: torch.Tensor) -> np.ndarray:
-    """The pipeline's `output_type="pt"` video (F, C, H, W) in [0, 1] to uint8 (F, H, W, C), on its device.
-
-    The same float32 multiply and round-half-to-even as `to_uint8` on the `np` output, so the same bytes;
-    done where the frames are, the GPU is not left idle while the CPU converts 121 float frames (~0.45 s
-    per 5 s 768x512 row, measured on an H200) and only the uint8 frames cross to the host.
-    """
-    return torch.round(video.float() * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def decode_image(data: bytes):
-    """The PIL image a pipeline is given for a row's encoded image bytes (PNG, JPEG, WebP, ...).
-
-    diffusers' own `load_image`: EXIF orientation applied, converted to RGB (the pipelines' image processors do
-    neither, and an RGBA or grayscale image would not fit the VAE). The pipeline then resizes it itself.
-    """
-    import io
-
-    import PIL.Image
-    from diffusers.utils import load_image
-
-    return load_image(PIL.Image.open(io.BytesIO(data)))
-
+from pipelines.resolve import resolve_model
 
 def model_kind(model_path: str, local: str, storage_options: dict | None = None) -> Kind:
     """The kind of a resolved model: from its local `model_index.json`, or a hub id's (configs only)."""
     if os.path.isfile(os.path.join(local, "model_index.json")):
         return kind_of(local)
     return kind_of(resolve_model(model_path, storage_options, spec_only=True))
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _hidden_states_only(text_encoder) -> None:
-    """Have the Qwen encoder skip the logits the pipeline throws away (it reads the last hidden states).
-
-    Over Qwen's 151,665-token vocabulary the logits of every prompt token cost more than the rest of a small
-    encoder (65 ms of a 107 ms tiny-preset render on a CPU); the hidden states, and so the frames, are unchanged.
-    """
-    import inspect
-
-    if text_encoder is None or "logits_to_keep" not in inspect.signature(text_encoder.forward).parameters:
-        return
-    text_encoder.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "logits_to_keep": 1}),
-                                           with_kwargs=True)
-
-
-def offload_text_encoders(pipe, device: str) -> None:
-    """Text encoders kept in pinned CPU memory, streamed to the GPU layer by layer while they encode.
-
-    diffusers' group offloading (leaf level, on a side stream): each encoding copies the weights in
-    ahead of use and drops them after, so nothing is copied back. Moving the 7 B Qwen whole instead
-    took 10.4 s out and 2.5 s in per new prompt on an H200. On a CPU-only host there is nothing to offload.
-    """
-    if not device.startswith("cuda"):
-        return
-    from diffusers.hooks import apply_group_offloading
-
-    for name in TEXT_COMPONENTS:
-        module = getattr(pipe, name, None)
-        if module is not None:
-            apply_group_offloading(module, onload_device=torch.device(device), offload_type="leaf_level",
-                                   use_stream=True)
-    torch.cuda.empty_cache()
 
 
 class Renderer:
@@ -130,15 +59,15 @@ class Renderer:
         self.dtype = dtype or (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
         local = resolve_model(model_path, storage_options)
         self.kind = model_kind(model_path, local, storage_options)
-        if self.kind.name not in FAMILY:
+        if self.kind.name not in FAMILY:  # another renderer's kind (`Kind.renderer`)
             raise UnsupportedModel(f"{model_path!r} is a {self.kind.name} model ({self.kind.pipeline}): this renderer "
                                    f"runs the Kandinsky 5 kinds {', '.join(FAMILY)}")
         # The pipeline's own default, so embeddings are what a plain call computes (I2I's is 1024, the rest 512).
-        self.max_sequence_length = MAX_SEQUENCE_LENGTHS[self.kind.name]
-        if self.kind.name == "i2i":  # its token budget counts the image's tokens: checked per request
+        self.max_sequence_length = self.kind.max_sequence_length
+        if self.kind.counts_image_tokens:  # its token budget counts the image's tokens: checked per request
             spec_dir = local if os.path.isdir(local) else resolve_model(model_path, storage_options, spec_only=True)
             self._tokenizer_dir = os.path.join(spec_dir, "tokenizer")
-        if problems := option_problems(self.kind, options):
+        if problems := self.kind.option_problems(options):
             raise ValueError(f"options for the {self.kind.name} model {model_path!r}: " + "; ".join(problems))
         if self.kind.image != NO_IMAGE:  # every rank of a gang encodes the conditioning image in `prepare_latents`
             skip = tuple(name for name in skip if name != "vae")
@@ -146,7 +75,7 @@ class Renderer:
             local, dtype=self.dtype, use_safetensors=True, **{name: None for name in skip})
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
-        _hidden_states_only(getattr(self.pipe, "text_encoder", None))
+        hidden_states_only(getattr(self.pipe, "text_encoder", None))
         # Always: a checkpoint that ships NABLA gets its attention processor even with no option set.
         set_attention_type(self.pipe.transformer, options.attention_type, dict(options.nabla_args))
         self._cache_steps: int | None = None
@@ -204,10 +133,10 @@ class Renderer:
 
     def embeddings(self, request: RenderRequest) -> dict:
         """Pipeline kwargs for the request's prompt and (effective) negative prompt embeddings."""
-        image = request.image if self.kind.name == "i2i" else None
+        image = request.image if self.kind.counts_image_tokens else None
         qwen, clip, cu = self.encode(request.prompt, image)
         embeds = {"prompt_embeds_qwen": qwen, "prompt_embeds_clip": clip, "prompt_cu_seqlens": cu}
-        negative = default_negative_prompt(self.kind, request.negative_prompt, request.guidance_scale)
+        negative = self.kind.negative_prompt(request.negative_prompt, request.guidance_scale)
         if negative is not None:
             qwen, clip, cu = self.encode(negative, image)
             embeds.update(negative_prompt_embeds_qwen=qwen, negative_prompt_embeds_clip=clip,
@@ -239,8 +168,8 @@ class Renderer:
     def check(self, request: RenderRequest) -> None:
         """ValueError ("field=value: rule") for a request this model cannot render exactly as asked."""
         problem = request_problem(self.kind, request)
-        if problem is None and self.kind.name == "i2i":  # texts and image share the Qwen window
-            negative = default_negative_prompt(self.kind, request.negative_prompt, request.guidance_scale)
+        if problem is None and self.kind.counts_image_tokens:  # texts and image share the Qwen window
+            negative = self.kind.negative_prompt(request.negative_prompt, request.guidance_scale)
             problem = k5_i2i_token_problem(self._tokenizer_dir, {"prompt": request.prompt, "negative_prompt": negative},
                                            image_size(request.image), self.max_sequence_length)
         if problem:
@@ -261,13 +190,13 @@ class Renderer:
         batched with others would not be the row rendered alone. I2I rows batch when their Qwen sequences
         (text and image tokens) are equally long, and render one at a time otherwise.
         """
-        if len(requests) == 1 or self.kind.name == "i2v":
+        if len(requests) == 1 or not self.kind.batches_rows:
             out = [self.render(request) for request in requests]
             return out if self.writer else None
         for request in requests:
             self.check(request)
         parts = [self.embeddings(r) for r in requests]
-        if self.kind.name == "i2i" and len({tuple(v.shape[1] for k, v in p.items() if k.endswith("qwen"))
+        if self.kind.counts_image_tokens and len({tuple(v.shape[1] for k, v in p.items() if k.endswith("qwen"))
                                             for p in parts}) > 1:
             out = [self.render(request) for request in requests]
             return out if self.writer else None

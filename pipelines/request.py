@@ -10,6 +10,11 @@ DEFAULT_NEGATIVE_PROMPT = (
     "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, "
     "deformed, walking backwards"
 )
+# Kandinsky 6's fallback, for a `negative_prompt` None or empty when guidance is on.
+K6_DEFAULT_NEGATIVE_PROMPT = (
+    "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, deformed, "
+    "walking backwards"
+)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.models import MAX_PROMPT_TOKENS, SIMULATED, ModelSpec
+from pipelines.kinds import MAX_PROMPT_TOKENS, SIMULATED
+from pipelines.models import ModelSpec
 from pipelines.request import RenderOptions, RenderRequest
 
 # 5 s 768x512, 50 steps, CFG: 31 x 32 x 48 tokens x 100 passes = 4.76 megaunits -> 0.50 s; 10 s -> 0.98 s.

@@ -23,10 +23,13 @@ import functools
 import os
 from pathlib import Path
 
+from pipelines.kinds import KINDS as REGISTRY
 from pipelines.limits import k5_spec_fields  # noqa: F401  (the limits of a checkpoint of these kinds)
 from pipelines.tiny import TRANSFORMER, _randomize_zero_init, build_tiny_pipeline
 
-KINDS = ("i2v", "t2i", "i2i")
+# The kinds whose tiny presets this module builds (the registry's `Kind.builder`), and their builders' names.
+BUILDERS = {k.name: k.builder.partition(":")[2] for k in REGISTRY.values() if (k.builder or "").startswith(f"{__name__}:")}
+KINDS = tuple(BUILDERS)
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,10 +96,9 @@ def build_tiny_i2i_pipeline(seed: int = 0):
 
 def build_tiny_k5(kind: str, seed: int = 0):
     """The tiny pipeline of `kind` (`i2v`, `t2i` or `i2i`)."""
-    builders = {"i2v": build_tiny_i2v_pipeline, "t2i": build_tiny_t2i_pipeline, "i2i": build_tiny_i2i_pipeline}
-    if kind not in builders:
+    if kind not in BUILDERS:
         raise ValueError(f"kind={kind!r}: the Kandinsky 5 tiny presets are {', '.join(KINDS)}")
-    return builders[kind](seed)
+    return globals()[BUILDERS[kind]](seed)
 
 
 def save_tiny_k5(kind: str, directory: str | os.PathLike, seed: int = 0) -> Path:

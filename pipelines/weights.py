@@ -41,7 +41,8 @@ def _hub_commit(repo: str, revision: str | None) -> str | None:
 
 def weights_fingerprint(model_path: str, storage_options: dict | None = None) -> str | None:
     """The fingerprint of the weights `model_path` loads (see the module's docstring); None for a stand-in."""
-    from pipelines.models import SIMULATED, preset, resolve_model, split_revision
+    from pipelines.kinds import SIMULATED
+    from pipelines.resolve import preset, resolve_model, split_revision
 
     if model_path.startswith(SIMULATED):
         return None

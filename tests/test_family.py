@@ -20,7 +20,7 @@ from pipelines.limits import (
     I2I_HEAD_TOKENS, I2I_MAX_SEQUENCE_LENGTH, I2V_MIN_FRAMES, T2I_SIZES, TEMPLATE_TOKENS, image_size,
     k5_i2i_count_tokens, k5_i2i_image_tokens, k5_row_rules, k5_spec_fields,
 )
-from pipelines.render import decode_image
+from pipelines.render_common import decode_image
 from pipelines.tiny_k5 import build_tiny_k5, save_tiny_k5
 
 CLASSES = {"i2v": Kandinsky5I2VPipeline, "t2i": Kandinsky5T2IPipeline, "i2i": Kandinsky5I2IPipeline}

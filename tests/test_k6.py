@@ -12,10 +12,11 @@ import torch
 from diffusers import Kandinsky6TI2VAPipeline
 from PIL import Image
 
-from pipelines.render_k6 import (
-    K6_CROP_START, K6_DEFAULT_NEGATIVE_PROMPT, K6_MAX_SEQUENCE_LENGTH, K6_PROMPT_TEMPLATE, K6Renderer, audio_samples,
+from pipelines.limits_k6 import (
+    K6_CROP_START, K6_DEFAULT_NEGATIVE_PROMPT, K6_MAX_SEQUENCE_LENGTH, K6_PROMPT_TEMPLATE, audio_samples,
     k6_count_tokens, k6_negative_prompt, k6_row_rules, k6_spec_fields,
 )
+from pipelines.render_k6 import K6Renderer
 from pipelines.request import DEFAULT_NEGATIVE_PROMPT, RenderOptions, RenderRequest
 from pipelines.tiny_k6 import QWEN_VL_CHAT_TEMPLATE, build_tiny_k6_pipeline, save_tiny_k6
 
@@ -119,7 +120,7 @@ def test_default_negative_prompt_is_what_diffusers_uses(renderer):
 
 def test_image_orientation_follows_exif(renderer, k6_pipe):
     """A phone JPEG stored sideways with an EXIF orientation conditions the first frame upright, as diffusers'
-    `load_image` (the decoder every kind shares, pipelines.render.decode_image) reads it."""
+    `load_image` (the decoder every kind shares, pipelines.render_common.decode_image) reads it."""
     from PIL import ImageOps
 
     pixels = np.random.default_rng(5).integers(0, 256, (40, 56, 3), dtype=np.uint8)
@@ -285,7 +286,7 @@ def test_token_count_is_the_pipelines_own(k6_dir, k6_pipe):
 
 
 def test_spec_and_count_need_no_torch(k6_dir):
-    code = ("import sys; from pipelines.render_k6 import k6_count_tokens, k6_spec_fields; "
+    code = ("import sys; from pipelines.limits_k6 import k6_count_tokens, k6_spec_fields; "
             f"k6_spec_fields({str(k6_dir)!r}); k6_count_tokens({str(k6_dir / 'tokenizer')!r}, ['a cat']); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

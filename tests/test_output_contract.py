@@ -210,7 +210,7 @@ def test_a_pinned_hub_revision_loads_that_snapshot_and_is_recorded(tmp_path, mon
     from kandinsky_batch.config.schema import ConfigError
     from kandinsky_batch.intake.preflight import preflight
     from pipelines import resolve_model
-    from pipelines.models import pinned
+    from pipelines.resolve import pinned
     from pipelines.weights import weights_fingerprint
 
     # A hub snapshot in a Hugging Face cache of its own (offline: nothing is downloaded here).

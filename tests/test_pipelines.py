@@ -105,7 +105,7 @@ def test_tiny_loads_with_plain_diffusers(model_cache):
 def test_uint8_on_the_frames_device_equals_the_contracts_numpy_rounding():
     """`frames_uint8` (on the GPU in production) gives the bytes `to_uint8` gives on the pipeline's `np` output,
     half-level values included (round half to even in both)."""
-    from pipelines.render import frames_uint8, to_uint8
+    from pipelines.render_common import frames_uint8, to_uint8
 
     generator = torch.Generator().manual_seed(0)
     video = torch.rand(5, 3, 8, 6, generator=generator)  # (F, C, H, W), as output_type="pt" gives per row

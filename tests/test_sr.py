@@ -25,7 +25,8 @@ from kandinsky_batch.output.video import decode_av, decode_npz, encode_av
 from pipelines import resolve_model
 from pipelines.kinds import Clip
 from pipelines.models import load_spec
-from pipelines.render_sr import SRRenderer, sr_option_problems, upscaled_size
+from pipelines.limits_sr import sr_option_problems, upscaled_size
+from pipelines.render_sr import SRRenderer
 from pipelines.request import RenderOptions, RenderRequest
 from tests.helpers import write_dataset
 

@@ -120,7 +120,7 @@ def test_batch_token_counts_equal_the_pipeline_way(spec):
 def test_the_driver_cleans_prompts_as_diffusers_does():
     from diffusers.pipelines.kandinsky5.pipeline_kandinsky import prompt_clean
 
-    from pipelines.models import clean_prompt
+    from pipelines.tokens import clean_prompt
 
     for text in TRICKY + ["&amp;amp; twice escaped", "a\u2028b\u2029c", "\x85next line", "  \r\n  "]:
         assert clean_prompt(text) == prompt_clean(text), repr(text)

@@ -12,27 +12,22 @@ from dataclasses import replace
 from kandinsky_batch.config.schema import ConfigError, ModelConfig
 from pipelines import ModelSpec
 from pipelines.caching import PUBLISHED, cache_args_problem, ratio_problem, ratios_for_model
+from pipelines.kinds import BY_NAME
 from pipelines.request import RenderOptions
 
 
 def option_problems(kind: str, options: RenderOptions) -> list[str]:
     """Why options cannot apply to a model of this kind ("option=value: reason"), from the model layer's rules."""
-    if kind == "sr":
-        from pipelines.render_sr import sr_option_problems
-
-        return sr_option_problems(options)
-    scale = [] if options.resolution_scale is None else [
+    entry = BY_NAME[kind]
+    if entry.upscales:  # its own rules say all (it takes none of the options below but sound)
+        return entry.option_problems(options)
+    found = [] if options.resolution_scale is None else [
         f"resolution_scale={options.resolution_scale}: only Kandinsky 6 SR upscales ({kind} does not)"]
-    if kind == "ti2va":
-        from pipelines.render_k6 import k6_option_problems
-
-        return scale + k6_option_problems(options)
-    from pipelines.limits import option_problems as k5_problems
-
-    found = [] if options.sample_audio else [f"sample_audio=False: only Kandinsky 6 renders sound ({kind} does not)"]
-    if options.expand_prompts:
+    if not entry.sound and not options.sample_audio:
+        found.append(f"sample_audio=False: only Kandinsky 6 renders sound ({kind} does not)")
+    if not entry.expands_prompts and options.expand_prompts:
         found.append(f"expand_prompts=True: only Kandinsky 6 expands prompts ({kind} does not)")
-    return scale + found + k5_problems(kind, options)
+    return found + entry.option_problems(options)
 
 
 def effective_options(model: ModelConfig, spec: ModelSpec) -> tuple[RenderOptions, ModelSpec]:

@@ -115,7 +115,7 @@ class RenderWorker:
     def join(self, address: tuple[str, int]) -> dict:
         """Join the gang's process group and load this rank's part of the model."""
         from pipelines.parallel import init_gang, open_gang
-        from pipelines.render import default_device
+        from pipelines.render_common import default_device
 
         device = default_device()
         try:

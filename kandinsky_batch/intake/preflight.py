@@ -30,9 +30,9 @@ from kandinsky_batch.intake.job_output import SourceManifest, is_job_output
 from kandinsky_batch.output.video import IMAGE_FORMATS
 from pipelines import ModelSpec, load_spec
 from pipelines.kinds import BY_NAME, IMAGE, IMAGE_REQUIRED, NO_IMAGE, VIDEO_AUDIO, Kind
-from pipelines.models import ModelNotFound, pinned, preset
+from pipelines.resolve import ModelNotFound, pinned, preset
 
-SOUND_FPS = 24  # Kandinsky 6 denoises sound and frames together for 24 fps (pipelines.render_k6.FRAME_RATE)
+SOUND_FPS = 24  # Kandinsky 6 denoises sound and frames together for 24 fps (pipelines.limits_k6.FRAME_RATE)
 # The storage probe's bounds on S3: an endpoint that does not answer is refused in seconds, not after the full
 # retry budget the job itself gets (botocore's and s3fs's retries on every call).
 PROBE_S3_CONFIG = {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1, "mode": "standard"}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kandinsky_batch.config.schema import ClusterConfig, ConfigError
 from kandinsky_batch.intake.rows import Task
 from pipelines import ModelSpec
+from pipelines.kinds import BY_NAME
 from pipelines.request import RenderOptions
 
 
@@ -15,17 +16,15 @@ def check_shapes(cluster: ClusterConfig, spec: ModelSpec, options: RenderOptions
         prefix = f"cluster.groups[{index}]." if cluster.groups else "cluster."
         for problem in shape.problems(spec.num_heads, spec.attention_type, options.cache):
             raise ConfigError(f"{prefix}{problem} ({spec.path})")
-        if spec.kind == "sr" and shape.world_size > 1:
-            raise ConfigError(f"{prefix}{'cfg_parallel' if shape.cfg else 'sequence_parallel'}: Kandinsky 6 SR has "
-                              f"no guidance and renders its tiles one by one; use single-GPU replicas ({spec.path})")
-        if spec.kind == "ti2va" and shape.sequence > 1:
-            # diffusers ships no context-parallel plan for Kandinsky6Transformer3DModel, and Kandinsky 5's would not
-            # do: every block fuses the video and audio streams, audio queries attending over the whole video.
-            raise ConfigError(f"{prefix}sequence_parallel={shape.sequence}: Kandinsky 6 has no sequence-parallel "
-                              f"plan (its blocks fuse video and audio, and audio attends over the whole video "
-                              f"sequence, which a split/gather plan would leave sharded); use cfg_parallel or "
-                              f"single-GPU replicas ({spec.path})")
-        if spec.kind == "ti2va" and shape.cfg and spec.guidance is not None and spec.guidance <= 1.0:
+        kind = BY_NAME[spec.kind]
+        if kind.no_gangs and shape.world_size > 1:
+            raise ConfigError(f"{prefix}{'cfg_parallel' if shape.cfg else 'sequence_parallel'}: {kind.no_gangs}; "
+                              f"use single-GPU replicas ({spec.path})")
+        if kind.no_sequence_parallel and shape.sequence > 1:
+            raise ConfigError(f"{prefix}sequence_parallel={shape.sequence}: {kind.no_sequence_parallel}; use "
+                              f"cfg_parallel or single-GPU replicas ({spec.path})")
+        # Only a distilled Kandinsky 6 checkpoint takes one guidance scale (`ModelSpec.guidance`).
+        if shape.cfg and spec.guidance is not None and spec.guidance <= 1.0:
             raise ConfigError(f"{prefix}cfg_parallel: a distilled Kandinsky 6 checkpoint runs without guidance "
                               f"(guidance_scale={spec.guidance}), so there is no uncond branch to split off "
                               f"({spec.path})")

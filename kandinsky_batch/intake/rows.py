@@ -343,7 +343,7 @@ class RowValidator:
             self.defaults = replace(cfg.render, num_frames=1)
         self.images = images
         self.scale = cfg.model.resolution_scale
-        self.with_image_tokens = spec.kind == "i2i"
+        self.with_image_tokens = self.kind.counts_image_tokens
         """Image-to-image counts a text's tokens with its image (the image's tokens share the text's budget)."""
         self._tokens: dict[str, int] = {}
 
@@ -438,7 +438,7 @@ class RowValidator:
     def _validate_sources(self, batch: pa.Table, rows: np.ndarray, done: Callable[[dict], bool] | None) -> Validated:
         """Rows of another job's manifest (`kandinsky_batch.intake.job_output`) to upscale: each source row that rendered
         `ok` a video the model can take, at the size it will have (the model takes no text and no guidance)."""
-        from pipelines.render_sr import DEFAULT_SCALE, upscaled_size
+        from pipelines.limits_sr import DEFAULT_SCALE, upscaled_size
 
         d, scale = self.defaults, self.scale or DEFAULT_SCALE
         columns = batch.to_pydict()
