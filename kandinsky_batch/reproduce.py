@@ -127,7 +127,7 @@ def _request(row: dict, storage_options: dict | None):
 
 def _model_path(row: dict) -> str:
     """The row's model, pinned to the hub commit that rendered it when the manifest names one."""
-    from pipelines.models import pinned
+    from pipelines.resolve import pinned
 
     weights = row.get("weights") or ""
     if row.get("model_revision") is None and weights.startswith("hub:"):
