@@ -225,13 +225,12 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
                       sound=dataset.sound if kind.upscales else kind.output == VIDEO_AUDIO and options.sample_audio,
                       folder=IMAGES_DIR if kind.output == IMAGE else VIDEOS_DIR, revision=variant.model.revision)
         # 4. What the output prefix holds (read once): rows committed with other parameters are refused unless forced.
-        outputs = outputs.with_stamp(stamp) if outputs else OutputState(storage, stamp, force=force)
+        outputs = outputs.with_stamp(stamp) if outputs else OutputState(storage, stamp, force=force, positional=id_column is None)
         images = ImageReader(cfg.input.path, cfg.input.storage_options) if kind.image != NO_IMAGE else None
         validator = RowValidator(replace(cfg, render=variant.render), spec, ids, images, carried)
         if not kind.upscales:  # an upscale's sizes and frames are its sources'
             check_defaults(validator, dataset.schema.names, sweep, variant.label if sweep.swept_models else None)
         lanes.append(Lane(variant, spec, stamp, validator, outputs))
     for lane in lanes:
-        check_conflicts(lane.state, committed_tasks(dataset, lane, sweep, cfg.render.seed), cfg.output.uri,
-                        positional=id_column is None)
+        check_conflicts(lane.state, committed_tasks(dataset, lane, sweep, cfg.render.seed))
     return Checked(dataset, storage, sweep, lanes, job_schema(carried_schema))

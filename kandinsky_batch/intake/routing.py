@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kandinsky_batch.config.schema import ClusterConfig, ConfigError
 from kandinsky_batch.intake.rows import Task
+from kandinsky_batch.output.record import invalid as invalid_row
 from pipelines import ModelSpec
 from pipelines.request import RenderOptions
 
@@ -40,10 +41,9 @@ def route(tasks: list[Task], cluster: ClusterConfig) -> tuple[dict[str, list[Tas
         group = next((g for g in groups if g.max_tokens is None or task.tokens() <= g.max_tokens), None)
         if group is None:
             largest = max(g.max_tokens for g in groups)
-            invalid.append({**task.row(), "status": "invalid", "attempts": 0,
-                            "error": f"num_frames={task.num_frames}, height={task.height}, width={task.width}: "
-                                     f"{task.tokens()} visual tokens (rule: no replica group takes more than "
-                                     f"max_tokens={largest})"})
+            invalid.append(invalid_row(task.row(), f"num_frames={task.num_frames}, height={task.height}, "
+                                                   f"width={task.width}: {task.tokens()} visual tokens (rule: no "
+                                                   f"replica group takes more than max_tokens={largest})"))
         else:
             routed[group.name].append(task)
     return routed, invalid

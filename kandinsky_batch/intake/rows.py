@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from kandinsky_batch.config.schema import MAX_SEED, JobConfig, derive_seed
 from kandinsky_batch.intake.images import Conditioning, ImageReader, shown
+from kandinsky_batch.output.record import invalid as invalid_row
 from kandinsky_batch.output.storage import object_key
 from pipelines import ModelSpec, RenderRequest
 from pipelines.kinds import BY_NAME, IMAGE_REQUIRED, NO_IMAGE
@@ -426,7 +427,7 @@ class RowValidator:
                     self._tokens[prompts[i]], 0 if effective[i] is None else self._tokens[effective[i]])
                 valid.append(candidate)
             else:
-                invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
+                invalid.append(invalid_row(_fit_columns(candidate), error))
         return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished,
                          [tuple((name, row[name]) for name, _ in carried) for row in valid])
 
@@ -471,7 +472,7 @@ class RowValidator:
             elif error is None:
                 valid.append({**candidate, "image": None, "prompt_tokens": 0, "negative_tokens": 0})
             else:
-                invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
+                invalid.append(invalid_row(_fit_columns(candidate), error))
         return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished,
                          [tuple((name, row[name]) for name, _ in carried) for row in valid])
 
