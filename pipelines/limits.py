@@ -29,6 +29,7 @@ import json
 import math
 from pathlib import Path
 
+from pipelines.cost import guided
 from pipelines.request import DEFAULT_NEGATIVE_PROMPT
 
 FAMILY = ("t2v", "i2v", "t2i", "i2i")
@@ -106,7 +107,7 @@ def k5_row_rules(kind) -> dict:
 
 def default_negative_prompt(kind, negative_prompt: str | None, guidance_scale: float) -> str | None:
     """The negative prompt the pipeline of `kind` really uses: none without guidance, its own default if unset."""
-    if guidance_scale <= 1.0:
+    if not guided(guidance_scale):
         return None
     return DEFAULT_NEGATIVE_PROMPTS[_name(kind)] if negative_prompt is None else negative_prompt
 

@@ -31,6 +31,7 @@ import math
 import time
 from pathlib import Path
 
+from pipelines.cost import guided
 from pipelines.kinds import Clip
 from pipelines.request import RenderOptions, RenderRequest
 
@@ -128,7 +129,7 @@ def k6_row_rules(local_dir: str | Path) -> dict:
 
 def k6_negative_prompt(negative_prompt: str | None, guidance_scale: float) -> str | None:
     """The negative prompt the pipeline really uses: none without guidance, its default if None or empty."""
-    if guidance_scale <= 1.0:
+    if not guided(guidance_scale):
         return None
     return negative_prompt or K6_DEFAULT_NEGATIVE_PROMPT
 

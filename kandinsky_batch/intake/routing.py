@@ -6,6 +6,7 @@ from kandinsky_batch.config.schema import ClusterConfig, ConfigError
 from kandinsky_batch.intake.rows import Task
 from kandinsky_batch.output.record import invalid as invalid_row
 from pipelines import ModelSpec
+from pipelines.cost import guided
 from pipelines.request import RenderOptions
 
 
@@ -26,7 +27,7 @@ def check_shapes(cluster: ClusterConfig, spec: ModelSpec, options: RenderOptions
                               f"plan (its blocks fuse video and audio, and audio attends over the whole video "
                               f"sequence, which a split/gather plan would leave sharded); use cfg_parallel or "
                               f"single-GPU replicas ({spec.path})")
-        if spec.kind == "ti2va" and shape.cfg and spec.guidance is not None and spec.guidance <= 1.0:
+        if spec.kind == "ti2va" and shape.cfg and spec.guidance is not None and not guided(spec.guidance):
             raise ConfigError(f"{prefix}cfg_parallel: a distilled Kandinsky 6 checkpoint runs without guidance "
                               f"(guidance_scale={spec.guidance}), so there is no uncond branch to split off "
                               f"({spec.path})")

@@ -20,6 +20,7 @@ from kandinsky_batch.intake.images import Conditioning, ImageReader, shown
 from kandinsky_batch.output.record import invalid as invalid_row
 from kandinsky_batch.output.storage import object_key
 from pipelines import ModelSpec, RenderRequest
+from pipelines.cost import cost, visual_tokens
 from pipelines.kinds import BY_NAME, IMAGE_REQUIRED, NO_IMAGE
 
 MAX_ID_CHARS = 256
@@ -84,12 +85,12 @@ class Task:
                 self.text_tokens)
 
     def tokens(self) -> int:
-        """Visual tokens the transformer sees: latent frames x (height/16) x (width/16)."""
-        return ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+        """Visual tokens the transformer sees (`pipelines.cost.visual_tokens`)."""
+        return visual_tokens(self.num_frames, self.height, self.width)
 
     def cost(self) -> float:
-        """Relative GPU cost: visual tokens x steps x transformer passes per step."""
-        return self.tokens() * self.num_inference_steps * (2 if self.guidance_scale > 1.0 else 1)
+        """Relative GPU cost: visual tokens x steps x transformer passes per step (`pipelines.cost.cost`)."""
+        return cost(self.num_frames, self.height, self.width, self.num_inference_steps, self.guidance_scale)
 
 
 _ROW_FIELDS = tuple(f.name for f in fields(Task)
@@ -489,10 +490,3 @@ class RowValidator:
                     if r is None else r for r in read]
         return read
 
-
-def build_tasks(table: pa.Table, cfg: JobConfig, spec: ModelSpec) -> tuple[list[Task], list[dict]]:
-    """Resolve every row of a whole table: valid rows become Tasks, the rest manifest rows with status `invalid`."""
-    column = table.column("id") if "id" in table.column_names else None
-    ids = IdIndex.build(column, table.num_rows, cfg.output.format)
-    validated = RowValidator(cfg, spec, ids).validate(table, np.arange(table.num_rows))
-    return validated.task_list(), validated.invalid
