@@ -96,7 +96,7 @@ def test_windows_give_exactly_the_rows_and_messages_of_a_whole_table_pass(tmp_pa
 
 
 def test_ids_sharing_an_object_key_across_windows_are_refused(tmp_path, spec):
-    from kandinsky_batch.output.storage import object_key
+    from kandinsky_batch.output.layout import object_key
 
     crafted = object_key("x y", "mp4")[len("videos/"):-len(".mp4")]  # a safe id equal to the hashed key
     rows = [{"id": "x y", "prompt": "a"}] + [{"id": f"r{i}", "prompt": "b"} for i in range(2000)]

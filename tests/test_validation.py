@@ -24,7 +24,7 @@ from kandinsky_batch.config.load import load_config
 from kandinsky_batch.intake.dataset import InputError
 from kandinsky_batch.output.manifest import to_table
 from kandinsky_batch.intake.rows import MAX_ID_CHARS, derive_seed
-from kandinsky_batch.output.storage import object_key
+from kandinsky_batch.output.layout import object_key
 from pipelines import load_spec
 from tests.conftest import S3_BUCKET
 from tests.helpers import TINY_RENDER, build_tasks, read_table, write_dataset

@@ -24,7 +24,8 @@ from kandinsky_batch.output.record import Stamp
 from kandinsky_batch.intake.resume import OutputState, check_conflicts
 from kandinsky_batch.intake.routing import check_shapes
 from kandinsky_batch.intake.rows import PARAMS, IdIndex, RowValidator, param_problems
-from kandinsky_batch.output.storage import IMAGES_DIR, VIDEOS_DIR, Storage
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.layout import IMAGES_DIR, VIDEOS_DIR
 from kandinsky_batch.config.sweep import ModelVariant, Sweep
 from kandinsky_batch.intake.job_output import SourceManifest, is_job_output
 from kandinsky_batch.output.video import IMAGE_FORMATS

@@ -24,7 +24,8 @@ from kandinsky_batch.output.manifest import latest_outcomes, read_columns
 from kandinsky_batch.output.poster import poster
 from kandinsky_batch.output.record import Stamp
 from kandinsky_batch.intake.rows import Task
-from kandinsky_batch.output.storage import IMAGES_DIR, VIDEOS_DIR, Storage
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.layout import IMAGES_DIR, VIDEOS_DIR
 from kandinsky_batch.output.video import decode
 from kandinsky_batch.errors import ResumeConflict
 

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from kandinsky_batch.config.schema import MAX_SEED, JobConfig, derive_seed
 from kandinsky_batch.intake.images import Conditioning, ImageReader, shown
 from kandinsky_batch.output.record import invalid as invalid_row
-from kandinsky_batch.output.storage import object_key
+from kandinsky_batch.output.layout import SAFE_ID, object_key, stem
 from pipelines import ModelSpec, RenderRequest
 from pipelines.cost import cost, visual_tokens
 from pipelines.kinds import BY_NAME, IMAGE_REQUIRED, NO_IMAGE
@@ -225,7 +225,7 @@ def _fit_columns(values: dict) -> dict:
 # Ids that pass every id rule at a glance (no control, space, slash or leading dot; short): the rest are
 # checked one by one with `_id_error`, so every message stays exactly what it is.
 _PLAIN_ID = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,255}$"
-_SAFE_KEY = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # storage._SAFE_ID: such an id is its own object key
+_SAFE_KEY = f"^{SAFE_ID}$"  # such an id is its own stem (`layout.stem`)
 _HAS_WORD = r"[A-Za-z0-9]"  # a text with a letter or digit is not blank
 
 
@@ -278,7 +278,7 @@ class IdIndex:
         stems = ids.to_pylist() if len(unsafe) else None
         for row in unsafe:
             if row not in index.errors:
-                stems[row] = object_key(stems[row], fmt)[len("videos/"):-len(fmt) - 1]
+                stems[row] = stem(stems[row])
         keyed = pa.table({"stem": pa.array(stems, pa.string()) if stems else ids, "row": rows})
         if index.errors:
             keyed = keyed.filter(pc.invert(pc.is_in(keyed["row"], pa.array(list(index.errors), pa.int64()))))

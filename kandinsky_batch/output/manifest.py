@@ -13,10 +13,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kandinsky_batch.output.storage import Storage, key_from_uri
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.layout import MANIFEST_DIR, SUCCESS_KEY, key_from_uri
 
-MANIFEST_DIR = "manifest"
-SUCCESS_KEY = "_SUCCESS"
 STATUSES = ("ok", "invalid", "failed")
 
 SCHEMA = pa.schema(

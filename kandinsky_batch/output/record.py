@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from kandinsky_batch.output.storage import object_key, poster_key
+from kandinsky_batch.output.layout import VIDEOS_DIR, object_key, poster_key
 from pipelines.request import RenderOptions
 
 
@@ -44,7 +44,7 @@ class Stamp:
     options: RenderOptions = field(default_factory=RenderOptions)
     sound: bool = False
     """Whether the model renders sound (Kandinsky 6): raw frames then come with their waveform, in an `.npz`."""
-    folder: str = "videos"
+    folder: str = VIDEOS_DIR
     """The prefix's folder of the rows' objects: `videos`, or `images` for a still-image model."""
     revision: str | None = None
     """The hub revision (`model.revision`) the model is pinned to, or None."""
