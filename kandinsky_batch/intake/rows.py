@@ -293,11 +293,18 @@ class IdIndex:
         return index
 
 
+# The fields of a valid row the validator resolves: a Task's, less what the replica or the queue sets.
+_RESOLVED = ("id", "row_index", "prompt", "negative_prompt", "seed", "height", "width", "num_frames",
+             "num_inference_steps", "guidance_scale", "sweep", "image_uri", "image_sha256", "image", "source_uri",
+             "source_sha256", "fps")
+
+
 @dataclass
 class Validated:
-    """One batch of input rows resolved: valid rows as Arrow columns of Task fields, the rest `invalid` rows."""
+    """One batch of input rows resolved: valid rows with their Task fields, the rest `invalid` rows."""
 
-    tasks: pa.Table
+    tasks: list[dict]
+    """Valid rows as the validator resolved them (Task fields, text token counts), made Tasks by `task_list`."""
     invalid: list[dict]
     done: list[tuple[str, int]] = field(default_factory=list)
     """(id, row_index) of rows already committed with these effective values (see `RowValidator.validate`)."""
@@ -305,20 +312,10 @@ class Validated:
     """Per valid row (in `tasks`' order): its carried input columns as (manifest column, value) pairs."""
 
     def task_list(self) -> list[Task]:
-        carried = self.carried or [()] * self.tasks.num_rows
-        return [Task(**{k: v for k, v in row.items() if k not in ("prompt_tokens", "negative_tokens")},
-                     text_tokens=(row["prompt_tokens"], row["negative_tokens"]), carried=extra)
-                for row, extra in zip(self.tasks.to_pylist(), carried)]
-
-
-TASK_SCHEMA = pa.schema([
-    ("id", pa.string()), ("row_index", pa.int64()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
-    ("seed", pa.int64()), ("height", pa.int64()), ("width", pa.int64()), ("num_frames", pa.int64()),
-    ("num_inference_steps", pa.int64()), ("guidance_scale", pa.float64()),
-    ("sweep", pa.string()), ("image_uri", pa.string()), ("image_sha256", pa.string()), ("image", pa.binary()),
-    ("source_uri", pa.string()), ("source_sha256", pa.string()), ("fps", pa.int64()),
-    ("prompt_tokens", pa.int64()), ("negative_tokens", pa.int64()),
-])
+        carried = self.carried or [()] * len(self.tasks)
+        return [Task(**{k: row.get(k) for k in _RESOLVED}, text_tokens=(row["prompt_tokens"], row["negative_tokens"]),
+                     carried=extra)
+                for row, extra in zip(self.tasks, carried)]
 
 
 def _numbers(batch: pa.Table, key: str, default) -> list:
@@ -429,7 +426,7 @@ class RowValidator:
                 valid.append(candidate)
             else:
                 invalid.append(invalid_row(_fit_columns(candidate), error))
-        return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished,
+        return Validated(valid, invalid, finished,
                          [tuple((name, row[name]) for name, _ in carried) for row in valid])
 
     def _carried(self, batch: pa.Table) -> list[tuple[str, list]]:
@@ -474,7 +471,7 @@ class RowValidator:
                 valid.append({**candidate, "image": None, "prompt_tokens": 0, "negative_tokens": 0})
             else:
                 invalid.append(invalid_row(_fit_columns(candidate), error))
-        return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished,
+        return Validated(valid, invalid, finished,
                          [tuple((name, row[name]) for name, _ in carried) for row in valid])
 
     def _images(self, values: list) -> list:
