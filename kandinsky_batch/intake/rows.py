@@ -440,12 +440,10 @@ class RowValidator:
         from pipelines.render_sr import DEFAULT_SCALE, upscaled_size
 
         d, scale = self.defaults, self.scale or DEFAULT_SCALE
-        columns = batch.to_pydict()
         carried = self._carried(batch)
         ids = row_ids(batch.column("id"), rows).to_pylist()
         valid, invalid, finished = [], [], []
-        for i, position in enumerate(rows.tolist()):
-            source = {k: v[i] for k, v in columns.items()}
+        for i, (position, source) in enumerate(zip(rows.tolist(), batch.to_pylist())):
             seed = source["seed"]
             candidate = dict(id=ids[i], row_index=position, prompt=source["prompt"], negative_prompt=None,
                              seed=derive_seed(d.seed, ids[i]) if seed is None else int(seed),
