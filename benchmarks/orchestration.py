@@ -220,7 +220,7 @@ class SimulatedCallable:
     def __call__(self, batch: dict) -> dict:
         import hashlib
 
-        from kandinsky_batch.output.storage import object_key
+        from kandinsky_batch.output.layout import object_key
         from kandinsky_batch.output.video import encode
 
         out = defaultdict(list)

@@ -26,7 +26,7 @@ from kandinsky_batch.output.manifest import ManifestWriter, finalize, write_succ
 from kandinsky_batch.fleet.metrics import JobMetrics
 from kandinsky_batch.intake.preflight import Lane, preflight
 from kandinsky_batch.fleet.scheduler import Pool, WorkQueue
-from kandinsky_batch.output.storage import OBJECT_DIRS
+from kandinsky_batch.output.layout import OBJECT_DIRS
 from kandinsky_batch.fleet.worker import WorkerSpec
 from pipelines.resolve import pinned
 from pipelines import quiet_progress

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 
+from pipelines.cost import guided
 from pipelines.request import DEFAULT_NEGATIVE_PROMPT, K6_DEFAULT_NEGATIVE_PROMPT
 
 # What a row's `image` is to a kind.
@@ -100,7 +101,7 @@ class Kind:
 
     def negative_prompt(self, negative: str | None, guidance_scale: float) -> str | None:
         """The negative prompt the pipeline really uses: none without text or guidance, its own default if unset."""
-        if not self.text or guidance_scale <= 1.0:
+        if not self.text or not guided(guidance_scale):
             return None
         if negative is None or (self.empty_negative_is_default and not negative):
             return self.default_negative_prompt

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pipelines.caching import cache_config
+from pipelines.cost import guided
 from pipelines.guidance import GuidedSteps, negative_inputs
 from pipelines.kinds import NO_IMAGE, Kind, UnsupportedModel, kind_of
 from pipelines.limits import FAMILY, image_size, k5_i2i_token_problem, request_problem
@@ -148,7 +149,7 @@ class Renderer:
         first = requests[0]
         self._magcache_for(first.num_inference_steps)
         if self.steps is not None:
-            self.steps.arm(negative_inputs(embeds, self.device) if first.guidance_scale > 1.0 else None)
+            self.steps.arm(negative_inputs(embeds, self.device) if guided(first.guidance_scale) else None)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
         kind_args = {}
         if self.kind.frames:

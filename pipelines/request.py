@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipelines.cost import guided
+
 # The pipeline's own fallback when `negative_prompt` is None and guidance is on; recorded in the
 # manifest as the effective negative prompt (a test checks it equals what diffusers uses).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -37,7 +39,7 @@ class RenderRequest:
 
     def effective_negative_prompt(self) -> str | None:
         """The negative prompt the pipeline really uses: none without guidance, its default if unset."""
-        if self.guidance_scale <= 1.0:
+        if not guided(self.guidance_scale):
             return None
         return DEFAULT_NEGATIVE_PROMPT if self.negative_prompt is None else self.negative_prompt
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.cost import cost as render_cost
 from pipelines.kinds import MAX_PROMPT_TOKENS, SIMULATED
 from pipelines.models import ModelSpec
 from pipelines.request import RenderOptions, RenderRequest
@@ -28,9 +29,9 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 
 
 def cost(request: RenderRequest) -> float:
-    """Visual tokens x steps x transformer passes per step (the same model as `kandinsky_batch.intake.rows.Task.cost`)."""
-    tokens = ((request.num_frames - 1) // TEMPORAL_MULTIPLE + 1) * (request.height // 16) * (request.width // 16)
-    return tokens * request.num_inference_steps * (2 if request.guidance_scale > 1.0 else 1)
+    """Visual tokens x steps x transformer passes per step (`pipelines.cost`, as `Task.cost`)."""
+    return render_cost(request.num_frames, request.height, request.width, request.num_inference_steps,
+                       request.guidance_scale)
 
 
 def seconds_per_megaunit(model_path: str) -> float:

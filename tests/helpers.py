@@ -1,4 +1,4 @@
-"""Test helpers: datasets written in code and the plain-diffusers oracle."""
+"""Test helpers: datasets written in code, whole-table shortcuts over the streaming code, the plain-diffusers oracle."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines import to_uint8
+from kandinsky_batch.config.schema import JobConfig
+from kandinsky_batch.intake.dataset import Dataset
+from kandinsky_batch.intake.rows import IdIndex, RowValidator, Task
+from kandinsky_batch.output.manifest import FINAL_PART_ROWS, _load_parts, _resolve, _to_parquet, stored
+from kandinsky_batch.output.layout import MANIFEST_DIR
+from kandinsky_batch.output.storage import Storage
+from pipelines import ModelSpec, to_uint8
 
 TINY_RENDER = ["render.height=32", "render.width=32", "render.num_frames=5", "render.num_inference_steps=2",
                "render.fps=8"]
@@ -49,3 +55,37 @@ def assert_like_one_device(got: np.ndarray, want: np.ndarray, spec, context=None
         assert diff.max() <= levels and (diff > 0).mean() <= fraction, \
             (spec.name, context, int(diff.max()), float((diff > 0).mean()))
     return bool(diff.max() == 0)
+
+
+def read_table(path: str, storage_options: dict | None = None) -> pa.Table:
+    """Read the whole dataset (a file, or a directory of `*.parquet` in name order) and check its columns."""
+    return Dataset(path, storage_options).read()
+
+
+def build_tasks(table: pa.Table, cfg: JobConfig, spec: ModelSpec) -> tuple[list[Task], list[dict]]:
+    """Resolve every row of a whole table: valid rows become Tasks, the rest manifest rows with status `invalid`."""
+    column = table.column("id") if "id" in table.column_names else None
+    ids = IdIndex.build(column, table.num_rows, cfg.output.format)
+    validated = RowValidator(cfg, spec, ids).validate(table, np.arange(table.num_rows))
+    return validated.task_list(), validated.invalid
+
+
+def compact(storage: Storage, run_id: str, table: pa.Table | None = None) -> pa.Table:
+    """Rewrite the manifest as final parts `part-{run_id}-final[-NNN].parquet`; returns what it wrote.
+
+    `table` (the job's final rows, one per input row) replaces the resolved union of the parts. Up to
+    FINAL_PART_ROWS rows go to one part; a larger manifest is several, in row order.
+    """
+    tables, keys = _load_parts(storage)
+    table = _resolve(tables) if table is None else table
+    slices = [table.slice(i, FINAL_PART_ROWS) for i in range(0, max(table.num_rows, 1), FINAL_PART_ROWS)]
+    written = []
+    for i, part in enumerate(slices):
+        name = f"part-{run_id}-final.parquet" if len(slices) == 1 else f"part-{run_id}-final-{i:03d}.parquet"
+        written.append(f"{MANIFEST_DIR}/{name}")
+        storage.put_bytes(written[-1], _to_parquet(stored(part)))
+    # Delete only what was read: a part published meanwhile holds rows the final parts lack.
+    for key in keys:
+        if key not in written:
+            storage.delete(key)
+    return table

@@ -14,9 +14,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from kandinsky_batch.output.manifest import ManifestWriter, compact, write_success
-from kandinsky_batch.output.storage import Storage, object_key, poster_key
+from kandinsky_batch.output.manifest import ManifestWriter, write_success
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.layout import object_key, poster_key
 from kandinsky_batch.output.video import encode
+from tests.helpers import compact
 
 T0 = datetime(2026, 1, 5, 9, 30, tzinfo=timezone.utc)
 PROMPTS = ["a red fox running through fresh snow", "slow motion waves crashing on dark rocks",

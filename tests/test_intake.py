@@ -13,10 +13,11 @@ from kandinsky_batch.intake.windows import Intake
 from kandinsky_batch.intake.preflight import Lane
 from kandinsky_batch.output.record import Stamp
 from kandinsky_batch.intake.resume import OutputState
-from kandinsky_batch.intake.rows import IdIndex, RowValidator, build_tasks
+from kandinsky_batch.intake.rows import IdIndex, RowValidator
 from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.config.sweep import Sweep
 from pipelines import load_spec
+from tests.helpers import build_tasks
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_windows_give_exactly_the_rows_and_messages_of_a_whole_table_pass(tmp_pa
 
 
 def test_ids_sharing_an_object_key_across_windows_are_refused(tmp_path, spec):
-    from kandinsky_batch.output.storage import object_key
+    from kandinsky_batch.output.layout import object_key
 
     crafted = object_key("x y", "mp4")[len("videos/"):-len(".mp4")]  # a safe id equal to the hashed key
     rows = [{"id": "x y", "prompt": "a"}] + [{"id": f"r{i}", "prompt": "b"} for i in range(2000)]

@@ -19,7 +19,8 @@ from kandinsky_batch.output.manifest import SCHEMA, read_manifest, read_success
 from kandinsky_batch.output.poster import poster
 from kandinsky_batch.intake.resume import ResumeConflict
 from kandinsky_batch.intake.rows import derive_seed
-from kandinsky_batch.output.storage import Storage, poster_key
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.layout import poster_key
 from kandinsky_batch.output.verify import verify
 from kandinsky_batch.output.video import decode
 from pipelines import DEFAULT_NEGATIVE_PROMPT

@@ -11,7 +11,6 @@ from kandinsky_batch.output.manifest import (
     SCHEMA,
     ManifestWriter,
     _to_parquet,
-    compact,
     read_columns,
     read_manifest,
     read_parts,
@@ -20,6 +19,7 @@ from kandinsky_batch.output.manifest import (
     write_success,
 )
 from kandinsky_batch.output.storage import Storage
+from tests.helpers import compact
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
 

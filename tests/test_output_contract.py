@@ -22,7 +22,8 @@ import pytest
 
 from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from kandinsky_batch.output.manifest import MANIFEST_DIR, read_manifest
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.output.layout import MANIFEST_DIR
 from kandinsky_batch.output.report import write_report
 from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.verify import verify

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from kandinsky_batch.output.poster import POSTER_SIDE, poster
-from kandinsky_batch.output.storage import object_key, poster_key
+from kandinsky_batch.output.layout import object_key, poster_key
 
 
 def _clip(frames: int, height: int, width: int) -> np.ndarray:

@@ -142,10 +142,12 @@ def test_a_job_feeds_its_live_metrics(tmp_path, inprocess, monkeypatch):
 def test_the_driver_validates_with_the_real_tokenizer_without_torch(model_cache):
     """Preflight and validation of a tiny-model job import neither torch nor diffusers (the driver stays small)."""
     load_spec("tiny")  # builds the tiny model in the session's cache if needed (that needs torch; validating does not)
-    code = ("import sys, pyarrow as pa; from pipelines import load_spec; from kandinsky_batch.intake.rows import build_tasks;"
+    code = ("import sys, numpy as np, pyarrow as pa; from pipelines import load_spec;"
+            "from kandinsky_batch.intake.rows import IdIndex, RowValidator;"
             "from kandinsky_batch.config.load import load_config;"
-            "cfg = load_config(None, ['input.path=x', 'output.uri=y']);"
-            "tasks, invalid = build_tasks(pa.table({'prompt': ['a cat', ' ']}), cfg, load_spec('tiny'));"
+            "cfg = load_config(None, ['input.path=x', 'output.uri=y']); table = pa.table({'prompt': ['a cat', ' ']});"
+            "validated = RowValidator(cfg, load_spec('tiny'), IdIndex.build(None, 2, cfg.output.format))"
+            ".validate(table, np.arange(2)); tasks, invalid = validated.task_list(), validated.invalid;"
             "print(len(tasks), len(invalid), tasks[0].text_tokens[0], 'torch' in sys.modules, 'diffusers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "1", "3", "False", "False"]

@@ -10,7 +10,8 @@ import re
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from kandinsky_batch.output.storage import TEMP_PREFIX, Storage, StorageUnavailable, object_key
+from kandinsky_batch.output.storage import TEMP_PREFIX, Storage, StorageUnavailable
+from kandinsky_batch.output.layout import object_key
 
 
 def _flaky(fn, failures: int, exc: BaseException):

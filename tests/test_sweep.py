@@ -21,7 +21,8 @@ from kandinsky_batch.job import run
 from kandinsky_batch.output.manifest import read_manifest, read_success
 from kandinsky_batch.intake.preflight import preflight
 from kandinsky_batch.intake.rows import derive_seed
-from kandinsky_batch.output.storage import Storage, object_key
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.layout import object_key
 from kandinsky_batch.config.sweep import Sweep
 from kandinsky_batch.output.verify import verify
 from kandinsky_batch.output.video import decode

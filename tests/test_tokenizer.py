@@ -8,9 +8,8 @@ implementation, over the same ranks and Qwen's pre-tokenizer pattern.
 import numpy as np
 import pytest
 
-from kandinsky_batch.intake.rows import build_tasks
 from pipelines import Renderer, load_spec
-from tests.helpers import oracle
+from tests.helpers import build_tasks, oracle
 from tests.test_validation import _table
 
 ENGLISH = ("Transformers (formerly known as pytorch-transformers and pytorch-pretrained-bert) provides "

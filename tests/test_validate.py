@@ -28,7 +28,8 @@ from kandinsky_batch.output.manifest import ManifestWriter, read_manifest, read_
 from kandinsky_batch.intake.preflight import preflight
 from kandinsky_batch.intake.rows import Task
 from kandinsky_batch.output.status import format_status, status
-from kandinsky_batch.output.storage import Storage, object_key
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.layout import object_key
 from kandinsky_batch.intake.job_output import SourceManifest
 from kandinsky_batch.validate import rule_of, validate
 from kandinsky_batch.output.video import encode_npy

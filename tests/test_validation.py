@@ -1,8 +1,8 @@
 """Bad input, row by row and as a whole.
 
-Rows (`rows.build_tasks`): each bad row becomes `invalid` with a one-line error naming the field, the value
-and the rule, and the valid rows beside it still become tasks. Whole inputs (`dataset.read_table` and the
-CLI): refused with one line naming `input.path` and the problem, before Ray starts.
+Rows (`build_tasks`, the row validator over a whole table): each bad row becomes `invalid` with a one-line
+error naming the field, the value and the rule, and the valid rows beside it still become tasks. Whole inputs
+(`read_table` and the CLI): refused with one line naming `input.path` and the problem, before Ray starts.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from kandinsky_batch.config.load import load_config
-from kandinsky_batch.intake.dataset import InputError, read_table
+from kandinsky_batch.intake.dataset import InputError
 from kandinsky_batch.output.manifest import to_table
-from kandinsky_batch.intake.rows import MAX_ID_CHARS, build_tasks, derive_seed
-from kandinsky_batch.output.storage import object_key
+from kandinsky_batch.intake.rows import MAX_ID_CHARS, derive_seed
+from kandinsky_batch.output.layout import object_key
 from pipelines import load_spec
 from tests.conftest import S3_BUCKET
-from tests.helpers import TINY_RENDER, write_dataset
+from tests.helpers import TINY_RENDER, build_tasks, read_table, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = {"id": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(), "seed": pa.int64(),

@@ -8,10 +8,12 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from kandinsky_batch.output.manifest import ManifestWriter, compact, read_manifest, write_success
+from kandinsky_batch.output.manifest import ManifestWriter, read_manifest, write_success
 from kandinsky_batch.output.poster import poster
-from kandinsky_batch.output.storage import Storage, object_key, poster_key
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.layout import object_key, poster_key
 from kandinsky_batch.output.verify import VerifyError, verify
+from tests.helpers import compact
 
 
 def make_output(uri: str, options: dict | None, posters: bool = True) -> Storage:

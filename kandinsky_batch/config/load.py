@@ -82,7 +82,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         given = [item for item in overrides if item.split("=", 1)[0] == key or item.startswith(key + ".")]
         shown = given[-1] if given and "storage_options" not in key else key  # never echo credentials
         raise ConfigError(f"{shown}: {str(exc).splitlines()[0]}") from None
-    Sweep.parse(cfg)  # the sweep block against the rest of the config (its axes, models and seeds)
+    Sweep.parse(cfg)  # the sweep block against the rest of the config; preflight reuses this parse
     return cfg
 
 

@@ -178,6 +178,9 @@ def _seeds(cfg: JobConfig, value) -> list[tuple]:
     return [("value", s) for s in seeds]
 
 
+_last_parsed: tuple[str, "Sweep"] | None = None
+
+
 @dataclass(frozen=True)
 class Sweep:
     """The parsed `sweep:` block: the model variants and the cells every input row expands into."""
@@ -197,7 +200,18 @@ class Sweep:
 
     @classmethod
     def parse(cls, cfg: JobConfig) -> "Sweep":
-        """The job's sweep (one model and one cell without a `sweep:` block); ConfigError naming the key."""
+        """The job's sweep (one model and one cell without a `sweep:` block); ConfigError naming the key.
+
+        Parsed once per config: `load_config` parses it to refuse a bad block, preflight gets that same Sweep."""
+        global _last_parsed
+        # Keyed by the config's values (its dataclass repr), so a config changed after loading is parsed anew.
+        key = repr(cfg)
+        if _last_parsed is None or _last_parsed[0] != key:
+            _last_parsed = (key, cls._parse(cfg))
+        return _last_parsed[1]
+
+    @classmethod
+    def _parse(cls, cfg: JobConfig) -> "Sweep":
         sweep = dict(cfg.sweep or {})
         unknown = set(sweep) - set(AXES)
         if unknown:

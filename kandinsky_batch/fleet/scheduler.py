@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
-from kandinsky_batch.output.record import BatchResult, Stamp
+from kandinsky_batch.output.record import BatchResult, Stamp, failed
 from kandinsky_batch.intake.rows import Task
 from kandinsky_batch.errors import StorageOutage, WorkersFailed
 
@@ -489,11 +489,10 @@ class WorkQueue:
             # The running batch counts an attempt; rows queued behind it never ran.
             self._requeue(slot.pool, lost[1:])
             for task, attempt in lost[0].batch:
-                # Built like the replica's own rows (`Stamp.row`): a sweep's failed row still names its model.
-                outcome = dict(status="failed", attempts=attempt, error=f"worker died: {exc}",
-                               worker=slot.info.get("worker"), gang=slot.info.get("gang"))
-                stamp = slot.pool.stamp
-                row = stamp.row(task.row(), **outcome) if stamp else {**task.row(), **outcome}
+                # Built like the replica's own rows (`Stamp.failed`): a sweep's failed row still names its model.
+                run = dict(attempts=attempt, worker=slot.info.get("worker"), gang=slot.info.get("gang"))
+                build = slot.pool.stamp.failed if slot.pool.stamp else failed
+                row = build(task.row(), f"worker died: {exc}", **run)
                 self._settle(slot.pool, task, attempt, row)
         else:
             self._requeue(slot.pool, lost)

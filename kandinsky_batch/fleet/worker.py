@@ -188,7 +188,7 @@ class RenderWorker:
             frames, seconds = self._render(tasks, ticket)
             seconds /= len(tasks)
         except Exception as exc:  # noqa: BLE001 - any pipeline error becomes a row-level failure
-            return BatchResult([{**row, "status": "failed", "error": _describe(exc)} for row in rows])
+            return BatchResult([self.spec.stamp.failed(row, _describe(exc)) for row in rows])
         # Off the render path from here: the next batch renders while this one encodes and uploads.
         settled, unstored, outage = [], [], None
         for position, (task, row, f) in enumerate(zip(tasks, rows, frames)):
@@ -241,9 +241,8 @@ class RenderWorker:
         except StorageUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - an encode or poster error fails this row only
-            return {**row, "status": "failed", "error": _describe(exc)}
-        return {**row, "status": "ok", "error": None, "key": key, "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(), "poster_key": still_key, "weights": self.weights}
+            return self.spec.stamp.failed(row, _describe(exc))
+        return self.spec.stamp.ok(row, key, data, still_key, weights=self.weights)
 
     def _put(self, key: str, data: bytes, overwrite: bool) -> bool:
         """Write an object (replacing one when the task overwrites, else create-only); False if it stood already."""

@@ -183,11 +183,6 @@ def limited(dataset, limit: int | None):
     return dataset if limit is None else Limited(dataset, limit)
 
 
-def read_table(path: str, storage_options: dict | None = None) -> pa.Table:
-    """Read the whole dataset (a file, or a directory of `*.parquet` in name order) and check its columns."""
-    return Dataset(path, storage_options).read()
-
-
 def check_columns(schema: pa.Schema, num_rows: int, path: str) -> None:
     """Refuse a dataset without `prompt`, with a known column of the wrong type or twice, or with no rows."""
     where = f"input.path={path!r}"

@@ -20,9 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kandinsky_batch.intake.dataset import Dataset, InputError
-from kandinsky_batch.output.manifest import MANIFEST_DIR, SUCCESS_KEY, read_success
+from kandinsky_batch.output.manifest import read_success
+from kandinsky_batch.output.layout import MANIFEST_DIR, SUCCESS_KEY, key_from_uri
 from kandinsky_batch.output.manifest import SCHEMA as MANIFEST
-from kandinsky_batch.output.storage import Storage, key_from_uri
+from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.video import decode_av, decode_mp4, decode_npy, decode_npz, encode, encode_av_copy
 from pipelines.kinds import Clip
 

@@ -24,7 +24,8 @@ from kandinsky_batch.output.record import Stamp
 from kandinsky_batch.intake.resume import OutputState, check_conflicts
 from kandinsky_batch.intake.routing import check_shapes
 from kandinsky_batch.intake.rows import PARAMS, IdIndex, RowValidator, param_problems
-from kandinsky_batch.output.storage import IMAGES_DIR, VIDEOS_DIR, Storage
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.layout import IMAGES_DIR, VIDEOS_DIR
 from kandinsky_batch.config.sweep import ModelVariant, Sweep
 from kandinsky_batch.intake.job_output import SourceManifest, is_job_output
 from kandinsky_batch.output.video import IMAGE_FORMATS
@@ -225,13 +226,12 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
                       sound=dataset.sound if kind.upscales else kind.output == VIDEO_AUDIO and options.sample_audio,
                       folder=IMAGES_DIR if kind.output == IMAGE else VIDEOS_DIR, revision=variant.model.revision)
         # 4. What the output prefix holds (read once): rows committed with other parameters are refused unless forced.
-        outputs = outputs.with_stamp(stamp) if outputs else OutputState(storage, stamp, force=force)
+        outputs = outputs.with_stamp(stamp) if outputs else OutputState(storage, stamp, force=force, positional=id_column is None)
         images = ImageReader(cfg.input.path, cfg.input.storage_options) if kind.image != NO_IMAGE else None
         validator = RowValidator(replace(cfg, render=variant.render), spec, ids, images, carried)
         if not kind.upscales:  # an upscale's sizes and frames are its sources'
             check_defaults(validator, dataset.schema.names, sweep, variant.label if sweep.swept_models else None)
         lanes.append(Lane(variant, spec, stamp, validator, outputs))
     for lane in lanes:
-        check_conflicts(lane.state, committed_tasks(dataset, lane, sweep, cfg.render.seed), cfg.output.uri,
-                        positional=id_column is None)
+        check_conflicts(lane.state, committed_tasks(dataset, lane, sweep, cfg.render.seed))
     return Checked(dataset, storage, sweep, lanes, job_schema(carried_schema))

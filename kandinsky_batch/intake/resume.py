@@ -24,7 +24,8 @@ from kandinsky_batch.output.manifest import latest_outcomes, read_columns
 from kandinsky_batch.output.poster import poster
 from kandinsky_batch.output.record import Stamp
 from kandinsky_batch.intake.rows import Task
-from kandinsky_batch.output.storage import IMAGES_DIR, VIDEOS_DIR, Storage
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.layout import IMAGES_DIR, VIDEOS_DIR
 from kandinsky_batch.output.video import decode
 from kandinsky_batch.errors import ResumeConflict
 
@@ -88,8 +89,10 @@ def _describe(task: Task, before: dict, want: dict) -> str:
 class OutputState:
     """The latest outcome per id and the objects under `videos/`, as Arrow arrays (read once per run)."""
 
-    def __init__(self, storage: Storage, stamp: Stamp, force: bool = False):
+    def __init__(self, storage: Storage, stamp: Stamp, force: bool = False, positional: bool = False):
         self.storage, self.stamp, self.force = storage, stamp, force
+        self.positional = positional
+        """The dataset has no id column, so its ids are row positions (a refusal says what that means)."""
         # `invalid` rows are re-derived from the input on every run: only render outcomes count here. Only the
         # columns that decide identity are read, so a large manifest costs its prompts and little else.
         self.outcomes = latest_outcomes(read_columns(storage, OUTCOME_COLUMNS, _digested))
@@ -149,22 +152,27 @@ class OutputState:
                     still = self.stamp.keys(task.id)[1]
                     if not dry_run:
                         self.storage.put_bytes_if_absent(still, poster(frames))
-                    result.adopted.append(self.stamp.row(
-                        task.row(), status="ok", error=None, key=key, bytes=len(data),
-                        sha256=hashlib.sha256(data).hexdigest(), poster_key=still, attempts=0,
-                        worker="adopted"))
+                    result.adopted.append(self.stamp.adopted(task.row(), key, data, still))
                     continue
                 # Truncated, corrupt, or left by a failed row: this run's render replaces it.
                 task = replace(task, overwrite=True)
             result.todo.append(task)
         return result
 
+    def conflict(self, found: int, first: str) -> ResumeConflict:
+        """The one refusal of rows committed with other parameters: `found` of them, `first` described."""
+        why = ("; this dataset has no id column, so ids are row positions: inserting or reordering rows changes "
+               "them; add an `id` column (or use a new output.uri)") if self.positional else ""
+        return ResumeConflict(
+            f"output.uri={self.storage.uri!r} already holds {found} row(s) rendered with other parameters, "
+            f"e.g. {first}; use a new output.uri, or --force to re-render them in place{why}"
+        )
 
-def check_conflicts(state: OutputState, windows, uri: str, positional: bool = False) -> None:
+
+def check_conflicts(state: OutputState, windows) -> None:
     """Refuse, before anything renders, an output prefix holding rows rendered with other parameters.
 
-    `windows` yields lists of the run's tasks whose ids the manifest holds `ok` (only those are compared);
-    `positional`: the dataset has no id column, so its ids are row positions (the refusal says what that means).
+    `windows` yields lists of the run's tasks whose ids the manifest holds `ok` (only those are compared).
     """
     if state.force or state.committed == 0:
         return
@@ -174,9 +182,4 @@ def check_conflicts(state: OutputState, windows, uri: str, positional: bool = Fa
         found += len(split.conflicts)
         first = first or (split.conflicts[0] if split.conflicts else None)
     if found:
-        why = ("; this dataset has no id column, so ids are row positions: inserting or reordering rows changes "
-               "them; add an `id` column (or use a new output.uri)") if positional else ""
-        raise ResumeConflict(
-            f"output.uri={uri!r} already holds {found} row(s) rendered with other parameters, e.g. {first}; "
-            f"use a new output.uri, or --force to re-render them in place{why}"
-        )
+        raise state.conflict(found, first)

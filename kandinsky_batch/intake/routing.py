@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from kandinsky_batch.config.schema import ClusterConfig, ConfigError
 from kandinsky_batch.intake.rows import Task
+from kandinsky_batch.output.record import invalid as invalid_row
 from pipelines import ModelSpec
+from pipelines.cost import guided
 from pipelines.kinds import BY_NAME
 from pipelines.request import RenderOptions
 
@@ -24,7 +26,7 @@ def check_shapes(cluster: ClusterConfig, spec: ModelSpec, options: RenderOptions
             raise ConfigError(f"{prefix}sequence_parallel={shape.sequence}: {kind.no_sequence_parallel}; use "
                               f"cfg_parallel or single-GPU replicas ({spec.path})")
         # Only a distilled Kandinsky 6 checkpoint takes one guidance scale (`ModelSpec.guidance`).
-        if shape.cfg and spec.guidance is not None and spec.guidance <= 1.0:
+        if shape.cfg and spec.guidance is not None and not guided(spec.guidance):
             raise ConfigError(f"{prefix}cfg_parallel: a distilled Kandinsky 6 checkpoint runs without guidance "
                               f"(guidance_scale={spec.guidance}), so there is no uncond branch to split off "
                               f"({spec.path})")
@@ -39,10 +41,9 @@ def route(tasks: list[Task], cluster: ClusterConfig) -> tuple[dict[str, list[Tas
         group = next((g for g in groups if g.max_tokens is None or task.tokens() <= g.max_tokens), None)
         if group is None:
             largest = max(g.max_tokens for g in groups)
-            invalid.append({**task.row(), "status": "invalid", "attempts": 0,
-                            "error": f"num_frames={task.num_frames}, height={task.height}, width={task.width}: "
-                                     f"{task.tokens()} visual tokens (rule: no replica group takes more than "
-                                     f"max_tokens={largest})"})
+            invalid.append(invalid_row(task.row(), f"num_frames={task.num_frames}, height={task.height}, "
+                                                   f"width={task.width}: {task.tokens()} visual tokens (rule: no "
+                                                   f"replica group takes more than max_tokens={largest})"))
         else:
             routed[group.name].append(task)
     return routed, invalid

@@ -17,8 +17,10 @@ import pyarrow.compute as pc
 
 from kandinsky_batch.config.schema import MAX_SEED, JobConfig, derive_seed
 from kandinsky_batch.intake.images import Conditioning, ImageReader, shown
-from kandinsky_batch.output.storage import object_key
+from kandinsky_batch.output.record import invalid as invalid_row
+from kandinsky_batch.output.layout import SAFE_ID, object_key, stem
 from pipelines import ModelSpec, RenderRequest
+from pipelines.cost import cost, visual_tokens
 from pipelines.kinds import BY_NAME, IMAGE_REQUIRED, NO_IMAGE
 
 MAX_ID_CHARS = 256
@@ -83,12 +85,12 @@ class Task:
                 self.text_tokens)
 
     def tokens(self) -> int:
-        """Visual tokens the transformer sees: latent frames x (height/16) x (width/16)."""
-        return ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+        """Visual tokens the transformer sees (`pipelines.cost.visual_tokens`)."""
+        return visual_tokens(self.num_frames, self.height, self.width)
 
     def cost(self) -> float:
-        """Relative GPU cost: visual tokens x steps x transformer passes per step."""
-        return self.tokens() * self.num_inference_steps * (2 if self.guidance_scale > 1.0 else 1)
+        """Relative GPU cost: visual tokens x steps x transformer passes per step (`pipelines.cost.cost`)."""
+        return cost(self.num_frames, self.height, self.width, self.num_inference_steps, self.guidance_scale)
 
 
 _ROW_FIELDS = tuple(f.name for f in fields(Task)
@@ -223,7 +225,7 @@ def _fit_columns(values: dict) -> dict:
 # Ids that pass every id rule at a glance (no control, space, slash or leading dot; short): the rest are
 # checked one by one with `_id_error`, so every message stays exactly what it is.
 _PLAIN_ID = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,255}$"
-_SAFE_KEY = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # storage._SAFE_ID: such an id is its own object key
+_SAFE_KEY = f"^{SAFE_ID}$"  # such an id is its own stem (`layout.stem`)
 _HAS_WORD = r"[A-Za-z0-9]"  # a text with a letter or digit is not blank
 
 
@@ -276,7 +278,7 @@ class IdIndex:
         stems = ids.to_pylist() if len(unsafe) else None
         for row in unsafe:
             if row not in index.errors:
-                stems[row] = object_key(stems[row], fmt)[len("videos/"):-len(fmt) - 1]
+                stems[row] = stem(stems[row])
         keyed = pa.table({"stem": pa.array(stems, pa.string()) if stems else ids, "row": rows})
         if index.errors:
             keyed = keyed.filter(pc.invert(pc.is_in(keyed["row"], pa.array(list(index.errors), pa.int64()))))
@@ -291,11 +293,18 @@ class IdIndex:
         return index
 
 
+# The fields of a valid row the validator resolves: a Task's, less what the replica or the queue sets.
+_RESOLVED = ("id", "row_index", "prompt", "negative_prompt", "seed", "height", "width", "num_frames",
+             "num_inference_steps", "guidance_scale", "sweep", "image_uri", "image_sha256", "image", "source_uri",
+             "source_sha256", "fps")
+
+
 @dataclass
 class Validated:
-    """One batch of input rows resolved: valid rows as Arrow columns of Task fields, the rest `invalid` rows."""
+    """One batch of input rows resolved: valid rows with their Task fields, the rest `invalid` rows."""
 
-    tasks: pa.Table
+    tasks: list[dict]
+    """Valid rows as the validator resolved them (Task fields, text token counts), made Tasks by `task_list`."""
     invalid: list[dict]
     done: list[tuple[str, int]] = field(default_factory=list)
     """(id, row_index) of rows already committed with these effective values (see `RowValidator.validate`)."""
@@ -303,20 +312,10 @@ class Validated:
     """Per valid row (in `tasks`' order): its carried input columns as (manifest column, value) pairs."""
 
     def task_list(self) -> list[Task]:
-        carried = self.carried or [()] * self.tasks.num_rows
-        return [Task(**{k: v for k, v in row.items() if k not in ("prompt_tokens", "negative_tokens")},
-                     text_tokens=(row["prompt_tokens"], row["negative_tokens"]), carried=extra)
-                for row, extra in zip(self.tasks.to_pylist(), carried)]
-
-
-TASK_SCHEMA = pa.schema([
-    ("id", pa.string()), ("row_index", pa.int64()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
-    ("seed", pa.int64()), ("height", pa.int64()), ("width", pa.int64()), ("num_frames", pa.int64()),
-    ("num_inference_steps", pa.int64()), ("guidance_scale", pa.float64()),
-    ("sweep", pa.string()), ("image_uri", pa.string()), ("image_sha256", pa.string()), ("image", pa.binary()),
-    ("source_uri", pa.string()), ("source_sha256", pa.string()), ("fps", pa.int64()),
-    ("prompt_tokens", pa.int64()), ("negative_tokens", pa.int64()),
-])
+        carried = self.carried or [()] * len(self.tasks)
+        return [Task(**{k: row.get(k) for k in _RESOLVED}, text_tokens=(row["prompt_tokens"], row["negative_tokens"]),
+                     carried=extra)
+                for row, extra in zip(self.tasks, carried)]
 
 
 def _numbers(batch: pa.Table, key: str, default) -> list:
@@ -426,8 +425,8 @@ class RowValidator:
                     self._tokens[prompts[i]], 0 if effective[i] is None else self._tokens[effective[i]])
                 valid.append(candidate)
             else:
-                invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
-        return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished,
+                invalid.append(invalid_row(_fit_columns(candidate), error))
+        return Validated(valid, invalid, finished,
                          [tuple((name, row[name]) for name, _ in carried) for row in valid])
 
     def _carried(self, batch: pa.Table) -> list[tuple[str, list]]:
@@ -441,12 +440,10 @@ class RowValidator:
         from pipelines.limits_sr import DEFAULT_SCALE, upscaled_size
 
         d, scale = self.defaults, self.scale or DEFAULT_SCALE
-        columns = batch.to_pydict()
         carried = self._carried(batch)
         ids = row_ids(batch.column("id"), rows).to_pylist()
         valid, invalid, finished = [], [], []
-        for i, position in enumerate(rows.tolist()):
-            source = {k: v[i] for k, v in columns.items()}
+        for i, (position, source) in enumerate(zip(rows.tolist(), batch.to_pylist())):
             seed = source["seed"]
             candidate = dict(id=ids[i], row_index=position, prompt=source["prompt"], negative_prompt=None,
                              seed=derive_seed(d.seed, ids[i]) if seed is None else int(seed),
@@ -471,8 +468,8 @@ class RowValidator:
             elif error is None:
                 valid.append({**candidate, "image": None, "prompt_tokens": 0, "negative_tokens": 0})
             else:
-                invalid.append({**_fit_columns(candidate), "status": "invalid", "error": error, "attempts": 0})
-        return Validated(pa.Table.from_pylist(valid, schema=TASK_SCHEMA), invalid, finished,
+                invalid.append(invalid_row(_fit_columns(candidate), error))
+        return Validated(valid, invalid, finished,
                          [tuple((name, row[name]) for name, _ in carried) for row in valid])
 
     def _images(self, values: list) -> list:
@@ -488,10 +485,3 @@ class RowValidator:
                     if r is None else r for r in read]
         return read
 
-
-def build_tasks(table: pa.Table, cfg: JobConfig, spec: ModelSpec) -> tuple[list[Task], list[dict]]:
-    """Resolve every row of a whole table: valid rows become Tasks, the rest manifest rows with status `invalid`."""
-    column = table.column("id") if "id" in table.column_names else None
-    ids = IdIndex.build(column, table.num_rows, cfg.output.format)
-    validated = RowValidator(cfg, spec, ids).validate(table, np.arange(table.num_rows))
-    return validated.task_list(), validated.invalid

@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kandinsky_batch.intake.dataset import Dataset
-from kandinsky_batch.intake.resume import ResumeConflict
 from kandinsky_batch.intake.routing import route
 from kandinsky_batch.intake.rows import Task, row_ids
 from kandinsky_batch.config.sweep import Sweep
@@ -64,22 +63,13 @@ def _expanded(batch: pa.Table, positions: np.ndarray, lane: "Lane", sweep: Sweep
 def committed_tasks(dataset: Dataset, lane: "Lane", sweep: Sweep, job_seed: int,
                     rows: int = WINDOW_ROWS) -> Iterator[list[Task]]:
     """One model's tasks whose ids the manifest holds `ok`, a window at a time (for `resume.check_conflicts`)."""
-    state = lane.state
-    ok = state.outcomes.filter(pc.equal(state.outcomes["status"], "ok"))["id"]
-    start = 0
-    for batch in dataset.batches(batch_size=max(1, rows // len(sweep.cells))):
-        positions = np.arange(start, start + batch.num_rows)
-        start += batch.num_rows
-        batch, positions, errors, ids = _expanded(batch, positions, lane, sweep, job_seed)
-        keep = pc.is_in(ids, ok).to_numpy(zero_copy_only=False)
-        if keep.any():
-            # Rows committed with the same values are done without tokenizing; the rest are checked in full.
-            kept = np.flatnonzero(keep)
-            validated = lane.validator.validate(batch.filter(keep), positions[keep],
-                                                state.done_check(ids.filter(keep)),
-                                                {j: errors[i] for j, i in enumerate(kept) if i in errors})
+    for _, found in validated_windows(dataset, [lane], sweep, job_seed, max(1, rows // len(sweep.cells)),
+                                      committed_only=True):
+        for _, validated in found:
             routed, _ = route(validated.task_list(), lane.cluster)
-            yield [task for tasks in routed.values() for task in tasks]
+            tasks = [task for group in routed.values() for task in group]
+            if tasks:
+                yield tasks
 
 
 def window_rows_of(lanes: list["Lane"], sweep: Sweep, rows: int = WINDOW_ROWS) -> int:
@@ -120,9 +110,8 @@ def sort_window(lane: "Lane", sweep: Sweep, validated, dry_run: bool = False) ->
             continue
         result.tasked.extend((t.id, t.row_index) for t in tasks)
         split = lane.state.split(tasks, dry_run=dry_run)
-        if split.conflicts and not lane.state.force:
-            raise ResumeConflict(f"output.uri holds rows rendered with other parameters, e.g. "
-                                 f"{split.conflicts[0]}; use --force to re-render them")
+        if split.conflicts and not lane.state.force:  # preflight refused these already, unless the prefix changed
+            raise lane.state.conflict(len(split.conflicts), split.conflicts[0])
         result.adopted.extend(split.adopted)
         result.skipped += split.done
         if split.todo:
@@ -131,9 +120,15 @@ def sort_window(lane: "Lane", sweep: Sweep, validated, dry_run: bool = False) ->
 
 
 def validated_windows(dataset: Dataset, lanes: list["Lane"], sweep: Sweep, job_seed: int, rows: int,
-                      stop: threading.Event | None = None) -> Iterator[tuple[int, list[tuple["Lane", object]]]]:
+                      stop: threading.Event | None = None, committed_only: bool = False
+                      ) -> Iterator[tuple[int, list[tuple["Lane", object]]]]:
     """(input rows read, [(lane, its validated cells), ...]) per window of `rows` input rows, in dataset order:
-    the one validation path of `run`'s intake and of `validate`."""
+    the one validation path of `run`'s intake, of `validate` and of preflight's resume check.
+
+    `committed_only` keeps only the cells whose ids the manifest holds `ok` (all resume can refuse): the others
+    are not tokenized."""
+    ok = [lane.state.outcomes.filter(pc.equal(lane.state.outcomes["status"], "ok"))["id"] for lane in lanes] \
+        if committed_only else None
     start = 0
     for batch in dataset.batches(batch_size=rows):
         if stop is not None and stop.is_set():
@@ -141,8 +136,15 @@ def validated_windows(dataset: Dataset, lanes: list["Lane"], sweep: Sweep, job_s
         positions = np.arange(start, start + batch.num_rows)
         start += batch.num_rows
         found = []
-        for lane in lanes:
+        for n, lane in enumerate(lanes):
             cells, cell_rows, errors, cell_ids = _expanded(batch, positions, lane, sweep, job_seed)
+            if ok is not None:
+                keep = pc.is_in(cell_ids, ok[n]).to_numpy(zero_copy_only=False)
+                if not keep.any():
+                    continue
+                kept = np.flatnonzero(keep)
+                cells, cell_rows, cell_ids = cells.filter(keep), cell_rows[keep], cell_ids.filter(keep)
+                errors = {j: errors[i] for j, i in enumerate(kept) if i in errors}
             found.append((lane, lane.validator.validate(cells, cell_rows, lane.state.done_check(cell_ids), errors)))
         yield batch.num_rows, found
 

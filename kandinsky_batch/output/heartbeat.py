@@ -13,9 +13,9 @@ import socket
 import time
 from datetime import datetime, timezone
 
+from kandinsky_batch.output.layout import HEARTBEAT_KEY
 from kandinsky_batch.output.storage import Storage
 
-KEY = "_RUNNING"
 INTERVAL_SECONDS = 10.0
 FRESH_SECONDS = 60.0
 """A heartbeat older than this is stale: its job most likely died."""
@@ -37,7 +37,7 @@ class Heartbeat:
 
     def _write(self) -> None:
         self.state["updated_at"] = _now()
-        self.storage.put_bytes(KEY, (json.dumps(self.state, indent=2) + "\n").encode("utf-8"))
+        self.storage.put_bytes(HEARTBEAT_KEY, (json.dumps(self.state, indent=2) + "\n").encode("utf-8"))
         self._next = self.clock() + self.interval
 
     def start(self) -> "Heartbeat":
@@ -52,13 +52,13 @@ class Heartbeat:
 
     def stop(self) -> None:
         """The job finished: remove the heartbeat (after `_SUCCESS`)."""
-        self.storage.delete(KEY)
+        self.storage.delete(HEARTBEAT_KEY)
 
 
 def read(storage: Storage) -> dict | None:
     """The heartbeat an output prefix holds, or None."""
     try:
-        return json.loads(storage.get_bytes(KEY))
+        return json.loads(storage.get_bytes(HEARTBEAT_KEY))
     except FileNotFoundError:
         return None
 

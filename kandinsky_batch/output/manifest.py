@@ -13,10 +13,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kandinsky_batch.output.storage import Storage, key_from_uri
+from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.layout import MANIFEST_DIR, SUCCESS_KEY, key_from_uri
 
-MANIFEST_DIR = "manifest"
-SUCCESS_KEY = "_SUCCESS"
 STATUSES = ("ok", "invalid", "failed")
 
 SCHEMA = pa.schema(
@@ -267,25 +266,9 @@ def read_parts(storage: Storage) -> tuple[pa.Table, list[str]]:
 def _resolve(tables: list[pa.Table]) -> pa.Table:
     if sum(t.num_rows for t in tables) == 0:
         return SCHEMA.empty_table()
-    # Rank by finished_at (null = oldest), then the later part, then the later row within a part.
-    tagged = concat([
-        t.append_column("_part", pa.array([i] * t.num_rows, pa.int64()))
-        .append_column("_pos", pa.array(range(t.num_rows), pa.int64()))
-        for i, t in enumerate(tables)
-    ])
-    tagged = tagged.append_column("_t", pc.fill_null(tagged["finished_at"].cast(pa.int64()), -(2**63)))
-    order = pc.sort_indices(
-        tagged,
-        sort_keys=[("id", "ascending"), ("row_index", "ascending"), ("_t", "descending"), ("_part", "descending"),
-                   ("_pos", "descending")],
-    )
-    ranked = tagged.take(order)
+    tagged = concat([_ranked(t, i, keep=True) for i, t in enumerate(tables)])
     # One row per input row: (id, row_index), so a duplicate id's own `invalid` row is kept beside the first.
-    ids, rows = ranked["id"].combine_chunks(), ranked["row_index"].combine_chunks()
-    n = len(ids)
-    changed = pc.or_(pc.not_equal(ids.slice(1), ids.slice(0, n - 1)), pc.not_equal(rows.slice(1), rows.slice(0, n - 1)))
-    keep = pa.concat_arrays([pa.array([True]), pc.fill_null(changed, True)])
-    resolved = ranked.filter(keep).drop_columns(["_part", "_pos", "_t"])
+    resolved = _latest(tagged, ["id", "row_index"]).drop_columns(["_part", "_pos", "_t"])
     return resolved.sort_by([("row_index", "ascending"), ("id", "ascending")])
 
 
@@ -296,28 +279,39 @@ def read_manifest(storage: Storage, columns: list[str] | None = None) -> pa.Tabl
     return _resolve(tables)
 
 
-def _ranked(table: pa.Table) -> pa.Table:
-    """Positions of `table` as columns, with commit time ranked (null = oldest)."""
-    return pa.table({"id": table["id"], "row_index": table["row_index"], "status": table["status"],
-                     "_t": pc.fill_null(table["finished_at"].cast(pa.int64()), -(2**63)),
-                     "_pos": pa.array(np.arange(table.num_rows))})
-
-
-def _first_per(table: pa.Table, key: str) -> pa.Table:
-    """The first row of each run of equal `key` values (the table is sorted by it)."""
-    values = table[key].combine_chunks()
-    n = len(values)
-    if n == 0:
+def _ranked(table: pa.Table, part: int = 0, keep: bool = False) -> pa.Table:
+    """`table`'s rank columns: commit time (`_t`, null = oldest), part and position; with the rank columns only,
+    or after all of `table`'s (`keep`)."""
+    ranks = {"_t": pc.fill_null(table["finished_at"].cast(pa.int64()), -(2**63)),
+             "_part": pa.array(np.full(table.num_rows, part), pa.int64()),
+             "_pos": pa.array(np.arange(table.num_rows), pa.int64())}
+    if keep:
+        for name, column in ranks.items():
+            table = table.append_column(name, column)
         return table
-    changed = pc.fill_null(pc.not_equal(values.slice(1), values.slice(0, n - 1)), True)
-    return table.filter(pa.concat_arrays([pa.array([True]), changed]))
+    return pa.table({"id": table["id"], "row_index": table["row_index"], "status": table["status"], **ranks})
+
+
+def _latest(ranked: pa.Table, keys: list[str]) -> pa.Table:
+    """The latest row per value of `keys` in a `_ranked` table: the one resolver of which manifest row stands.
+
+    Latest is the later `finished_at` (null = oldest), ties to the later part, then the later row within it."""
+    ordered = ranked.sort_by([(k, "ascending") for k in keys]
+                             + [("_t", "descending"), ("_part", "descending"), ("_pos", "descending")])
+    n = ordered.num_rows
+    if n == 0:
+        return ordered
+    changed = pa.array(np.zeros(n - 1, dtype=bool))
+    for k in keys:
+        values = ordered[k].combine_chunks()
+        changed = pc.or_(changed, pc.fill_null(pc.not_equal(values.slice(1), values.slice(0, n - 1)), True))
+    return ordered.filter(pa.concat_arrays([pa.array([True]), changed]))
 
 
 def latest_outcomes(table: pa.Table) -> pa.Table:
     """The latest render outcome (ok or failed) per id among manifest rows, whatever row it sat at."""
     ranked = _ranked(table).filter(pc.not_equal(pc.field("status"), "invalid"))
-    order = ranked.sort_by([("id", "ascending"), ("_t", "descending"), ("_pos", "descending")])
-    return table.take(_first_per(order, "id")["_pos"])
+    return table.take(_latest(ranked, ["id"])["_pos"])
 
 
 RANK_COLUMNS = ["id", "row_index", "status", "finished_at"]
@@ -333,29 +327,22 @@ def _winners(tables: list[pa.Table], rendered: pa.Table, invalid: pa.Table) -> t
     does not hold (an earlier job's other dataset, a subset re-run) keep their latest row at each row_index:
     a run never drops another run's records.
     """
-    tagged = pa.concat_tables(
-        _ranked(t).append_column("_part", pa.array(np.full(t.num_rows, i), pa.int64())) for i, t in enumerate(tables)
-    ) if tables else _ranked(SCHEMA.empty_table()).append_column("_part", pa.array([], pa.int64()))
-    order = [("_t", "descending"), ("_part", "descending"), ("_pos", "descending")]
-    outcomes = _first_per(tagged.filter(pc.not_equal(pc.field("status"), "invalid"))
-                          .sort_by([("id", "ascending"), *order]), "id")
+    tagged = concat([_ranked(t, i) for i, t in enumerate(tables)]) if tables else _ranked(SCHEMA.empty_table())
+    outcomes = _latest(tagged.filter(pc.not_equal(pc.field("status"), "invalid")), ["id"])
     joined = rendered.select(["id", "row_index"]).join(outcomes.select(["id", "_part", "_pos"]), "id",
                                                        join_type="left outer")
     missing = joined.filter(pc.is_null(joined["_pos"]))
     if missing.num_rows:
         raise RuntimeError(f"rows without a final manifest row: ids {missing['id'].to_pylist()[:10]} "
                            f"({missing.num_rows} in all)")
-    marked = (tagged.filter(pc.equal(pc.field("status"), "invalid"))
-              .join(invalid.select(["id", "row_index"]), ["id", "row_index"], join_type="inner")
-              .sort_by([("id", "ascending"), ("row_index", "ascending"), *order]))
-    marked = marked.take(_first_unique(marked))
+    marked = _latest(tagged.filter(pc.equal(pc.field("status"), "invalid"))
+                     .join(invalid.select(["id", "row_index"]), ["id", "row_index"], join_type="inner"),
+                     ["id", "row_index"])
     if marked.num_rows != invalid.num_rows:
         raise RuntimeError(f"{invalid.num_rows - marked.num_rows} invalid rows have no manifest row")
     ours = pa.concat_arrays([rendered["id"].combine_chunks(), invalid["id"].combine_chunks()]) \
         if rendered.num_rows + invalid.num_rows else pa.array([], pa.string())
-    others = (tagged.filter(pc.invert(pc.is_in(tagged["id"], ours)))
-              .sort_by([("id", "ascending"), ("row_index", "ascending"), *order]))
-    others = others.take(_first_unique(others))
+    others = _latest(tagged.filter(pc.invert(pc.is_in(tagged["id"], ours))), ["id", "row_index"])
     kept = dict(zip(*_value_counts(others["status"])))
     columns = ["_part", "_pos", "row_index"]
     return concat([joined.select(columns), marked.select(columns), others.select(columns)]).sort_by(
@@ -422,40 +409,6 @@ def _value_counts(column) -> tuple[list, list]:
         return [], []
     counted = pc.value_counts(column)
     return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
-
-
-def _first_unique(table: pa.Table) -> pa.Array:
-    """Indices of the first row of each (id, row_index) run in a table sorted by them."""
-    if table.num_rows == 0:
-        return pa.array([], pa.int64())
-    ids, rows = table["id"].combine_chunks(), table["row_index"].combine_chunks()
-    n = len(ids)
-    changed = pc.or_(pc.not_equal(ids.slice(1), ids.slice(0, n - 1)), pc.not_equal(rows.slice(1), rows.slice(0, n - 1)))
-    keep = pa.concat_arrays([pa.array([True]), pc.fill_null(changed, True)])
-    return pa.array(np.flatnonzero(keep.to_numpy(zero_copy_only=False)))
-
-
-
-
-def compact(storage: Storage, run_id: str, table: pa.Table | None = None) -> pa.Table:
-    """Rewrite the manifest as final parts `part-{run_id}-final[-NNN].parquet`; returns what it wrote.
-
-    `table` (the job's final rows, one per input row) replaces the resolved union of the parts. Up to
-    FINAL_PART_ROWS rows go to one part; a larger manifest is several, in row order.
-    """
-    tables, keys = _load_parts(storage)
-    table = _resolve(tables) if table is None else table
-    slices = [table.slice(i, FINAL_PART_ROWS) for i in range(0, max(table.num_rows, 1), FINAL_PART_ROWS)]
-    written = []
-    for i, part in enumerate(slices):
-        name = f"part-{run_id}-final.parquet" if len(slices) == 1 else f"part-{run_id}-final-{i:03d}.parquet"
-        written.append(f"{MANIFEST_DIR}/{name}")
-        storage.put_bytes(written[-1], _to_parquet(stored(part)))
-    # Delete only what was read: a part published meanwhile holds rows the final parts lack.
-    for key in keys:
-        if key not in written:
-            storage.delete(key)
-    return table
 
 
 def write_success(storage: Storage, summary: dict) -> None:

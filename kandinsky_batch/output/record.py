@@ -1,16 +1,19 @@
 """What a job writes into every manifest row besides the row itself: the one owner of those fields.
 
 The driver (invalid and adopted rows), resume (what a committed row must match) and the actors
-(rendered rows) all build manifest rows through `Stamp.row`, so the job-level values are stated once.
+(rendered rows) all build manifest rows through `Stamp.row`, so the job-level values are stated once; each
+outcome's own fields (status, error, attempts, the object) are spelled once too, by `invalid`, `failed`,
+`Stamp.ok` and `Stamp.adopted`.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from dataclasses import dataclass, field
 
-from kandinsky_batch.output.storage import object_key, poster_key
+from kandinsky_batch.output.layout import VIDEOS_DIR, object_key, poster_key
 from pipelines.request import RenderOptions
 
 
@@ -18,6 +21,16 @@ def recorded_options(options: RenderOptions) -> str | None:
     """The manifest's `options` value: the non-default render options as JSON, or null."""
     recorded = options.recorded()
     return json.dumps(recorded, sort_keys=True) if recorded else None
+
+
+def invalid(values: dict, error: str) -> dict:
+    """An `invalid` row: never tried (no attempts), and why (the intake stamps the job's values on it)."""
+    return {**values, "status": "invalid", "error": error, "attempts": 0}
+
+
+def failed(values: dict, error: str, **run) -> dict:
+    """A `failed` row: tried and failed, and why; `run` names the tries (attempts, worker, gang)."""
+    return {**values, **run, "status": "failed", "error": error}
 
 
 @dataclass(frozen=True)
@@ -31,7 +44,7 @@ class Stamp:
     options: RenderOptions = field(default_factory=RenderOptions)
     sound: bool = False
     """Whether the model renders sound (Kandinsky 6): raw frames then come with their waveform, in an `.npz`."""
-    folder: str = "videos"
+    folder: str = VIDEOS_DIR
     """The prefix's folder of the rows' objects: `videos`, or `images` for a still-image model."""
     revision: str | None = None
     """The hub revision (`model.revision`) the model is pinned to, or None."""
@@ -54,6 +67,19 @@ class Stamp:
     def row(self, values: dict, **outcome) -> dict:
         """A manifest row: the row's own values, the job's, then the outcome (status, error, uri, ...)."""
         return {**values, **self.fields, **outcome}
+
+    def failed(self, values: dict, error: str, **run) -> dict:
+        """A `failed` manifest row (`failed`) with the job's values."""
+        return self.row(failed(values, error, **run))
+
+    def ok(self, values: dict, key: str, data: bytes, poster_key: str, **run) -> dict:
+        """An `ok` manifest row: its object's key, size and checksum, its poster's key; `run`: how it was made."""
+        return self.row(values, **run, status="ok", error=None, key=key, bytes=len(data),
+                        sha256=hashlib.sha256(data).hexdigest(), poster_key=poster_key)
+
+    def adopted(self, values: dict, key: str, data: bytes, poster_key: str) -> dict:
+        """An orphaned object taken as the row's render: `ok`, never tried by a replica."""
+        return self.ok(values, key, data, poster_key, attempts=0, worker="adopted")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from urllib.parse import quote
 import jinja2
 import numpy as np
 
-from kandinsky_batch.output.manifest import MANIFEST_DIR, STATUSES, read_manifest, read_success
+from kandinsky_batch.output.manifest import STATUSES, read_manifest, read_success
+from kandinsky_batch.output.layout import MANIFEST_DIR, POSTERS_DIR, VIDEOS_DIR
 from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.verify import open_target
 from kandinsky_batch.errors import ReportError
@@ -249,15 +250,15 @@ def _copy(storage: Storage, uri: str, out: Path, folder: str) -> str | None:
 def _place(storage: Storage, signer: Storage, grid: Grid, out: Path, expires: int, copy_videos: bool) -> None:
     """Give each cell's row a `poster_href` (always a copy) and a `video_href` (copy, relative path or URL)."""
     entries = [row for grid_row in grid.rows for cell in grid_row.cells for row in cell]
-    (out / "posters").mkdir(parents=True, exist_ok=True)
+    (out / POSTERS_DIR).mkdir(parents=True, exist_ok=True)
     if copy_videos:
-        (out / "videos").mkdir(parents=True, exist_ok=True)
+        (out / VIDEOS_DIR).mkdir(parents=True, exist_ok=True)
 
     def place(row: dict) -> None:
-        row["poster_href"] = _copy(storage, row["poster"], out, "posters") if row["poster"] else None
+        row["poster_href"] = _copy(storage, row["poster"], out, POSTERS_DIR) if row["poster"] else None
         row["video_href"] = None
         if row["status"] == "ok" and row["uri"]:
-            row["video_href"] = (_copy(storage, row["uri"], out, "videos") if copy_videos
+            row["video_href"] = (_copy(storage, row["uri"], out, VIDEOS_DIR) if copy_videos
                                  else _link(signer, out, row["uri"], expires))
         row["playable"] = row["video_href"] is not None and (row["format"] or "mp4") == "mp4"
 

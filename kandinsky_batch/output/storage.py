@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import random
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -26,9 +24,6 @@ except ImportError:  # botocore only comes with s3fs; other backends raise plain
 T = TypeVar("T")
 
 TEMP_PREFIX = ".tmp-"
-_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-_FORMAT = re.compile(r"[a-z0-9]{1,16}")
 
 # Caller or backend problems that another attempt cannot fix.
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -51,46 +46,6 @@ def is_transient(exc: BaseException) -> bool:
     # ConnectionError and TimeoutError are OSErrors; s3fs maps server errors (500, 503 SlowDown, unknown codes)
     # to OSErrors with EREMOTEIO, EBUSY or EIO, and only caller mistakes to the errnos listed as permanent.
     return isinstance(exc, OSError) and exc.errno not in _PERMANENT_ERRNOS
-
-
-def _stem(row_id: str) -> str:
-    """The file name (without extension) of a row's objects: the id itself if safe, else a cleaned, hashed form."""
-    if _SAFE_ID.fullmatch(row_id) and ".." not in row_id:
-        return row_id
-    # The hash keeps distinct ids apart after unsafe characters are folded to '_'.
-    cleaned = _UNSAFE_CHARS.sub("_", row_id).lstrip(".")[:80]
-    digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{cleaned}-{digest}"
-
-
-# The output layout: rows' objects sit under one of these folders of the prefix, keyed by their row id.
-VIDEOS_DIR, IMAGES_DIR, POSTERS_DIR = "videos", "images", "posters"
-OBJECT_DIRS = (VIDEOS_DIR, IMAGES_DIR, POSTERS_DIR)
-
-
-def object_key(row_id: str, fmt: str, folder: str = VIDEOS_DIR) -> str:
-    """Deterministic key `{folder}/{safe}.{fmt}` for a row id (`videos/`, or `images/` for a still-image model)."""
-    if not _FORMAT.fullmatch(fmt):
-        raise ValueError(f"format must match [a-z0-9]{{1,16}}, got {fmt!r}")
-    if folder not in (VIDEOS_DIR, IMAGES_DIR):
-        raise ValueError(f"object folder must be {VIDEOS_DIR!r} or {IMAGES_DIR!r}, got {folder!r}")
-    return f"{folder}/{_stem(row_id)}.{fmt}"
-
-
-def poster_key(row_id: str) -> str:
-    """Deterministic key `posters/{safe}.jpg` of a row's poster: the same stem as its video's key."""
-    return f"{POSTERS_DIR}/{_stem(row_id)}.jpg"
-
-
-def key_from_uri(uri: str | None) -> str | None:
-    """The key of an object recorded by its absolute URI (outputs written before the `key` column): its folder
-    and file name, so an output that was moved since still resolves. None if the URI is not in the layout."""
-    if not uri:
-        return None
-    parts = uri.rstrip("/").rsplit("/", 2)
-    if len(parts) < 3 or parts[-2] not in OBJECT_DIRS or not parts[-1]:
-        return None
-    return f"{parts[-2]}/{parts[-1]}"
 
 
 def _walk(path: str):
