@@ -10,12 +10,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from pipelines.kinds import KINDS
-from pipelines.tiny import ensure_tiny
+from pipelines.tiny import ensure_tiny, publish_once
 
 TINY = "tiny"
 # What the system needs to validate rows without loading weights.
@@ -101,12 +99,8 @@ def _copy_once(uri: str, storage_options: dict | None, patterns: list[str] | Non
 
     tag = "spec" if patterns else "full"
     target = cache_root() / "models" / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{tag}"
-    if (target / "model_index.json").exists():
-        return target
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".copy-", dir=target.parent))
-    try:
+    def fill(tmp: Path) -> None:
+        fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         for pattern in patterns or ["**"]:
             for src in fs.glob(f"{root.rstrip('/')}/{pattern}"):
                 if fs.isdir(src):
@@ -116,14 +110,8 @@ def _copy_once(uri: str, storage_options: dict | None, patterns: list[str] | Non
                 fs.get_file(src, str(dst))
         if not (tmp / "model_index.json").exists():
             raise FileNotFoundError(f"model.path {uri!r} holds no model_index.json (not a diffusers directory)")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return publish_once(target, ".copy-", fill)
 
 
 def preset(path: str) -> tuple[str, int] | None:

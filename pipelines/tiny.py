@@ -243,12 +243,18 @@ def ensure_tiny(cache_dir: str | os.PathLike, seed: int = 0, name: str = "tiny",
     into place, so a reader never sees a half-written model and the loser just discards its copy.
     """
     target = Path(cache_dir) / (f"{name}-v{TINY_VERSION}" + (f"-seed{seed}" if seed else ""))
+    return publish_once(target, ".tiny-build-", lambda tmp: save_tiny(tmp, seed, builder))
+
+
+def publish_once(target: Path, prefix: str, fill) -> Path:
+    """A model directory at `target`, made once per node: `fill(tmp)` writes it into a private temp dir that is then
+    renamed into place, so a reader never sees a half-written model and a racing loser just discards its copy."""
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
-        save_tiny(tmp, seed, builder)
+        fill(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -114,3 +114,22 @@ def test_uint8_on_the_frames_device_equals_the_contracts_numpy_rounding():
         v = video.to(dtype)
         expected = to_uint8(v.permute(0, 2, 3, 1).float().numpy())  # what diffusers' `np` output goes through
         assert np.array_equal(frames_uint8(v), expected), dtype
+
+
+def test_a_checkpoint_at_an_object_store_uri_is_copied_once_whole(output_target, model_cache):
+    """`model.path` as a URI (file:// or s3://): copied to the node cache once, file for file; a spec-only copy holds
+    the configs and tokenizer only."""
+    import fsspec
+
+    from pipelines.weights import directory_digest
+
+    uri, options = output_target
+    source = resolve_model("tiny")
+    fs, root = fsspec.core.url_to_fs(uri, **(options or {}))
+    fs.put(f"{source}/", f"{root}/", recursive=True)
+    local = resolve_model(uri, options)
+    assert directory_digest(local) == directory_digest(source)
+    assert resolve_model(uri, options) == local  # once: the cached copy
+    spec = Path(resolve_model(uri, options, spec_only=True))
+    assert (spec / "model_index.json").exists() and (spec / "tokenizer").is_dir()
+    assert not list(spec.rglob("*.safetensors"))  # no weights for validation
