@@ -198,17 +198,32 @@ def _conform(table: pa.Table, columns: list[str] | None) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+def _keys(table: pa.Table, key_name: str, uri_name: str) -> pa.Array:
+    """A part's object keys: its `key` column, or for rows of older outputs (absolute URIs only) the key the URI
+    names. Only those rows go through Python; parts written with keys stay in Arrow."""
+    keys = table.column(key_name).combine_chunks()
+    if uri_name not in table.column_names:
+        return keys
+    uris = table.column(uri_name).combine_chunks()
+    missing = np.flatnonzero(pc.and_(pc.is_null(keys), pc.is_valid(uris)).to_numpy(zero_copy_only=False))
+    if not len(missing):
+        return keys
+    filled = keys.to_pylist()
+    for i in missing:
+        filled[i] = key_from_uri(uris[int(i)].as_py())
+    return pa.array(filled, pa.string())
+
+
 def _located(storage: Storage, table: pa.Table) -> pa.Table:
     """Keys of older parts (absolute URIs only) derived from their URIs; URIs resolved against the prefix as it is now."""
+    base = pa.scalar(f"{storage.scheme}://{storage.root}/")
     for key_name, uri_name in LOCATED:
         if key_name not in table.column_names:
             continue
-        keys = table.column(key_name).to_pylist()
-        uris = table.column(uri_name).to_pylist() if uri_name in table.column_names else [None] * len(keys)
-        keys = [k if k is not None else key_from_uri(u) for k, u in zip(keys, uris)]
-        table = table.set_column(table.schema.get_field_index(key_name), key_name, pa.array(keys, pa.string()))
+        keys = _keys(table, key_name, uri_name)
+        table = table.set_column(table.schema.get_field_index(key_name), key_name, keys)
         if uri_name in table.column_names:
-            resolved = pa.array([None if k is None else storage.url(k) for k in keys], pa.string())
+            resolved = pc.binary_join_element_wise(base, keys, "")  # null where there is no object
             table = table.set_column(table.schema.get_field_index(uri_name), uri_name, resolved)
     return table
 
@@ -230,9 +245,8 @@ def stored(table: pa.Table) -> pa.Table:
         if uri_name not in table.column_names:
             continue
         if key_name in table.column_names:  # a row given by URI alone is stored by the key the URI names
-            keys = [k if k is not None else key_from_uri(u)
-                    for k, u in zip(table[key_name].to_pylist(), table[uri_name].to_pylist())]
-            table = table.set_column(table.schema.get_field_index(key_name), key_name, pa.array(keys, pa.string()))
+            table = table.set_column(table.schema.get_field_index(key_name), key_name,
+                                     _keys(table, key_name, uri_name))
         i = table.schema.get_field_index(uri_name)
         table = table.set_column(i, uri_name, pa.nulls(table.num_rows, pa.string()))
     return table
