@@ -1,0 +1,171 @@
+"""The `webdataset` export format: each unit one tar shard that WebDataset, HF `datasets` and tar itself read.
+
+A sample is the consecutive members `{key}.{ext}`: the video as rendered (`mp4`), `json` (its metadata with `key`
+and `caption`), `txt` (the caption), `jpg` (the poster), then any other media the sample carries, in that order.
+Shards are built whole in memory with fixed header fields, so the same unit always gives the same bytes, and
+published create-only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+
+import pyarrow as pa
+
+from kandinsky_batch.errors import InputError
+from kandinsky_batch.export.objects import publish_once, read_video
+from kandinsky_batch.export.sample import IndexRow, Sample, Unit
+from kandinsky_batch.output.storage import Storage
+
+NAME = "webdataset"
+SHARDED = True
+
+VIDEO_EXTENSIONS = ("mp4", "npy", "npz", "png", "webp", "jpeg")
+"""What a render is stored as (`output.format`); the one of these a sample carries is the video its sha256 names."""
+GENERATED = ("json", "txt")
+POSTER = "jpg"
+MTIME = 0
+"""Every member's mtime: a shard's bytes depend on its samples only, not on when it was written."""
+_EXTENSION = re.compile(r"[a-z0-9]+(?:\.[a-z0-9]+)*")
+_UNIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_JSON_TYPES = ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"), (list, "list"), (dict, "object"))
+
+
+def _json_type(value) -> str | None:
+    """The JSON type a loader infers for a value (bool before int: a bool is an int in Python); None for null."""
+    if value is None:
+        return None
+    for kind, name in _JSON_TYPES:
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def member_extensions(sample: Sample) -> list[str]:
+    """The extensions of a sample's members in the order they are written: video, json, txt, poster, the rest."""
+    video = video_extension(sample)
+    rest = sorted(ext for ext in sample.media if ext not in (video, POSTER))
+    return [video, *GENERATED, *([POSTER] if POSTER in sample.media else []), *rest]
+
+
+def video_extension(sample: Sample) -> str:
+    """The extension of the sample's video: the one media entry in `VIDEO_EXTENSIONS`."""
+    found = [ext for ext in VIDEO_EXTENSIONS if ext in sample.media]
+    if len(found) != 1:
+        raise InputError(
+            f"id {sample.id!r}: media={sorted(sample.media)} must hold exactly one video, one of {list(VIDEO_EXTENSIONS)}"
+        )
+    return found[0]
+
+
+def _metadata(sample: Sample) -> bytes:
+    """The sample's `.json`: its metadata with `key` and `caption`, sorted keys, UTF-8, no NaN (JSON has none)."""
+    meta = {**sample.meta, "key": sample.key, "caption": sample.caption}
+    try:
+        text = json.dumps(meta, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"id {sample.id!r}: meta cannot be written as JSON: {exc}") from exc
+    return text.encode("utf-8")
+
+
+def check(samples: list[Sample]) -> None:
+    """Refuse, before anything is written, samples a loader would read inconsistently: the message names the field."""
+    if not samples:
+        return
+    first = samples[0]
+    extensions, keys = set(first.media), set(first.meta)
+    types: dict[str, tuple[str, str]] = {}
+    seen: dict[str, str] = {}
+    for sample in samples:
+        if not sample.key or "." in sample.key or "/" in sample.key:
+            raise InputError(f"id {sample.id!r}: key {sample.key!r} must be non-empty and free of '.' and '/' "
+                             "(WebDataset and HF split a member's name at its first dot)")
+        if sample.key in seen:
+            raise InputError(f"key {sample.key!r} is shared by ids {seen[sample.key]!r} and {sample.id!r}")
+        seen[sample.key] = sample.id
+        if set(sample.media) != extensions:
+            raise InputError(f"id {sample.id!r}: media extensions {sorted(sample.media)} differ from "
+                             f"{sorted(extensions)} of id {first.id!r}: every sample carries the same files")
+        for ext in sample.media:
+            if ext in GENERATED or not _EXTENSION.fullmatch(ext):
+                raise InputError(f"id {sample.id!r}: media extension {ext!r} must match {_EXTENSION.pattern} "
+                                 f"and not be one the format writes ({', '.join(GENERATED)})")
+        video_extension(sample)
+        if set(sample.meta) != keys:
+            missing, extra = sorted(keys - set(sample.meta)), sorted(set(sample.meta) - keys)
+            raise InputError(f"id {sample.id!r}: meta keys differ from those of id {first.id!r} "
+                             f"(missing {missing}, extra {extra}): HF infers a sample's fields from the first ones")
+        for field_name, own in (("key", sample.key), ("caption", sample.caption)):
+            if field_name in sample.meta and sample.meta[field_name] != own:
+                raise InputError(f"id {sample.id!r}: meta[{field_name!r}]={sample.meta[field_name]!r} would be "
+                                 f"replaced by the sample's {field_name} {own!r}")
+        for name, value in sample.meta.items():
+            kind = _json_type(value)
+            if kind is None:
+                continue
+            earlier = types.setdefault(name, (kind, sample.id))
+            if earlier[0] != kind:
+                raise InputError(f"meta[{name!r}] is {earlier[0]} in id {earlier[1]!r} but {kind} in id "
+                                 f"{sample.id!r} ({value!r}): a field keeps one type in every sample")
+        _metadata(sample)
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    """A regular file's header with every field but name and size fixed."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = MTIME
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def build_shard(unit: Unit, source: Storage) -> tuple[bytes, list[int]]:
+    """The tar of a unit and the byte offset of each sample's first member header (in unit order).
+
+    PAX, so a key of any length fits (a long name gets an extended header, where the sample's offset then points)."""
+    buffer = io.BytesIO()
+    offsets = []
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
+        for sample in unit.samples:
+            offsets.append(tar.offset)
+            video = video_extension(sample)
+            for ext in member_extensions(sample):
+                if ext == video:
+                    data = read_video(source, sample, ext)
+                elif ext == "json":
+                    data = _metadata(sample)
+                elif ext == "txt":
+                    data = sample.caption.encode("utf-8")
+                else:
+                    data = source.get_bytes(sample.media[ext])
+                tar.addfile(_member(f"{sample.key}.{ext}", len(data)), io.BytesIO(data))
+    return buffer.getvalue(), offsets
+
+
+def shard_path(unit: Unit) -> str:
+    """The shard's key at DEST's root: `{unit.name}.tar`."""
+    if not _UNIT_NAME.fullmatch(unit.name):
+        raise ValueError(f"unit name must match {_UNIT_NAME.pattern}, got {unit.name!r}")
+    return f"{unit.name}.tar"
+
+
+def write_unit(unit: Unit, source: Storage, dest: Storage) -> list[IndexRow]:
+    """Build the unit's shard and publish it create-only (the same bytes already there are accepted)."""
+    path = shard_path(unit)
+    data, offsets = build_shard(unit, source)
+    publish_once(dest, path, data)
+    return [
+        IndexRow(key=s.key, id=s.id, split=s.split, unit=unit.name, path=path, offset=offset, sha256=s.sha256,
+                 bytes=s.bytes)
+        for s, offset in zip(unit.samples, offsets)
+    ]
+
+
+def finish(dest: Storage, index: pa.Table, samples: list[Sample]) -> None:
+    """Nothing to add: the shards are the dataset, and the core writes the index."""
