@@ -70,6 +70,8 @@ def test_hf_datasets_types_every_field_from_samples_that_differ_after_the_fifth(
     samples = _samples(source, 8, score=lambda i: scores.get(i, 20.5 + i))
     dest, _, _ = _export(tmp_path, samples, per_shard=8)
     ds = datasets.load_dataset("webdataset", data_dir=dest.root, split="train", cache_dir=str(tmp_path / "hf"))
+    # Where HF's own inference works (every type shows in the first five), the dataset card declares the same.
+    assert _card_features(wds_format.dataset_card(samples)) == ds.features
     ds = ds.cast_column("mp4", datasets.Video(decode=False)).cast_column("jpg", datasets.Image(decode=False))
     json_features = ds.features["json"]
     assert json_features["clip_score"] == datasets.Value("float64")
@@ -200,3 +202,29 @@ def _every(**changes):
 def test_check_refuses_samples_a_loader_would_read_inconsistently(source, change, message):
     with pytest.raises(InputError, match=message):
         wds_format.check(change(_samples(source, 2)))
+
+
+def test_the_dataset_card_types_fields_hf_would_infer_as_null_from_the_first_five(tmp_path, source):
+    import datasets
+
+    # A score null in the first five samples: HF's inference types it null and fails on the 6th sample's float.
+    samples = _samples(source, 7, score=lambda i: None if i < 5 else 25.0)
+    samples = [replace(s, media={k: v for k, v in s.media.items() if k != LATENTS}) for s in samples]
+    dest, _, _ = _export(tmp_path, samples, per_shard=7)
+    with pytest.raises(datasets.exceptions.DatasetGenerationError):
+        datasets.load_dataset("webdataset", data_dir=dest.root, split="train", cache_dir=str(tmp_path / "hf0"))
+    wds_format.finish(dest, None, samples)
+    assert dest.list() == ["README.md", "train-000000.tar"]
+    ds = datasets.load_dataset(dest.root, split="train", cache_dir=str(tmp_path / "hf1"))
+    ds = ds.cast_column("mp4", datasets.Video(decode=False)).cast_column("jpg", datasets.Image(decode=False))
+    assert [row["json"]["clip_score"] for row in ds] == [None] * 5 + [25.0, 25.0]
+    assert [hashlib.sha256(row["mp4"]["bytes"]).hexdigest() for row in ds] == [s.sha256 for s in samples]
+
+
+
+def _card_features(card: bytes):
+    import datasets
+    import yaml
+
+    front = card.decode("utf-8").split("---\n")[1]
+    return datasets.Features._from_yaml_list(yaml.safe_load(front)["dataset_info"]["features"])

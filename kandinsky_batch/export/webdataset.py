@@ -14,6 +14,7 @@ import re
 import tarfile
 
 import pyarrow as pa
+import yaml
 
 from kandinsky_batch.errors import InputError
 from kandinsky_batch.export.objects import publish_once, read_video
@@ -31,6 +32,12 @@ MTIME = 0
 """Every member's mtime: a shard's bytes depend on its samples only, not on when it was written."""
 _EXTENSION = re.compile(r"[a-z0-9]+(?:\.[a-z0-9]+)*")
 _UNIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# Extensions HF's webdataset builder decodes into other values (its DECODERS): members it would not read as bytes.
+_HF_DECODED = {"text", "transcript", "cls", "cls2", "index", "inx", "id", "jsn", "ten", "tb", "mp", "msg", "npy",
+               "npz", "cbor", "pth"}
+_HF_MEDIA = {"mp4": "video", "jpg": "image", "jpeg": "image", "png": "image", "webp": "image"}
+_HF_SCALARS = {"boolean": "bool", "integer": "int64", "float": "float64", "string": "string"}
+CARD = "README.md"
 _JSON_TYPES = ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"), (list, "list"), (dict, "object"))
 
 
@@ -111,6 +118,7 @@ def check(samples: list[Sample]) -> None:
                 raise InputError(f"meta[{name!r}] is {earlier[0]} in id {earlier[1]!r} but {kind} in id "
                                  f"{sample.id!r} ({value!r}): a field keeps one type in every sample")
         _metadata(sample)
+    dataset_card(samples)
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -167,5 +175,47 @@ def write_unit(unit: Unit, source: Storage, dest: Storage) -> list[IndexRow]:
     ]
 
 
+def _feature(values: list, path: str) -> dict:
+    """The HF feature (as its dataset card spells it) of the non-null JSON values one field takes in every sample."""
+    values = [v for v in values if v is not None]
+    kinds = {_json_type(v) for v in values}
+    if not kinds:
+        return {"dtype": "null"}
+    if kinds == {"integer", "float"}:
+        kinds = {"float"}  # a nested list of numbers: Arrow promotes to double as well
+    if len(kinds) > 1:
+        raise InputError(f"meta field {path} holds values of types {sorted(kinds)}: a field keeps one type")
+    (kind,) = kinds
+    if kind in _HF_SCALARS:
+        return {"dtype": _HF_SCALARS[kind]}
+    if kind == "list":
+        inner = _feature([item for v in values for item in v], f"{path}[]")
+        return {"list": inner.get("dtype") or inner.get("struct") or inner}
+    names = sorted({name for v in values for name in v})
+    return {"struct": [{"name": n, **_feature([v.get(n) for v in values], f"{path}.{n}")} for n in names]}
+
+
+def dataset_card(samples: list[Sample]) -> bytes | None:
+    """A dataset card declaring every member's HF feature from all samples, or None where HF decodes a member itself.
+
+    `load_dataset(DEST)` reads it instead of inferring types from the first 5 samples, which types a field
+    null (and then fails on the first value) when those 5 hold only nulls."""
+    extensions = member_extensions(samples[0])
+    if any(ext.rsplit(".", 1)[-1] in _HF_DECODED for ext in extensions):
+        return None
+    features = []
+    for ext in extensions:
+        if ext == "json":
+            features.append({"name": ext, **_feature([json.loads(_metadata(s)) for s in samples], "json")})
+        else:
+            features.append({"name": ext, "dtype": "string" if ext == "txt" else _HF_MEDIA.get(ext, "binary")})
+    features += [{"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}]
+    text = yaml.safe_dump({"dataset_info": {"features": features}}, sort_keys=False, allow_unicode=True)
+    return f"---\n{text}---\n\nWebDataset shards written by `kandinsky-batch export --format webdataset`.\n".encode()
+
+
 def finish(dest: Storage, index: pa.Table, samples: list[Sample]) -> None:
-    """Nothing to add: the shards are the dataset, and the core writes the index."""
+    """Replace the dataset card at DEST's root, so HF types every field from all samples, not the first five."""
+    card = dataset_card(samples) if samples else None
+    if card is not None:
+        dest.put_bytes(CARD, card)
