@@ -62,9 +62,8 @@ def video_extension(sample: Sample) -> str:
     """The extension of the sample's video: the one media entry in `VIDEO_EXTENSIONS`."""
     found = [ext for ext in VIDEO_EXTENSIONS if ext in sample.media]
     if len(found) != 1:
-        raise InputError(
-            f"id {sample.id!r}: media={sorted(sample.media)} must hold exactly one video, one of {list(VIDEO_EXTENSIONS)}"
-        )
+        raise InputError(f"id {sample.id!r}: media={sorted(sample.media)} must hold exactly one video, "
+                         f"one of {list(VIDEO_EXTENSIONS)}")
     return found[0]
 
 
