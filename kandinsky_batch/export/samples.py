@@ -55,14 +55,14 @@ def _sweep_cells(column: list[str | None]) -> list[dict | None]:
     for cell in cells:
         for axis, value in (cell or {}).items():
             if value is not None:
-                kinds.setdefault(axis, set()).add(float if isinstance(value, (int, float))
-                                                  and not isinstance(value, bool) else type(value))
-    mixed = {axis: sorted(k.__name__ for k in found) for axis, found in kinds.items() if len(found) > 1}
+                kinds.setdefault(axis, set()).add(type(value))
+    as_float = {axis for axis, found in kinds.items() if found == {int, float}}
+    mixed = {axis: sorted(k.__name__ for k in found) for axis, found in kinds.items()
+             if len(found) > 1 and axis not in as_float}
     if mixed:
         axis, names = next(iter(sorted(mixed.items())))
         raise InputError(f"sweep axis {axis!r}: values of types {names} across rows; an exported field has one type")
     axes = sorted({axis for cell in cells for axis in cell or {}})
-    as_float = {axis for axis, found in kinds.items() if found == {float}}
     return [None if cell is None else {a: float(cell[a]) if a in as_float and cell.get(a) is not None
                                        else cell.get(a) for a in axes} for cell in cells]
 

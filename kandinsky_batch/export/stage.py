@@ -115,6 +115,7 @@ def run(args: ExportArgs, dry_run: bool = False) -> ExportResult:
     # 3-4. The format's checks, DEST's binding, then the plan of the samples it lacks.
     dest, source = Storage(args.to, args.storage_options), Storage(args.source, args.storage_options)
     bound = plans.bind(dest, args.binding())
+    dest.cleanup_temp()  # a killed run's partial writes: its units are re-run whole
     plan = plans.read_plan(dest)
     new = plans.plan_new(plan, candidates, fmt.SHARDED, args.shard_size, args.shard_bytes)
     fmt.check(Samples(candidates))
