@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kandinsky_batch.output.manifest import read_manifest
@@ -20,16 +21,26 @@ from tests.sweep_output import PROMPTS, write_sweep
 AXES = {"model": ["tiny", "tiny-b"], "guidance_scale": [5, 5.5], "seed": [1, 2]}
 FAILED, INVALID = "p1.tiny-5-2", "p2.tiny-b-5.5-1"
 UNSCORED, ERRORED = "p0.tiny-5-1", "p0.tiny-b-5-2"
+CARRIED = ("licence", "tags", "dimension")
 CONDITION = "clip_score > 24 AND shot_cuts < 2 AND licence = 'cc-by'"
 
 
 def _carried(table: pa.Table) -> pa.Table:
     """Input columns the manifest carries through: a licence, tags, a prompt suite's dimension."""
+    table = table.drop_columns([c for c in CARRIED if c in table.column_names])
     n = table.num_rows
     licences = ["cc-by" if i % 3 else "proprietary" for i in range(n)]
     return (table.append_column("licence", pa.array(licences, pa.string()))
             .append_column("tags", pa.array([[f"t{i % 2}", "synthetic"] for i in range(n)], pa.list_(pa.string())))
             .append_column("dimension", pa.array(["subject_consistency"] * n, pa.string())))
+
+
+def copy_output(root: Path, storage: Storage) -> Storage:
+    """A local output's files, byte for byte, under another prefix (an object store's)."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            storage.put_bytes(str(path.relative_to(root)), path.read_bytes())
+    return storage
 
 
 def write_source(uri: str, options: dict | None = None, prompts: list[str] = PROMPTS) -> Storage:
@@ -42,20 +53,26 @@ def write_source(uri: str, options: dict | None = None, prompts: list[str] = PRO
 
 
 def add_rows(storage: Storage, prompts: list[str]) -> list[str]:
-    """More rows rendered into the same output (the first ones unchanged), scored by a second run: the new ids."""
-    before = set(read_manifest(storage, ["id", "row_index", "finished_at"])["id"].to_pylist())
+    """More rows rendered into the same output, the rows and objects already there kept as they were (the encoder
+    is not bit-stable across runs), and scored by a second run: the new ids."""
+    before = read_manifest(storage)
+    kept = {key: storage.get_bytes(key) for key in storage.list() if key.startswith(("videos/", "posters/"))}
     write_sweep(storage.uri, storage._options, prompts=prompts, axes=AXES,
                 outcomes={FAILED: ("failed", "replica lost"), INVALID: ("invalid", "height=7: too small")})
-    compact(storage, "run1", _carried(read_manifest(storage)))
-    rows = read_manifest(storage).to_pylist()
-    new = [r for r in rows if r["id"] not in before]
+    for key, data in kept.items():
+        storage.put_bytes(key, data)
+    after = read_manifest(storage)
+    added = after.filter(pc.invert(pc.is_in(after["id"], value_set=before["id"].combine_chunks())))
+    both = pa.concat_tables([t.drop_columns([c for c in CARRIED if c in t.column_names]) for t in (before, added)]).sort_by(
+        [("row_index", "ascending"), ("id", "ascending")])
+    compact(storage, "run1", _carried(both))
     out = writer(open_scores(storage), "score2", METRICS)
-    for row in new:
+    for row in added.to_pylist():
         if row["status"] == "ok":
             out.add({"id": row["id"], "video_sha256": row["sha256"], "scored": list(METRICS), "run": "score2",
                      "scored_at": T0, **synthetic(row["id"])})
     out.flush()
-    return [r["id"] for r in new]
+    return added["id"].to_pylist()
 
 
 def expected_rows(root: Path, keep=lambda row: True) -> list[dict]:

@@ -1,7 +1,7 @@
 """`kandinsky-batch export`: a finished job's ok rows, filtered by their scores, written once in a training format.
 
 1. select the rows (`select.py`), 2. make them samples (`samples.py`), 3. check the format takes them, 4. bind DEST
-to the arguments and plan the new samples into units (`plan.py`), 5. write the units not done yet (`execute.py`),
+to the arguments (checked first) and plan the new samples into units (`plan.py`), 5. write the units not done yet (`execute.py`),
 6. the index, the format's own metadata, and `_SUCCESS`, each replaced only when it changes.
 """
 
@@ -106,6 +106,8 @@ def run(args: ExportArgs, dry_run: bool = False) -> ExportResult:
     started, started_at = time.perf_counter(), datetime.now(timezone.utc)
     args.check()
     fmt = load_format(args.format)
+    dest, source = Storage(args.to, args.storage_options), Storage(args.source, args.storage_options)
+    bound = plans.bind(dest, args.binding())
     # 1-2. The rows and their samples: every refusal comes before anything is written.
     selection = select(args.source, args.storage_options, args.where)
     candidates = sample_rows(selection, args.caption, dict(args.split))
@@ -113,8 +115,6 @@ def run(args: ExportArgs, dry_run: bool = False) -> ExportResult:
     if dry_run:
         return result
     # 3-4. The format's checks, DEST's binding, then the plan of the samples it lacks.
-    dest, source = Storage(args.to, args.storage_options), Storage(args.source, args.storage_options)
-    bound = plans.bind(dest, args.binding())
     dest.cleanup_temp()  # a killed run's partial writes: its units are re-run whole
     plan = plans.read_plan(dest)
     new = plans.plan_new(plan, candidates, fmt.SHARDED, args.shard_size, args.shard_bytes)
