@@ -1,4 +1,4 @@
-"""`kandinsky-batch run | validate | score | status | verify | report | reproduce | build-tiny`;
+"""`kandinsky-batch run | validate | score | export | status | verify | report | reproduce | build-tiny`;
 `python -m kandinsky_batch` is the same program."""
 
 from __future__ import annotations
@@ -41,6 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--metrics", help="comma-separated metric names (default: every metric needing no weights)")
     score.add_argument("--storage-options", default=None, help="fsspec options as JSON (source, videos, --out)")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    export = verbs.add_parser("export", help="write a finished job's ok rows, filtered by their scores, as a "
+                              "training set (webdataset, videofolder, csv or vbench)")
+    export.add_argument("source", help="a finished job's output.uri")
+    export.add_argument("--format", required=True, help="webdataset | videofolder | csv | vbench")
+    export.add_argument("--to", required=True, help="the destination prefix (local or an object store)")
+    export.add_argument("--where", help="a SQL condition over manifest and score columns (DuckDB), e.g. "
+                        "\"clip_score > 25 AND shot_cuts = 0\"; status = 'ok' always applies")
+    export.add_argument("--split", help="held-out splits by a hash of the id, e.g. val=0.02 (the rest: train)")
+    export.add_argument("--caption", default="prompt", help="the text of each sample: prompt | expanded_prompt")
+    export.add_argument("--shard-size", type=int, help="samples per shard (per unit of file-by-file formats: 256)")
+    export.add_argument("--shard-bytes", type=int, help="bytes of video per shard (default 1 GB if no --shard-size)")
+    export.add_argument("--dry-run", action="store_true", help="print what would be exported; write nothing")
+    export.add_argument("--address", help="Ray address to join (default: a local Ray on loopback; `inprocess`: "
+                        "threads of this process)")
+    export.add_argument("--storage-options", default="{}", help="fsspec options as JSON (source and --to)")
     status = verbs.add_parser("status", help="rows ok / invalid / failed so far, and whether a job is running there")
     status.add_argument("output_uri")
     status.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
@@ -155,6 +170,16 @@ def _validate(args) -> int:
     return EXIT_OK
 
 
+def _export(args) -> int:
+    from kandinsky_batch.export.stage import ExportArgs, format_result, parse_split, run
+
+    given = ExportArgs(args.source, args.to, args.format, where=args.where, split=parse_split(args.split),
+                       caption=args.caption, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
+                       storage_options=json.loads(args.storage_options), address=args.address)
+    print(format_result(run(given, dry_run=args.dry_run), given))
+    return EXIT_OK
+
+
 def _status(args) -> int:
     from kandinsky_batch.output.status import format_status, status
 
@@ -222,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.resolve import ModelNotFound
 
     try:
-        return {"run": _run, "validate": _validate, "score": _score, "status": _status, "verify": _verify,
-                "report": _report, "reproduce": _reproduce, "build-tiny": _build_tiny}[args.verb](args)
+        return {"run": _run, "validate": _validate, "score": _score, "export": _export, "status": _status,
+                "verify": _verify, "report": _report, "reproduce": _reproduce, "build-tiny": _build_tiny}[args.verb](args)
     except (ConfigError, InputError, ReportError, ResumeConflict, VerifyError, ReproduceError, ModelNotFound,
             UnsupportedModel) as exc:
         # Bad input is the user's to fix: one line, no traceback.

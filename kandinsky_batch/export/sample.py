@@ -60,6 +60,8 @@ class Sample:
     """The video's sha256 as the manifest recorded it: the exported bytes hash to it."""
     bytes: int
     """The video's size (planning shards by bytes)."""
+    scores: tuple[str, ...] = ()
+    """The keys of `meta` that are score columns (the csv format lists them by name)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,84 @@
+"""`--format videofolder`: the layout `datasets.load_dataset("videofolder", data_dir=DEST)` reads.
+
+    {split}/{key}.{ext}            each sample's video, its bytes as rendered (`val/` is read as `validation`)
+    {split}/metadata.parquet       `file_name`, then the sample's fields, with one Arrow schema for every split
+
+Parquet with an explicit schema, not JSONL: a split whose scores are all null would otherwise get other types
+than the rest. Posters and latents are not part of this layout (the webdataset format carries them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from kandinsky_batch.errors import InputError
+from kandinsky_batch.export.formats import publish, replace
+from kandinsky_batch.export.plan import parquet_bytes
+from kandinsky_batch.export.sample import IndexRow, Sample, Unit
+from kandinsky_batch.output.storage import Storage
+
+NAME = "videofolder"
+SHARDED = False
+VIDEO_EXTENSIONS = ("mp4", "webm", "mov", "mkv", "avi")
+"""Video files `datasets`' VideoFolder takes (its EXTENSIONS lists these among others)."""
+RESERVED = ("file_name", "video")
+
+
+def _video_ext(sample: Sample) -> str:
+    return next(ext for ext in sample.media if ext in VIDEO_EXTENSIONS)
+
+
+def check(samples: Sequence[Sample]) -> None:
+    """Videos only, and no field named like the columns `datasets` adds."""
+    if not len(samples):
+        return
+    first = samples[0]
+    if not any(ext in VIDEO_EXTENSIONS for ext in first.media):
+        raise InputError(f"format={NAME}: the samples hold {sorted(first.media)}, not a video of "
+                         f"{list(VIDEO_EXTENSIONS)} (a still-image job goes to --format webdataset or csv)")
+    clash = [name for name in RESERVED if name in first.meta]
+    if clash:
+        raise InputError(f"format={NAME}: carried input columns {clash} are names `datasets` gives its own "
+                         "columns; rename them to export this format")
+
+
+def write_unit(unit: Unit, source: Storage, dest: Storage) -> list[IndexRow]:
+    """Each sample's video as `{split}/{key}.{ext}`, checked against the manifest's sha256 first."""
+    rows = []
+    for sample in unit.samples:
+        ext = _video_ext(sample)
+        data = source.get_bytes(sample.media[ext])
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sample.sha256:
+            raise RuntimeError(f"{source.url(sample.media[ext])}: sha256 {digest}, the manifest records "
+                               f"{sample.sha256} for id {sample.id!r}: the object changed since it was rendered")
+        path = f"{unit.split}/{sample.key}.{ext}"
+        publish(dest, path, data)
+        rows.append(IndexRow(sample.key, sample.id, unit.split, unit.name, path, 0, digest, len(data)))
+    return rows
+
+
+def _schema(samples: Sequence[Sample]) -> pa.Schema:
+    """`file_name`, then each field with the Arrow type of all its values across every split."""
+    names = list(samples[0].meta)
+    values = {name: [] for name in names}
+    for sample in samples:
+        for name in names:
+            values[name].append(sample.meta.get(name))
+    return pa.schema([("file_name", pa.string()), *((name, pa.array(values[name]).type) for name in names)])
+
+
+def finish(dest: Storage, index: pa.Table, samples: Sequence[Sample]) -> None:
+    """`{split}/metadata.parquet` of every split, in sample order."""
+    if not len(samples):
+        return
+    schema = _schema(samples)
+    by_split: dict[str, list[dict]] = {}
+    for sample in samples:
+        row = {"file_name": f"{sample.key}.{_video_ext(sample)}", **sample.meta}
+        by_split.setdefault(sample.split, []).append(row)
+    for split, rows in sorted(by_split.items()):
+        replace(dest, f"{split}/metadata.parquet", parquet_bytes(pa.Table.from_pylist(rows, schema=schema)))
