@@ -23,7 +23,7 @@ import pytest
 
 from kandinsky_batch.errors import InputError
 from kandinsky_batch.export import formats
-from kandinsky_batch.export.formats import publish
+from kandinsky_batch.export.objects import publish_once as publish
 from kandinsky_batch.export.sample import IndexRow
 from kandinsky_batch.export.stage import ExportArgs, run
 from kandinsky_batch.output.storage import Storage

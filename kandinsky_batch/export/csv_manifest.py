@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 
 from kandinsky_batch.errors import InputError
-from kandinsky_batch.export.formats import replace
+from kandinsky_batch.export.objects import replace
 from kandinsky_batch.export.plan import parquet_bytes
 from kandinsky_batch.export.sample import IndexRow, Sample, Unit
 from kandinsky_batch.output.storage import Storage

@@ -36,3 +36,13 @@ def publish_once(dest: Storage, key: str, data: bytes) -> bool:
             "DEST holds another export's object; export to an empty DEST"
         )
     return False
+
+
+def replace(dest: Storage, key: str, data: bytes) -> None:
+    """Replace `key` whole with `data` (an index, a metadata file), leaving it untouched when it holds them."""
+    try:
+        if dest.get_bytes(key) == data:
+            return
+    except FileNotFoundError:
+        pass
+    dest.put_bytes(key, data)

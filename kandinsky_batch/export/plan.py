@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kandinsky_batch.errors import InputError
-from kandinsky_batch.export.formats import publish
+from kandinsky_batch.export.objects import publish_once
 from kandinsky_batch.export.sample import IndexRow, Unit
 from kandinsky_batch.export.samples import SCHEMA as SAMPLE_SCHEMA
 from kandinsky_batch.export.samples import to_sample
@@ -65,8 +65,8 @@ def bind(dest: Storage, arguments: dict) -> bool:
 
 
 def record_arguments(dest: Storage, arguments: dict) -> None:
-    """Bind DEST to `arguments`, once (a concurrent first run with others is refused by `publish`)."""
-    publish(dest, ARGUMENTS_KEY, (json.dumps(arguments, indent=2, sort_keys=True) + "\n").encode())
+    """Bind DEST to `arguments`, once (a concurrent first run with others is refused by `publish_once`)."""
+    publish_once(dest, ARGUMENTS_KEY, (json.dumps(arguments, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_plan(dest: Storage) -> pa.Table:
@@ -139,7 +139,7 @@ def units(plan: pa.Table, names: set[str]) -> Iterator[Unit]:
 def record_unit(dest: Storage, unit: Unit, rows: list[IndexRow]) -> None:
     """Mark a unit done: its index rows, after its objects (a task's last write)."""
     table = pa.Table.from_pylist([vars(r) for r in rows], schema=INDEX_SCHEMA)
-    publish(dest, f"{UNITS_DIR}/{unit.name}.parquet", parquet_bytes(table))
+    publish_once(dest, f"{UNITS_DIR}/{unit.name}.parquet", parquet_bytes(table))
 
 
 def read_index(dest: Storage, names: list[str]) -> pa.Table:

@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 from kandinsky_batch.errors import InputError
 from kandinsky_batch.export import plan as plans
 from kandinsky_batch.export.execute import write_units
-from kandinsky_batch.export.formats import load_format, replace
+from kandinsky_batch.export.formats import load_format
+from kandinsky_batch.export.objects import replace
 from kandinsky_batch.export.samples import CAPTIONS, Samples, sample_rows
 from kandinsky_batch.export.select import Selection, format_dry_run, select
 from kandinsky_batch.output.layout import SUCCESS_KEY

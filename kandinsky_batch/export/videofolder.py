@@ -9,13 +9,12 @@ than the rest. Posters and latents are not part of this layout (the webdataset f
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import pyarrow as pa
 
 from kandinsky_batch.errors import InputError
-from kandinsky_batch.export.formats import publish, replace
+from kandinsky_batch.export.objects import publish_once, read_video, replace
 from kandinsky_batch.export.plan import parquet_bytes
 from kandinsky_batch.export.sample import IndexRow, Sample, Unit
 from kandinsky_batch.output.storage import Storage
@@ -50,14 +49,10 @@ def write_unit(unit: Unit, source: Storage, dest: Storage) -> list[IndexRow]:
     rows = []
     for sample in unit.samples:
         ext = _video_ext(sample)
-        data = source.get_bytes(sample.media[ext])
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != sample.sha256:
-            raise RuntimeError(f"{source.url(sample.media[ext])}: sha256 {digest}, the manifest records "
-                               f"{sample.sha256} for id {sample.id!r}: the object changed since it was rendered")
+        data = read_video(source, sample, ext)
         path = f"{unit.split}/{sample.key}.{ext}"
-        publish(dest, path, data)
-        rows.append(IndexRow(sample.key, sample.id, unit.split, unit.name, path, 0, digest, len(data)))
+        publish_once(dest, path, data)
+        rows.append(IndexRow(sample.key, sample.id, unit.split, unit.name, path, 0, sample.sha256, len(data)))
     return rows
 
 
