@@ -191,3 +191,75 @@ def test_the_simulated_stand_in_refuses_output_latents():
 def test_output_latents_must_be_a_bool(tmp_path):
     with pytest.raises(ConfigError, match=r"output.latents"):
         load_config(None, [f"input.path={tmp_path}", f"output.uri={tmp_path}", "output.latents=sometimes"])
+
+
+def _renderer(preset: str):
+    from pipelines.render import Renderer
+
+    renderer = Renderer(preset)
+    renderer.apply_options()
+    renderer.keep_latents = True
+    return renderer
+
+
+def _request(prompt: str, seed: int, image: bytes | None = None, **sizes):
+    from pipelines.request import RenderRequest
+
+    return RenderRequest(prompt=prompt, negative_prompt=None, **{"height": 32, "width": 32, "num_frames": 5, **sizes},
+                         num_inference_steps=2, guidance_scale=5.0, seed=seed, image=image)
+
+
+def test_image_to_video_saves_its_latents_after_the_first_frame_renormalisation(model_cache):
+    """I2V's `normalize_first_frame` runs after the loop, before decoding: the saved latents are those it gives
+    (without it they would not decode to the frames)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 48, 3), (200, 30, 30), np.uint8)).save(buf, "PNG")
+    renderer = _renderer("tiny-i2v")
+    clip = renderer.render(_request("a red ball", 3, num_frames=17, image=buf.getvalue()))
+    latents = clip.latents.tensors["latents"]
+    assert latents.shape == ((17 - 1) // 4 + 1, 32 // 8, 32 // 8, renderer.pipe.transformer.config.in_visual_dim)
+    with torch.no_grad():
+        assert np.array_equal(_decode(renderer.pipe, latents), clip.frames)
+
+
+def test_text_to_image_saves_one_latent_frame(model_cache):
+    renderer = _renderer("tiny-t2i")
+    clip = renderer.render(_request("a cat", 5, height=640, width=1408, num_frames=1))
+    pipe = renderer.pipe
+    latents = clip.latents.tensors["latents"]
+    assert latents.shape == (1, 640 // 8, 1408 // 8, pipe.transformer.config.in_visual_dim)
+    with torch.no_grad():  # Kandinsky5T2IPipeline.__call__'s step 10, on one row
+        image = pipe.vae.decode(latents[0].permute(2, 0, 1)[None] / pipe.vae.config.scaling_factor).sample
+        image = pipe.image_processor.postprocess(image, output_type="pt")
+    assert np.array_equal(torch.round(image * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy(), clip.frames)
+    assert clip.latents.metadata["num_frames"] == "1"
+
+
+def test_a_batched_render_saves_each_rows_own_latents_and_embeddings(model_cache):
+    """Rows batched in one call: each saves its slice of the batch's latents, and its own embeddings."""
+    renderer = _renderer("tiny")
+    requests = [_request("a cat dancing", 1), _request("a dog running", 2)]
+    clips = renderer.render_batch(requests)
+    pipe = renderer.pipe
+    with torch.no_grad():
+        encoded = [dict(zip(EMBEDDINGS, pipe.encode_prompt(r.prompt, max_sequence_length=512))) for r in requests]
+        negative = dict(zip(NEGATIVE, pipe.encode_prompt(renderer.kind.default_negative_prompt,
+                                                         max_sequence_length=512)))
+        lengths = torch.cat([e["prompt_cu_seqlens"].diff() for e in encoded])
+        batch = {"prompt_embeds_qwen": torch.cat([e["prompt_embeds_qwen"] for e in encoded]),
+                 "prompt_embeds_clip": torch.cat([e["prompt_embeds_clip"] for e in encoded]),
+                 "prompt_cu_seqlens": torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+                 **{k: torch.cat([v, v]) for k, v in negative.items() if not k.endswith("cu_seqlens")},
+                 "negative_prompt_cu_seqlens": torch.tensor([0, *(2 * [len(negative["negative_prompt_embeds_qwen"][0])])],
+                                                            dtype=torch.int32).cumsum(0).to(torch.int32)}
+        want = pipe(**batch, height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=5.0,
+                    generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
+                    output_type="latent").frames
+    for i, clip in enumerate(clips):
+        assert torch.equal(clip.latents.tensors["latents"], want[i]), i
+        for name, tensor in {**encoded[i], **negative}.items():
+            assert torch.equal(clip.latents.tensors[name], tensor), (i, name)
