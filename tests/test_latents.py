@@ -10,6 +10,7 @@ the output work on a copy.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from kandinsky_batch.output.manifest import SCHEMA, read_manifest
 from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.verify import verify
 from kandinsky_batch.output.video import decode_npy
+from pipelines import resolve_model
 from pipelines.kinds import BY_NAME
 from pipelines.latents import read
+from pipelines.tokens import k5_count_tokens
 from tests.helpers import TINY_RENDER, write_dataset
 
 pytestmark = pytest.mark.slow
@@ -102,6 +105,10 @@ def test_the_latents_are_the_pipelines_own_latent_output_and_embeddings(rendered
         assert set(saved.tensors) == {"latents", *encoded}, rid
         for name, tensor in encoded.items():
             assert torch.equal(saved.tensors[name], tensor), (rid, name)
+        # One Qwen vector per counted token (what docs/family.md's size arithmetic and benchmarks/latents_size.py use).
+        for side, text in texts.items():
+            assert saved.tensors[f"{side}prompt_embeds_qwen"].shape[1] == k5_count_tokens(
+                os.path.join(resolve_model("tiny"), "tokenizer"), [text])[0], (rid, side)
         assert saved.metadata["scaling_factor"] == repr(vae.scaling_factor)
         assert (saved.metadata["dtype"], saved.metadata["seed"]) == ("float32", str(row["seed"]))
         assert saved.metadata["guided"] == str(row["negative_prompt"] is not None).lower()
