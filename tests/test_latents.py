@@ -256,13 +256,15 @@ def test_a_batched_render_saves_each_rows_own_latents_and_embeddings(model_cache
         encoded = [dict(zip(EMBEDDINGS, pipe.encode_prompt(r.prompt, max_sequence_length=512))) for r in requests]
         negative = dict(zip(NEGATIVE, pipe.encode_prompt(renderer.kind.default_negative_prompt,
                                                          max_sequence_length=512)))
-        lengths = torch.cat([e["prompt_cu_seqlens"].diff() for e in encoded])
+        # The pipeline's batch of packed sequences: embeddings stacked, cu_seqlens the running sum of the lengths.
+        lengths = [e["prompt_embeds_qwen"].shape[1] for e in encoded]
+        negative_length = negative["negative_prompt_embeds_qwen"].shape[1]
         batch = {"prompt_embeds_qwen": torch.cat([e["prompt_embeds_qwen"] for e in encoded]),
                  "prompt_embeds_clip": torch.cat([e["prompt_embeds_clip"] for e in encoded]),
-                 "prompt_cu_seqlens": torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+                 "prompt_cu_seqlens": torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32),
                  **{k: torch.cat([v, v]) for k, v in negative.items() if not k.endswith("cu_seqlens")},
-                 "negative_prompt_cu_seqlens": torch.tensor([0, *(2 * [len(negative["negative_prompt_embeds_qwen"][0])])],
-                                                            dtype=torch.int32).cumsum(0).to(torch.int32)}
+                 "negative_prompt_cu_seqlens": torch.tensor([0, negative_length, 2 * negative_length],
+                                                            dtype=torch.int32)}
         want = pipe(**batch, height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=5.0,
                     generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests],
                     output_type="latent").frames
