@@ -88,6 +88,11 @@ class Kind:
     """Kandinsky 5 or 6."""
     title: str = ""
     """The kind in words, for messages."""
+    no_latents: str | None = None
+    """Why `output.latents` cannot apply to it (its render has no single latent to save), or None."""
+    latents_post: str | None = None
+    """The pipeline's method it applies to the latents after the denoising loop, before decoding (I2V's
+    `normalize_first_frame`), or None: what `output.latents` saves is then the loop's last latents."""
 
     @property
     def frames(self) -> bool:
@@ -135,7 +140,7 @@ KINDS = {k.pipeline: k for k in (
          published_magcache=True, title="Kandinsky 5 text-to-video"),
     Kind("i2v", "Kandinsky5I2VPipeline", **_K5, image=IMAGE_REQUIRED, preset="tiny-i2v",
          builder="pipelines.tiny_k5:build_tiny_i2v_pipeline", min_frames=I2V_MIN_FRAMES, batches_rows=False,
-         title="Kandinsky 5 image-to-video"),
+         latents_post="normalize_first_frame", title="Kandinsky 5 image-to-video"),
     Kind("t2i", "Kandinsky5T2IPipeline", **_K5_IMAGE, preset="tiny-t2i",
          builder="pipelines.tiny_k5:build_tiny_t2i_pipeline", title="Kandinsky 5 text-to-image"),
     # I2I's template holds the image: a text's count needs it (`pipelines.limits.k5_i2i_count_tokens`).
@@ -152,13 +157,17 @@ KINDS = {k.pipeline: k for k in (
          # do: every block fuses the video and audio streams, audio queries attending over the whole video.
          no_sequence_parallel="Kandinsky 6 has no sequence-parallel plan (its blocks fuse video and audio, and "
                               "audio attends over the whole video sequence, which a split/gather plan would leave "
-                              "sharded)", generation=6, title="Kandinsky 6"),
+                              "sharded)", generation=6, title="Kandinsky 6",
+         no_latents="Kandinsky 6 denoises video and sound latents together and its renderer does not return them "
+                    "yet (use a Kandinsky 5 model, or output.latents: false)"),
     Kind("sr", "Kandinsky6SRPipeline", spec="pipelines.limits_sr:sr_spec_fields",
          options="pipelines.limits_sr:sr_option_problems", renderer="pipelines.render_sr:SRRenderer", gang=None,
          preset="tiny-sr", builder="pipelines.tiny_sr:build_tiny_sr_pipeline", upscales=True, text=False,
          max_sequence_length=0, template_tokens=0, default_negative_prompt=None,
          no_gangs="Kandinsky 6 SR has no guidance and renders its tiles one by one", generation=6,
-         title="Kandinsky 6 SR"),
+         title="Kandinsky 6 SR",
+         no_latents="Kandinsky 6 SR upscales tile by tile from a source clip, without a prompt: it has no one latent "
+                    "of the clip nor prompt embeddings to save (output.latents: false)"),
 )}
 BY_NAME = {k.name: k for k in KINDS.values()}
 # `simulated[:...]`: a stand-in that sleeps for each row's modelled GPU cost, for orchestration benchmarks only.
@@ -167,7 +176,8 @@ BY_NAME = {k.name: k for k in KINDS.values()}
 SIMULATED = "simulated"
 SIMULATED_KIND = Kind(SIMULATED, "", spec="pipelines.simulated:simulated_spec",
                       options="pipelines.limits:option_problems", renderer="pipelines.simulated:SimulatedRenderer",
-                      gang=None, title="the simulated stand-in")
+                      gang=None, title="the simulated stand-in",
+                      no_latents="the simulated stand-in denoises nothing (output.latents: false)")
 
 
 class UnsupportedModel(ValueError):
@@ -194,3 +204,5 @@ class Clip:
     sample_rate: int | None = None
     prompt: str | None = None
     """The prompt the pipeline really encoded when it expanded the row's; None otherwise."""
+    latents: object = None
+    """The row's final latents and prompt embeddings (`pipelines.latents.Latents`) when the job asks for them."""

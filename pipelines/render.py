@@ -9,6 +9,9 @@ T2I and I2I take no `num_frames` and give one image, `.image[0]`, returned as on
 Prompts are encoded with the pipeline's own `encode_prompt` and passed back in as embeddings, so each
 distinct prompt and negative prompt is encoded once per replica (the same tensors the pipeline would
 compute itself). I2I encodes the image with the text (Qwen reads both): its texts are cached per image.
+
+With `keep_latents` set, a render returns `Clip(frames, latents=...)`: each row's final latents, kept from the
+pipeline's own loop by a step-end callback, and its embeddings (`pipelines.latents`); the frames are unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import torch
 from pipelines.caching import cache_config
 from pipelines.cost import guided
 from pipelines.guidance import GuidedSteps, negative_inputs
-from pipelines.kinds import NO_IMAGE, Kind, UnsupportedModel, kind_of
+from pipelines.kinds import NO_IMAGE, Clip, Kind, UnsupportedModel, kind_of
+from pipelines.latents import FinalLatents, row_latents
 from pipelines.limits import FAMILY, image_size, k5_i2i_token_problem, request_problem
 from pipelines.nabla import set_attention_type
 from pipelines.render_common import decode_image, default_device, frames_uint8, hidden_states_only, offload_text_encoders
@@ -86,6 +90,7 @@ class Renderer:
         self._text_cache = text_cache
         self.steps: GuidedSteps | None = None
         self.writer = True  # whether `render` returns frames (in a gang only rank 0 does)
+        self.keep_latents = False  # whether renders also return each row's latents and embeddings (`output.latents`)
         self.load_seconds = time.perf_counter() - started
 
     def apply_options(self, exchange_group=None, branch: int = 0) -> None:
@@ -145,7 +150,9 @@ class Renderer:
         return embeds
 
     def denoise(self, requests: list[RenderRequest], embeds: dict):
-        """One pipeline call from embeddings; each row seeded by its own CPU generator (the seed contract)."""
+        """One pipeline call from embeddings; each row seeded by its own CPU generator (the seed contract).
+
+        Returns the frames, and the loop's last latents (B, T, H, W, C') when `keep_latents` (else None)."""
         first = requests[0]
         self._magcache_for(first.num_inference_steps)
         if self.steps is not None:
@@ -157,14 +164,24 @@ class Renderer:
         if self.kind.image != NO_IMAGE:
             images = [decode_image(r.image) for r in requests]
             kind_args["image"] = images[0] if len(images) == 1 else images
+        final = FinalLatents() if self.keep_latents and self.writer else None
+        keep = {} if final is None else {"callback_on_step_end": final,
+                                         "callback_on_step_end_tensor_inputs": final.tensor_inputs}
         out = self.pipe(
             **embeds, **kind_args, height=first.height, width=first.width,
             num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
             generator=generators[0] if len(generators) == 1 else generators,
-            output_type="pt" if self.writer else "latent",
+            output_type="pt" if self.writer else "latent", **keep,
         )
         # Video kinds: (B, F, C, H, W); T2I and I2I: (B, C, H, W), one image per row, kept as (B, 1, C, H, W).
-        return out.frames if self.kind.frames else out.image.unsqueeze(1)
+        return (out.frames if self.kind.frames else out.image.unsqueeze(1)), None if final is None else final.latents
+
+    def _rendered(self, frames, request: RenderRequest, final, embeds: dict):
+        """The frames as `render` returns them: alone, or with the row's latents (`keep_latents`)."""
+        frames = frames_uint8(frames)
+        if final is None:
+            return frames
+        return Clip(frames, latents=row_latents(self.pipe, self.kind, final[None], embeds, request))
 
     def check(self, request: RenderRequest) -> None:
         """ValueError ("field=value: rule") for a request this model cannot render exactly as asked."""
@@ -176,13 +193,15 @@ class Renderer:
         if problem:
             raise ValueError(problem)
 
-    def render(self, request: RenderRequest) -> np.ndarray | None:
-        """Frames (num_frames, height, width, 3) uint8 for one request, per the seed contract (T2I, I2I: one frame)."""
+    def render(self, request: RenderRequest) -> np.ndarray | Clip | None:
+        """Frames (num_frames, height, width, 3) uint8 for one request, per the seed contract (T2I, I2I: one frame);
+        with `keep_latents`, a `Clip` of those frames and the row's latents."""
         self.check(request)
-        out = self.denoise([request], self.embeddings(request))
-        return frames_uint8(out[0]) if self.writer else None
+        embeds = self.embeddings(request)
+        out, final = self.denoise([request], embeds)
+        return self._rendered(out[0], request, None if final is None else final[0], embeds) if self.writer else None
 
-    def render_batch(self, requests: list[RenderRequest]) -> list[np.ndarray] | None:
+    def render_batch(self, requests: list[RenderRequest]) -> list[np.ndarray | Clip] | None:
         """Frames for several requests of one shape and text length in a single batched pipeline call.
 
         Latents come from each row's own generator, as in single calls; the batched forward differs
@@ -208,5 +227,8 @@ class Renderer:
                 embeds[key] = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
             else:
                 embeds[key] = torch.cat([p[key] for p in parts])
-        out = self.denoise(requests, embeds)
-        return [frames_uint8(frames) for frames in out] if self.writer else None
+        out, final = self.denoise(requests, embeds)
+        if not self.writer:
+            return None
+        return [self._rendered(frames, request, None if final is None else final[i], part)
+                for i, (frames, request, part) in enumerate(zip(out, requests, parts))]

@@ -40,6 +40,7 @@ def test_schema_columns_in_order():
         "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "format", "audio_sample_rate",
         "audio_seconds", "model", "model_revision", "weights", "sweep", "sweep_model", "sweep_seed_index", "worker",
         "gang", "options", "approximate", "attempts", "render_seconds", "finished_at",
+        "latents_key", "latents_sha256", "latents_bytes",
     ]
     assert not SCHEMA.field("id").nullable
     assert str(SCHEMA.field("finished_at").type) == "timestamp[us, tz=UTC]"

@@ -63,9 +63,13 @@ class OutputConfig:
     """Tries of a storage operation on transient errors before the job stops (progress kept)."""
     retry_backoff: float = 0.5
     """First backoff in seconds between tries; doubles each time (capped at 8 s), with jitter."""
+    latents: bool = False
+    """Also commit each row's final latents and prompt embeddings to `{uri}/latents/{stem}.safetensors` (Kandinsky 5
+    kinds only; docs/family.md#latents): what distillation and fine-tuning read. Part of what a committed row is."""
 
     def __post_init__(self) -> None:
         _require(bool(str(self.uri).strip()), "output.uri", self.uri, "must name an output prefix")
+        _require(isinstance(self.latents, bool), "output.latents", self.latents, "must be true or false")
         _require(self.retries >= 1, "output.retries", self.retries, "must be >= 1")
         _require(self.retry_backoff >= 0, "output.retry_backoff", self.retry_backoff, "must be >= 0")
         _require(self.format in FORMATS, "output.format", self.format, f"must be one of {', '.join(FORMATS)}")

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from kandinsky_batch.intake.images import read as read_image
+from kandinsky_batch.output.layout import latents_key
 from kandinsky_batch.output.poster import poster
 from kandinsky_batch.output.record import BatchResult, Stamp
 from kandinsky_batch.intake.rows import Task
@@ -103,10 +104,16 @@ class RenderWorker:
         if spec.parallel.world_size == 1:
             self.renderer = open_renderer(spec.model_path, storage_options=spec.model_storage_options,
                                           options=spec.options)
+            self._keep_latents()
             self.loaded.set()
         self.storage = Storage(spec.output_uri, spec.output_storage_options, retries=spec.retries,
                                backoff=spec.retry_backoff)
         self.scorers = load_scorers(spec.score, spec.score_weights) if spec.score and rank == 0 else {}
+
+    def _keep_latents(self) -> None:
+        """Ask the renderer for each row's latents when the job saves them (`output.latents`)."""
+        if self.spec.stamp.latents:
+            self.renderer.keep_latents = True
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: an address and free port for the gang's process group (loopback in a local Ray)."""
@@ -130,6 +137,7 @@ class RenderWorker:
             init_gang(self.rank, self.spec.parallel.world_size, address[0], address[1], device)
             self.renderer = open_gang(self.spec.model_path, self.spec.parallel, self.rank, device=device,
                                       storage_options=self.spec.model_storage_options, options=self.spec.options)
+            self._keep_latents()
         except BaseException as exc:
             self.load_error = exc  # rows waiting for the model fail with this instead of waiting forever
             raise
@@ -238,11 +246,14 @@ class RenderWorker:
             data = (encode(rendered, self.spec.stamp.format, fps) if task.source is None
                     else encode_upscaled(rendered, task.source, self.spec.stamp.format, fps))
             still = poster(frames)  # before any commit: a poster that cannot be made fails the row, leaving nothing
+            latents = self._latents(task, rendered)
             key, still_key = self.spec.stamp.keys(task.id)
             if not self._put(key, data, task.overwrite):
                 # An earlier attempt of this row committed first (its replica died before answering):
                 # objects are created at most once per key, so that one stands and is what we record.
                 data = self.storage.get_bytes(key)
+            if latents is not None and not self._put(latents[0], latents[1], task.overwrite):
+                latents = (latents[0], self.storage.get_bytes(latents[0]))  # the earlier attempt's, like its video
             # After the video: should this process die in between, a re-run adopts the video and makes its poster.
             # A poster already there (an earlier attempt's, of the same frames) stands like the video.
             self._put(still_key, still, task.overwrite)
@@ -250,10 +261,23 @@ class RenderWorker:
             raise
         except Exception as exc:  # noqa: BLE001 - an encode or poster error fails this row only
             return self.spec.stamp.failed(row, _describe(exc))
-        committed = self.spec.stamp.ok(row, key, data, still_key, weights=self.weights)
+        committed = self.spec.stamp.ok(row, key, data, still_key, latents, weights=self.weights)
         if self.scorers:  # from the committed bytes, as the scoring stage reads them: the same scores
             committed[FUSED] = self._score(task, key, data, committed["sha256"], fps)
         return committed
+
+    def _latents(self, task: Task, rendered) -> tuple[str, bytes] | None:
+        """(key, safetensors bytes) of the row's latents when the job saves them; a row re-rendered in place
+        without them loses the stale object of an earlier run that had them."""
+        key = self.spec.stamp.latents_key(task.id)
+        if key is None:
+            if task.overwrite:
+                self.storage.delete(latents_key(task.id))
+            return None
+        saved = getattr(rendered, "latents", None)
+        if saved is None:
+            raise ValueError(f"output.latents=True: the renderer of {self.spec.model_path!r} returned no latents")
+        return key, saved.to_bytes()
 
     def _score(self, task: Task, key: str, data: bytes, sha256: str, fps: int) -> dict:
         """The score row of a video just committed (its errors in `score_error`: the render stays ok)."""

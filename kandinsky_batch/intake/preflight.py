@@ -32,7 +32,7 @@ from kandinsky_batch.config.sweep import ModelVariant, Sweep
 from kandinsky_batch.intake.job_output import SourceManifest, is_job_output
 from kandinsky_batch.output.video import IMAGE_FORMATS
 from pipelines import ModelSpec, load_spec
-from pipelines.kinds import BY_NAME, IMAGE, IMAGE_REQUIRED, NO_IMAGE, VIDEO_AUDIO, Kind
+from pipelines.kinds import BY_NAME, IMAGE, IMAGE_REQUIRED, NO_IMAGE, SIMULATED, SIMULATED_KIND, VIDEO_AUDIO, Kind
 from pipelines.resolve import ModelNotFound, pinned, preset
 
 SOUND_FPS = 24  # Kandinsky 6 denoises sound and frames together for 24 fps (pipelines.limits_k6.FRAME_RATE)
@@ -99,6 +99,13 @@ def check_format(fmt: str, kind: Kind, model: str) -> None:
     if fmt not in allowed:
         raise ConfigError(f"output.format={fmt!r}: {model} is a {kind.name} model and renders "
                           f"{'images' if kind.output == IMAGE else 'video'} (formats: {', '.join(allowed)})")
+
+
+def check_latents(latents: bool, kind: Kind, model: str) -> None:
+    """`output.latents` needs a model whose render is one latent from a prompt (Kandinsky 5's kinds)."""
+    entry = SIMULATED_KIND if model.startswith(SIMULATED) else kind
+    if latents and entry.no_latents is not None:
+        raise ConfigError(f"output.latents=True: {model} is {entry.title} ({entry.name}): {entry.no_latents}")
 
 
 def check_revision(model: ModelConfig) -> None:
@@ -218,6 +225,7 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
         kind = BY_NAME[spec.kind]
         check_upscale(kind, upscale, sweep, cfg.input.path, variant.model.path)
         check_format(cfg.output.format, kind, variant.model.path)
+        check_latents(cfg.output.latents, kind, variant.model.path)
         if not upscale:
             check_image_column(kind, dataset.schema.names, cfg.input.path)
         fps = variant.render.written_fps(kind.upscales)
@@ -226,7 +234,8 @@ def preflight(cfg: JobConfig, force: bool = False) -> Checked:
                               f"{SOUND_FPS} fps video (rule: render.fps={SOUND_FPS})")
         stamp = Stamp(model=variant.model.path, format=cfg.output.format, fps=fps, options=options,
                       sound=dataset.sound if kind.upscales else kind.output == VIDEO_AUDIO and options.sample_audio,
-                      folder=IMAGES_DIR if kind.output == IMAGE else VIDEOS_DIR, revision=variant.model.revision)
+                      folder=IMAGES_DIR if kind.output == IMAGE else VIDEOS_DIR, revision=variant.model.revision,
+                      latents=cfg.output.latents)
         # 4. What the output prefix holds (read once): rows committed with other parameters are refused unless forced.
         outputs = outputs.with_stamp(stamp) if outputs else OutputState(storage, stamp, force=force, positional=id_column is None)
         images = ImageReader(cfg.input.path, cfg.input.storage_options) if kind.image != NO_IMAGE else None

@@ -1,8 +1,10 @@
 """What an output prefix already holds, and so what a (re-)run still has to render.
 
-A row is done when the manifest holds it `ok` with the same effective parameters. A video that sits
+A row is done when the manifest holds it `ok` with the same effective parameters and, when the job saves latents
+(`output.latents`), with its latents (and without them when it does not). A video that sits
 under its key without a manifest row (the driver died after the upload) is adopted once it decodes
-to the expected shape; a truncated one is rendered again. Rows committed with other parameters are
+to the expected shape (never when the job saves latents: they are not in the video); a truncated one is rendered
+again. Rows committed with other parameters, or with latents where the job wants none or the reverse, are
 never mixed in silently: `check_conflicts` refuses them before anything renders, unless forced.
 
 The manifest and the object listing are loaded once as Arrow arrays; each window of tasks is then
@@ -32,7 +34,9 @@ from kandinsky_batch.errors import ResumeConflict
 # What decides a row's pixels and bytes: if any differs, an old object is not this row's output.
 IDENTITY = ("prompt", "negative_prompt", "image_sha256", "source_sha256", "seed", "height", "width",
             "num_frames", "num_inference_steps", "guidance_scale", "model", "format", "fps", "options")
-OUTCOME_COLUMNS = ["id", "row_index", "status", "finished_at", *IDENTITY]
+# Whether the row has its latents: compared like IDENTITY (a column of the outcomes, `output.latents` of the job).
+LATENTS = "latents"
+OUTCOME_COLUMNS = ["id", "row_index", "status", "finished_at", *IDENTITY, "latents_key"]
 
 
 @dataclass
@@ -60,13 +64,14 @@ def _digested(table: pa.Table) -> pa.Table:
     for name in TEXTS:
         column = pa.array([digest(t) for t in table[name].to_pylist()], pa.int64())
         table = table.set_column(table.schema.get_field_index(name), name, column)
-    return table
+    return table.append_column(LATENTS, pc.is_valid(table["latents_key"]))
 
 
 def identity(row: dict) -> tuple:
-    """What decides a row's output, texts as digests (committed rows are held that way)."""
-    return tuple(row.get(k) if k not in TEXTS or not isinstance(row.get(k), str) else digest(row[k])
-                 for k in IDENTITY)
+    """What decides a row's output, texts as digests (committed rows are held that way), and whether it has
+    its latents."""
+    return (*(row.get(k) if k not in TEXTS or not isinstance(row.get(k), str) else digest(row[k])
+              for k in IDENTITY), bool(row.get(LATENTS)))
 
 
 def _complete(data: bytes, task: Task, fmt: str) -> np.ndarray | None:
@@ -81,8 +86,9 @@ def _complete(data: bytes, task: Task, fmt: str) -> np.ndarray | None:
 
 
 def _describe(task: Task, before: dict, want: dict) -> str:
-    changed = [k for k, a, b in zip(IDENTITY, identity(before), identity(want)) if a != b]
-    shown = [f"{k}: changed" if k in TEXTS else f"{k}: {before.get(k)!r} -> {want.get(k)!r}" for k in changed[:3]]
+    changed = [k for k, a, b in zip((*IDENTITY, LATENTS), identity(before), identity(want)) if a != b]
+    shown = [f"{k}: changed" if k in TEXTS else f"output.latents: {bool(before.get(k))} -> {want.get(k)}"
+             if k == LATENTS else f"{k}: {before.get(k)!r} -> {want.get(k)!r}" for k in changed[:3]]
     return f"id={task.id!r} ({', '.join(shown)})"
 
 
@@ -105,6 +111,10 @@ class OutputState:
         other.stamp = stamp
         return other
 
+    def _wanted(self, values: dict) -> dict:
+        """What a row committed by this job holds: the stamped row, and whether it has latents."""
+        return {**self.stamp.row(values), LATENTS: self.stamp.latents}
+
     def _previous(self, ids: list[str]) -> dict[str, dict]:
         if self.outcomes.num_rows == 0 or not ids:
             return {}
@@ -119,7 +129,7 @@ class OutputState:
         ok = {k: identity(r) for k, r in previous.items() if r["status"] == "ok"}
         if not ok:
             return None
-        return lambda candidate: ok.get(candidate["id"]) == identity(self.stamp.row(candidate))
+        return lambda candidate: ok.get(candidate["id"]) == identity(self._wanted(candidate))
 
     def split(self, tasks: list[Task], dry_run: bool = False) -> Split:
         """Sort a window of tasks into done (skip), adopted (commit without rendering) and todo (render).
@@ -132,7 +142,7 @@ class OutputState:
         present = (pc.is_in(pa.array(keys, pa.string()), self.objects).to_pylist() if len(self.objects)
                    else [False] * len(tasks))
         for task, key, exists in zip(tasks, keys, present):
-            want = self.stamp.row(task.row())
+            want = self._wanted(task.row())
             before = previous.get(task.id)
             if before is not None and before["status"] == "ok":
                 if identity(before) == identity(want):
@@ -143,10 +153,11 @@ class OutputState:
                 continue
             if exists:
                 data = self.storage.get_bytes(key)
-                # Not with sound (the exact audio length is not recoverable from AAC) nor with expanded prompts
-                # (the rewrite the manifest records is not in the object): render it again.
+                # Not with sound (the exact audio length is not recoverable from AAC), with expanded prompts
+                # (the rewrite the manifest records is not in the object) nor with latents (not in it either):
+                # render it again.
                 frames = (_complete(data, task, ext) if before is None and not self.stamp.sound
-                          and not self.stamp.options.expand_prompts else None)
+                          and not self.stamp.options.expand_prompts and not self.stamp.latents else None)
                 if frames is not None:
                     # Its poster, made from the decoded frames; one already there (the same render's) stands.
                     still = self.stamp.keys(task.id)[1]

@@ -2,6 +2,7 @@
 
     {output.uri}/videos/{stem}.{format}    a row's render (`images/` for a still-image model)
     {output.uri}/posters/{stem}.jpg        its poster (the middle frame)
+    {output.uri}/latents/{stem}.safetensors  its final latents and prompt embeddings (`output.latents: true`)
     {output.uri}/manifest/part-*.parquet   the manifest's parts
     {output.uri}/_SUCCESS                  the job's summary, written last
     {output.uri}/_RUNNING                  the heartbeat of a job writing there
@@ -16,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import re
 
-VIDEOS_DIR, IMAGES_DIR, POSTERS_DIR = "videos", "images", "posters"
-OBJECT_DIRS = (VIDEOS_DIR, IMAGES_DIR, POSTERS_DIR)
+VIDEOS_DIR, IMAGES_DIR, POSTERS_DIR, LATENTS_DIR = "videos", "images", "posters", "latents"
+OBJECT_DIRS = (VIDEOS_DIR, IMAGES_DIR, POSTERS_DIR, LATENTS_DIR)
 """The folders of rows' objects: nothing else may lie under them (`verify`)."""
 MANIFEST_DIR = "manifest"
 SCORES_DIR = "scores"
@@ -53,6 +54,11 @@ def object_key(row_id: str, fmt: str, folder: str = VIDEOS_DIR) -> str:
 def poster_key(row_id: str) -> str:
     """Deterministic key `posters/{safe}.jpg` of a row's poster: the same stem as its video's key."""
     return f"{POSTERS_DIR}/{stem(row_id)}.jpg"
+
+
+def latents_key(row_id: str) -> str:
+    """Deterministic key `latents/{safe}.safetensors` of a row's latents (`pipelines.latents`): its video's stem."""
+    return f"{LATENTS_DIR}/{stem(row_id)}.safetensors"
 
 
 def key_from_uri(uri: str | None) -> str | None:

@@ -63,6 +63,10 @@ SCHEMA = pa.schema(
         pa.field("attempts", pa.int32()),
         pa.field("render_seconds", pa.float64()),
         pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+        # `output.latents: true`: the row's latents object (`latents/{stem}.safetensors`, relative to the output).
+        pa.field("latents_key", pa.string()),
+        pa.field("latents_sha256", pa.string()),
+        pa.field("latents_bytes", pa.int64()),
     ]
 )
 

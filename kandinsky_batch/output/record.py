@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from kandinsky_batch.output.layout import VIDEOS_DIR, object_key, poster_key
+from kandinsky_batch.output.layout import VIDEOS_DIR, latents_key, object_key, poster_key
 from pipelines.request import RenderOptions
 
 
@@ -48,6 +48,8 @@ class Stamp:
     """The prefix's folder of the rows' objects: `videos`, or `images` for a still-image model."""
     revision: str | None = None
     """The hub revision (`model.revision`) the model is pinned to, or None."""
+    latents: bool = False
+    """Whether every ok row also commits its latents and prompt embeddings (`output.latents`)."""
 
     def keys(self, row_id: str) -> tuple[str, str]:
         """(object key, poster key) of a row under the output prefix: where its render and its poster go."""
@@ -72,10 +74,18 @@ class Stamp:
         """A `failed` manifest row (`failed`) with the job's values."""
         return self.row(failed(values, error, **run))
 
-    def ok(self, values: dict, key: str, data: bytes, poster_key: str, **run) -> dict:
-        """An `ok` manifest row: its object's key, size and checksum, its poster's key; `run`: how it was made."""
+    def latents_key(self, row_id: str) -> str | None:
+        """The key of a row's latents object, or None when the job does not save latents."""
+        return latents_key(row_id) if self.latents else None
+
+    def ok(self, values: dict, key: str, data: bytes, poster_key: str, latents: tuple[str, bytes] | None = None,
+           **run) -> dict:
+        """An `ok` manifest row: its object's key, size and checksum, its poster's key, its latents' (key, bytes)
+        if it has them; `run`: how it was made."""
+        saved = {} if latents is None else {"latents_key": latents[0], "latents_bytes": len(latents[1]),
+                                            "latents_sha256": hashlib.sha256(latents[1]).hexdigest()}
         return self.row(values, **run, status="ok", error=None, key=key, bytes=len(data),
-                        sha256=hashlib.sha256(data).hexdigest(), poster_key=poster_key)
+                        sha256=hashlib.sha256(data).hexdigest(), poster_key=poster_key, **saved)
 
     def adopted(self, values: dict, key: str, data: bytes, poster_key: str) -> dict:
         """An orphaned object taken as the row's render: `ok`, never tried by a replica."""

@@ -1,5 +1,6 @@
 """Check a finished output: `_SUCCESS`, one manifest row per id, every ok object present and intact, no strays.
 
+An ok row with latents (`latents_key`) must have them with their size and checksum, like its video.
 Every ok row's poster must exist and decode whole as a JPEG. An ok row without a poster is accepted only when it
 was committed before the output's first row with one (an earlier version of kandinsky-batch wrote it, before
 posters existed, and a re-run skips done rows rather than revisit them); any later ok row without one is a problem.
@@ -52,20 +53,29 @@ def open_target(uri: str, storage_options: dict | None, verb: str, error: type[E
     return storage
 
 
-def _check_object(storage: Storage, row: dict) -> tuple[str | None, str | None]:
-    """(key, problem) for one ok row; key is None when the uri cannot be mapped to a key."""
-    rid, key = row["id"], row["key"]
-    if key is None or row["bytes"] is None or row["sha256"] is None:
-        return None, f"id={rid!r}: ok row lacks key, bytes or sha256"
+def _check_object(storage: Storage, row: dict, prefix: str = "") -> tuple[str | None, str | None]:
+    """(key, problem) for one ok row's object (`prefix`: its `latents_` columns for its latents); key is None when
+    the uri cannot be mapped to a key."""
+    rid, key, size_, sha256 = row["id"], row[f"{prefix}key"], row[f"{prefix}bytes"], row[f"{prefix}sha256"]
+    what = "latents" if prefix else "object"
+    if key is None or size_ is None or sha256 is None:
+        return None, f"id={rid!r}: ok row lacks {prefix}key, {prefix}bytes or {prefix}sha256"
     size = storage.size(key)
     if size is None:
-        return key, f"id={rid!r}: object {key} is missing"
-    if size != row["bytes"]:
-        return key, f"id={rid!r}: object {key} has {size} bytes, manifest says {row['bytes']}"
+        return key, f"id={rid!r}: {what} {key} is missing"
+    if size != size_:
+        return key, f"id={rid!r}: {what} {key} has {size} bytes, manifest says {size_}"
     digest = hashlib.sha256(storage.get_bytes(key)).hexdigest()
-    if digest != row["sha256"]:
-        return key, f"id={rid!r}: object {key} has sha256 {digest}, manifest says {row['sha256']}"
+    if digest != sha256:
+        return key, f"id={rid!r}: {what} {key} has sha256 {digest}, manifest says {sha256}"
     return key, None
+
+
+def _check_latents(storage: Storage, row: dict) -> tuple[str | None, str | None]:
+    """(key, problem) for one ok row's latents; (None, None) for a row without any."""
+    if row["latents_key"] is None and row["latents_bytes"] is None and row["latents_sha256"] is None:
+        return None, None
+    return _check_object(storage, row, "latents_")
 
 
 def _check_poster(storage: Storage, row: dict, predates_posters: bool) -> tuple[str | None, str | None]:
@@ -122,13 +132,14 @@ def verify(uri: str, storage_options: dict | None = None) -> list[str]:
         problems.append(f"id={row['id']!r}: status {row['status']!r} is not one of {list(STATUSES)}")
 
     ok = table.filter(pc.equal(table["status"], "ok"))
-    ok_rows = ok.select(["id", "key", "bytes", "sha256", "poster_key", "finished_at"]).to_pylist()
+    ok_rows = ok.select(["id", "key", "bytes", "sha256", "poster_key", "finished_at", "latents_key", "latents_bytes",
+                         "latents_sha256"]).to_pylist()
     first_poster = pc.min(ok.filter(pc.is_valid(ok["poster_key"]))["finished_at"]).as_py()
 
     def check(row: dict) -> list[tuple[str | None, str | None]]:
         # Null finished_at ranks oldest, as in the manifest's own resolution.
         predates = first_poster is None or row["finished_at"] is None or row["finished_at"] < first_poster
-        return [_check_object(storage, row), _check_poster(storage, row, predates)]
+        return [_check_object(storage, row), _check_poster(storage, row, predates), _check_latents(storage, row)]
 
     with ThreadPoolExecutor(_CHECK_THREADS) as pool:
         results = [found for pair in pool.map(check, ok_rows) for found in pair]
