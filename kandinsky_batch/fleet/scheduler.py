@@ -61,8 +61,8 @@ class WorkQueue:
                  on_row: Callable[[dict], None], wait: Callable[[list, float], list], get: Callable[[Any], Any],
                  prefetch: int = 2, batch_size: int = 1, tick_seconds: float = 1.0, fleet_seconds: float = 2.0,
                  no_replica_timeout: float = 900.0, low_water: int = 4096,
-                 on_tick: Callable[["WorkQueue"], None] = lambda queue: None, clock: Callable[[], float] = time.monotonic,
-                 should_stop: Callable[[], bool] = lambda: False):
+                 on_tick: Callable[["WorkQueue"], None] = lambda queue: None,
+                 clock: Callable[[], float] = time.monotonic, should_stop: Callable[[], bool] = lambda: False):
         self.pools = {p.name: p for p in pools}
         self.fleet, self.source = fleet, source
         self.max_attempts, self.on_row, self.wait, self.get = max_attempts, on_row, wait, get
