@@ -135,7 +135,7 @@ def _write_dataset(path: Path, rows: int) -> list[str]:
 
 def _objects(videos: Path) -> set[str]:
     """Committed objects (whole files; in-flight temp files skipped)."""
-    from kandinsky_batch.output.storage import TEMP_PREFIX
+    from kandinsky_batch.output.leftovers import TEMP_PREFIX
 
     try:
         return {name for name in os.listdir(videos) if not name.startswith(TEMP_PREFIX)}

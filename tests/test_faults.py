@@ -25,8 +25,8 @@ from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
 from kandinsky_batch.output.manifest import read_manifest
 from kandinsky_batch.output.layout import MANIFEST_DIR
-from kandinsky_batch.errors import StorageOutage
-from kandinsky_batch.output.storage import Storage, StorageUnavailable
+from kandinsky_batch.errors import StorageOutage, StorageUnavailable
+from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.verify import verify
 from tests.faults import MARKER
 from tests.helpers import TINY_RENDER, write_dataset

@@ -10,7 +10,9 @@ import re
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from kandinsky_batch.output.storage import TEMP_PREFIX, Storage, StorageUnavailable
+from kandinsky_batch.errors import StorageUnavailable
+from kandinsky_batch.output.leftovers import TEMP_PREFIX
+from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.layout import object_key
 
 

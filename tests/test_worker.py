@@ -9,7 +9,7 @@ from kandinsky_batch.fleet import worker as worker_module
 from kandinsky_batch.output.poster import poster
 from kandinsky_batch.output.record import Stamp
 from kandinsky_batch.intake.rows import Task
-from kandinsky_batch.output.storage import StorageUnavailable
+from kandinsky_batch.errors import StorageUnavailable
 from kandinsky_batch.output.layout import poster_key
 from kandinsky_batch.output.video import decode
 from kandinsky_batch.fleet.worker import RenderWorker, Turnstile, WorkerSpec

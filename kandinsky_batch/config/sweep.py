@@ -1,4 +1,4 @@
-"""Evaluation sweeps: the `sweep:` block of a job config, and each input row expanded into its grid of cells.
+"""Evaluation sweeps: the `sweep:` block of a job config parsed into model variants and the grid of cells.
 
 A sweep names axes, each a list of values; the job renders every input row x every combination:
 
@@ -13,7 +13,8 @@ object keys, and the same whatever other values an axis holds, so adding a value
 axis values are recorded as JSON in the manifest's `sweep` column. Axis values fill the render parameters where
 the row's own column is null (a row's column still overrides); a model value may carry its own `render` defaults
 (where no axis sets the parameter) and its replicas' gang shape (`cluster`). The seed of seed k is the one the row gets
-with `render.seed + k`, so seed 0 of a row is the seed it gets without a sweep.
+with `render.seed + k`, so seed 0 of a row is the seed it gets without a sweep. The intake expands each input
+row into its cells (`intake/cells.py`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,9 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, fields, replace
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from kandinsky_batch.config.schema import (MAX_SEED, ClusterConfig, ConfigError, JobConfig, ModelConfig, RenderConfig,
-                                           derive_seed)
+from kandinsky_batch.config.schema import MAX_SEED, ClusterConfig, ConfigError, JobConfig, ModelConfig, RenderConfig
 
 # The render axes, in the order their parts appear in a cell id, with the id prefix and Arrow type of each.
 RENDER_AXES = {
@@ -247,71 +245,3 @@ class Sweep:
             values = ({"model": variant.label} if self.swept_models else {}) | cell.values
             found.append((SEP + SEP.join(parts) if parts else "", json.dumps(values) if values else None, cell))
         return found
-
-    def expand(self, batch: pa.Table, ids: pa.Array, rows: np.ndarray, variant: ModelVariant,
-               job_seed: int) -> tuple[pa.Table, np.ndarray, dict[int, str]]:
-        """The cells of `batch` (input rows `rows` with ids `ids`) on one model: ids, seeds and axis values set,
-        and the errors of cells that cannot be rendered as the sweep asks (by position in the cells' table)."""
-        if not self.active:  # an input column named `sweep` is not the manifest's
-            return (batch.drop_columns(["sweep"]) if "sweep" in batch.column_names else batch), rows, {}
-        base = ids.to_pylist()
-        own = batch.column("seed").to_pylist() if "seed" in batch.column_names else [None] * len(base)
-        errors = {}
-        if self.cells[0].seed is not None:
-            # A row's own seed and a seeds axis would both decide the same seed: the row is not rendered.
-            clash = [i for i, s in enumerate(own) if s is not None]
-            for offset in range(len(self.cells)):
-                errors.update({offset * len(base) + i: f"seed={own[i]}: the row sets its own seed (rule: a sweep "
-                               f"with a seeds axis sets every cell's seed; drop the row's seed)" for i in clash})
-        tables = []
-        for suffix, values, cell in self.cells_of(variant):
-            table = batch
-            for axis, value in cell.render.items():
-                kind = RENDER_AXES[axis][1]
-                if axis in table.column_names:  # the row's own value overrides the axis
-                    column = pc.fill_null(table.column(axis).cast(kind), pa.scalar(value, kind))
-                else:
-                    column = pa.array([value] * table.num_rows, kind)
-                table = _set(table, axis, column)
-            table = _set(table, "id", pc.binary_join_element_wise(ids, pa.scalar(suffix), ""))
-            if cell.seed is not None:
-                seeds = [_cell_seed(cell.seed, job_seed, i) if s is None else s for i, s in zip(base, own)]
-            else:
-                seeds = [_cell_seed(None, job_seed, i) if s is None else s for i, s in zip(base, own)]
-            table = _set(table, "seed", pa.array(seeds, pa.int64()))
-            table = _set(table, "sweep", pa.array([values] * table.num_rows, pa.string()))
-            # The cell's axis values typed, named apart from the effective `model` (a path) and `seed` (a number).
-            if self.swept_models:
-                table = _set(table, "sweep_model", pa.array([variant.label] * table.num_rows, pa.string()))
-            if cell.seed_index is not None:
-                table = _set(table, "sweep_seed_index", pa.array([cell.seed_index] * table.num_rows, pa.int64()))
-            tables.append(table)
-        return pa.concat_tables(tables, promote_options="permissive"), np.tile(rows, len(tables)), errors
-
-    def annotate(self, invalid: list[dict], variant: ModelVariant) -> list[dict]:
-        """Name the sweep axis in the errors of invalid cells whose failing field an axis set."""
-        if not self.active:
-            return invalid
-        for row in invalid:
-            values = json.loads(row["sweep"]) if row.get("sweep") else {}
-            axis = next((a for a in RENDER_AXES if a in values and (row.get("error") or "").startswith(f"{a}=")
-                         and row.get(a) == values[a]), None)
-            if axis is not None:
-                row["error"] = f"sweep axis {row['error']}"
-            if self.swept_models:
-                row["error"] = f"{row['error']} (sweep model {variant.label!r}: {variant.model.path})"
-        return invalid
-
-
-def _set(table: pa.Table, name: str, column) -> pa.Table:
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, column)
-    return table.append_column(name, column)
-
-
-def _cell_seed(seed: tuple | None, job_seed: int, row_id: str) -> int:
-    if seed is None:
-        return derive_seed(job_seed, row_id)
-    kind, value = seed
-    return derive_seed(job_seed + value, row_id) if kind == "count" else value
-

@@ -5,14 +5,8 @@ of actors (sequence/CFG parallel) fed the same rows in lockstep. Each replica li
 state machine (starting -> ready -> dead -> starting ..., or retired) that holds its in-flight batches
 in dispatch order. The queue:
 
-- follows the fleet: every few seconds it asks `Fleet.capacity()` how many units (GPUs) each replica group
-  may use now, starts slots up to it (GPUs joined) and retires starting slots beyond it (a node was lost). A
-  slot gets rows only once its replica is ready, so a replacement that cannot be placed never holds rows;
-- splits a group among the pools of several models (a sweep) by their remaining work: each new slot goes
-  to the pool with the most work per replica (D'Hondt apportionment, the cost model's units). A replica
-  keeps its model while its pool has rows; once its pool has none left and none can come now (every row
-  is known, or the queue is full of other models' rows), it is torn down and reloaded as the model with
-  the most work per replica (`switches`), so no GPU idles while any model has rows waiting;
+- follows the fleet and splits each replica group among the pools of several models by their remaining
+  work, reloading a replica whose model has no rows left as one that has some (`rebalance.py`);
 - keeps each ready replica `prefetch` batches deep, so its next row is ready the moment a render ends;
 - on a replica's death (any rank of a gang, or its node): the batch it was running counts an attempt and
   goes back to the queue, batches queued behind it go back without one, and the slot is rebuilt (or
@@ -26,20 +20,16 @@ Ray is injected (`wait`, `get`, the replicas' spawn functions), so tests drive e
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from collections import deque
 from typing import Any, Callable, Iterable, Protocol
 
+from kandinsky_batch.fleet import rebalance
+from kandinsky_batch.fleet.rebalance import Fleet
 from kandinsky_batch.fleet.slot import Flight, Pool, ReplicaLost, Slot, SlotState
 from kandinsky_batch.output.record import BatchResult, failed
 from kandinsky_batch.intake.rows import Task
 from kandinsky_batch.errors import StorageOutage, WorkersFailed
-
-logger = logging.getLogger(__name__)
-
-class Fleet(Protocol):
-    def capacity(self) -> dict[str, int]: ...  # units (GPUs) each replica group may use now
 
 
 class Source(Protocol):
@@ -71,8 +61,8 @@ class WorkQueue:
                  on_row: Callable[[dict], None], wait: Callable[[list, float], list], get: Callable[[Any], Any],
                  prefetch: int = 2, batch_size: int = 1, tick_seconds: float = 1.0, fleet_seconds: float = 2.0,
                  no_replica_timeout: float = 900.0, low_water: int = 4096,
-                 on_tick: Callable[["WorkQueue"], None] = lambda queue: None, clock: Callable[[], float] = time.monotonic,
-                 should_stop: Callable[[], bool] = lambda: False):
+                 on_tick: Callable[["WorkQueue"], None] = lambda queue: None,
+                 clock: Callable[[], float] = time.monotonic, should_stop: Callable[[], bool] = lambda: False):
         self.pools = {p.name: p for p in pools}
         self.fleet, self.source = fleet, source
         self.max_attempts, self.on_row, self.wait, self.get = max_attempts, on_row, wait, get
@@ -82,7 +72,7 @@ class WorkQueue:
         self.stopped = False
         """`run` returned because `should_stop()` said so (a signal), with rows left."""
         self.slots: list[Slot] = []
-        self.warned: set[str] = set()
+        self.warned: set[str] = set()  # groups already warned of having no room
         self.hungry: set[Slot] = set()  # ready slots with room for another batch: only these are fed
         self.flying = 0                 # rows on replicas
         self.refs: dict[Any, tuple[Slot, Flight | None]] = {}  # outstanding ref -> its slot and batch (None: ready)
@@ -104,6 +94,13 @@ class WorkQueue:
     def live(self, pool: Pool) -> list[Slot]:
         return [s for s in self.slots if s.pool is pool and s.state is not SlotState.RETIRED]
 
+    @property
+    def exhausted(self) -> bool:
+        return self.source.exhausted
+
+    def full(self) -> bool:
+        return self._waiting() >= self.low_water
+
     def _finished(self) -> bool:
         return self.source.exhausted and self.queued() == 0
 
@@ -123,10 +120,10 @@ class WorkQueue:
                 self._pull()
                 # 2. Follow the fleet: start replicas where GPUs joined, retire starting ones that cannot run.
                 if now >= next_fleet:
-                    self._reconcile(now)
+                    rebalance.reconcile(self, now)
                     next_fleet = now + self.fleet_seconds
                 # 3. A replica whose model has no rows left takes a model that has some.
-                self._switch(now)
+                rebalance.switch(self, now)
                 # 4. Keep every ready replica `prefetch` batches deep.
                 for slot in list(self.hungry):
                     self._feed(slot, now)
@@ -174,103 +171,25 @@ class WorkQueue:
         return sum(len(p.pending) for p in self.pools.values())
 
     def _pull(self) -> None:
-        if self._waiting() >= self.low_water:
+        if self.full():
             return
         for window in self.source.poll():
             for name, tasks in window.items():
                 self.pools[name].pending.extend((task, 0) for task in tasks)
 
-    def _groups(self) -> dict[str, list[Pool]]:
-        groups: dict[str, list[Pool]] = {}
-        for pool in self.pools.values():
-            groups.setdefault(pool.group, []).append(pool)
-        return groups
-
-    def _used(self, group: str) -> int:
-        return sum(s.pool.ranks for s in self.slots if s.pool.group == group and s.state is not SlotState.RETIRED)
-
-    def _work(self, pool: Pool) -> float:
-        """Rows left for the pool, in the cost model's units: waiting and on its replicas."""
-        flying = sum(t.cost() for s in self.live(pool) for f in s.flights for t, _ in f.batch)
-        return flying + sum(task.cost() for task, _ in pool.pending)
-
-    def _neediest(self, pools: list[Pool], free: int, work: dict[str, float]) -> Pool | None:
-        """The pool a new replica of this group should serve: the most work per GPU (a gang of 2 counts twice),
-        among pools with rows a new replica would get. A group of one pool keeps its replicas while rows may
-        still come."""
-        best, best_score = None, -1.0
-        for pool in pools:
-            live = self.live(pool)
-            if pool.ranks > free:
-                continue
-            if (self.source.exhausted or len(pools) > 1) and \
-                    len(live) >= len(pool.pending) + sum(1 for s in live if s.flights):
-                continue  # every row it has is on a replica already
-            score = work[pool.name] / ((len(live) + 1) * pool.ranks)  # work per GPU once it has one more
-            if score > best_score:
-                best, best_score = pool, score
-        return best
-
-    def _start(self, pool: Pool, now: float) -> Slot:
+    def start(self, pool: Pool, now: float) -> Slot:
+        """A new slot of the pool, its replica starting."""
         index = sum(1 for s in self.slots if s.pool is pool)  # replica names stay unique in a job
         slot = Slot(pool, index, pool.spawn(index), now)
         self.slots.append(slot)
         self._track_start(slot)
         return slot
 
-    def _reconcile(self, now: float) -> None:
-        capacity = self.fleet.capacity()
-        for group, pools in self._groups().items():
-            budget, used = capacity.get(group, 0), self._used(group)
-            if not budget and not used and group not in self.warned:
-                self.warned.add(group)
-                logger.warning("replica group %r has no room in the cluster now (%s); waiting up to %.0f s "
-                               "(cluster.no_replica_timeout) for GPUs to join", group, capacity, self.no_replica_timeout)
-            work = {p.name: self._work(p) for p in pools} if used < budget else {}
-            while used < budget:
-                pool = self._neediest(pools, budget - used, work)
-                if pool is None:
-                    break
-                self._start(pool, now)
-                used += pool.ranks
-            # Retire the newest starting slots beyond capacity: they hold no rows.
-            for slot in reversed([s for s in self.slots if s.pool.group == group]):
-                if used <= budget:
-                    break
-                if slot.state is SlotState.STARTING:
-                    self._forget(slot)
-                    slot.retire()
-                    used -= slot.pool.ranks
-
-    def _switch(self, now: float) -> None:
-        """Ready replicas with nothing to do whose pools are empty reload as the model of their group with the most
-        work per GPU, if any has rows waiting for a replica (a gang takes as many idle replicas as it needs GPUs).
-        Only once no more rows can come for their own models now: every row is known, or the queue holds as many
-        rows as it takes (other models' backlog)."""
-        if len(self.pools) == 1 or not (self.source.exhausted or self._waiting() >= self.low_water):
-            return
-        idle = [s for s in self.slots if s.state is SlotState.READY and not s.flights and not s.pool.pending]
-        if not idle:
-            return
-        capacity = self.fleet.capacity()
-        for group, pools in self._groups().items():
-            spare = [s for s in idle if s.pool.group == group]
-            while spare:
-                free = capacity.get(group, 0) - self._used(group)
-                work = {p.name: self._work(p) for p in pools}
-                target = self._neediest(pools, free + sum(s.pool.ranks for s in spare), work)
-                if target is None:
-                    break
-                while free < target.ranks:
-                    slot = spare.pop()
-                    self.hungry.discard(slot)
-                    self._forget(slot)
-                    slot.retire()
-                    free += slot.pool.ranks
-                    self.switches += 1
-                    logger.info("replica %s#%d reloads as %s (%d rows waiting)", slot.pool.name, slot.index,
-                                target.name, len(target.pending))
-                self._start(target, now)
+    def retire(self, slot: Slot) -> None:
+        """Tear the slot's replica down for good: it gets no more rows and its answers are ignored."""
+        self.hungry.discard(slot)
+        self._forget(slot)
+        slot.retire()
 
     def _track_start(self, slot: Slot) -> None:
         self.refs.update({ref: (slot, None) for ref in slot.starting})
@@ -378,7 +297,7 @@ class WorkQueue:
                 raise WorkersFailed(f"replica {slot.pool.name}#{slot.index} failed to start "
                                     f"{slot.start_failures} times: {exc}")
         self.restarts += 1
-        if self._used(slot.pool.group) > self.fleet.capacity().get(slot.pool.group, 0):
+        if rebalance.used(self, slot.pool.group) > self.fleet.capacity().get(slot.pool.group, 0):
             slot.retire()  # the fleet shrank (a node was lost): do not wait for a place that is gone
             return
         failures = slot.start_failures

@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 from kandinsky_batch.output.record import BatchResult
-from kandinsky_batch.output.storage import Storage, StorageUnavailable
+from kandinsky_batch.errors import StorageUnavailable
+from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.video import IMAGE_FORMATS, decode_av, decode_image, decode_mp4, decode_npy, decode_npz
 from kandinsky_batch.output.video import container_fps
 from pipelines import ParallelSpec

@@ -22,7 +22,8 @@ from kandinsky_batch.output.layout import latents_key
 from kandinsky_batch.output.poster import poster
 from kandinsky_batch.output.record import BatchResult, Stamp
 from kandinsky_batch.intake.rows import Task
-from kandinsky_batch.output.storage import Storage, StorageUnavailable
+from kandinsky_batch.errors import StorageUnavailable
+from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.intake.job_output import encode_upscaled, read_source
 from kandinsky_batch.output.video import encode
 from kandinsky_batch.fleet.score_worker import FUSED, decode_video, load_scorers, score_video

@@ -138,7 +138,7 @@ def carried_columns(schema: pa.Schema) -> tuple[dict[str, str], pa.Schema]:
     name (`input_NAME` where the name is a manifest column's), and their manifest fields with the input's types."""
     names, fields = {}, []
     for f in schema:
-        if f.name in INPUT_COLUMNS or f.name == "sweep":  # an input's `sweep` is not the manifest's (sweep.expand)
+        if f.name in INPUT_COLUMNS or f.name == "sweep":  # an input's `sweep` is not the manifest's (cells.expand)
             continue
         names[f.name] = f"input_{f.name}" if f.name in SCHEMA.names else f.name
         fields.append(pa.field(names[f.name], f.type))

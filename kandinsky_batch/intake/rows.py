@@ -24,7 +24,7 @@ from pipelines.cost import cost, visual_tokens
 from pipelines.kinds import BY_NAME, IMAGE_REQUIRED, NO_IMAGE
 
 SWEEP_CELL_COLUMNS = ("sweep_model", "sweep_seed_index")
-"""A sweep cell's axis values as typed columns (set by `Sweep.expand`), named apart from the effective model and seed."""
+"""A sweep cell's axis values as typed columns (set by `cells.expand`), named apart from the effective model and seed."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from kandinsky_batch.intake.routing import route
 from kandinsky_batch.intake.ids import row_ids
 from kandinsky_batch.intake.rows import Task
 from kandinsky_batch.config.sweep import Sweep
+from kandinsky_batch.intake.cells import annotate, expand
 
 if TYPE_CHECKING:
     from kandinsky_batch.intake.preflight import Lane
@@ -57,7 +58,7 @@ def _keys(rows) -> pa.Table:
 def _expanded(batch: pa.Table, positions: np.ndarray, lane: "Lane", sweep: Sweep, job_seed: int):
     """One model's cells of a batch of input rows: (cells, their rows, sweep errors, cell ids)."""
     ids = row_ids(batch.column("id") if "id" in batch.column_names else None, positions)
-    cells, rows, errors = sweep.expand(batch, ids, positions, lane.variant, job_seed)
+    cells, rows, errors = expand(sweep, batch, ids, positions, lane.variant, job_seed)
     return cells, rows, errors, (row_ids(cells.column("id"), rows) if sweep.active else ids)
 
 
@@ -104,7 +105,7 @@ def sort_window(lane: "Lane", sweep: Sweep, validated, dry_run: bool = False) ->
     nothing (an orphan that would be adopted is decoded, but its poster is not made).
     """
     routed, unroutable = route(validated.task_list(), lane.cluster)
-    result = Sorted(sweep.annotate(validated.invalid + unroutable, lane.variant), list(validated.done), {}, [],
+    result = Sorted(annotate(sweep, validated.invalid + unroutable, lane.variant), list(validated.done), {}, [],
                     len(validated.done))
     for name, tasks in routed.items():
         if not tasks:

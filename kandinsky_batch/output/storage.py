@@ -2,51 +2,18 @@
 
 from __future__ import annotations
 
-import errno
 import os
-import random
-import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from kandinsky_batch.errors import StorageUnavailable
-
-try:
-    from botocore import exceptions as _boto
-except ImportError:  # botocore only comes with s3fs; other backends raise plain OSErrors
-    _boto = None
+from kandinsky_batch.output.leftovers import TEMP_PREFIX, abort_s3_uploads, is_temp, remove_local_temp
+from kandinsky_batch.output.retry import with_retries
 
 T = TypeVar("T")
-
-TEMP_PREFIX = ".tmp-"
-
-# Caller or backend problems that another attempt cannot fix.
-_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
-_PERMANENT_ERRNOS = {
-    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL, errno.EPERM, errno.ENOSYS
-}
-_TRANSIENT_BOTO = (
-    (_boto.ConnectionError, _boto.HTTPClientError, _boto.ReadTimeoutError, _boto.ConnectTimeoutError)
-    if _boto is not None
-    else ()
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: dropped connections, timeouts, 5xx-style OSErrors."""
-    if isinstance(exc, _PERMANENT):
-        return False
-    if isinstance(exc, _TRANSIENT_BOTO):
-        return True
-    # ConnectionError and TimeoutError are OSErrors; s3fs maps server errors (500, 503 SlowDown, unknown codes)
-    # to OSErrors with EREMOTEIO, EBUSY or EIO, and only caller mistakes to the errnos listed as permanent.
-    return isinstance(exc, OSError) and exc.errno not in _PERMANENT_ERRNOS
-
 
 def _walk(path: str):
     """Every file under a local directory, recursively (nothing if it does not exist)."""
@@ -122,19 +89,8 @@ class Storage:
         return _check_key(url[len(base) :])
 
     def _retry(self, key: str, op: Callable[[], T]) -> T:
-        last: BaseException | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                return op()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                last = exc
-            if attempt < self.retries:
-                # Full jitter keeps many workers from hammering a recovering endpoint in lockstep.
-                time.sleep(random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt)))
-        assert last is not None
-        raise StorageUnavailable(key, last) from last
+        """One operation under this storage's retry budget (`output.retries`, `output.retry_backoff`)."""
+        return with_retries(key, op, self.retries, self.backoff, self.max_backoff)
 
     def _write_local_temp(self, final: str, data: bytes) -> str:
         directory = os.path.dirname(final)
@@ -234,7 +190,7 @@ class Storage:
 
         base = self.root + "/"
         keys = (p[len(base) :] for p in self._retry(prefix, op) if p.startswith(base))
-        return sorted(k for k in keys if not k.rsplit("/", 1)[-1].startswith(TEMP_PREFIX))
+        return sorted(k for k in keys if not is_temp(k))
 
     def delete(self, key: str) -> None:
         """Remove an object; a missing one is not an error, so retries and re-runs are safe."""
@@ -252,48 +208,10 @@ class Storage:
         """Remove leftovers of interrupted writes (local temp files, S3 multipart uploads); returns the count."""
         path = self._path(prefix.rstrip("/"), allow_root=True)
         if self.local:
-            return self._retry(prefix, lambda: _cleanup_local(path, older_than_s))
+            return self._retry(prefix, lambda: remove_local_temp(path, older_than_s))
         if self.fs.protocol[0] in ("s3", "s3a"):
-            return self._retry(prefix, lambda: self._abort_s3_uploads(path, older_than_s))
+            return self._retry(prefix, lambda: abort_s3_uploads(self.fs, path, older_than_s))
         return 0  # GCS resumable uploads and Azure uncommitted blocks expire by themselves
-
-    def _abort_s3_uploads(self, path: str, older_than_s: float) -> int:
-        bucket, _, key_prefix = path.partition("/")
-        key_prefix = f"{key_prefix}/" if key_prefix else ""
-        now = datetime.now(timezone.utc)
-        aborted = 0
-        markers: dict = {}
-        while True:
-            page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key_prefix, **markers)
-            for upload in page.get("Uploads", []):
-                if (now - upload["Initiated"]).total_seconds() < older_than_s:
-                    continue
-                self.fs.call_s3(
-                    "abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                )
-                aborted += 1
-            if not page.get("IsTruncated"):
-                return aborted
-            markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
-
-
-def _cleanup_local(path: str, older_than_s: float) -> int:
-    removed = 0
-    cutoff = time.time() - older_than_s
-    for directory, _, files in os.walk(path):
-        for name in files:
-            if not name.startswith(TEMP_PREFIX):
-                continue
-            full = os.path.join(directory, name)
-            try:
-                if os.path.getmtime(full) > cutoff:
-                    continue  # maybe a live writer's; it renames or removes it itself
-                os.unlink(full)
-            except FileNotFoundError:
-                continue  # its writer finished or cleaned up meanwhile
-            removed += 1
-    return removed
-
 
 def _unlink_quietly(path: str) -> None:
     try:

@@ -1,0 +1,57 @@
+"""The storage retry policy: which errors another attempt can fix, and the jittered backoff between attempts."""
+
+from __future__ import annotations
+
+import errno
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from kandinsky_batch.errors import StorageUnavailable
+
+try:
+    from botocore import exceptions as _boto
+except ImportError:  # botocore only comes with s3fs; other backends raise plain OSErrors
+    _boto = None
+
+T = TypeVar("T")
+
+# Caller or backend problems that another attempt cannot fix.
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PERMANENT_ERRNOS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL, errno.EPERM, errno.ENOSYS
+}
+_TRANSIENT_BOTO = (
+    (_boto.ConnectionError, _boto.HTTPClientError, _boto.ReadTimeoutError, _boto.ConnectTimeoutError)
+    if _boto is not None
+    else ()
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: dropped connections, timeouts, 5xx-style OSErrors."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, _TRANSIENT_BOTO):
+        return True
+    # ConnectionError and TimeoutError are OSErrors; s3fs maps server errors (500, 503 SlowDown, unknown codes)
+    # to OSErrors with EREMOTEIO, EBUSY or EIO, and only caller mistakes to the errnos listed as permanent.
+    return isinstance(exc, OSError) and exc.errno not in _PERMANENT_ERRNOS
+
+
+def with_retries(key: str, op: Callable[[], T], retries: int, backoff: float, max_backoff: float) -> T:
+    """`op()`, tried up to `retries` more times on transient errors; `StorageUnavailable` naming `key` after that."""
+    last: BaseException | None = None
+    for attempt in range(retries + 1):
+        try:
+            return op()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            last = exc
+        if attempt < retries:
+            # Full jitter keeps many workers from hammering a recovering endpoint in lockstep.
+            time.sleep(random.uniform(0, min(max_backoff, backoff * 2**attempt)))
+    assert last is not None
+    raise StorageUnavailable(key, last) from last
