@@ -10,6 +10,7 @@ the output work on a copy.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -272,3 +273,21 @@ def test_a_batched_render_saves_each_rows_own_latents_and_embeddings(model_cache
         assert torch.equal(clip.latents.tensors["latents"], want[i]), i
         for name, tensor in {**encoded[i], **negative}.items():
             assert torch.equal(clip.latents.tensors[name], tensor), (i, name)
+
+
+def test_a_webdataset_export_carries_each_rows_latents_as_its_own_member(rendered, tmp_path):
+    import webdataset as wds
+
+    from kandinsky_batch.cli import main
+
+    _, out = rendered
+    dest = tmp_path / "wds"
+    assert main(["export", str(out), "--format", "webdataset", "--to", str(dest), "--address", "inprocess"]) == 0
+    rows = _rows(out)
+    seen = set()
+    for sample in wds.WebDataset(sorted(str(p) for p in dest.glob("*.tar")), shardshuffle=False):
+        row = rows[json.loads(sample["json"])["id"]]
+        assert hashlib.sha256(sample["latents.safetensors"]).hexdigest() == row["latents_sha256"]
+        assert hashlib.sha256(sample["npy"]).hexdigest() == row["sha256"]
+        seen.add(row["id"])
+    assert seen == set(rows)
