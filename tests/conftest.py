@@ -8,6 +8,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import boto3
 import pytest
@@ -171,3 +172,18 @@ def inprocess_module(model_cache) -> Iterator[None]:
     """`inprocess` for a module-scoped fixture that runs a job once for several tests."""
     with _in_process():
         yield
+
+
+@dataclass(frozen=True)
+class CpuGangs:
+    jobs: dict
+    frames: dict
+
+
+@pytest.fixture(scope="session")
+def cpu_gangs(model_cache) -> CpuGangs:
+    """Rank 0's frames of every gang in `tests.gang_ranks.PINNED_GANGS`, on the replicas' pinned numerics, rendered
+    once per session by one pair of spawned rank processes (tests/test_parallel.py, tests/test_nabla.py)."""
+    from tests.gang_ranks import PINNED_GANGS, run_gangs
+
+    return CpuGangs(PINNED_GANGS, run_gangs(PINNED_GANGS, model_cache))

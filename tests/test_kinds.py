@@ -81,7 +81,7 @@ def test_text_to_image_renders_images_as_plain_diffusers(tmp_path, inprocess):
                                "model.path=tiny-t2i", "output.format=mp4"]), progress=False)
 
 
-def test_image_to_video_reads_images_row_by_row(tmp_path, ray_local):
+def test_image_to_video_reads_images_row_by_row(tmp_path, inprocess):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "red.png").write_bytes(_png((200, 30, 30)))
     (tmp_path / "imgs" / "note.txt").write_bytes(b"not an image")

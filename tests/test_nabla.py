@@ -19,16 +19,10 @@ from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
 from kandinsky_batch.output.manifest import read_manifest
 from kandinsky_batch.output.storage import Storage
-from pipelines import ParallelSpec, RenderOptions, RenderRequest
+from pipelines import ParallelSpec
 from tests.helpers import TINY_RENDER, assert_like_one_device, oracle, write_dataset
-from tests.test_parallel import run_gang
-
-NABLA = RenderOptions(attention_type="nabla", attention_backend="flex")
-# 128 px: NABLA groups 8x8 latent patches; 17 frames = 5 latent frames, 320 tokens (5 blocks of 64).
-REQUESTS = [
-    RenderRequest("a cat dancing", None, 128, 128, 17, 2, 5.0, 3),
-    RenderRequest("a red car driving through a city street at night", "blurry", 128, 256, 9, 2, 4.0, 11),
-]
+from tests.gang_ranks import NABLA
+from tests.gang_ranks import NABLA_REQUESTS as REQUESTS
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +105,10 @@ def test_nabla_renders_as_plain_diffusers(model_cache, nabla_pipe):
 
 # SP 2 x CFG 2 composes this with CFG parallel's branch exchange, which no attention processor touches
 # (tests/test_parallel.py runs that shape): SP 2 alone here.
-def test_sequence_parallel_nabla_matches_a_single_device(model_cache, nabla_pipe, record_property):
+def test_sequence_parallel_nabla_matches_a_single_device(cpu_gangs, nabla_pipe, record_property):
     """The stock processor would build the mask from a 160-token shard (and fail to tile it by 64)."""
     spec = ParallelSpec(ulysses=2)
-    frames = run_gang(spec, model_cache, REQUESTS, options=NABLA)
+    frames = cpu_gangs.frames["sp2-nabla"]
     exact = [assert_like_one_device(got, oracle(nabla_pipe, r.__dict__), spec, r) for r, got in zip(REQUESTS, frames)]
     record_property("bit_identical", f"{sum(exact)}/{len(exact)}")
 

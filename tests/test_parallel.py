@@ -5,94 +5,22 @@ sequence parallel within `SHARD_TOLERANCE`, on the pinned CPU code path the repl
 host's own fastest one (AVX-512 on an Intel Xeon), where shard GEMMs round differently from the whole.
 """
 
-import socket
-
 import pytest
 import torch.multiprocessing as mp
 
-from pipelines import CPU_NUMERICS_ENV, ParallelSpec, RenderRequest
+from pipelines import CPU_NUMERICS_ENV, ParallelSpec
+from tests.gang_ranks import PARALLEL_REQUESTS as REQUESTS
+from tests.gang_ranks import free_port, run_gangs
 from tests.helpers import assert_like_one_device, oracle
-
-REQUESTS = [
-    RenderRequest("a cat dancing", None, 64, 64, 17, 3, 5.0, 3),
-    # Odd text length and a 3-frame-latent clip: lengths that do not divide the degree.
-    RenderRequest("a red car driving through a city street at night", "blurry", 48, 32, 9, 2, 4.0, 11),
-    RenderRequest("koi fish in a pond", None, 32, 32, 5, 2, 1.0, 5),  # no guidance: one call per step
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, spec, port, cache, requests, queue, options=None):
-    import os
-
-    os.environ["KANDINSKY_BATCH_CACHE"] = cache
-    import torch
-
-    torch.set_num_threads(1)
-    from pipelines import resolve_model
-    from pipelines.parallel import init_gang, open_gang
-
-    try:
-        resolve_model("tiny")  # as the worker does: built (once per node) before the process group exists
-        init_gang(rank, spec.world_size, "127.0.0.1", port, "cpu", timeout_s=120)
-        from pipelines import RenderOptions
-
-        gang = open_gang("tiny", spec, rank, device="cpu", options=options or RenderOptions())
-        frames = [gang.render(r) for r in requests]
-        gang.close()
-        queue.put((rank, frames, None))
-    except Exception as exc:  # noqa: BLE001 - reported to the test process
-        queue.put((rank, None, repr(exc)))
-
-
-def run_gang(spec: ParallelSpec, cache: str, requests, options=None) -> list:
-    """Rank 0's frames for `requests`, rendered by a gang of spawned CPU processes joined with gloo."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, spec, port, cache, requests, queue, options)) for r in range(spec.world_size)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict((rank, (frames, err)) for rank, frames, err in (queue.get(timeout=240) for _ in procs))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    errors = {rank: err for rank, (_, err) in results.items() if err}
-    assert not errors, errors
-    assert all(results[rank][0] == [None] * len(requests) for rank in results if rank != 0), "only rank 0 writes"
-    return results[0][0]
 
 
 # SP 2 x CFG 2 (four ranks) runs through the whole job path in tests/test_gangs.py, with the same oracle.
-@pytest.mark.parametrize("spec", [ParallelSpec(ulysses=2), ParallelSpec(cfg=True)], ids=lambda s: s.name)
-def test_gang_frames_match_a_single_device(spec, model_cache, tiny_pipe, record_property):
-    frames = run_gang(spec, model_cache, REQUESTS)
-    exact = [assert_like_one_device(got, oracle(tiny_pipe, r.__dict__), spec, r) for r, got in zip(REQUESTS, frames)]
+@pytest.mark.parametrize("name", ["sp2", "cfg2"])
+def test_gang_frames_match_a_single_device(name, cpu_gangs, tiny_pipe, record_property):
+    spec, requests, _ = cpu_gangs.jobs[name]
+    exact = [assert_like_one_device(got, oracle(tiny_pipe, r.__dict__), spec, r)
+             for r, got in zip(requests, cpu_gangs.frames[name])]
     record_property("bit_identical", f"{sum(exact)}/{len(exact)}")
-
-
-def _oracle_main(cache, requests, queue):
-    import os
-
-    os.environ["KANDINSKY_BATCH_CACHE"] = cache
-    import torch
-
-    torch.set_num_threads(1)
-    from diffusers import Kandinsky5T2VPipeline
-
-    from pipelines import resolve_model
-
-    pipe = Kandinsky5T2VPipeline.from_pretrained(resolve_model("tiny"))
-    pipe.set_progress_bar_config(disable=True)
-    queue.put([oracle(pipe, r.__dict__) for r in requests])
 
 
 def test_sequence_parallel_keeps_its_tolerance_on_the_hosts_own_blas_path(model_cache, monkeypatch, record_property):
@@ -100,16 +28,9 @@ def test_sequence_parallel_keeps_its_tolerance_on_the_hosts_own_blas_path(model_
     for name in CPU_NUMERICS_ENV:
         monkeypatch.delenv(name, raising=False)  # spawned processes inherit the environment as it is now
     spec = ParallelSpec(ulysses=2)
-    frames = run_gang(spec, model_cache, REQUESTS)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_oracle_main, args=(model_cache, REQUESTS, queue))
-    proc.start()
-    try:
-        wanted = queue.get(timeout=240)
-    finally:
-        proc.join(timeout=30)
-    exact = [assert_like_one_device(got, want, spec, r) for r, got, want in zip(REQUESTS, frames, wanted)]
+    out = run_gangs({"sp2": (spec, REQUESTS, None)}, model_cache, oracle=True)
+    exact = [assert_like_one_device(got, want, spec, r)
+             for r, got, want in zip(REQUESTS, out["sp2"], out["oracle"]["sp2"])]
     record_property("bit_identical", f"{sum(exact)}/{len(exact)}")
 
 
@@ -136,7 +57,7 @@ def test_a_tiny_preset_is_never_built_without_weights_on_a_gang_rank(tmp_path):
     preset, or every later load on that node would find its text encoders empty."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_build_on_rank, args=(r, port, str(tmp_path), queue)) for r in range(2)]
     for p in procs:
         p.start()

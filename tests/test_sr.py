@@ -119,7 +119,7 @@ def test_source_clips_are_read_with_their_sound_and_checked(tmp_path):
 
 
 @pytest.mark.slow
-def test_upscale_job_renders_another_jobs_ok_videos_as_plain_diffusers(tmp_path, ray_local, sr_pipe):
+def test_upscale_job_renders_another_jobs_ok_videos_as_plain_diffusers(tmp_path, inprocess, sr_pipe):
     rows = [{"id": "cat", "prompt": "a cat meowing", "caption": "meow"},
             {"id": "dog", "prompt": "a dog barking", "caption": "woof"},
             {"id": "odd", "prompt": "six frames", "num_frames": 6, "caption": None}]
