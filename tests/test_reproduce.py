@@ -30,14 +30,15 @@ SCHEMA_IN = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("seed", pa
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, ray_local):
-    """(npy output, mp4 output) of the tiny model: two rows, and one."""
+    """(npy output, mp4 output) of the tiny model: two rows rendered by a Ray actor, and one by an in-process
+    replica (what the mp4 case checks is the encoding, not where it rendered)."""
     tmp = tmp_path_factory.mktemp("reproduce")
     made = []
-    for fmt, rows in (("npy", ROWS), ("mp4", ROWS[:1])):
+    for fmt, rows, address in (("npy", ROWS, None), ("mp4", ROWS[:1], "cluster.address=inprocess")):
         data = write_dataset(tmp / f"{fmt}.parquet", rows, SCHEMA_IN)
         uri = str(tmp / fmt)
         cfg = load_config(None, [f"input.path={data}", f"output.uri={uri}", f"output.format={fmt}",
-                                 "cluster.replicas=1", *TINY_RENDER])
+                                 "cluster.replicas=1", *TINY_RENDER, *([address] if address else [])])
         assert run(cfg, progress=False).ok == len(rows)
         made.append(uri)
     return made
