@@ -106,8 +106,14 @@ def file_output(request: pytest.FixtureRequest, tmp_path) -> tuple[str, dict | N
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Iterator[str]:
-    """A per-session node cache, so the tiny model is built once and never read from ~/.cache."""
-    path = str(tmp_path_factory.mktemp("model-cache"))
+    """A per-session node cache, so the tiny model is built once and never read from ~/.cache. Under pytest-xdist
+    the workers share one (the run's temp root): presets are published into it by an atomic rename."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "model-cache"
+        shared.mkdir(exist_ok=True)
+        path = str(shared)
+    else:
+        path = str(tmp_path_factory.mktemp("model-cache"))
     saved = os.environ.get("KANDINSKY_BATCH_CACHE")
     os.environ["KANDINSKY_BATCH_CACHE"] = path
     yield path
