@@ -174,24 +174,46 @@ def write_unit(unit: Unit, source: Storage, dest: Storage) -> list[IndexRow]:
     ]
 
 
-def _feature(values: list, path: str) -> dict:
-    """The HF feature (as its dataset card spells it) of the non-null JSON values one field takes in every sample."""
-    values = [v for v in values if v is not None]
-    kinds = {_json_type(v) for v in values}
-    if not kinds:
-        return {"dtype": "null"}
-    if kinds == {"integer", "float"}:
-        kinds = {"float"}  # a nested list of numbers: Arrow promotes to double as well
-    if len(kinds) > 1:
-        raise InputError(f"meta field {path} holds values of types {sorted(kinds)}: a field keeps one type")
-    (kind,) = kinds
-    if kind in _HF_SCALARS:
-        return {"dtype": _HF_SCALARS[kind]}
-    if kind == "list":
-        inner = _feature([item for v in values for item in v], f"{path}[]")
-        return {"list": inner.get("dtype") or inner.get("struct") or inner}
-    names = sorted({name for v in values for name in v})
-    return {"struct": [{"name": n, **_feature([v.get(n) for v in values], f"{path}.{n}")} for n in names]}
+class _Shape:
+    """The JSON types one field takes over every sample, nested, gathered a value at a time: a card over a million
+    samples holds one shape per field, not every sample's metadata."""
+
+    __slots__ = ("kinds", "items", "fields")
+
+    def __init__(self):
+        self.kinds: set[str] = set()
+        self.items: _Shape | None = None
+        self.fields: dict[str, _Shape] = {}
+
+    def add(self, value) -> None:
+        kind = _json_type(value)
+        if kind is None:
+            return
+        self.kinds.add(kind)
+        if kind == "list":
+            self.items = self.items or _Shape()
+            for item in value:
+                self.items.add(item)
+        elif kind == "object":
+            for name, item in value.items():
+                self.fields.setdefault(name, _Shape()).add(item)
+
+    def feature(self, path: str) -> dict:
+        """The HF feature (as its dataset card spells it) of the non-null values seen."""
+        kinds = self.kinds
+        if not kinds:
+            return {"dtype": "null"}
+        if kinds == {"integer", "float"}:
+            kinds = {"float"}  # a nested list of numbers: Arrow promotes to double as well
+        if len(kinds) > 1:
+            raise InputError(f"meta field {path} holds values of types {sorted(kinds)}: a field keeps one type")
+        (kind,) = kinds
+        if kind in _HF_SCALARS:
+            return {"dtype": _HF_SCALARS[kind]}
+        if kind == "list":
+            inner = (self.items or _Shape()).feature(f"{path}[]")
+            return {"list": inner.get("dtype") or inner.get("struct") or inner}
+        return {"struct": [{"name": n, **self.fields[n].feature(f"{path}.{n}")} for n in sorted(self.fields)]}
 
 
 def dataset_card(samples: list[Sample]) -> bytes | None:
@@ -205,7 +227,10 @@ def dataset_card(samples: list[Sample]) -> bytes | None:
     features = []
     for ext in extensions:
         if ext == "json":
-            features.append({"name": ext, **_feature([json.loads(_metadata(s)) for s in samples], "json")})
+            shape = _Shape()
+            for sample in samples:
+                shape.add(json.loads(_metadata(sample)))
+            features.append({"name": ext, **shape.feature("json")})
         else:
             features.append({"name": ext, "dtype": "string" if ext == "txt" else _HF_MEDIA.get(ext, "binary")})
     features += [{"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}]
