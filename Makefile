@@ -38,6 +38,8 @@ demo: install
 	$(BIN)/kandinsky-batch verify ./outputs/demo-sweep
 	$(BIN)/kandinsky-batch score ./outputs/demo-sweep --metrics motion,shot_cuts,clip_score --no-progress
 	$(BIN)/kandinsky-batch report ./outputs/demo-sweep
+	$(BIN)/kandinsky-batch export ./outputs/demo-sweep --format webdataset --to ./outputs/demo-set \
+	    --where "clip_score > 25 AND shot_cuts = 0" --split val=0.1
 
 test: install $(CHROMIUM)
 	$(BIN)/pytest

@@ -75,3 +75,18 @@ def test_every_metric_is_documented_with_its_registry_definition():
     for name, entry in METRICS.items():
         assert " ".join(sections[name].split()) == " ".join(entry.definition.split()), name
         assert re.search(rf"^\| `{name}` \| ", text, re.M), name
+
+
+def _commands(text: str, prefix: str) -> list[str]:
+    """The command lines of `text` starting with `prefix`, continuation lines joined, comments and spacing dropped."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [" ".join(line.split("#")[0].split()) for line in joined.splitlines() if line.strip().startswith(prefix)]
+
+
+def test_the_readmes_render_to_training_set_commands_are_what_make_demo_runs():
+    section = (ROOT / "README.md").read_text().split("## A dataset", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    readme = _commands(section, "kandinsky-batch ")
+    demo = [c.replace("$(BIN)/", "") for c in _commands((ROOT / "Makefile").read_text(), "$(BIN)/kandinsky-batch ")]
+    assert [c.split()[1] for c in readme] == ["run", "score", "export"]
+    for command in readme:
+        assert any(ran.startswith(command) for ran in demo), command
