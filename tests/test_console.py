@@ -5,6 +5,7 @@ A real job's stderr is checked end to end in `tests/test_security.py` (it runs t
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ import pytest
 
 from kandinsky_batch.cli import main
 from kandinsky_batch.job import _checking, _loading, _Progress
+from pipelines.console import QUIET_ENV
 
 
 class Stream(io.StringIO):
@@ -98,7 +100,10 @@ quiet_progress()
 from pipelines import save_tiny
 save_tiny({str(tmp_path / 'first')!r})
 """
-    procs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    # Fresh processes with the bars' default: a job run earlier in this test process has turned them off in its
+    # environment (quiet_progress), and a child would inherit that.
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
+    procs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env)
              for script in (after_import, before_import)]
     (_, after), (_, before) = (proc.communicate(timeout=300) for proc in procs)
     assert [proc.returncode for proc in procs] == [0, 0], after[-2000:] + before[-2000:]

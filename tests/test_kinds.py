@@ -152,8 +152,8 @@ def test_kandinsky6_renders_video_with_sound_as_plain_diffusers(tmp_path, inproc
     rows[1]["image"] = "bell.png"
     cfg = _cfg(tmp_path, rows, "model.path=tiny-k6", "output.format=npy", "render.num_frames=5", "render.fps=24")
     result = run(cfg, progress=False)
-    assert (result.ok, result.invalid) == (3, 0)
     storage, manifest = _objects(cfg)
+    assert (result.ok, result.invalid) == (3, 0), {rid: row["error"] for rid, row in manifest.items()}
     plain = _pipe("Kandinsky6TI2VAPipeline", "tiny-k6")
     for rid, row in manifest.items():
         assert row["uri"].endswith(f"/videos/{rid}.npz") and row["audio_sample_rate"] == 44100
