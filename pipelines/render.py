@@ -31,7 +31,8 @@ from pipelines.kinds import NO_IMAGE, Clip, Kind, UnsupportedModel, kind_of
 from pipelines.latents import FinalLatents, row_latents
 from pipelines.limits import FAMILY, image_size, k5_i2i_token_problem, request_problem
 from pipelines.nabla import set_attention_type
-from pipelines.render_common import decode_image, default_device, frames_uint8, hidden_states_only, offload_text_encoders
+from pipelines.render_common import (decode_image, default_device, frames_uint8, hidden_states_only,
+                                     offload_text_encoders, set_attention_backend)
 from pipelines.request import RenderOptions, RenderRequest
 from pipelines.resolve import resolve_model
 
@@ -97,7 +98,7 @@ class Renderer:
         """Attention backend, step cache, compilation and the guidance wrapper, applied from outside the model."""
         transformer, options = self.pipe.transformer, self.options
         if options.attention_backend:
-            transformer.set_attention_backend(options.attention_backend)
+            set_attention_backend(transformer, options.attention_backend)
         if options.cache and options.cache != "magcache":  # MagCache waits for the first request's step count
             transformer.enable_cache(cache_config(options.cache, dict(options.cache_args), steps=0))
         if options.compile:

@@ -73,3 +73,20 @@ def offload_text_encoders(pipe, device: str) -> None:
             apply_group_offloading(module, onload_device=torch.device(device), offload_type="leaf_level",
                                    use_stream=True)
     torch.cuda.empty_cache()
+
+
+def set_attention_backend(model, backend: str) -> None:
+    """`model.set_attention_backend(backend)` for this model alone.
+
+    diffusers 0.42's `ModelMixin.set_attention_backend` sets each processor's backend and then also makes it the
+    process-wide default (`_AttentionBackendRegistry.set_active_backend`), which every model loaded later in the
+    process without a backend of its own runs with: the next model of a replica switching models, an in-process
+    replica's neighbour, a plain-diffusers oracle. The processors' setting is all this model needs: the default is
+    put back."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry._active_backend
+    try:
+        model.set_attention_backend(backend)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(default)

@@ -18,7 +18,8 @@ import time
 
 from pipelines.kinds import K6_MAX_SEQUENCE_LENGTH, Clip
 from pipelines.limits_k6 import FRAME_RATE, k6_option_problems, k6_request_problem
-from pipelines.render_common import decode_image, default_device, frames_uint8, hidden_states_only, offload_text_encoders
+from pipelines.render_common import (decode_image, default_device, frames_uint8, hidden_states_only,
+                                     offload_text_encoders, set_attention_backend)
 from pipelines.request import RenderOptions, RenderRequest
 from pipelines.resolve import resolve_model
 
@@ -66,7 +67,7 @@ class K6Renderer:
         transformer, options = self.pipe.transformer, self.options
         self._refuse(options, self.model_path)
         if options.attention_backend:
-            transformer.set_attention_backend(options.attention_backend)
+            set_attention_backend(transformer, options.attention_backend)
         if options.compile:
             transformer.compile_repeated_blocks(fullgraph=True)  # its text and fused video/audio blocks
 

@@ -60,6 +60,21 @@ def test_exact_options_keep_the_seed_contract(options, model_cache, tiny_pipe):
     assert np.array_equal(open_renderer("tiny", options=options).render(request), oracle(tiny_pipe, request.__dict__))
 
 
+def test_a_replicas_attention_backend_is_its_models_alone(model_cache, tiny_pipe):
+    """diffusers' `set_attention_backend` also sets the process default: a model loaded after a replica chose a
+    backend (the next model of a replica switching models, an oracle) must keep the default, and render as before."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry.get_active_backend()[0]
+    renderer = open_renderer("tiny", options=RenderOptions(attention_type="nabla", attention_backend="flex"))
+    chosen = {block.self_attention.processor._attention_backend
+              for block in renderer.pipe.transformer.visual_transformer_blocks}
+    assert {str(b) for b in chosen} == {"AttentionBackendName.FLEX"} != {str(default)}
+    assert _AttentionBackendRegistry.get_active_backend()[0] == default
+    request = RenderRequest("a red car", None, 32, 32, 5, 2, 5.0, 21)
+    assert np.array_equal(open_renderer("tiny").render(request), oracle(tiny_pipe, request.__dict__))
+
+
 def test_step_cache_keeps_cond_and_uncond_apart(model_cache, tiny_pipe):
     """TaylorSeer runs through diffusers' hooks with separate cache contexts for the two branches."""
     renderer = open_renderer("tiny", options=RenderOptions(cache="taylorseer"))
