@@ -88,8 +88,10 @@ def plan_new(plan: pa.Table, candidates: pa.Table, sharded: bool, shard_size: in
              shard_bytes: int | None) -> pa.Table:
     """The candidates the plan lacks, grouped into new units per split: whole samples, in order, a unit closed at
     `shard_size` samples or before `shard_bytes` would be passed (sharded); `shard_size` or FILES_PER_UNIT each."""
-    planned = pc.is_in(candidates["key"], value_set=plan["key"].combine_chunks())
-    new = candidates.filter(pc.invert(planned))
+    if plan.num_rows:
+        new = candidates.filter(pc.invert(pc.is_in(candidates["key"], value_set=plan["key"].combine_chunks())))
+    else:
+        new = candidates  # nothing planned yet: every candidate is new, and filtering would copy them all
     if not sharded:
         shard_size, shard_bytes = shard_size or FILES_PER_UNIT, None
     start = _next_indices(plan)
@@ -124,16 +126,16 @@ def done_units(dest: Storage) -> set[str]:
 
 
 def units(plan: pa.Table, names: set[str]) -> Iterator[Unit]:
-    """The units named, in name order, each with its members in plan order (built one at a time)."""
-    wanted = plan.filter(pc.is_in(plan["unit"], value_set=pa.array(sorted(names), pa.string())))
-    wanted = wanted.take(pc.sort_indices(wanted, [("unit", "ascending")]))  # stable: plan order within a unit
-    names_column = wanted["unit"].to_pylist()
+    """The units named, in name order, each with its members in plan order (built one at a time from the plan)."""
+    members = pc.indices_nonzero(pc.is_in(plan["unit"], value_set=pa.array(sorted(names), pa.string())).combine_chunks())
+    unit_of = plan["unit"].take(members)
+    order = pc.sort_indices(unit_of)  # stable: plan order within a unit
+    members, unit_of = members.take(order), unit_of.take(order)
     start = 0
-    for end in range(1, len(names_column) + 1):
-        if end == len(names_column) or names_column[end] != names_column[start]:
-            rows = wanted.slice(start, end - start).to_pylist()
-            yield Unit(names_column[start], rows[0]["split"], tuple(to_sample(r) for r in rows))
-            start = end
+    for group in pc.value_counts(unit_of).to_pylist():  # in order of first appearance: name order
+        rows = plan.take(members.slice(start, group["counts"])).to_pylist()
+        yield Unit(group["values"], rows[0]["split"], tuple(to_sample(r) for r in rows))
+        start += group["counts"]
 
 
 def record_unit(dest: Storage, unit: Unit, rows: list[IndexRow]) -> None:

@@ -19,6 +19,7 @@ import yaml
 from kandinsky_batch.errors import InputError
 from kandinsky_batch.export.objects import publish_once, read_video
 from kandinsky_batch.export.sample import IndexRow, Sample, Unit
+from kandinsky_batch.export.samples import Samples
 from kandinsky_batch.output.storage import Storage
 
 NAME = "webdataset"
@@ -117,7 +118,9 @@ def check(samples: list[Sample]) -> None:
                 raise InputError(f"meta[{name!r}] is {earlier[0]} in id {earlier[1]!r} but {kind} in id "
                                  f"{sample.id!r} ({value!r}): a field keeps one type in every sample")
         _metadata(sample)
-    dataset_card(samples)
+    card = dataset_card(samples)
+    if isinstance(samples, Samples):
+        samples.memo[CARD] = card
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -239,7 +242,11 @@ def dataset_card(samples: list[Sample]) -> bytes | None:
 
 
 def finish(dest: Storage, index: pa.Table, samples: list[Sample]) -> None:
-    """Replace the dataset card at DEST's root, so HF types every field from all samples, not the first five."""
-    card = dataset_card(samples) if samples else None
+    """Replace the dataset card at DEST's root, so HF types every field from all samples, not the first five
+    (the card `check` made when these are the samples it checked)."""
+    if isinstance(samples, Samples) and CARD in samples.memo:
+        card = samples.memo[CARD]
+    else:
+        card = dataset_card(samples) if samples else None
     if card is not None:
         dest.put_bytes(CARD, card)
