@@ -153,12 +153,12 @@ def to_sample(row: dict) -> Sample:
                   bytes=row["bytes"], scores=tuple(json.loads(row["scores"] or "[]")))
 
 
-def in_batches(samples: Sequence[Sample], size: int = BATCH_ROWS) -> Iterator[list[Sample]]:
-    """`samples` a list at a time: a format's pass over a million holds one batch of `Sample`s, not all."""
+def in_batches(samples: Sequence[Sample]) -> Iterator[list[Sample]]:
+    """`samples` `BATCH_ROWS` at a time: a format's pass over a million holds one batch of `Sample`s, not all."""
     batch: list[Sample] = []
     for sample in samples:
         batch.append(sample)
-        if len(batch) == size:
+        if len(batch) == BATCH_ROWS:
             yield batch
             batch = []
     if batch:
