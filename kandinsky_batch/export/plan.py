@@ -127,7 +127,8 @@ def done_units(dest: Storage) -> set[str]:
 
 def units(plan: pa.Table, names: set[str]) -> Iterator[Unit]:
     """The units named, in name order, each with its members in plan order (built one at a time from the plan)."""
-    members = pc.indices_nonzero(pc.is_in(plan["unit"], value_set=pa.array(sorted(names), pa.string())).combine_chunks())
+    wanted = pc.is_in(plan["unit"], value_set=pa.array(sorted(names), pa.string()))
+    members = pc.indices_nonzero(wanted.combine_chunks())
     unit_of = plan["unit"].take(members)
     order = pc.sort_indices(unit_of)  # stable: plan order within a unit
     members, unit_of = members.take(order), unit_of.take(order)

@@ -32,7 +32,7 @@ SCHEMA = pa.schema([("key", pa.string()), ("id", pa.string()), ("split", pa.stri
                     ("meta", pa.string()), ("media", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
                     ("scores", pa.string())])
 """A sample as a row (what the plan stores, with its unit)."""
-BATCH_ROWS = 8192
+BATCH_ROWS = 2048
 """Rows turned into Python values at a time: the driver's transient objects are a batch's, not the selection's."""
 
 

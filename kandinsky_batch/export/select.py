@@ -89,7 +89,8 @@ def select(source: str, storage_options: dict | None, where: str | None,
 
 def _ok_rows(storage: Storage, columns: list[str] | None) -> pa.Table:
     manifest = read_manifest(storage, columns)
-    return manifest.filter(pc.equal(manifest["status"], "ok"))
+    ok = pc.fill_null(pc.equal(manifest["status"], "ok"), False)
+    return manifest if pc.all(ok).as_py() else manifest.filter(ok)  # all ok: no copy of every row
 
 
 def _to_read(storage: Storage, columns: list[str], where: str | None) -> list[str] | None:
