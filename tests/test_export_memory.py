@@ -137,3 +137,10 @@ def test_webdataset_finish_writes_the_card_check_made_of_the_same_samples(source
         dest = Storage(str(tmp_path / name))
         wds_format.finish(dest, INDEX_SCHEMA.empty_table(), given)
         assert dest.get_bytes(wds_format.CARD) == wds_format.dataset_card(list(checked))
+
+
+def test_a_key_two_sample_rows_share_is_refused_naming_both_ids(source):
+    rows = sample_rows(select(str(source), None, None, MANIFEST_COLUMNS), "prompt", {})
+    twice = pa.concat_tables([rows, rows.slice(3, 1)])
+    with pytest.raises(InputError, match=f"key {rows['key'][3].as_py()!r} is shared by ids"):
+        wds_format.check(Samples(twice))
