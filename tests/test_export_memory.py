@@ -14,7 +14,7 @@ import pytest
 from kandinsky_batch.errors import InputError
 from kandinsky_batch.export import csv_manifest, samples, videofolder
 from kandinsky_batch.export import webdataset as wds_format
-from kandinsky_batch.export.plan import INDEX_SCHEMA, parquet_bytes
+from kandinsky_batch.export.plan import FILES_PER_UNIT, INDEX_SCHEMA, PLAN_SCHEMA, parquet_bytes, plan_new
 from kandinsky_batch.export.samples import MANIFEST_COLUMNS, Samples, sample_rows
 from kandinsky_batch.export.select import NO_SWEEP, Tally, select, variant_of
 from kandinsky_batch.output.manifest import job_schema, read_manifest, to_table
@@ -144,3 +144,25 @@ def test_a_key_two_sample_rows_share_is_refused_naming_both_ids(source):
     twice = pa.concat_tables([rows, rows.slice(3, 1)])
     with pytest.raises(InputError, match=f"key {rows['key'][3].as_py()!r} is shared by ids"):
         wds_format.check(Samples(twice))
+
+
+@pytest.mark.parametrize("sharded, shard_size, shard_bytes", [(True, 3, None), (True, None, 9_000), (True, 2, 9_000),
+                                                              (True, None, None), (False, None, None), (False, 4, 1)])
+def test_units_are_planned_by_the_rule_walked_sample_by_sample(source, sharded, shard_size, shard_bytes):
+    rows = sample_rows(select(str(source), None, None, MANIFEST_COLUMNS), "prompt", {"val": 0.3})
+    earlier = plan_new(PLAN_SCHEMA.empty_table(), rows.slice(0, 2), sharded, shard_size, shard_bytes)
+    new = plan_new(earlier, rows, sharded, shard_size, shard_bytes)
+    limit, cap = (shard_size, shard_bytes) if sharded else (shard_size or FILES_PER_UNIT, None)
+    want = {}
+    for split in sorted(set(rows["split"].to_pylist())):
+        done = [u for u in earlier["unit"].to_pylist() if u.startswith(f"{split}-")]
+        index, count, size = (int(max(done).rsplit("-", 1)[1]) + 1 if done else 0), 0, 0
+        for row in rows.slice(2).to_pylist():
+            if row["split"] != split:
+                continue
+            if (limit is not None and count >= limit) or (cap is not None and count and size + row["bytes"] > cap):
+                index, count, size = index + 1, 0, 0
+            want[row["key"]] = f"{split}-{index:06d}"
+            count, size = count + 1, size + row["bytes"]
+    assert dict(zip(new["key"].to_pylist(), new["unit"].to_pylist())) == want
+    assert new["key"].to_pylist() == rows.slice(2)["key"].to_pylist()

@@ -15,6 +15,7 @@ import io
 import json
 from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -95,18 +96,30 @@ def plan_new(plan: pa.Table, candidates: pa.Table, sharded: bool, shard_size: in
     if not sharded:
         shard_size, shard_bytes = shard_size or FILES_PER_UNIT, None
     start = _next_indices(plan)
-    units = [None] * new.num_rows
-    splits, sizes = new["split"].to_pylist(), new["bytes"].to_pylist()
-    for split in sorted(set(splits)):
-        index, count, size = start.get(split, 0), 0, 0
-        for i in (i for i, s in enumerate(splits) if s == split):
-            full = (shard_size is not None and count >= shard_size) or (
-                shard_bytes is not None and count and size + sizes[i] > shard_bytes)
-            if full:
-                index, count, size = index + 1, 0, 0
-            units[i] = f"{split}-{index:06d}"
-            count, size = count + 1, size + sizes[i]
-    return new.append_column("unit", pa.array(units, pa.string())).cast(PLAN_SCHEMA)
+    index = np.zeros(new.num_rows, np.int64)
+    splits = pc.dictionary_encode(new["split"].combine_chunks())
+    codes, sizes = splits.indices.to_numpy(zero_copy_only=False), pc.fill_null(new["bytes"], 0).to_numpy()
+    for code, split in enumerate(splits.dictionary.to_pylist()):
+        rows = np.flatnonzero(codes == code)
+        index[rows] = start.get(split, 0) + _unit_offsets(sizes[rows], shard_size, shard_bytes)
+    digits = pc.utf8_lpad(pa.array(index).cast(pa.string()), width=6, padding="0")
+    units = pc.binary_join_element_wise(new["split"].combine_chunks(), digits, "-")
+    return new.append_column("unit", units).cast(PLAN_SCHEMA)
+
+
+def _unit_offsets(sizes: np.ndarray, shard_size: int | None, shard_bytes: int | None) -> np.ndarray:
+    """Each sample's unit within its split, counted from 0: a unit closed at `shard_size` samples or before
+    `shard_bytes` would be passed (whole samples, in order)."""
+    if shard_bytes is None:
+        return np.arange(len(sizes)) // shard_size if shard_size else np.zeros(len(sizes), np.int64)
+    out = np.empty(len(sizes), np.int64)
+    index = count = size = 0
+    for i, nbytes in enumerate(sizes.tolist()):
+        if (shard_size is not None and count >= shard_size) or (count and size + nbytes > shard_bytes):
+            index, count, size = index + 1, 0, 0
+        out[i] = index
+        count, size = count + 1, size + nbytes
+    return out
 
 
 def record_plan(dest: Storage, new: pa.Table) -> None:
