@@ -20,7 +20,7 @@ from kandinsky_batch.errors import InputError
 from kandinsky_batch.export.objects import replace
 from kandinsky_batch.export.plan import parquet_bytes
 from kandinsky_batch.export.sample import IndexRow, Sample, Unit
-from kandinsky_batch.export.samples import in_batches
+from kandinsky_batch.export.samples import Samples, in_batches
 from kandinsky_batch.output.storage import Storage
 
 NAME = "csv"
@@ -75,14 +75,16 @@ def finish(dest: Storage, index: pa.Table, samples: Sequence[Sample]) -> None:
     """The manifest in sample order, as CSV and as Parquet, built a batch at a time."""
     if not len(samples):
         return
-    keys = index["key"].combine_chunks()
-    scores, schema, tables = list(samples[0].scores), _schema(list(samples[0].scores)), []
+    keys = samples.table["key"] if isinstance(samples, Samples) else pa.array([s.key for s in samples], pa.string())
+    found = pc.index_in(keys, value_set=index["key"].combine_chunks())  # one lookup of every sample's path
+    if found.null_count:
+        raise KeyError(keys[pc.index(pc.is_null(found), True).as_py()].as_py())
+    paths = index["path"].take(found)
+    scores, schema, tables, start = list(samples[0].scores), _schema(list(samples[0].scores)), [], 0
     for batch in in_batches(samples):
-        found = pc.index_in(pa.array([sample.key for sample in batch], pa.string()), value_set=keys)
-        if found.null_count:
-            raise KeyError(batch[pc.index(pc.is_null(found), True).as_py()].key)
-        paths = index["path"].take(found).to_pylist()
-        tables.append(pa.Table.from_pylist([_row(s, p, scores) for s, p in zip(batch, paths)], schema=schema))
+        rows = zip(batch, paths.slice(start, len(batch)).to_pylist())
+        tables.append(pa.Table.from_pylist([_row(s, p, scores) for s, p in rows], schema=schema))
+        start += len(batch)
     table = pa.concat_tables(tables).combine_chunks()  # one piece, as the table of every row was
     buf = io.BytesIO()
     pcsv.write_csv(table, buf)
