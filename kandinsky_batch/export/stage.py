@@ -92,6 +92,7 @@ class ExportResult:
     """What one `export` run found and did."""
 
     selection: Selection
+    """The counts; its rows are dropped once they are samples (a dry run keeps them)."""
     dest: str = ""
     samples: int = 0
     planned: int = 0
