@@ -13,12 +13,14 @@ import io
 from collections.abc import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from kandinsky_batch.errors import InputError
 from kandinsky_batch.export.objects import replace
 from kandinsky_batch.export.plan import parquet_bytes
 from kandinsky_batch.export.sample import IndexRow, Sample, Unit
+from kandinsky_batch.export.samples import Samples, in_batches
 from kandinsky_batch.output.storage import Storage
 
 NAME = "csv"
@@ -53,26 +55,37 @@ def write_unit(unit: Unit, source: Storage, dest: Storage) -> list[IndexRow]:
     return rows
 
 
+def _schema(scores: list[str]) -> pa.Schema:
+    return pa.schema([("path", pa.string()), ("text", pa.string()), ("num_frames", pa.int64()), ("fps", pa.int64()),
+                      ("width", pa.int64()), ("height", pa.int64()), ("aspect_ratio", pa.float64()),
+                      ("resolution", pa.int64()), *((name, pa.float64()) for name in scores), ("id", pa.string()),
+                      ("split", pa.string())])
+
+
+def _row(sample: Sample, path: str, scores: list[str]) -> dict:
+    meta = sample.meta
+    height, width = meta.get("height"), meta.get("width")
+    return {"path": path, "text": sample.caption, "num_frames": meta.get("num_frames"), "fps": meta.get("fps"),
+            "width": width, "height": height, "aspect_ratio": height / width if height and width else None,
+            "resolution": height * width if height and width else None,
+            **{name: meta.get(name) for name in scores}, "id": sample.id, "split": sample.split}
+
+
 def finish(dest: Storage, index: pa.Table, samples: Sequence[Sample]) -> None:
-    """The manifest in sample order, as CSV and as Parquet."""
+    """The manifest in sample order, as CSV and as Parquet, built a batch at a time."""
     if not len(samples):
         return
-    paths = dict(zip(index["key"].to_pylist(), index["path"].to_pylist()))
-    scores = list(samples[0].scores)
-    rows = []
-    for sample in samples:
-        meta = sample.meta
-        height, width = meta.get("height"), meta.get("width")
-        rows.append({"path": paths[sample.key], "text": sample.caption, "num_frames": meta.get("num_frames"),
-                     "fps": meta.get("fps"), "width": width, "height": height,
-                     "aspect_ratio": height / width if height and width else None,
-                     "resolution": height * width if height and width else None,
-                     **{name: meta.get(name) for name in scores}, "id": sample.id, "split": sample.split})
-    schema = pa.schema([("path", pa.string()), ("text", pa.string()), ("num_frames", pa.int64()),
-                        ("fps", pa.int64()), ("width", pa.int64()), ("height", pa.int64()),
-                        ("aspect_ratio", pa.float64()), ("resolution", pa.int64()),
-                        *((name, pa.float64()) for name in scores), ("id", pa.string()), ("split", pa.string())])
-    table = pa.Table.from_pylist(rows, schema=schema)
+    keys = samples.table["key"] if isinstance(samples, Samples) else pa.array([s.key for s in samples], pa.string())
+    found = pc.index_in(keys, value_set=index["key"].combine_chunks())  # one lookup of every sample's path
+    if found.null_count:
+        raise KeyError(keys[pc.index(pc.is_null(found), True).as_py()].as_py())
+    paths = index["path"].take(found)
+    scores, schema, tables, start = list(samples[0].scores), _schema(list(samples[0].scores)), [], 0
+    for batch in in_batches(samples):
+        rows = zip(batch, paths.slice(start, len(batch)).to_pylist())
+        tables.append(pa.Table.from_pylist([_row(s, p, scores) for s, p in rows], schema=schema))
+        start += len(batch)
+    table = pa.concat_tables(tables).combine_chunks()  # one piece, as the table of every row was
     buf = io.BytesIO()
     pcsv.write_csv(table, buf)
     replace(dest, "manifest.csv", buf.getvalue())

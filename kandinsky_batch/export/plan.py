@@ -15,6 +15,7 @@ import io
 import json
 from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -88,23 +89,37 @@ def plan_new(plan: pa.Table, candidates: pa.Table, sharded: bool, shard_size: in
              shard_bytes: int | None) -> pa.Table:
     """The candidates the plan lacks, grouped into new units per split: whole samples, in order, a unit closed at
     `shard_size` samples or before `shard_bytes` would be passed (sharded); `shard_size` or FILES_PER_UNIT each."""
-    planned = pc.is_in(candidates["key"], value_set=plan["key"].combine_chunks())
-    new = candidates.filter(pc.invert(planned))
+    if plan.num_rows:
+        new = candidates.filter(pc.invert(pc.is_in(candidates["key"], value_set=plan["key"].combine_chunks())))
+    else:
+        new = candidates  # nothing planned yet: every candidate is new, and filtering would copy them all
     if not sharded:
         shard_size, shard_bytes = shard_size or FILES_PER_UNIT, None
     start = _next_indices(plan)
-    units = [None] * new.num_rows
-    splits, sizes = new["split"].to_pylist(), new["bytes"].to_pylist()
-    for split in sorted(set(splits)):
-        index, count, size = start.get(split, 0), 0, 0
-        for i in (i for i, s in enumerate(splits) if s == split):
-            full = (shard_size is not None and count >= shard_size) or (
-                shard_bytes is not None and count and size + sizes[i] > shard_bytes)
-            if full:
-                index, count, size = index + 1, 0, 0
-            units[i] = f"{split}-{index:06d}"
-            count, size = count + 1, size + sizes[i]
-    return new.append_column("unit", pa.array(units, pa.string())).cast(PLAN_SCHEMA)
+    index = np.zeros(new.num_rows, np.int64)
+    splits = pc.dictionary_encode(new["split"].combine_chunks())
+    codes, sizes = splits.indices.to_numpy(zero_copy_only=False), pc.fill_null(new["bytes"], 0).to_numpy()
+    for code, split in enumerate(splits.dictionary.to_pylist()):
+        rows = np.flatnonzero(codes == code)
+        index[rows] = start.get(split, 0) + _unit_offsets(sizes[rows], shard_size, shard_bytes)
+    digits = pc.utf8_lpad(pa.array(index).cast(pa.string()), width=6, padding="0")
+    units = pc.binary_join_element_wise(new["split"].combine_chunks(), digits, "-")
+    return new.append_column("unit", units).cast(PLAN_SCHEMA)
+
+
+def _unit_offsets(sizes: np.ndarray, shard_size: int | None, shard_bytes: int | None) -> np.ndarray:
+    """Each sample's unit within its split, counted from 0: a unit closed at `shard_size` samples or before
+    `shard_bytes` would be passed (whole samples, in order)."""
+    if shard_bytes is None:
+        return np.arange(len(sizes)) // shard_size if shard_size else np.zeros(len(sizes), np.int64)
+    out = np.empty(len(sizes), np.int64)
+    index = count = size = 0
+    for i, nbytes in enumerate(sizes.tolist()):
+        if (shard_size is not None and count >= shard_size) or (count and size + nbytes > shard_bytes):
+            index, count, size = index + 1, 0, 0
+        out[i] = index
+        count, size = count + 1, size + nbytes
+    return out
 
 
 def record_plan(dest: Storage, new: pa.Table) -> None:
@@ -124,16 +139,17 @@ def done_units(dest: Storage) -> set[str]:
 
 
 def units(plan: pa.Table, names: set[str]) -> Iterator[Unit]:
-    """The units named, in name order, each with its members in plan order (built one at a time)."""
-    wanted = plan.filter(pc.is_in(plan["unit"], value_set=pa.array(sorted(names), pa.string())))
-    wanted = wanted.take(pc.sort_indices(wanted, [("unit", "ascending")]))  # stable: plan order within a unit
-    names_column = wanted["unit"].to_pylist()
+    """The units named, in name order, each with its members in plan order (built one at a time from the plan)."""
+    wanted = pc.is_in(plan["unit"], value_set=pa.array(sorted(names), pa.string()))
+    members = pc.indices_nonzero(wanted.combine_chunks())
+    unit_of = plan["unit"].take(members)
+    order = pc.sort_indices(unit_of)  # stable: plan order within a unit
+    members, unit_of = members.take(order), unit_of.take(order)
     start = 0
-    for end in range(1, len(names_column) + 1):
-        if end == len(names_column) or names_column[end] != names_column[start]:
-            rows = wanted.slice(start, end - start).to_pylist()
-            yield Unit(names_column[start], rows[0]["split"], tuple(to_sample(r) for r in rows))
-            start = end
+    for group in pc.value_counts(unit_of).to_pylist():  # in order of first appearance: name order
+        rows = plan.take(members.slice(start, group["counts"])).to_pylist()
+        yield Unit(group["values"], rows[0]["split"], tuple(to_sample(r) for r in rows))
+        start += group["counts"]
 
 
 def record_unit(dest: Storage, unit: Unit, rows: list[IndexRow]) -> None:

@@ -26,10 +26,14 @@ RENDER = ("height", "width", "num_frames", "num_inference_steps", "guidance_scal
           "sweep_seed_index", "image_uri", "image_sha256", "source_uri", "source_sha256")
 """The manifest's render parameters and conditioning inputs, as rendered (effective values)."""
 POSTER, LATENTS = "jpg", "latents.safetensors"
+MANIFEST_COLUMNS = [*IDENTITY, *RENDER, "sweep", "sha256", "bytes", "key", "poster_key", "latents_key"]
+"""The manifest columns a sample is made of (`select`'s `columns`), beside the carried ones and the scores."""
 SCHEMA = pa.schema([("key", pa.string()), ("id", pa.string()), ("split", pa.string()), ("caption", pa.string()),
                     ("meta", pa.string()), ("media", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
                     ("scores", pa.string())])
 """A sample as a row (what the plan stores, with its unit)."""
+BATCH_ROWS = 2048
+"""Rows turned into Python values at a time: the driver's transient objects are a batch's, not the selection's."""
 
 
 def _jsonable(value):
@@ -70,7 +74,8 @@ def _sweep_cells(column: list[str | None]) -> list[dict | None]:
 def _media(table: pa.Table) -> dict[str, str]:
     """Extension -> the column naming each row's object: the video, the poster when every row has one, the
     latents when the manifest records them for every row."""
-    suffixes = sorted({key.rsplit(".", 1)[-1] if key else None for key in table["key"].to_pylist()}, key=str)
+    extensions = pc.unique(pc.replace_substring_regex(table["key"], r"(?s)^.*\.", "")).to_pylist()
+    suffixes = sorted(set(extensions), key=str)
     if len(suffixes) != 1 or suffixes[0] is None:
         raise InputError(f"format: the selected rows hold objects of formats {suffixes}; export one format at a "
                          "time (--where \"format = 'mp4'\")")
@@ -82,8 +87,23 @@ def _media(table: pa.Table) -> dict[str, str]:
     return media
 
 
+def _sweep_lookup(column: pa.ChunkedArray) -> dict[str | None, dict | None]:
+    """Each distinct sweep text's cell as `_sweep_cells` makes it over all rows: its rules hold over the distinct
+    cells alone, and a sweep has few."""
+    texts = pc.unique(column).to_pylist()
+    return dict(zip(texts, _sweep_cells(texts)))
+
+
+def _unique_keys(keys: pa.Array, ids: pa.Array) -> None:
+    if pc.count_distinct(keys).as_py() == len(keys):
+        return
+    seen: dict[str, str] = {}
+    clash = next((seen[k], i) for k, i in zip(keys.to_pylist(), ids.to_pylist()) if seen.setdefault(k, i) != i)
+    raise InputError(f"ids {list(clash)}: the same sample key; ids of an export are unique")
+
+
 def sample_rows(selection: Selection, caption: str, fractions: dict[str, float]) -> pa.Table:
-    """Every selected row as a sample row (`SCHEMA`), in the selection's order."""
+    """Every selected row as a sample row (`SCHEMA`), in the selection's order, made `BATCH_ROWS` at a time."""
     table = selection.table
     if caption not in CAPTIONS:
         raise InputError(f"--caption={caption!r}: one of {list(CAPTIONS)}")
@@ -96,22 +116,34 @@ def sample_rows(selection: Selection, caption: str, fractions: dict[str, float])
         return SCHEMA.empty_table()
     media_columns = _media(table)
     fields = [*IDENTITY, *RENDER, "sweep", *selection.carried, *selection.scores, "sha256"]
-    columns = {name: table[name].to_pylist() for name in fields if name != "sweep"}
-    columns["sweep"] = _sweep_cells(table["sweep"].to_pylist())
-    located = {ext: table[column].to_pylist() for ext, column in media_columns.items()}
-    ids, scores = columns["id"], json.dumps(selection.scores)
-    keys = [sample_key(i) for i in ids]
-    if len(set(keys)) != len(keys):
-        seen: dict[str, str] = {}
-        clash = next((seen[k], i) for k, i in zip(keys, ids) if seen.setdefault(k, i) != i)
-        raise InputError(f"ids {list(clash)}: the same sample key; ids of an export are unique")
+    sweeps = _sweep_lookup(table["sweep"])
+    ids = table["id"].combine_chunks()
+    keys = pa.concat_arrays([pa.array([sample_key(i) for i in ids.slice(start, BATCH_ROWS).to_pylist()], pa.string())
+                             for start in range(0, len(ids), BATCH_ROWS)])
+    _unique_keys(keys, ids)
+    batches = [_made(table.slice(start, BATCH_ROWS), fields, media_columns, sweeps, fractions)
+               for start in range(0, table.num_rows, BATCH_ROWS)]
+    made = {}
+    for name in ("split", "meta", "media"):  # one chunk each, as the table built in one piece had
+        made[name] = pa.concat_arrays([batch.pop(name) for batch in batches])
+    return pa.table({"key": keys, "id": ids, "split": made["split"], "caption": table[caption].combine_chunks(),
+                     "meta": made["meta"], "media": made["media"], "sha256": table["sha256"].combine_chunks(),
+                     "bytes": pc.fill_null(table["bytes"].combine_chunks(), 0),
+                     "scores": pa.repeat(pa.scalar(json.dumps(selection.scores)), len(ids))}, schema=SCHEMA)
+
+
+def _made(batch: pa.Table, fields: list[str], media_columns: dict[str, str], sweeps: dict,
+          fractions: dict[str, float]) -> dict[str, pa.Array]:
+    """A batch's splits, metadata and media as JSON text: its Python values die with the batch."""
+    columns = {name: batch[name].to_pylist() for name in fields if name != "sweep"}
+    columns["sweep"] = [sweeps[text] for text in batch["sweep"].to_pylist()]
+    located = {ext: batch[column].to_pylist() for ext, column in media_columns.items()}
+    rows = range(batch.num_rows)
     metas = [json.dumps({name: _jsonable(columns[name][i]) for name in fields}, separators=(",", ":"),
-                        ensure_ascii=False) for i in range(table.num_rows)]
-    media = [json.dumps({ext: located[ext][i] for ext in media_columns}) for i in range(table.num_rows)]
-    return pa.table({"key": keys, "id": ids, "split": [split_of(i, fractions) for i in ids],
-                     "caption": table[caption], "meta": metas, "media": media, "sha256": table["sha256"],
-                     "bytes": pc.fill_null(table["bytes"], 0), "scores": [scores] * table.num_rows},
-                    schema=SCHEMA)
+                        ensure_ascii=False) for i in rows]
+    media = [json.dumps({ext: located[ext][i] for ext in media_columns}) for i in rows]
+    return {"split": pa.array([split_of(i, fractions) for i in columns["id"]], pa.string()),
+            "meta": pa.array(metas, pa.string()), "media": pa.array(media, pa.string())}
 
 
 def to_sample(row: dict) -> Sample:
@@ -121,11 +153,25 @@ def to_sample(row: dict) -> Sample:
                   bytes=row["bytes"], scores=tuple(json.loads(row["scores"] or "[]")))
 
 
+def in_batches(samples: Sequence[Sample]) -> Iterator[list[Sample]]:
+    """`samples` `BATCH_ROWS` at a time: a format's pass over a million holds one batch of `Sample`s, not all."""
+    batch: list[Sample] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == BATCH_ROWS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 class Samples(Sequence):
     """Sample rows read as `Sample`s, each built when asked for."""
 
     def __init__(self, table: pa.Table):
         self.table = table
+        self.memo: dict = {}
+        """What a format's `check` derived from these samples, for its `finish` when it gets the same ones."""
 
     def __len__(self) -> int:
         return self.table.num_rows

@@ -10,17 +10,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from kandinsky_batch.errors import InputError
-from kandinsky_batch.output.layout import SCORES_DIR, SUCCESS_KEY
+from kandinsky_batch.output.layout import MANIFEST_DIR, SCORES_DIR, SUCCESS_KEY
 from kandinsky_batch.output.manifest import SCHEMA as MANIFEST
 from kandinsky_batch.output.manifest import read_manifest, read_success
 from kandinsky_batch.output.scores import metric_columns, read_scores
 from kandinsky_batch.output.storage import Storage
 
 _POS = "__export_position"
+_OWN = ("id", "row_index", "finished_at", "status", "sha256", "bytes", "sweep")
+"""The manifest columns the selection itself reads: resolving rows, matching scores, counting variants."""
 NO_SWEEP = "(no sweep)"
 
 
@@ -45,6 +49,10 @@ class Selection:
     """Input columns the manifest carries beyond its own schema."""
     variants: dict[str, Tally] = field(default_factory=dict)
 
+    def counts(self) -> Selection:
+        """The selection without its rows (their schema kept): what a result keeps once they are samples."""
+        return Selection(self.table.schema.empty_table(), self.scores, self.carried, self.variants)
+
     @property
     def total(self) -> Tally:
         """The counts over every variant."""
@@ -55,19 +63,54 @@ class Selection:
         return out
 
 
-def select(source: str, storage_options: dict | None, where: str | None) -> Selection:
-    """The ok rows of the finished job at `source` that satisfy `where`, with their scores (see module docstring)."""
+def select(source: str, storage_options: dict | None, where: str | None,
+           columns: list[str] | None = None) -> Selection:
+    """The ok rows of the finished job at `source` that satisfy `where`, with their scores (see module docstring);
+    of the manifest's own columns only `columns` (every one if None), with every carried input column."""
     storage = Storage(source, storage_options)
     if read_success(storage) is None:
         raise InputError(f"SOURCE={source!r}: not a finished job output (no {SUCCESS_KEY}); export reads a finished "
                          "job's rows: run or resume that job first")
-    manifest = read_manifest(storage)
-    ok = manifest.filter(pc.equal(manifest["status"], "ok"))
+    ok = _ok_rows(storage, None if columns is None else _to_read(storage, columns, where))
     carried = [name for name in ok.column_names if name not in MANIFEST.names]
     joined, metrics = _with_scores(storage, ok, carried)
-    kept = _filter(joined, where)
-    selected = joined.take(kept)
-    return Selection(selected, metrics, carried, _tallies(joined, kept))
+    try:
+        kept = _filter(joined, where)
+    except InputError:
+        if columns is None:
+            raise
+        return select(source, storage_options, where)  # refused (or taken) as over every column, word for word
+    variants = _tallies(joined, kept)
+    selected = joined if len(kept) == joined.num_rows else joined.take(kept)  # kept is in order: all is the table
+    if columns is not None:
+        selected = selected.select([n for n in selected.column_names if n in columns or n not in MANIFEST.names])
+    return Selection(selected, metrics, carried, variants)
+
+
+def _ok_rows(storage: Storage, columns: list[str] | None) -> pa.Table:
+    manifest = read_manifest(storage, columns)
+    ok = pc.fill_null(pc.equal(manifest["status"], "ok"), False)
+    return manifest if pc.all(ok).as_py() else manifest.filter(ok)  # all ok: no copy of every row
+
+
+def _to_read(storage: Storage, columns: list[str], where: str | None) -> list[str] | None:
+    """The manifest columns an export reads: `columns`, those the selection itself needs, every carried input column
+    and every column `where` may name (its text holds the name); None, every column, when `where` may name columns
+    without spelling them (`*`, `COLUMNS(...)`, `#n`) or the parts' schemas cannot be read."""
+    try:
+        carried = {}
+        for key in storage.list(MANIFEST_DIR):
+            if key.endswith(".parquet"):
+                with storage.fs.open(f"{storage.root}/{key}", "rb") as handle:
+                    carried.update((n, None) for n in pq.read_schema(handle).names if n not in MANIFEST.names)
+    except FileNotFoundError:  # a part compacted away meanwhile: read_manifest's own retry reads every column
+        return None
+    text = (where or "").lower()
+    if any(mark in text for mark in ("*", "#", "columns")):
+        return None
+    named = [n for n in MANIFEST.names if n.lower() in text or n.lower().replace('"', '""') in text]
+    wanted = {*columns, *_OWN, *named}
+    return [*(n for n in MANIFEST.names if n in wanted), *carried]
 
 
 def _with_scores(storage: Storage, ok: pa.Table, carried: list[str]) -> tuple[pa.Table, list[str]]:
@@ -130,17 +173,21 @@ def variant_of(sweep: str | None) -> str:
 
 
 def _tallies(joined: pa.Table, kept: pa.Array) -> dict[str, Tally]:
-    keep = set(kept.to_pylist())
+    """Counted per distinct sweep cell (a sweep has few), then summed by variant: no Python object per row."""
+    cells = pc.dictionary_encode(joined["sweep"].combine_chunks())
+    names = [variant_of(cell) for cell in cells.dictionary.to_pylist()] + [NO_SWEEP]
+    codes = pc.fill_null(cells.indices, len(names) - 1).to_numpy()
+    positions = kept.to_numpy()
+    picked = codes[positions]
+    ok, passing = np.bincount(codes, minlength=len(names)), np.bincount(picked, minlength=len(names))
+    sizes = np.zeros(len(names), np.int64)
+    np.add.at(sizes, picked, pc.fill_null(joined["bytes"], 0).to_numpy()[positions])
     out: dict[str, Tally] = {}
-    sizes = joined["bytes"].to_pylist()
-    for i, sweep in enumerate(joined["sweep"].to_pylist()):
-        tally = out.setdefault(variant_of(sweep), Tally())
-        tally.ok += 1
-        if i in keep:
-            tally.passing += 1
-            tally.bytes += sizes[i] or 0
-        else:
-            tally.excluded += 1
+    for i, name in enumerate(names):
+        if ok[i]:
+            tally = out.setdefault(name, Tally())
+            tally.ok, tally.passing = tally.ok + int(ok[i]), tally.passing + int(passing[i])
+            tally.excluded, tally.bytes = tally.excluded + int(ok[i] - passing[i]), tally.bytes + int(sizes[i])
     return dict(sorted(out.items()))
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from kandinsky_batch.errors import InputError
@@ -21,7 +21,7 @@ from kandinsky_batch.export import plan as plans
 from kandinsky_batch.export.execute import write_units
 from kandinsky_batch.export.formats import load_format
 from kandinsky_batch.export.objects import replace
-from kandinsky_batch.export.samples import CAPTIONS, Samples, sample_rows
+from kandinsky_batch.export.samples import CAPTIONS, MANIFEST_COLUMNS, Samples, sample_rows
 from kandinsky_batch.export.select import Selection, format_dry_run, select
 from kandinsky_batch.output.layout import SUCCESS_KEY
 from kandinsky_batch.output.manifest import read_success, versions
@@ -92,6 +92,7 @@ class ExportResult:
     """What one `export` run found and did."""
 
     selection: Selection
+    """The counts; its rows are dropped once they are samples (a dry run keeps them)."""
     dest: str = ""
     samples: int = 0
     planned: int = 0
@@ -110,30 +111,37 @@ def run(args: ExportArgs, dry_run: bool = False) -> ExportResult:
     dest, source = Storage(args.to, args.storage_options), Storage(args.source, args.storage_options)
     bound = plans.bind(dest, args.binding())
     # 1-2. The rows and their samples: every refusal comes before anything is written.
-    selection = select(args.source, args.storage_options, args.where)
+    selection = select(args.source, args.storage_options, args.where, MANIFEST_COLUMNS)
     candidates = sample_rows(selection, args.caption, dict(args.split))
-    result = ExportResult(selection, args.to, samples=candidates.num_rows, dry_run=dry_run)
     if dry_run:
-        return result
+        return ExportResult(selection, args.to, samples=candidates.num_rows, dry_run=True)
+    result = ExportResult(selection.counts(), args.to, samples=candidates.num_rows)
+    del selection  # its rows live on as the samples: the driver holds one copy of them
     # 3-4. The format's checks, DEST's binding, then the plan of the samples it lacks.
     dest.cleanup_temp()  # a killed run's partial writes: its units are re-run whole
-    plan = plans.read_plan(dest)
-    new = plans.plan_new(plan, candidates, fmt.SHARDED, args.shard_size, args.shard_bytes)
-    fmt.check(Samples(candidates))
+    planned = plans.read_plan(dest)
+    new = plans.plan_new(planned, candidates, fmt.SHARDED, args.shard_size, args.shard_bytes)
+    checked = Samples(candidates)
+    fmt.check(checked)
     if not bound:
         plans.record_arguments(dest, args.binding())
     plans.record_plan(dest, new)
-    plan = plan if not new.num_rows else plans.read_plan(dest)
+    result.planned = new.num_rows
+    plan = pa.concat_tables([planned, new]) if new.num_rows else planned  # the parts as read_plan reads them
+    # A first plan is the candidates in their order: the format's finish reads the samples its check did.
+    samples = checked if not planned.num_rows else Samples(plan)
+    del candidates, checked, new
     # 5. The units not done, one task each.
     names = set(pc.unique(plan["unit"]).to_pylist())
     pending = names - plans.done_units(dest)
-    result.planned, result.units = new.num_rows, len(names)
+    result.units = len(names)
     result.written = write_units(args.format, plans.units(plan, pending), source, dest, args.address)
     # 6. What a reader needs beside the units, replaced only when it changed.
     index = plans.read_index(dest, sorted(names))
     replace(dest, plans.INDEX_KEY, plans.parquet_bytes(index))
-    fmt.finish(dest, index, Samples(plan))
-    result.splits = dict(sorted(Counter(plan["split"].to_pylist()).items()))
+    fmt.finish(dest, index, samples)
+    result.splits = {row["values"]: row["counts"] for row in pc.value_counts(plan["split"]).to_pylist()}
+    result.splits = dict(sorted(result.splits.items()))
     result.seconds = time.perf_counter() - started
     _record_success(dest, args, result, started_at)
     return result

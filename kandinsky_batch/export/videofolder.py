@@ -17,6 +17,7 @@ from kandinsky_batch.errors import InputError
 from kandinsky_batch.export.objects import publish_once, read_video, replace
 from kandinsky_batch.export.plan import parquet_bytes
 from kandinsky_batch.export.sample import IndexRow, Sample, Unit
+from kandinsky_batch.export.samples import in_batches
 from kandinsky_batch.output.storage import Storage
 
 NAME = "videofolder"
@@ -57,23 +58,28 @@ def write_unit(unit: Unit, source: Storage, dest: Storage) -> list[IndexRow]:
 
 
 def _schema(samples: Sequence[Sample]) -> pa.Schema:
-    """`file_name`, then each field with the Arrow type of all its values across every split."""
+    """`file_name`, then each field with the Arrow type of all its values across every split: each batch's type
+    of a field, merged as Arrow merges them (null takes the other, integers widen to floats, structs gain fields)."""
     names = list(samples[0].meta)
-    values = {name: [] for name in names}
-    for sample in samples:
-        for name in names:
-            values[name].append(sample.meta.get(name))
-    return pa.schema([("file_name", pa.string()), *((name, pa.array(values[name]).type) for name in names)])
+    merged = None
+    for batch in in_batches(samples):
+        types = pa.schema([(name, pa.array([sample.meta.get(name) for sample in batch]).type) for name in names])
+        merged = types if merged is None else pa.unify_schemas([merged, types], promote_options="permissive")
+    return pa.schema([("file_name", pa.string()), *merged])
 
 
 def finish(dest: Storage, index: pa.Table, samples: Sequence[Sample]) -> None:
-    """`{split}/metadata.parquet` of every split, in sample order."""
+    """`{split}/metadata.parquet` of every split, in sample order, built a batch at a time."""
     if not len(samples):
         return
     schema = _schema(samples)
-    by_split: dict[str, list[dict]] = {}
-    for sample in samples:
-        row = {"file_name": f"{sample.key}.{_video_ext(sample)}", **sample.meta}
-        by_split.setdefault(sample.split, []).append(row)
-    for split, rows in sorted(by_split.items()):
-        replace(dest, f"{split}/metadata.parquet", parquet_bytes(pa.Table.from_pylist(rows, schema=schema)))
+    by_split: dict[str, list[pa.Table]] = {}
+    for batch in in_batches(samples):
+        rows: dict[str, list[dict]] = {}
+        for sample in batch:
+            rows.setdefault(sample.split, []).append({"file_name": f"{sample.key}.{_video_ext(sample)}", **sample.meta})
+        for split, split_rows in rows.items():
+            by_split.setdefault(split, []).append(pa.Table.from_pylist(split_rows, schema=schema))
+    for split, tables in sorted(by_split.items()):
+        table = pa.concat_tables(tables).combine_chunks()  # one piece, as the Parquet of one table of rows was
+        replace(dest, f"{split}/metadata.parquet", parquet_bytes(table))

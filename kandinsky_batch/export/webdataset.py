@@ -14,11 +14,13 @@ import re
 import tarfile
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 from kandinsky_batch.errors import InputError
 from kandinsky_batch.export.objects import publish_once, read_video
 from kandinsky_batch.export.sample import IndexRow, Sample, Unit
+from kandinsky_batch.export.samples import Samples
 from kandinsky_batch.output.storage import Storage
 
 NAME = "webdataset"
@@ -77,6 +79,14 @@ def _metadata(sample: Sample) -> bytes:
     return text.encode("utf-8")
 
 
+def _repeated_keys(samples) -> set[str] | None:
+    """The keys more than one sample row has, counted in Arrow; None (track every key) for other sequences."""
+    if not isinstance(samples, Samples):
+        return None
+    counts = pc.value_counts(samples.table["key"])
+    return set(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist())
+
+
 def check(samples: list[Sample]) -> None:
     """Refuse, before anything is written, samples a loader would read inconsistently: the message names the field."""
     if not samples:
@@ -85,13 +95,15 @@ def check(samples: list[Sample]) -> None:
     extensions, keys = set(first.media), set(first.meta)
     types: dict[str, tuple[str, str]] = {}
     seen: dict[str, str] = {}
+    repeated = _repeated_keys(samples)
     for sample in samples:
         if not sample.key or "." in sample.key or "/" in sample.key:
             raise InputError(f"id {sample.id!r}: key {sample.key!r} must be non-empty and free of '.' and '/' "
                              "(WebDataset and HF split a member's name at its first dot)")
         if sample.key in seen:
             raise InputError(f"key {sample.key!r} is shared by ids {seen[sample.key]!r} and {sample.id!r}")
-        seen[sample.key] = sample.id
+        if repeated is None or sample.key in repeated:
+            seen[sample.key] = sample.id
         if set(sample.media) != extensions:
             raise InputError(f"id {sample.id!r}: media extensions {sorted(sample.media)} differ from "
                              f"{sorted(extensions)} of id {first.id!r}: every sample carries the same files")
@@ -117,7 +129,9 @@ def check(samples: list[Sample]) -> None:
                 raise InputError(f"meta[{name!r}] is {earlier[0]} in id {earlier[1]!r} but {kind} in id "
                                  f"{sample.id!r} ({value!r}): a field keeps one type in every sample")
         _metadata(sample)
-    dataset_card(samples)
+    card = dataset_card(samples)
+    if isinstance(samples, Samples):
+        samples.memo[CARD] = card
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -239,7 +253,11 @@ def dataset_card(samples: list[Sample]) -> bytes | None:
 
 
 def finish(dest: Storage, index: pa.Table, samples: list[Sample]) -> None:
-    """Replace the dataset card at DEST's root, so HF types every field from all samples, not the first five."""
-    card = dataset_card(samples) if samples else None
+    """Replace the dataset card at DEST's root, so HF types every field from all samples, not the first five
+    (the card `check` made when these are the samples it checked)."""
+    if isinstance(samples, Samples) and CARD in samples.memo:
+        card = samples.memo[CARD]
+    else:
+        card = dataset_card(samples) if samples else None
     if card is not None:
         dest.put_bytes(CARD, card)

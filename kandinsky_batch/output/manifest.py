@@ -192,6 +192,8 @@ def _conform(table: pa.Table, columns: list[str] | None) -> pa.Table:
     names = columns if columns is not None else SCHEMA.names
     arrays, fields = [], []
     for name in names:
+        if name not in _NAMES and name not in table.column_names:
+            continue  # a carried column of other parts: concat makes it null here, as a read of every column does
         field_ = SCHEMA.field(name) if name in _NAMES else table.schema.field(name)
         if name in table.column_names:
             column = table.column(name)
@@ -245,7 +247,7 @@ def _read_part(storage: Storage, key: str, columns: list[str] | None = None) -> 
          *(u for k, u in LOCATED if k in columns or u in columns)]))
     present = None if wanted is None else [c for c in wanted if c in handle.schema_arrow.names]
     table = _located(storage, _conform(handle.read(columns=present), wanted))
-    return table if columns is None else table.select(columns)
+    return table if columns is None else table.select([c for c in columns if c in table.column_names])
 
 
 def stored(table: pa.Table) -> pa.Table:
@@ -289,17 +291,22 @@ def read_parts(storage: Storage) -> tuple[pa.Table, list[str]]:
 def _resolve(tables: list[pa.Table]) -> pa.Table:
     if sum(t.num_rows for t in tables) == 0:
         return SCHEMA.empty_table()
-    tagged = concat([_ranked(t, i, keep=True) for i, t in enumerate(tables)])
+    # Ranked and sorted on the narrow rank columns, then one take of the wide rows: a single copy of the table.
+    ranks = concat([_ranked(t.select(["id", "row_index", "finished_at"]), i, keep=True) for i, t in enumerate(tables)])
+    ranks = ranks.append_column("_row", pa.array(np.arange(ranks.num_rows), pa.int64()))
     # One row per input row: (id, row_index), so a duplicate id's own `invalid` row is kept beside the first.
-    resolved = _latest(tagged, ["id", "row_index"]).drop_columns(["_part", "_pos", "_t"])
-    return resolved.sort_by([("row_index", "ascending"), ("id", "ascending")])
+    order = _latest(ranks, ["id", "row_index"]).sort_by([("row_index", "ascending"), ("id", "ascending")])
+    return concat(tables).take(order["_row"])
 
 
 def read_manifest(storage: Storage, columns: list[str] | None = None) -> pa.Table:
     """One row per (id, row_index) (latest `finished_at`, ties to the later part), sorted by `row_index`;
     only `columns` (which must include id, row_index and finished_at) if given."""
     tables, _ = _load_parts(storage, columns)
-    return _resolve(tables)
+    resolved = _resolve(tables)
+    if columns is None or not resolved.num_rows:
+        return resolved
+    return resolved.select([c for c in columns if c in resolved.column_names])
 
 
 def _ranked(table: pa.Table, part: int = 0, keep: bool = False) -> pa.Table:
