@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
@@ -87,6 +86,11 @@ def test_webdataset_export_of_a_scored_job_reads_back_with_webdataset_hf_and_a_d
         assert meta["dimension"] == want[meta["id"]]["dimension"] and isinstance(meta["guidance_scale"], float)
         assert sample["jpg"][:2] == b"\xff\xd8"
     assert set(seen) == set(want)
+
+    # The same command again writes nothing: every object and metadata file keeps its bytes and its mtime.
+    stamps = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in dest.rglob("*") if p.is_file()}
+    assert _export(job, dest, "webdataset", "--split", "val=0.3", "--shard-size", "3") == want
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in dest.rglob("*") if p.is_file()} == stamps
 
     index = pq.read_table(dest / "index.parquet").to_pylist()
     assert sorted(r["id"] for r in index) == sorted(want)

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import yaml
 
 from kandinsky_batch.errors import InputError
-from kandinsky_batch.export.objects import publish_once, read_video
+from kandinsky_batch.export.objects import publish_once, read_video, replace
 from kandinsky_batch.export.sample import IndexRow, Sample, Unit
 from kandinsky_batch.export.samples import Samples
 from kandinsky_batch.output.storage import Storage
@@ -254,10 +254,10 @@ def dataset_card(samples: list[Sample]) -> bytes | None:
 
 def finish(dest: Storage, index: pa.Table, samples: list[Sample]) -> None:
     """Replace the dataset card at DEST's root, so HF types every field from all samples, not the first five
-    (the card `check` made when these are the samples it checked)."""
+    (the card `check` made when these are the samples it checked); left untouched when it already says that."""
     if isinstance(samples, Samples) and CARD in samples.memo:
         card = samples.memo[CARD]
     else:
         card = dataset_card(samples) if samples else None
     if card is not None:
-        dest.put_bytes(CARD, card)
+        replace(dest, CARD, card)
