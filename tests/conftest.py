@@ -187,9 +187,20 @@ class CpuGangs:
 
 
 @pytest.fixture(scope="session")
-def cpu_gangs(model_cache) -> CpuGangs:
+def cpu_gangs(model_cache, tmp_path_factory) -> CpuGangs:
     """Rank 0's frames of every gang in `tests.gang_ranks.PINNED_GANGS`, on the replicas' pinned numerics, rendered
-    once per session by one pair of spawned rank processes (tests/test_parallel.py, tests/test_nabla.py)."""
+    once per session by one pair of spawned rank processes (tests/test_parallel.py, tests/test_nabla.py). Under
+    pytest-xdist the first worker to ask renders them and leaves them in the run's temp root for the other."""
+    import pickle
+
+    from filelock import FileLock
+
     from tests.gang_ranks import PINNED_GANGS, run_gangs
 
-    return CpuGangs(PINNED_GANGS, run_gangs(PINNED_GANGS, model_cache))
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return CpuGangs(PINNED_GANGS, run_gangs(PINNED_GANGS, model_cache))
+    shared = tmp_path_factory.getbasetemp().parent / "cpu-gangs.pickle"
+    with FileLock(f"{shared}.lock"):
+        if not shared.exists():
+            shared.write_bytes(pickle.dumps(run_gangs(PINNED_GANGS, model_cache)))
+        return CpuGangs(PINNED_GANGS, pickle.loads(shared.read_bytes()))
