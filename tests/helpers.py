@@ -11,7 +11,7 @@ from kandinsky_batch.config.schema import JobConfig
 from kandinsky_batch.intake.dataset import Dataset
 from kandinsky_batch.intake.ids import IdIndex
 from kandinsky_batch.intake.rows import RowValidator, Task
-from kandinsky_batch.output.manifest import FINAL_PART_ROWS, _load_parts, _resolve, _to_parquet, stored
+from kandinsky_batch.output.manifest import FINAL_PART_ROWS, _load_parts, _resolve, parquet_bytes, stored
 from kandinsky_batch.output.layout import MANIFEST_DIR
 from kandinsky_batch.output.storage import Storage
 from pipelines import ModelSpec, to_uint8
@@ -84,7 +84,7 @@ def compact(storage: Storage, run_id: str, table: pa.Table | None = None) -> pa.
     for i, part in enumerate(slices):
         name = f"part-{run_id}-final.parquet" if len(slices) == 1 else f"part-{run_id}-final-{i:03d}.parquet"
         written.append(f"{MANIFEST_DIR}/{name}")
-        storage.put_bytes(written[-1], _to_parquet(stored(part)))
+        storage.put_bytes(written[-1], parquet_bytes(stored(part)))
     # Delete only what was read: a part published meanwhile holds rows the final parts lack.
     for key in keys:
         if key not in written:

@@ -14,7 +14,8 @@ import pytest
 from kandinsky_batch.errors import InputError
 from kandinsky_batch.export import csv_manifest, samples, videofolder
 from kandinsky_batch.export import webdataset as wds_format
-from kandinsky_batch.export.plan import FILES_PER_UNIT, INDEX_SCHEMA, PLAN_SCHEMA, parquet_bytes, plan_new
+from kandinsky_batch.export.plan import FILES_PER_UNIT, INDEX_SCHEMA, PLAN_SCHEMA, plan_new
+from kandinsky_batch.output.manifest import parquet_bytes
 from kandinsky_batch.export.samples import MANIFEST_COLUMNS, Samples, sample_rows
 from kandinsky_batch.export.select import NO_SWEEP, Tally, select, variant_of
 from kandinsky_batch.output.manifest import job_schema, read_manifest, to_table

@@ -10,7 +10,7 @@ import pytest
 from kandinsky_batch.output.manifest import (
     SCHEMA,
     ManifestWriter,
-    _to_parquet,
+    parquet_bytes,
     read_columns,
     read_manifest,
     read_parts,
@@ -118,7 +118,7 @@ def test_parts_written_before_a_column_existed_read_it_as_null(output_target):
     storage = Storage(*output_target)
     older = pa.schema([f for f in SCHEMA if f.name != "expanded_prompt"])
     storage.put_bytes("manifest/part-old-000000.parquet",
-                      _to_parquet(pa.Table.from_pylist([row(0, prompt="a cat")], schema=older)))
+                      parquet_bytes(pa.Table.from_pylist([row(0, prompt="a cat")], schema=older)))
     writer = ManifestWriter(storage, "new")
     writer.add(row(1, prompt="a dog", expanded_prompt="a dog, running"))
     writer.flush()

@@ -18,7 +18,7 @@ import pyarrow.csv as pcsv
 
 from kandinsky_batch.errors import InputError
 from kandinsky_batch.export.objects import replace
-from kandinsky_batch.export.plan import parquet_bytes
+from kandinsky_batch.output.manifest import parquet_bytes
 from kandinsky_batch.export.sample import IndexRow, Sample, Unit
 from kandinsky_batch.export.samples import Samples, in_batches
 from kandinsky_batch.output.storage import Storage

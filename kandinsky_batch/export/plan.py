@@ -25,6 +25,7 @@ from kandinsky_batch.export.objects import publish_once
 from kandinsky_batch.export.sample import IndexRow, Unit
 from kandinsky_batch.export.samples import SCHEMA as SAMPLE_SCHEMA
 from kandinsky_batch.export.samples import to_sample
+from kandinsky_batch.output.manifest import parquet_bytes
 from kandinsky_batch.output.storage import Storage
 
 STATE_DIR = ".export"
@@ -38,13 +39,6 @@ INDEX_SCHEMA = pa.schema([("key", pa.string()), ("id", pa.string()), ("split", p
                           ("bytes", pa.int64())])
 FILES_PER_UNIT = 256
 """Samples per unit of a format written file by file (a task's worth), unless --shard-size says otherwise."""
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    """A table as Parquet bytes, the same bytes for the same table (what create-only re-writes compare)."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
 
 
 def _read(dest: Storage, key: str) -> pa.Table:

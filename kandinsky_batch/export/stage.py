@@ -24,7 +24,7 @@ from kandinsky_batch.export.objects import replace
 from kandinsky_batch.export.samples import CAPTIONS, MANIFEST_COLUMNS, Samples, sample_rows
 from kandinsky_batch.export.select import Selection, format_dry_run, select
 from kandinsky_batch.output.layout import SUCCESS_KEY
-from kandinsky_batch.output.manifest import read_success, versions
+from kandinsky_batch.output.manifest import parquet_bytes, read_success, versions
 from kandinsky_batch.output.storage import Storage
 
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -138,7 +138,7 @@ def run(args: ExportArgs, dry_run: bool = False) -> ExportResult:
     result.written = write_units(args.format, plans.units(plan, pending), source, dest, args.address)
     # 6. What a reader needs beside the units, replaced only when it changed.
     index = plans.read_index(dest, sorted(names))
-    replace(dest, plans.INDEX_KEY, plans.parquet_bytes(index))
+    replace(dest, plans.INDEX_KEY, parquet_bytes(index))
     fmt.finish(dest, index, samples)
     result.splits = {row["values"]: row["counts"] for row in pc.value_counts(plan["split"]).to_pylist()}
     result.splits = dict(sorted(result.splits.items()))

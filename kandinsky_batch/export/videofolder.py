@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from kandinsky_batch.errors import InputError
 from kandinsky_batch.export.objects import publish_once, read_video, replace
-from kandinsky_batch.export.plan import parquet_bytes
+from kandinsky_batch.output.manifest import parquet_bytes
 from kandinsky_batch.export.sample import IndexRow, Sample, Unit
 from kandinsky_batch.export.samples import in_batches
 from kandinsky_batch.output.storage import Storage

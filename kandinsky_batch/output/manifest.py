@@ -116,7 +116,8 @@ def concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive") if tables else SCHEMA.empty_table()
 
 
-def _to_parquet(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as Parquet bytes, the same bytes for the same table (what create-only re-writes compare)."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
@@ -172,7 +173,7 @@ class ManifestWriter:
             if not self._rows:
                 return None
             key = f"{self.folder}part-{self.run_id}-{self._seq:06d}.parquet"
-            data = _to_parquet(stored(to_table(self._rows, self.schema)))
+            data = parquet_bytes(stored(to_table(self._rows, self.schema)))
             # Create-only: two writers sharing a run_id would otherwise overwrite each other's rows.
             if not self.storage.put_bytes_if_absent(key, data) and self.storage.get_bytes(key) != data:
                 raise RuntimeError(f"manifest part {key} exists with other rows: run_id {self.run_id!r} is reused")
@@ -406,7 +407,7 @@ def finalize(storage: Storage, run_id: str, rendered: pa.Table, invalid: pa.Tabl
     def publish() -> None:
         table = concat(buffer).sort_by([("row_index", "ascending")]) if buffer else SCHEMA.empty_table()
         name = f"part-{run_id}-final.parquet" if count == 1 else f"part-{run_id}-final-{len(written):03d}.parquet"
-        storage.put_bytes(f"{MANIFEST_DIR}/{name}", _to_parquet(stored(table)))
+        storage.put_bytes(f"{MANIFEST_DIR}/{name}", parquet_bytes(stored(table)))
         written.append(f"{MANIFEST_DIR}/{name}")
         for status, n in zip(*_value_counts(table["status"])):
             counts[status] = counts.get(status, 0) + n
