@@ -145,7 +145,8 @@ def ray_local(model_cache) -> Iterator[None]:
     loopback_only()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # `address="local"`: a fresh cluster even when a stale `ray start` left its address file on this host.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
+    # 8 logical CPUs: the largest fleet a test runs (tests/test_gangs.py: gangs of 2 and 4 ranks) holds one per rank.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
              _node_ip_address="127.0.0.1",
              runtime_env={"worker_process_setup_hook": "tests.faults.install",
                           "env_vars": {"PYTHONPATH": root}})

@@ -53,39 +53,47 @@ def _check_frames(tmp_path, tiny_pipe, spec: ParallelSpec):
     return manifest
 
 
-# SP 2 alone goes through the job path in the mixed-fleet and killed-rank tests below.
-@pytest.mark.parametrize("shape, spec", [
-    (["cluster.cfg_parallel=true"], ParallelSpec(cfg=True)),
-    (["cluster.sequence_parallel=2", "cluster.cfg_parallel=true"], ParallelSpec(ulysses=2, cfg=True)),
-], ids=["cfg2", "sp2xcfg2"])
-def test_gang_job_frames_match_a_single_device(tmp_path, ray_local, tiny_pipe, shape, spec):
-    result = run(_config(tmp_path, ROWS, ["cluster.replicas=1", *shape]), progress=False)
-    assert result.ok == len(ROWS) and result.restarts == 0
-    _check_frames(tmp_path, tiny_pipe, spec)
+# One job on a mixed fleet of two gang shapes, read by the tests below (SP 2 alone goes through the job path in the
+# killed-rank test, single replicas beside a gang in tests/test_sweep.py). 5 frames of 32x32 = 2 x 2 x 2 = 8
+# tokens fit `short`; 9 frames (3 latent frames) or 48x32 = 12 go to `long`.
+SHAPES = {"short": ParallelSpec(cfg=True), "long": ParallelSpec(ulysses=2, cfg=True)}
+FLEET = ("cluster:\n  groups:\n"
+         "    - {name: short, replicas: 1, max_tokens: 8, cfg_parallel: true}\n"
+         "    - {name: long, replicas: 1, sequence_parallel: 2, cfg_parallel: true}\n")
+MIXED_ROWS = [*ROWS, {"id": "owl", "prompt": "an owl at dusk"}, {"id": "bus", "prompt": "a bus", "num_frames": 9}]
 
 
-def test_mixed_fleet_routes_rows_by_size(tmp_path, ray_local, tiny_pipe):
-    (tmp_path / "fleet.yaml").write_text(
-        "cluster:\n  groups:\n"
-        "    - {name: short, replicas: 1, max_tokens: 8}\n"
-        "    - {name: long, replicas: 1, sequence_parallel: 2}\n"
-    )
-    rows = [{"id": f"s{i}", "prompt": f"short clip {i}", "num_frames": None} for i in range(3)]
-    rows += [{"id": f"l{i}", "prompt": f"long clip {i}", "num_frames": 9} for i in range(3)]
-    data = write_dataset(tmp_path / "prompts.parquet", rows)
+@pytest.fixture(scope="module")
+def mixed_fleet(tmp_path_factory, ray_local, tiny_pipe):
+    tmp_path = tmp_path_factory.mktemp("mixed")
+    (tmp_path / "fleet.yaml").write_text(FLEET)
+    data = write_dataset(tmp_path / "prompts.parquet", MIXED_ROWS)
     cfg = load_config(str(tmp_path / "fleet.yaml"), [f"input.path={data}", f"output.uri=file://{tmp_path / 'out'}",
                                                      "output.format=npy", *TINY_RENDER])
-    run(cfg, progress=False)
+    result = run(cfg, progress=False)
+    return tmp_path, result, {r["id"]: r for r in read_manifest(Storage(f"file://{tmp_path / 'out'}")).to_pylist()}
+
+
+@pytest.mark.parametrize("group", ["short", "long"], ids=["cfg2", "sp2xcfg2"])
+def test_gang_job_frames_match_a_single_device(mixed_fleet, tiny_pipe, group):
+    tmp_path, result, manifest = mixed_fleet
+    assert result.ok == len(MIXED_ROWS) and result.restarts == 0
     storage = Storage(f"file://{tmp_path / 'out'}")
-    manifest = {r["id"]: r for r in read_manifest(storage).to_pylist()}
-    # 5 frames of 32x32 = 2 x 2 x 2 = 8 tokens fit `short`; 9 frames (3 latent frames) = 12 go to `long`.
-    assert {manifest[f"s{i}"]["gang"] for i in range(3)} == {"1"}
-    assert {manifest[f"l{i}"]["gang"] for i in range(3)} == {"sp2"}
-    assert all(manifest[f"s{i}"]["worker"].startswith("short/") for i in range(3))
-    for row in manifest.values():
+    rows = [row for row in manifest.values() if row["worker"].startswith(f"{group}/")]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["status"] == "ok" and row["gang"] == SHAPES[group].name
         frames = decode(storage.get_bytes(storage.key_of(row["uri"])), "npy")
-        assert_like_one_device(frames, oracle(tiny_pipe, row), ParallelSpec(ulysses=2 if row["gang"] == "sp2" else 1),
-                               row["id"])
+        assert_like_one_device(frames, oracle(tiny_pipe, row), SHAPES[group], row["id"])
+    assert verify(f"file://{tmp_path / 'out'}") == []
+
+
+def test_mixed_fleet_routes_rows_by_size(mixed_fleet):
+    _, _, manifest = mixed_fleet
+    assert {i: manifest[i]["gang"] for i in ("cat", "koi", "owl")} == dict.fromkeys(("cat", "koi", "owl"), "cfg2")
+    assert {i: manifest[i]["gang"] for i in ("car", "tall", "bus")} == dict.fromkeys(("car", "tall", "bus"),
+                                                                                      "sp2xcfg2")
+    assert all(manifest[i]["worker"].startswith("short/") for i in ("cat", "koi", "owl"))
 
 
 def test_row_too_big_for_every_group_is_invalid(tmp_path, inprocess):
