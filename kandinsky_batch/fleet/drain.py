@@ -56,13 +56,18 @@ class Drains:
         return max(0.0, self.next_poll - now)
 
     def poll(self, queue: Queue, now: float) -> None:
-        """Read the table when due; start draining replicas on newly draining nodes; settle the draining ones."""
+        """Read the table when due; drain the ready replicas on draining nodes; settle the draining ones.
+
+        Runs on every turn of the queue's loop, before it feeds replicas: one that just became ready on a
+        draining node retires before it gets a row."""
         if now >= self.next_poll:
             self.next_poll = now + self.poll_seconds
             try:
                 self.nodes = dict(self.draining())
             except Exception:  # noqa: BLE001 - a GCS hiccup: keep the last table, try again at the next poll
                 logger.warning("could not read the draining nodes; keeping the last known", exc_info=True)
+        if not self.nodes and not any(s.state is SlotState.DRAINING for s in queue.slots):
+            return
         for slot in list(queue.slots):
             node = slot.info.get("node")
             if slot.state is SlotState.READY and node in self.nodes:
@@ -71,13 +76,6 @@ class Drains:
                 if node in self.nodes:
                     slot.deadline = self.nodes[node]
                 self.settle(queue, slot, now)
-
-    def started(self, queue: Queue, slot: Slot, now: float) -> bool:
-        """A replica just became ready: on a draining node it retires before it gets a row; True if it did."""
-        if slot.info.get("node") not in self.nodes:
-            return False
-        self._begin(queue, slot, now)
-        return True
 
     def _begin(self, queue: Queue, slot: Slot, now: float) -> None:
         deadline = self.nodes[slot.info["node"]]

@@ -227,9 +227,8 @@ class WorkQueue:
             slot.starting.discard(ref)
             if not slot.starting:
                 slot.started(value, now)
+                self.hungry.add(slot)
                 self.workers.append(value)
-                if not self.drains.started(self, slot, now):
-                    self.hungry.add(slot)
             return
         flight.outstanding.discard(ref)
         if ref is not flight.refs[0]:
