@@ -142,7 +142,7 @@ class RayFleet:
         import ray
 
         gpus = total = int(ray.cluster_resources().get("GPU", 0))
-        gone = _draining_table()
+        gone = _draining_table(max_age=2.0)  # the queue reads it every second
         if gone:
             # A draining node's GPUs are going: replacements go elsewhere (Ray places nothing new there anyway).
             gpus -= sum(int(node["Resources"].get("GPU", 0)) for node in ray.nodes()
@@ -159,20 +159,20 @@ Fleet = RayFleet  # the name `job.run` asks every transport for (see kandinsky_b
 _table: tuple[float, dict[str, int]] = (float("-inf"), {})
 
 
-def _draining_table() -> dict[str, int]:
-    """Ray's draining nodes, hex node id -> deadline in ms since the epoch (0: no deadline), read at most once a
-    second (the queue and the fleet both ask).
+def _draining_table(max_age: float = 0.0) -> dict[str, int]:
+    """Ray's draining nodes, hex node id -> deadline in ms since the epoch (0: no deadline); one read at most
+    `max_age` s old.
 
     Ray 2.60 has no public API for it: Ray Data (`ray.data._internal.utils.cached_ray_internals.get_draining_nodes`,
     cached for 1 s) and Train (`ray.train.v2._internal.execution.preemption._get_draining_nodes`) read
     `ray._private.state.state.get_draining_nodes()` (`GlobalState.get_draining_nodes`: the GCS's table), as here.
     """
     global _table
-    import ray
+    from ray._private import state
 
     read_at, table = _table
-    if time.monotonic() - read_at >= 1.0:
-        table = dict(ray._private.state.state.get_draining_nodes())
+    if time.monotonic() - read_at > max_age:
+        table = dict(state.state.get_draining_nodes())
         _table = (time.monotonic(), table)
     return table
 
@@ -181,8 +181,9 @@ def draining() -> dict[str, float | None]:
     """The work queue's view of the drains: node id -> its deadline on `time.monotonic()`'s clock (None: none).
 
     `ray drain-node --deadline-remaining-seconds N` (`ray.scripts.scripts.drain_node`, a hidden CLI) stores
-    now + N s in ms; without the option it stores 0, no deadline. Ray never removes a node at its deadline: the
-    node exits once nothing runs there (its death reason is the drain's), or whoever drained it kills it."""
+    now + N s in ms; without the option it stores 0, no deadline. Ray never removes a node at its deadline: its
+    raylet exits once nothing runs there, with the drain's death reason (`LocalResourceManager::
+    OnResourceOrStateChanged`, C++, not in the wheel; tests/test_fleet.py sees it happen), or its owner kills it."""
     offset = time.monotonic() - time.time()
     return {node: (ms / 1000 + offset if ms else None) for node, ms in _draining_table().items()}
 
