@@ -5,7 +5,8 @@ in the driver's process, its model loaded once, its `ready`/`render` calls on a 
 time, as the actor runs them), their `concurrent.futures.Future`s standing in for Ray's refs. For tests and
 debugging on one host: no process or GPU isolation, so gangs (one process per rank) are refused.
 
-The interface is `cluster`'s (`connect`, `plan`, `spawner`, `Fleet`, `wait`, `get`, `draining`): `job.run` uses either module.
+The interface is `cluster`'s (`connect`, `plan`, `spawner`, `Fleet`, `wait`, `get`, `draining`): `job.run` uses
+either module.
 """
 
 from __future__ import annotations

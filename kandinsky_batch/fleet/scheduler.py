@@ -107,8 +107,7 @@ class WorkQueue:
                 if now >= next_fleet:
                     rebalance.reconcile(self, now)
                     next_fleet = now + self.fleet_seconds
-                # 3. Replicas on draining nodes take no new rows and retire; a model with no rows left yields to one
-                # that has some.
+                # 3. Draining nodes' replicas take no new rows; a model with no rows left yields to one that has some.
                 self.drains.poll(self, now)
                 rebalance.switch(self, now)
                 # 4. Keep every ready replica `prefetch` batches deep.
@@ -299,8 +298,7 @@ class WorkQueue:
         self._track_start(slot)
 
     def take_back(self, slot: Slot, flights: list[Flight]) -> int:
-        """Batches off a replica, their answers ignored, back to the front of the pool's queue with no attempt
-        counted; the number of rows."""
+        """Batches off a replica, answers ignored, back to the front of the queue, no attempt counted; their rows."""
         for ref in [ref for flight in flights for ref in flight.refs]:
             self.refs.pop(ref, None)
         rows = sum(len(flight.batch) for flight in flights)

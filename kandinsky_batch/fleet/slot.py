@@ -1,8 +1,9 @@
 """A replica's place in the work queue: the `Slot` state machine, the `Pool` it serves, its in-flight batches.
 
 A slot holds one replica (an actor, or a gang of actors fed in lockstep) and moves starting -> ready -> dead ->
-starting ..., or retired; a replica on a node Ray drains moves ready -> draining -> retired; its transitions are its methods, the only way its state changes, and it keeps its
-in-flight batches (`Flight`) in dispatch order so that a lost replica's batches go back in the order they left.
+starting ..., or retired (ready -> draining -> retired on a node Ray drains); its transitions are its methods, the
+only way its state changes, and it keeps its in-flight batches (`Flight`) in dispatch order so that a lost
+replica's batches go back in the order they left.
 The work queue (`scheduler.py`) decides when each transition happens.
 """
 
