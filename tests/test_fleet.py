@@ -192,6 +192,8 @@ def test_node_drained_mid_job(tmp_path):
     # Each was rendered again on the head node, once.
     handed = {i for b in back for i in b["ids"]}
     assert {report["workers"][report["ok_worker_by_id"][i]]["node_role"] for i in handed} == {"head"}, summary
+    # No replacement started: the drained node's GPUs left the fleet, and the head's were taken.
+    assert sorted(r["node_role"] for r in report["replicas"]) == ["head", "head", "node1", "node1"], summary
     # _SUCCESS reports the drains apart from failures.
     counts = report["success_counts"]
     assert (counts["drains"], counts["drained"], counts["restarts"]) == (2, result["drained"], 0), summary
