@@ -300,6 +300,12 @@ def _record_hand_backs(sink: list, fleet: Fleet, t0: float) -> None:
     WorkQueue.take_back = take_back
 
 
+def _done_on(added: list[dict], fleet: Fleet, role: str) -> int:
+    """Rows the job has settled that a replica on the node `role` rendered (known from its worker's pid)."""
+    pids = [_WORKER_PID.search(str(row.get("worker") or "")) for row in added]
+    return sum(1 for match in pids if match and fleet.pid_node.get(int(match.group(1))) == role)
+
+
 def _report_rows(out: Path, ids: list[str], added: list[dict], fleet: Fleet | None,
                  replicas: list[dict]) -> dict:
     """What the output prefix and the job's manifest rows say happened to each input row."""
@@ -456,7 +462,9 @@ def run_scenario(args, marker: str, report: dict) -> None:
                 if first_commit is None:
                     first_commit = _now(t0)
                     timings["first_commit_s"] = first_commit
-            if not fault_done and count >= fault_after:
+            # A drain waits until node 1 has rows done too: its replicas then have rows running and a speed.
+            due = count >= fault_after and (args.scenario != "drain" or _done_on(added, fleet, "node1") > 0)
+            if not fault_done and due:
                 fault_done = True
                 what = {"node_loss": "kill node1", "drain": "drain node1"}.get(args.scenario, "add node1")
                 report["events"].append({"at_s": _now(t0), "what": what, "objects": count})
