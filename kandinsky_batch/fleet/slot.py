@@ -106,6 +106,7 @@ class Slot:
         self._expect(SlotState.STARTING)
         self.state, self.info, self.start_failures, self.ready_at = SlotState.READY, info, 0, now
         self.busy_seconds, self._busy_since = 0.0, None
+        self.flight_seconds = self.cost_done = 0.0  # a new replica (maybe elsewhere): its own speed
 
     def dispatch(self, flight: Flight, now: float) -> None:
         """READY: one more batch queued on the replica."""
