@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import machine, table, write_json  # noqa: E402
 from kandinsky_batch.output.record import BatchResult  # noqa: E402
 from kandinsky_batch.intake.rows import Task  # noqa: E402
-from kandinsky_batch.fleet.scheduler import WindowList, WorkQueue  # noqa: E402
+from kandinsky_batch.fleet.scheduler import WorkQueue  # noqa: E402
+from kandinsky_batch.fleet.source import WindowList  # noqa: E402
 from kandinsky_batch.fleet.slot import Pool  # noqa: E402
 
 # The Lite 5 s variants at their documented defaults: (label, steps, guidance).

@@ -113,7 +113,9 @@ def _run(args) -> int:
     print(f"done: {result.rows} rows: {result.ok} ok, {result.invalid} invalid, {result.failed} failed "
           f"({result.rendered} rendered, {result.skipped} already done, {result.adopted} adopted, "
           f"{result.retries} retries) in {result.seconds:.1f} s -> {cfg.output.uri}"
-          + (f"; it also keeps {result.kept} rows of ids this input does not hold" if result.kept else ""))
+          + (f"; it also keeps {result.kept} rows of ids this input does not hold" if result.kept else "")
+          + (f"; {result.drains} replicas retired by node drains ({result.drained} rows handed back, no attempt "
+             f"counted)" if result.drains else ""))
     why = (f"; most common reason ({result.top_count} of {result.rows} rows): {result.top_reason}"
            if result.top_reason else "")
     if result.rows and not result.ok:

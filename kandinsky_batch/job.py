@@ -55,6 +55,10 @@ class JobResult:
     """Rows of ids this run's input does not hold (an earlier run's other dataset), kept in the manifest as they were."""
     retries: int = 0
     restarts: int = 0
+    drains: int = 0
+    """Replicas retired because Ray drained their node (preemption): not failures, not in `restarts`."""
+    drained: int = 0
+    """Rows handed back to the queue by those drains, no attempt counted (each rendered again elsewhere)."""
     model_loads: int = 0
     """Replicas that loaded a model (rebuilds and model switches included)."""
     switches: int = 0
@@ -135,6 +139,7 @@ class _Progress:
         if queue is not None and now >= self._next_metrics:
             self._next_metrics = now + METRICS_SECONDS
             self.metrics.queued(queue.queued())
+            self.metrics.replicas_lost(restarts=queue.restarts, drains=queue.drains.drains)
             for slot in queue.slots:
                 if slot.info:
                     self.metrics.busy(slot.info["worker"], slot.busy_fraction(now))
@@ -229,7 +234,7 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
                     on_tick=lambda q: (fused and fused.writer.flush_if_due(), writer.flush_if_due(),
                                        bar.update(intake, q),
                                        heartbeat.beat(sum(bar.counts.values()))),
-                    should_stop=lambda: stop.requested,
+                    should_stop=lambda: stop.requested, draining=transport.draining,
                 )
                 queue.run()
                 if queue.stopped:
@@ -237,6 +242,7 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
                 if queue.first_dispatch is not None:
                     result.first_render_seconds = queue.first_dispatch - started_clock
                 result.retries, result.restarts, result.workers = queue.retries, queue.restarts, queue.workers
+                result.drains, result.drained = queue.drains.drains, queue.drains.drained
                 result.switches, result.model_loads = queue.switches, len(queue.workers)
                 result.drain_seconds = queue.drain_seconds
     except Interrupted as exc:

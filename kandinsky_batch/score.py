@@ -215,7 +215,8 @@ def _run(cfg: JobConfig, progress: bool, verbose: bool, stop: StopSignals, trans
                                   _Fleet(capacity), windows, max_attempts=cfg.cluster.max_attempts,
                                   on_row=commit, wait=transport.wait, get=transport.get, batch_size=BATCH,
                                   no_replica_timeout=cfg.cluster.no_replica_timeout,
-                                  on_tick=lambda q: writer.flush_if_due(), should_stop=lambda: stop.requested)
+                                  on_tick=lambda q: writer.flush_if_due(), should_stop=lambda: stop.requested,
+                                  draining=transport.draining)
                 queue.run()
                 result.workers = queue.workers
                 if queue.stopped:

@@ -14,6 +14,9 @@ with the `simulated` model (sleeps, no torch), while the main thread watches the
 - `baseline`:  head + one node, no fault. The job must finish with every row ok once.
 - `node_loss`: head + one node; once some rows are committed, the node is SIGKILLed (all its Ray processes).
 - `scale_up`:  head only; once some rows are committed, a node with 2 GPUs joins.
+- `drain`:     head + one node; once some rows are committed, the node is drained for preemption through the GCS
+               with a deadline `--deadline` s away (as `ray drain-node` does); at the deadline it is SIGKILLed if
+               it has not left by itself. Run with rows longer than the deadline (`--frames`).
 
 A job that makes no progress for `--stall` seconds after its first commit, or runs past `--timeout`, is reported
 as hung and torn down. Whatever happens, exactly one JSON line goes to stdout (everything else, Ray's and the
@@ -43,7 +46,7 @@ from pathlib import Path
 
 from tests.processes import kill_all
 
-SCENARIOS = ("baseline", "node_loss", "scale_up")
+SCENARIOS = ("baseline", "node_loss", "scale_up", "drain")
 MARKER = "KB_FLEET_MARKER"
 GPUS_PER_NODE = 2
 CPUS_PER_NODE = 2
@@ -61,6 +64,7 @@ DETECTION_ENV = {
 }
 
 _WORKER_PID = re.compile(r"@[^:]*:(\d+):")
+DRAIN_REASON = "spot instance reclaimed (fleet scenario)"
 
 
 def _now(t0: float) -> float:
@@ -120,7 +124,7 @@ def _reap(marker: str, grace: float) -> list[str]:
     return listed
 
 
-def _write_dataset(path: Path, rows: int) -> list[str]:
+def _write_dataset(path: Path, rows: int, frames: int = 0) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -128,7 +132,8 @@ def _write_dataset(path: Path, rows: int) -> list[str]:
     pq.write_table(pa.table({
         "id": ids,
         "prompt": [f"a fleet test scene number {i}" for i in range(rows)],
-        "num_frames": [241 if i % 3 == 0 else 121 for i in range(rows)],  # 10 s and 5 s clips
+        # 10 s and 5 s clips, or every row `frames` long (rows of one known cost)
+        "num_frames": [frames or (241 if i % 3 == 0 else 121) for i in range(rows)],
     }), path)
     return ids
 
@@ -166,13 +171,46 @@ class Fleet:
         self._handles[role] = node
         self.nodes.append({"role": role, "node_id": node.node_id, "raylet_pid": raylet,
                            "start_seconds": seconds, "added_at_s": _now(t0), "removed_at_s": None,
-                           "marked_dead_at_s": None})
+                           "exited_at_s": None, "marked_dead_at_s": None})
         return seconds
 
     def kill(self, role: str, t0: float) -> None:
         """SIGKILL every Ray process of the node (raylet, agents): a machine lost, no goodbye."""
         self.cluster.remove_node(self._handles.pop(role), allow_graceful=False)
         self._info(role)["removed_at_s"] = _now(t0)
+
+    def drain(self, role: str, deadline_s: float, reason: str) -> None:
+        """Drain the node for preemption through the GCS, as the hidden `ray drain-node --reason
+        DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds N` does (`ray.scripts.scripts.drain_node`: a
+        `GcsClient.drain_node` call with the hex node id and the deadline in ms since the epoch)."""
+        import ray
+        from ray.core.generated import autoscaler_pb2
+
+        client = ray._raylet.GcsClient(address=self.cluster.address)
+        accepted, why = client.drain_node(self._info(role)["node_id"],
+                                          autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                          reason, int((time.time() + deadline_s) * 1000))
+        if not accepted:
+            raise RuntimeError(f"the drain of {role} was refused: {why}")
+
+    def alive(self, role: str) -> bool:
+        """Whether the node's raylet still runs (it exits by itself once a drained node holds nothing)."""
+        import psutil
+
+        try:
+            return psutil.Process(self._info(role)["raylet_pid"]).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def death(self, role: str) -> dict:
+        """What the GCS recorded of the node's death: the reason's name and message."""
+        from ray.core.generated import common_pb2
+
+        node = next((n for n in self.cluster.global_state.node_table()
+                     if n.get("NodeID") == self._info(role)["node_id"]), {})
+        reason = node.get("DeathReason")
+        return {"alive": node.get("Alive"), "message": node.get("DeathReasonMessage"),
+                "reason": common_pb2.NodeDeathInfo.Reason.Name(reason) if isinstance(reason, int) else reason}
 
     def _info(self, role: str) -> dict:
         return next(n for n in self.nodes if n["role"] == role)
@@ -182,7 +220,10 @@ class Fleet:
         import psutil
 
         for info in self.nodes:
-            if info["removed_at_s"] is None:
+            if info["removed_at_s"] is None and info["exited_at_s"] is None:
+                if not self.alive(info["role"]):
+                    info["exited_at_s"] = _now(t0)
+                    continue
                 try:
                     for child in psutil.Process(info["raylet_pid"]).children(recursive=True):
                         self.pid_node.setdefault(child.pid, info["role"])
@@ -241,6 +282,30 @@ def _record_manifest_adds(sink: list) -> None:
     writer.add = add
 
 
+def _record_hand_backs(sink: list, fleet: Fleet, t0: float) -> None:
+    """Keep every batch the work queue takes back from a replica (a drain's): when, how many rows, from which node."""
+    from kandinsky_batch.fleet.scheduler import WorkQueue
+
+    original = getattr(WorkQueue, "take_back", None)
+    if original is None:  # a work queue that knows no drains (the comparison run of an older checkout)
+        return
+
+    def take_back(self, slot, flights):
+        rows = original(self, slot, flights)
+        if rows:
+            sink.append({"at_s": _now(t0), "rows": rows, "node_role": fleet.role_of(slot.info.get("node")),
+                         "ids": [task.id for flight in flights for task, _ in flight.batch]})
+        return rows
+
+    WorkQueue.take_back = take_back
+
+
+def _done_on(added: list[dict], fleet: Fleet, role: str) -> int:
+    """Rows the job has settled that a replica on the node `role` rendered (known from its worker's pid)."""
+    pids = [_WORKER_PID.search(str(row.get("worker") or "")) for row in added]
+    return sum(1 for match in pids if match and fleet.pid_node.get(int(match.group(1))) == role)
+
+
 def _report_rows(out: Path, ids: list[str], added: list[dict], fleet: Fleet | None,
                  replicas: list[dict]) -> dict:
     """What the output prefix and the job's manifest rows say happened to each input row."""
@@ -294,6 +359,7 @@ def _report_rows(out: Path, ids: list[str], added: list[dict], fleet: Fleet | No
         if entry["node_role"] is None and match and fleet is not None:
             entry["node_role"] = fleet.pid_node.get(int(match.group(1)))
     report["workers"] = workers
+    report["ok_worker_by_id"] = {row["id"]: row["worker"] for row in rows if row["status"] == "ok"}
     by_role: Counter = Counter()
     for entry in workers.values():
         by_role[entry["node_role"] or "unknown"] += entry["rows"]
@@ -325,7 +391,7 @@ def run_scenario(args, marker: str, report: dict) -> None:
     out = work / "out"
     if out.exists():
         shutil.rmtree(out)
-    ids = _write_dataset(work / "prompts.parquet", args.rows)
+    ids = _write_dataset(work / "prompts.parquet", args.rows, args.frames)
     report["rows_in"] = len(ids)
 
     # Every Ray process inherits this environment (the job's driver connects with the same token).
@@ -354,9 +420,10 @@ def run_scenario(args, marker: str, report: dict) -> None:
 
         _record_manifest_adds(added)
         fleet = Fleet()
+        _record_hand_backs(report["handed_back"], fleet, t0)
         timings = report["timings"]
         timings["head_start_s"] = fleet.add("head", t0)
-        if args.scenario in ("baseline", "node_loss"):
+        if args.scenario in ("baseline", "node_loss", "drain"):
             timings["node_start_s"] = fleet.add("node1", t0)
         timings["cluster_start_s"] = _now(t0)
 
@@ -381,6 +448,7 @@ def run_scenario(args, marker: str, report: dict) -> None:
 
         fault_after = args.fault_after or (max(1, args.rows // 5) if args.scenario == "node_loss" else 4)
         fault_done = args.scenario == "baseline"
+        deadline_at = None  # drain: monotonic time of the drain's deadline, until it is handled
         last_count, last_change, first_commit, polled = 0, time.monotonic(), None, 0.0
         while job.is_alive():
             job.join(0.25)
@@ -394,15 +462,28 @@ def run_scenario(args, marker: str, report: dict) -> None:
                 if first_commit is None:
                     first_commit = _now(t0)
                     timings["first_commit_s"] = first_commit
-            if not fault_done and count >= fault_after:
+            # A drain waits until node 1 has rows done too: its replicas then have rows running and a speed.
+            due = count >= fault_after and (args.scenario != "drain" or _done_on(added, fleet, "node1") > 0)
+            if not fault_done and due:
                 fault_done = True
-                what = "kill node1" if args.scenario == "node_loss" else "add node1"
+                what = {"node_loss": "kill node1", "drain": "drain node1"}.get(args.scenario, "add node1")
                 report["events"].append({"at_s": _now(t0), "what": what, "objects": count})
                 if args.scenario == "node_loss":
                     fleet.kill("node1", t0)
+                elif args.scenario == "drain":
+                    deadline_at = time.monotonic() + args.deadline
+                    report["drain"] = {"at_s": _now(t0), "deadline_at_s": round(deadline_at - t0, 2)}
+                    fleet.drain("node1", args.deadline, DRAIN_REASON)
                 else:
                     timings["node_start_s"] = fleet.add("node1", t0)
                 report["events"].append({"at_s": _now(t0), "what": what + " done"})
+            if deadline_at is not None and time.monotonic() >= deadline_at:
+                # Ray never removes a drained node at its deadline: its owner (the cloud) kills it.
+                deadline_at = None
+                report["drain"]["alive_at_deadline"] = fleet.alive("node1")
+                if report["drain"]["alive_at_deadline"]:
+                    fleet.kill("node1", t0)
+                report["events"].append({"at_s": _now(t0), "what": "deadline", "objects": count})
             stalled = first_commit is not None and time.monotonic() - last_change > args.stall
             if stalled or time.monotonic() - job_started > args.timeout:
                 report["hung"] = True
@@ -438,6 +519,10 @@ def run_scenario(args, marker: str, report: dict) -> None:
             report["result"] = {k: v for k, v in vars(result).items() if k != "workers"}
             report["replicas"] = replicas
         report.update(_report_rows(out, ids, added, fleet, replicas))
+        if args.scenario == "drain":
+            report["drain"]["death"] = fleet.death("node1")
+            success = out / "_SUCCESS"
+            report["success_counts"] = json.loads(success.read_text())["counts"] if success.exists() else None
         report["nodes"] = fleet.nodes
         report["actors"] = sorted(fleet.actors.values(), key=lambda a: a["seen_at_s"])
     except BaseException as exc:  # noqa: BLE001 - the harness reports its own failures too
@@ -468,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--seconds-per-megaunit", type=float, default=0.15,
                         help="simulated cost: a 121-frame row sleeps 4.76x this, a 241-frame row 9.33x")
+    parser.add_argument("--frames", type=int, default=0, help="every row this many frames (default: 241 and 121)")
+    parser.add_argument("--deadline", type=float, default=3.0, help="drain: seconds from the drain to its deadline")
     parser.add_argument("--fault-after", type=int, default=0,
                         help="committed objects before the fault (default: rows/5 for node_loss, 4 for scale_up)")
     parser.add_argument("--stall", type=float, default=20.0,
@@ -482,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
 
     marker = os.environ.setdefault(MARKER, uuid.uuid4().hex)
     report: dict = {"scenario": args.scenario, "marker": marker, "hung": False, "hang_reason": None,
-                    "job_finished": False, "error": None, "events": [], "timings": {}}
+                    "job_finished": False, "error": None, "events": [], "timings": {}, "handed_back": []}
     others = _only_loopback()
     if os.geteuid() != 0 or others:
         report["harness_error"] = ("refusing to run: needs root inside a private network namespace "

@@ -1,4 +1,5 @@
-"""A real multi-node Ray fleet: a node lost mid-job, a node added mid-job, and the fault-free baseline.
+"""A real multi-node Ray fleet: a node lost mid-job, a node added mid-job, a node drained mid-job, and the
+fault-free baseline.
 
 Each scenario of `tests/fleet_scenarios.py` runs in a subprocess inside a private network namespace
 (`unshare -n`, root only): Ray must listen on every interface for a second node to join, and there the only
@@ -77,8 +78,9 @@ def _kill_marked(marker: str) -> list[str]:
     return names
 
 
-def run_scenario(name: str, tmp_path: Path) -> dict:
-    """Run one scenario in its own network namespace; its report, after checking it left no process behind."""
+def run_scenario(name: str, tmp_path: Path, rows: int = ROWS, options: tuple = ()) -> dict:
+    """Run one scenario in its own network namespace (`options`: its command line's); its report, after checking
+    it left no process behind."""
     marker = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env[MARKER] = marker
@@ -86,7 +88,8 @@ def run_scenario(name: str, tmp_path: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     work = tmp_path / name
     log = tmp_path / f"{name}.log"
-    cmd = ["unshare", "-n", sys.executable, "-m", "tests.fleet_scenarios", name, str(work)]
+    cmd = ["unshare", "-n", sys.executable, "-m", "tests.fleet_scenarios", name, str(work), "--rows", str(rows),
+           *options]
     with open(log, "w") as stderr:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         try:
@@ -107,31 +110,31 @@ def run_scenario(name: str, tmp_path: Path) -> dict:
     assert "harness_error" not in report, report
     assert report["leftover_processes"] == [], report["leftover_processes"]
     assert not report.get("cleanup_errors"), report["cleanup_errors"]
-    assert report["rows_in"] == ROWS
+    assert report["rows_in"] == rows
     return report
 
 
 def _summary(report: dict) -> str:
     keep = ("hung", "hang_reason", "error", "events", "result", "manifest", "rows_added", "objects",
-            "ok_rows_by_node", "actors_at_end", "timings")
+            "ok_rows_by_node", "actors_at_end", "timings", "drain", "handed_back", "success_counts")
     return json.dumps({k: report.get(k) for k in keep}, default=str, indent=1)
 
 
-def assert_every_row_once(report: dict) -> None:
+def assert_every_row_once(report: dict, rows: int = ROWS) -> None:
     """The job finished, and each input row has exactly one manifest row, ok, and exactly one object."""
     summary = _summary(report)
     assert not report["hung"], summary
     assert report["job_finished"] and report["error"] is None, summary + report.get("traceback", "")
     manifest = report["manifest"]
-    assert manifest["rows"] == ROWS and manifest["n_missing"] == 0, summary
-    assert manifest["by_status"] == {"ok": ROWS}, summary
-    assert manifest["ok_distinct_ids"] == ROWS and not manifest["ids_with_several_rows"], summary
+    assert manifest["rows"] == rows and manifest["n_missing"] == 0, summary
+    assert manifest["by_status"] == {"ok": rows}, summary
+    assert manifest["ok_distinct_ids"] == rows and not manifest["ids_with_several_rows"], summary
     assert report["rows_added"]["n_ok_ids_twice"] == 0, summary  # no row committed ok twice
     objects = report["objects"]
-    assert objects["count"] == ROWS == objects["ok_rows"], summary
+    assert objects["count"] == rows == objects["ok_rows"], summary
     assert not objects["without_ok_row"] and not objects["ok_rows_without_object"], summary
     result = report["result"]
-    assert (result["rows"], result["ok"], result["failed"], result["invalid"]) == (ROWS, ROWS, 0, 0), summary
+    assert (result["rows"], result["ok"], result["failed"], result["invalid"]) == (rows, rows, 0, 0), summary
 
 
 def test_baseline_two_nodes(tmp_path):
@@ -162,3 +165,39 @@ def test_node_added_mid_job(tmp_path):
     assert added["objects"] < ROWS, summary  # rows were left for the new node
     assert_every_row_once(report)
     assert report["ok_rows_by_node"].get("node1", 0) > 0, summary
+
+
+DRAIN_ROWS = 12
+DRAIN_DEADLINE = 3.0
+# Every row 121 frames at 0.84 s per megaunit: 4 s each (`pipelines.simulated`), longer than the deadline.
+DRAIN_OPTIONS = ("--frames", "121", "--seconds-per-megaunit", "0.84", "--deadline", str(DRAIN_DEADLINE))
+
+
+def test_node_drained_mid_job(tmp_path):
+    """Node 2 drained for preemption through the GCS mid-job, its deadline shorter than the rows in flight: their
+    replicas hand those rows back before the deadline without an attempt and retire, node 2 leaves by itself with
+    the drain's death reason (or is SIGKILLed at the deadline), and every row is rendered once."""
+    report = run_scenario("drain", tmp_path, rows=DRAIN_ROWS, options=DRAIN_OPTIONS)
+    summary = _summary(report)
+    assert_every_row_once(report, rows=DRAIN_ROWS)
+    drain, result = report["drain"], report["result"]
+    # No row lost to the drain counted an attempt: every row rendered at its first.
+    assert report["manifest"]["max_attempts_seen"] == 1, summary
+    assert result["restarts"] == 0 and result["retries"] == 0, summary
+    # Both of node 2's replicas retired as drains; the rows running there went back before the deadline.
+    assert result["drains"] == 2, summary
+    back = [b for b in report["handed_back"] if b["node_role"] == "node1"]
+    assert back and result["drained"] == sum(b["rows"] for b in back), summary
+    assert all(drain["at_s"] < b["at_s"] < drain["deadline_at_s"] for b in back), summary
+    # Each was rendered again on the head node, once.
+    handed = {i for b in back for i in b["ids"]}
+    assert {report["workers"][report["ok_worker_by_id"][i]]["node_role"] for i in handed} == {"head"}, summary
+    # No replacement started: the drained node's GPUs left the fleet, and the head's were taken.
+    assert sorted(r["node_role"] for r in report["replicas"]) == ["head", "head", "node1", "node1"], summary
+    # _SUCCESS reports the drains apart from failures.
+    counts = report["success_counts"]
+    assert (counts["drains"], counts["drained"], counts["restarts"]) == (2, result["drained"], 0), summary
+    # The replicas retired in time, so node 2 left by itself, before its deadline, and its death is the drain's.
+    assert drain["alive_at_deadline"] is False, summary
+    assert drain["death"]["reason"] == "AUTOSCALER_DRAIN_PREEMPTED", summary
+    assert drain["death"]["message"] == "spot instance reclaimed (fleet scenario)", summary

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kandinsky_batch.fleet.metrics import BUSY, QUEUED, RATE, ROWS, JobMetrics
+from kandinsky_batch.fleet.metrics import BUSY, LOST, QUEUED, RATE, ROWS, JobMetrics
 from tests.processes import marked as _marked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +118,20 @@ def test_tick_sets_videos_per_hour_and_sets_every_gauge_again():
 
     metrics.tick(now=metrics.started)  # no time elapsed: no division by zero
     assert rate.get(run_id="run-2") == 0.0
+
+
+def test_replicas_lost_to_drains_are_counted_apart_from_failures():
+    backend = FakeBackend()
+    metrics = JobMetrics("run-6", backend=backend)
+    metrics.replicas_lost(restarts=1, drains=0)
+    metrics.replicas_lost(restarts=1, drains=2)  # the queue's running totals: only what is new is added
+    metrics.replicas_lost(restarts=3, drains=2)
+    lost = backend.made[LOST]
+    assert lost.tag_keys == ("run_id", "cause")
+    assert (lost.get(run_id="run-6", cause="failure"), lost.get(run_id="run-6", cause="drain")) == (3, 2)
+    calls = lost.calls
+    metrics.tick()
+    assert lost.calls == calls  # a counter: nothing to re-send
 
 
 def test_default_backend_waits_for_ray_then_counts_the_rows_settled_meanwhile(monkeypatch):

@@ -14,7 +14,8 @@ import pytest
 from kandinsky_batch.output.record import BatchResult, Stamp
 from kandinsky_batch.intake.rows import Task
 from kandinsky_batch.errors import StorageOutage, WorkersFailed
-from kandinsky_batch.fleet.scheduler import WindowList, WorkQueue
+from kandinsky_batch.fleet.scheduler import WorkQueue
+from kandinsky_batch.fleet.source import WindowList
 from kandinsky_batch.fleet.slot import Pool, ReplicaLost, SlotState
 from pipelines.request import RenderOptions
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from kandinsky_batch.config.schema import ClusterConfig, ReplicaGroup
-from kandinsky_batch.fleet.slot import ReplicaLost
+from kandinsky_batch.fleet.slot import ReplicaDrained, ReplicaLost
 from kandinsky_batch.fleet.worker import RenderWorker, WorkerSpec
 from pipelines import QUIET_ENV, SIMULATED, ParallelSpec, cpu_numerics_env
 
@@ -140,13 +141,51 @@ class RayFleet:
         the group's largest gang, so that every model of a sweep can run."""
         import ray
 
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = total = int(ray.cluster_resources().get("GPU", 0))
+        gone = _draining_table(max_age=2.0)  # the queue reads it every second
+        if gone:
+            # A draining node's GPUs are going: replacements go elsewhere (Ray places nothing new there anyway).
+            gpus -= sum(int(node["Resources"].get("GPU", 0)) for node in ray.nodes()
+                        if node["Alive"] and node["NodeID"] in gone)
+            if total and gpus <= 0:
+                return {g.name: 0 for g in self.groups}
         size = fleet_size(self.groups, gpus)
         units = {g.name: size[g.name] * g.parallel().world_size for g in self.groups}
         return units if gpus else {name: max(n, self.gangs.get(name, 0)) for name, n in units.items()}
 
 
 Fleet = RayFleet  # the name `job.run` asks every transport for (see kandinsky_batch.fleet.inprocess)
+
+_table: tuple[float, dict[str, int]] = (float("-inf"), {})
+
+
+def _draining_table(max_age: float = 0.0) -> dict[str, int]:
+    """Ray's draining nodes, hex node id -> deadline in ms since the epoch (0: no deadline); one read at most
+    `max_age` s old.
+
+    Ray 2.60 has no public API for it: Ray Data (`ray.data._internal.utils.cached_ray_internals.get_draining_nodes`,
+    cached for 1 s) and Train (`ray.train.v2._internal.execution.preemption._get_draining_nodes`) read
+    `ray._private.state.state.get_draining_nodes()` (`GlobalState.get_draining_nodes`: the GCS's table), as here.
+    """
+    global _table
+    from ray._private import state
+
+    read_at, table = _table
+    if time.monotonic() - read_at > max_age:
+        table = dict(state.state.get_draining_nodes())
+        _table = (time.monotonic(), table)
+    return table
+
+
+def draining() -> dict[str, float | None]:
+    """The work queue's view of the drains: node id -> its deadline on `time.monotonic()`'s clock (None: none).
+
+    `ray drain-node --deadline-remaining-seconds N` (`ray.scripts.scripts.drain_node`, a hidden CLI) stores
+    now + N s in ms; without the option it stores 0, no deadline. Ray never removes a node at its deadline: its
+    raylet exits once nothing runs there, with the drain's death reason (`LocalResourceManager::
+    OnResourceOrStateChanged`, C++, not in the wheel; tests/test_fleet.py sees it happen), or its owner kills it."""
+    offset = time.monotonic() - time.time()
+    return {node: (ms / 1000 + offset if ms else None) for node, ms in _draining_table().items()}
 
 
 def wait(refs: list, timeout: float) -> list:
@@ -164,14 +203,18 @@ def wait(refs: list, timeout: float) -> list:
 
 
 def get(ref):
-    """Ray's get for the work queue: a dead actor or a raising call becomes `ReplicaLost` with its cause."""
+    """Ray's get for the work queue: a dead actor or a raising call becomes `ReplicaLost` with its cause, an actor
+    lost to a drain of its node `ReplicaDrained`."""
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
     try:
         return ray.get(ref)
     except (RayActorError, ActorDiedError, ActorUnavailableError, RayTaskError) as exc:
-        raise ReplicaLost(_cause(exc)) from None
+        # `RayActorError.preempted` (ray.exceptions): set by `ActorDiedError.__init__` when the node's death reason
+        # is AUTOSCALER_DRAIN_PREEMPTED, i.e. the node was drained for preemption before it went.
+        lost = ReplicaDrained if getattr(exc, "preempted", False) else ReplicaLost
+        raise lost(_cause(exc)) from None
 
 
 def _cause(exc: BaseException) -> str:

@@ -5,7 +5,8 @@ in the driver's process, its model loaded once, its `ready`/`render` calls on a 
 time, as the actor runs them), their `concurrent.futures.Future`s standing in for Ray's refs. For tests and
 debugging on one host: no process or GPU isolation, so gangs (one process per rank) are refused.
 
-The interface is `cluster`'s (`connect`, `plan`, `spawner`, `Fleet`, `wait`, `get`): `job.run` uses either module.
+The interface is `cluster`'s (`connect`, `plan`, `spawner`, `Fleet`, `wait`, `get`, `draining`): `job.run` uses
+either module.
 """
 
 from __future__ import annotations
@@ -153,6 +154,11 @@ def get(ref: Future):
     except Exception as exc:  # noqa: BLE001 - whatever the call raised (or its cancellation), the replica is lost
         text = str(exc).strip().splitlines()
         raise ReplicaLost(f"{type(exc).__name__}: {text[-1] if text else ''}".strip()) from None
+
+
+def draining() -> dict[str, float | None]:
+    """No node of this process is ever drained."""
+    return {}
 
 
 def transport(cfg: ClusterConfig):

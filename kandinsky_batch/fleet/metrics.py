@@ -2,8 +2,9 @@
 
 Ray exports every metric under the `ray_` namespace and gives counters the `_total` suffix, so a scrape shows
 `ray_kandinsky_batch_rows_total{run_id,status}`, `ray_kandinsky_batch_rows_queued{run_id}`,
-`ray_kandinsky_batch_replica_busy_fraction{run_id,replica}` and `ray_kandinsky_batch_videos_per_hour{run_id}`
-(plus Ray's own labels: SessionName, NodeAddress, WorkerId, ...).
+`ray_kandinsky_batch_replica_busy_fraction{run_id,replica}`, `ray_kandinsky_batch_videos_per_hour{run_id}` and
+`ray_kandinsky_batch_replicas_lost_total{run_id,cause}` (cause `failure`: a replica died and was rebuilt;
+`drain`: its node was drained or its actor preempted, it retired) (plus Ray's own labels: SessionName, ...).
 
 Metrics are a view of the job, never part of it: every export is guarded, and a failure is logged once.
 """
@@ -19,6 +20,8 @@ ROWS = "kandinsky_batch_rows_total"  # named with its suffix: the same Prometheu
 QUEUED = "kandinsky_batch_rows_queued"
 BUSY = "kandinsky_batch_replica_busy_fraction"
 RATE = "kandinsky_batch_videos_per_hour"
+LOST = "kandinsky_batch_replicas_lost_total"
+CAUSES = ("failure", "drain")
 STATUSES = ("ok", "failed", "invalid")
 
 
@@ -40,8 +43,10 @@ class JobMetrics:
         self.busy_fraction: dict[str, float] = {}
         self.videos_per_hour = 0.0
         self._backend = backend
-        self._instruments = None  # (rows, queued, busy, rate) once made; False once making them failed
+        self._instruments = None  # (rows, queued, busy, rate, lost) once made; False once making them failed
         self._unexported = dict.fromkeys(STATUSES, 0)
+        self.lost = dict.fromkeys(CAUSES, 0)
+        self._lost_unexported = dict.fromkeys(CAUSES, 0)
         self._failed = False
 
     def settled(self, status: str, count: int = 1) -> None:
@@ -62,6 +67,16 @@ class JobMetrics:
         if made:
             self._guard(made[1].set, count, {"run_id": self.run_id})
 
+    def replicas_lost(self, restarts: int, drains: int) -> None:
+        """The job's totals so far of replicas lost to failures (`restarts`) and to drains, counted apart."""
+        for cause, total in zip(CAUSES, (restarts, drains)):
+            if total > self.lost[cause]:
+                self._lost_unexported[cause] += total - self.lost[cause]
+                self.lost[cause] = total
+        made = self._made()
+        if made:
+            self._export_lost(made[4])
+
     def busy(self, replica: str, fraction: float) -> None:
         """Share of recent wall time `replica` spent rendering, 0..1."""
         replica = str(replica)
@@ -77,9 +92,10 @@ class JobMetrics:
         made = self._made()
         if not made:
             return
-        rows, queued, busy, rate = made
+        rows, queued, busy, rate, lost = made
         if any(self._unexported.values()):
             self._export_counts(rows)
+        self._export_lost(lost)
         tags = {"run_id": self.run_id}
         self._guard(rate.set, self.videos_per_hour, tags)
         self._guard(queued.set, self.rows_queued, tags)
@@ -105,6 +121,8 @@ class JobMetrics:
                                   tag_keys=("run_id", "replica")),
                     backend.Gauge(RATE, "Rows rendered ok this run per hour since the job started.",
                                   tag_keys=("run_id",)),
+                    backend.Counter(LOST, "Replicas lost this run: to a failure (rebuilt) or a drain of their node "
+                                    "(retired, its rows back without an attempt).", tag_keys=("run_id", "cause")),
                 )
             except Exception:  # noqa: BLE001 - metrics must never fail the job
                 logger.warning("job metrics disabled: could not create them", exc_info=True)
@@ -116,6 +134,12 @@ class JobMetrics:
             if count:
                 self._unexported[status] = 0
                 self._guard(rows.inc, count, {"run_id": self.run_id, "status": status})
+
+    def _export_lost(self, lost) -> None:
+        for cause, count in self._lost_unexported.items():
+            if count:
+                self._lost_unexported[cause] = 0
+                self._guard(lost.inc, count, {"run_id": self.run_id, "cause": cause})
 
     def _guard(self, record, value, tags: dict) -> None:
         try:

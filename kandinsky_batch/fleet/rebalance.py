@@ -51,8 +51,9 @@ def groups(queue: Replicas) -> dict[str, list[Pool]]:
 
 
 def used(queue: Replicas, group: str) -> int:
-    """Units (GPUs) the group's live slots take."""
-    return sum(s.pool.ranks for s in queue.slots if s.pool.group == group and s.state is not SlotState.RETIRED)
+    """Units (GPUs) the group's live slots take; a draining one's are its node's, which the fleet no longer counts."""
+    return sum(s.pool.ranks for s in queue.slots
+               if s.pool.group == group and s.state not in (SlotState.RETIRED, SlotState.DRAINING))
 
 
 def work(queue: Replicas, pool: Pool) -> float:

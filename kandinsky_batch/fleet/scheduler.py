@@ -2,8 +2,8 @@
 
 A pool is a group of same-shaped replicas with its own queue of rows; a replica is one actor or a gang
 of actors (sequence/CFG parallel) fed the same rows in lockstep. Each replica lives in a `Slot`, a small
-state machine (starting -> ready -> dead -> starting ..., or retired) that holds its in-flight batches
-in dispatch order. The queue:
+state machine (starting -> ready -> dead -> starting ..., draining, retired) that holds its in-flight
+batches in dispatch order. The queue:
 
 - follows the fleet and splits each replica group among the pools of several models by their remaining
   work, reloading a replica whose model has no rows left as one that has some (`rebalance.py`);
@@ -11,10 +11,12 @@ in dispatch order. The queue:
 - on a replica's death (any rank of a gang, or its node): the batch it was running counts an attempt and
   goes back to the queue, batches queued behind it go back without one, and the slot is rebuilt (or
   retired if the fleet shrank). A row is tried at most `max_attempts` times;
+- on a drain of a replica's node (`draining`, or its actor preempted), takes no new rows there and retires the
+  replica once its running batch ends in time or goes back, with no attempt counted (`drain.py`);
 - stops cleanly (`WorkersFailed`) when no replica has been ready for `no_replica_timeout` seconds while
   rows remain, and (`StorageOutage`) when the output store stays down; what landed is kept.
 
-Ray is injected (`wait`, `get`, the replicas' spawn functions), so tests drive every path with fakes.
+Ray is injected (`wait`, `get`, `draining`, the replicas' spawn functions), so tests drive every path with fakes.
 """
 
 from __future__ import annotations
@@ -22,36 +24,16 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
 from kandinsky_batch.fleet import rebalance
+from kandinsky_batch.fleet.drain import Drains
 from kandinsky_batch.fleet.rebalance import Fleet
-from kandinsky_batch.fleet.slot import Flight, Pool, ReplicaLost, Slot, SlotState
+from kandinsky_batch.fleet.source import Source
+from kandinsky_batch.fleet.slot import Flight, Pool, ReplicaDrained, ReplicaLost, Slot, SlotState
 from kandinsky_batch.output.record import BatchResult, failed
 from kandinsky_batch.intake.rows import Task
 from kandinsky_batch.errors import StorageOutage, WorkersFailed
-
-
-class Source(Protocol):
-    """Rows as they become ready (validated, routed, longest first within a window)."""
-
-    def poll(self) -> list[dict[str, list[Task]]]: ...  # windows ready now, pool name -> tasks (may be [])
-    @property
-    def exhausted(self) -> bool: ...                      # no window will come any more
-
-
-class WindowList:
-    """A `Source` of windows known up front, one per poll (the work queue's tests and simulations)."""
-
-    def __init__(self, windows: list[dict[str, list[Task]]]):
-        self.windows = deque(windows)
-
-    def poll(self) -> list[dict[str, list[Task]]]:
-        return [self.windows.popleft()] if self.windows else []
-
-    @property
-    def exhausted(self) -> bool:
-        return not self.windows
 
 
 class WorkQueue:
@@ -62,7 +44,8 @@ class WorkQueue:
                  prefetch: int = 2, batch_size: int = 1, tick_seconds: float = 1.0, fleet_seconds: float = 2.0,
                  no_replica_timeout: float = 900.0, low_water: int = 4096,
                  on_tick: Callable[["WorkQueue"], None] = lambda queue: None,
-                 clock: Callable[[], float] = time.monotonic, should_stop: Callable[[], bool] = lambda: False):
+                 clock: Callable[[], float] = time.monotonic, should_stop: Callable[[], bool] = lambda: False,
+                 draining: Callable[[], dict[str, float | None]] = dict):
         self.pools = {p.name: p for p in pools}
         self.fleet, self.source = fleet, source
         self.max_attempts, self.on_row, self.wait, self.get = max_attempts, on_row, wait, get
@@ -78,6 +61,8 @@ class WorkQueue:
         self.refs: dict[Any, tuple[Slot, Flight | None]] = {}  # outstanding ref -> its slot and batch (None: ready)
         self.seq = itertools.count()
         self.restarts = self.retries = self.switches = 0
+        self.drains = Drains(draining)
+        """The draining nodes (node id -> deadline on `clock`, None: none) and the replicas and rows they took."""
         self.workers: list[dict] = []
         self.outage: str | None = None
         self.first_dispatch: float | None = None
@@ -122,7 +107,8 @@ class WorkQueue:
                 if now >= next_fleet:
                     rebalance.reconcile(self, now)
                     next_fleet = now + self.fleet_seconds
-                # 3. A replica whose model has no rows left takes a model that has some.
+                # 3. Draining nodes' replicas take no new rows; a model with no rows left yields to one that has some.
+                self.drains.poll(self, now)
                 rebalance.switch(self, now)
                 # 4. Keep every ready replica `prefetch` batches deep.
                 for slot in list(self.hungry):
@@ -135,7 +121,7 @@ class WorkQueue:
                 elif now - stalled_since > self.no_replica_timeout:
                     raise WorkersFailed(self._stalled_reason())
                 # 6. Handle whatever comes back first (a timeout lets the driver publish manifest rows).
-                for ref in self.wait(list(self.refs), self.tick_seconds):
+                for ref in self.wait(list(self.refs), min(self.tick_seconds, self.drains.due(self.clock()))):
                     self._handle(ref)
                 self.on_tick(self)
             if self.first_dispatch is not None:
@@ -251,7 +237,8 @@ class WorkQueue:
     def _land(self, slot: Slot, flight: Flight, result: BatchResult, now: float) -> None:
         slot.land(flight, now)
         self.flying -= len(flight.batch)
-        self.hungry.add(slot)
+        if slot.state is SlotState.READY:
+            self.hungry.add(slot)
         for ref in flight.outstanding:
             self.refs.pop(ref, None)
         rows = iter(result.rows)
@@ -265,6 +252,8 @@ class WorkQueue:
         if slot.replica.ranks > 1 and any(row["status"] == "failed" for row in result.rows):
             # Other ranks may still wait in a collective for this one: start the gang afresh.
             self._lose(slot, None, now)
+        elif slot.state is SlotState.DRAINING:
+            self.drains.settle(self, slot, now)
 
     def _settle(self, pool: Pool, task: Task, attempt: int, row: dict) -> None:
         if row["status"] == "failed" and attempt < self.max_attempts:
@@ -277,6 +266,9 @@ class WorkQueue:
         """The replica is gone (or must go): hand its batches back, then rebuild or retire the slot."""
         was_starting = slot.state is SlotState.STARTING
         self._forget(slot)
+        if slot.state is SlotState.DRAINING or isinstance(exc, ReplicaDrained):
+            self.drains.lost(self, slot, now)  # its node's owner took it back: no attempt counted
+            return
         self.hungry.discard(slot)
         lost = slot.fail(now)
         self.flying -= sum(len(f.batch) for f in lost)
@@ -304,6 +296,15 @@ class WorkQueue:
         slot.rebuild(slot.pool.spawn(slot.index))
         slot.start_failures = failures
         self._track_start(slot)
+
+    def take_back(self, slot: Slot, flights: list[Flight]) -> int:
+        """Batches off a replica, answers ignored, back to the front of the queue, no attempt counted; their rows."""
+        for ref in [ref for flight in flights for ref in flight.refs]:
+            self.refs.pop(ref, None)
+        rows = sum(len(flight.batch) for flight in flights)
+        self.flying -= rows
+        self._requeue(slot.pool, flights)
+        return rows
 
     def _requeue(self, pool: Pool, flights: Iterable[Flight]) -> None:
         """Back to the front of the pool's queue in their order, the attempt not counted (they never ran)."""
