@@ -101,7 +101,7 @@ def plan(cfg: ClusterConfig) -> list[Placement]:
     import ray
 
     groups = cfg.replica_groups()
-    if ray.cluster_resources().get("GPU", 0):
+    if cfg.device == "gpu" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0)):
         return [Placement(g, g.parallel(), num_gpus=1, num_cpus=1, threads=None) for g in groups]
     cpus = int(ray.cluster_resources().get("CPU", 1))
     ranks = sum(g.parallel().world_size * (g.replicas or 1) for g in groups)
@@ -134,13 +134,17 @@ class RayFleet:
         self.groups = cfg.replica_groups()
         self.gangs = gangs or {}
         """Largest gang per group (a sweep's model may run wider gangs than the group's own shape)."""
+        self.device = cfg.device
+        """`gpu`: no GPU, no room (an autoscaler adds some); `cpu`: sized as on a host without GPUs."""
 
     def capacity(self) -> dict[str, int]:
         """Units (GPUs, or CPU ranks) per replica group: its replicas times their ranks. Without GPUs, at least
         the group's largest gang, so that every model of a sweep can run."""
         import ray
 
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if self.device != "cpu" else 0
+        if self.device == "gpu" and not gpus:
+            return {g.name: 0 for g in self.groups}
         size = fleet_size(self.groups, gpus)
         units = {g.name: size[g.name] * g.parallel().world_size for g in self.groups}
         return units if gpus else {name: max(n, self.gangs.get(name, 0)) for name, n in units.items()}
