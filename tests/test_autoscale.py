@@ -212,3 +212,12 @@ def test_an_unknown_device_is_refused_naming_the_key():
 
     with pytest.raises((ConfigError, ValueError), match="cluster.device"):
         ClusterConfig(device="tpu")
+
+
+def test_without_ray_data_nothing_is_asked_and_the_operator_is_told(monkeypatch, caplog):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pandas" else real(name, *a))
+    assert autoscale.for_job(ClusterConfig(address="auto"), {"default": GPU1}, 1, "r") is autoscale.OFF
+    assert any("ray[data]" in r.message for r in caplog.records)

@@ -17,6 +17,7 @@ pure function of the queue's state (`wanted`), one per replica the work can use,
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -194,8 +195,13 @@ OFF = _Off()
 
 def for_job(cfg: ClusterConfig, bundles: dict[str, dict], batch_size: int, run_id: str,
             coordinator: Coordinator | None = None) -> Autoscale | _Off:
-    """The job's `Autoscale` on a joined cluster; `OFF` on a local Ray the job started (nothing can join it) or
-    in-process replicas."""
+    """The job's `Autoscale` on a joined cluster; `OFF` on a local Ray the job started (nothing can join it), for
+    in-process replicas, or without `ray[data]`."""
     if not cfg.address or cfg.address == INPROCESS:
+        return OFF
+    if coordinator is None and importlib.util.find_spec("pandas") is None:
+        # Ray's coordinator lives in `ray.data`, which imports pandas (`ray[data]`): without it, nothing is asked.
+        logger.warning("not asking the cluster's autoscaler for GPUs: its coordinator needs ray[data] "
+                       "(pip install 'ray[data]==2.60.0'); replicas still follow the nodes that join")
         return OFF
     return Autoscale(coordinator or RayCoordinator(f"kandinsky-batch:{run_id}"), bundles, caps(cfg), batch_size)
