@@ -35,8 +35,8 @@ TTL_SECONDS = 60.0
 (`ray/data/_internal/execution/autoscaling_requester.py`, `RESOURCE_REQUEST_TIMEOUT`), three refreshes missed."""
 REFRESH_SECONDS = 20.0
 """An unchanged ask is sent again this often (the coordinator's own tick is 20 s)."""
-CANCEL_SECONDS = 5.0
-"""How long the end of a job waits for its ask to be withdrawn."""
+CANCEL_SECONDS = 1.0
+"""How long the end of a job waits for its ask to be withdrawn (a stop has 3 s in all; the TTL covers a miss)."""
 
 
 @dataclass(frozen=True)
