@@ -201,10 +201,21 @@ def test_cluster_device_decides_what_a_rank_takes(monkeypatch, device, resources
     from kandinsky_batch.fleet import cluster
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(resources))
-    cfg = ClusterConfig(device=device)
+    cfg = ClusterConfig(device=device, address="auto")
     (placement,) = cluster.plan(cfg)
     assert (placement.num_gpus == 1) is gpu_ranks
     assert cluster.RayFleet(cfg).capacity() == {"default": room}
+
+
+def test_gpus_on_a_local_ray_without_any_are_refused_at_once(monkeypatch):
+    import ray
+
+    from kandinsky_batch.errors import ConfigError
+    from kandinsky_batch.fleet import cluster
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4})
+    with pytest.raises(ConfigError, match="cluster.device='gpu'"):
+        cluster.plan(ClusterConfig(device="gpu"))
 
 
 def test_an_unknown_device_is_refused_naming_the_key():

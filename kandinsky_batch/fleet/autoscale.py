@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from kandinsky_batch.config.schema import INPROCESS, ClusterConfig
+from kandinsky_batch.fleet import rebalance
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ def wanted(pools: list[PoolWork], limits: dict[str, int | None]) -> list[dict]:
 
 def demand(queue, bundles: dict[str, dict], batch_size: int) -> list[PoolWork]:
     """The work queue's pools as `PoolWork`: rows waiting and on live replicas, in batches of `batch_size`."""
-    from kandinsky_batch.fleet import rebalance
-
     found = []
     for name, pool in queue.pools.items():
         rows = len(pool.pending) + sum(len(f.batch) for s in queue.live(pool) for f in s.flights)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from kandinsky_batch.config.schema import ClusterConfig, ReplicaGroup
+from kandinsky_batch.errors import ConfigError
 from kandinsky_batch.fleet.slot import ReplicaLost
 from kandinsky_batch.fleet.worker import RenderWorker, WorkerSpec
 from pipelines import QUIET_ENV, SIMULATED, ParallelSpec, cpu_numerics_env
@@ -101,6 +102,9 @@ def plan(cfg: ClusterConfig) -> list[Placement]:
     import ray
 
     groups = cfg.replica_groups()
+    if cfg.device == "gpu" and not cfg.address and not ray.cluster_resources().get("GPU", 0):
+        raise ConfigError(f"cluster.device={cfg.device!r}: the local Ray this job started has no GPU and no node can "
+                          f"join it; join a cluster that can add GPU nodes (cluster.address), or use cpu/auto")
     if cfg.device == "gpu" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0)):
         return [Placement(g, g.parallel(), num_gpus=1, num_cpus=1, threads=None) for g in groups]
     cpus = int(ray.cluster_resources().get("CPU", 1))
