@@ -197,7 +197,7 @@ def run_scenario(args, report: dict) -> None:
                 head.kill()
         # The fake provider's worker nodes are the monitor's children, not the head command's: they outlive
         # it, so they are SIGKILLed here by marker (listed for the record).
-        report["reaped"] = _reap(os.environ[MARKER], grace=5)
+        report["reaped"] = _reap(os.environ[MARKER], grace=1)
         shutil.rmtree(ray_tmp, ignore_errors=True)
         report["timings"]["total_s"] = round(time.monotonic() - t0, 2)
 
