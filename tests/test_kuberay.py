@@ -16,6 +16,24 @@ from tests.helpers import write_dataset
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "jobs" / "kuberay"
 RAY_DEFAULT_DRAIN_SECONDS = 30.0  # ray/_private/ray_constants.py, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+# The fields KubeRay's RayJob CRD declares at each level we write (ray-project/kuberay,
+# ray-operator/config/crd/bases/ray.io_rayjobs.yaml, version v1, at feeaf72fa): the API server silently drops a
+# field it does not declare, so a misspelt one would be lost without an error.
+CRD_FIELDS = {
+    "spec": {"activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
+             "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata",
+             "preRunningDeadlineSeconds", "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes",
+             "submissionMode", "submitterConfig", "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished"},
+    "rayClusterSpec": {"authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
+                       "headGroupSpec", "headServiceAnnotations", "historyServerOptions", "managedBy",
+                       "networkPolicy", "rayVersion", "suspend", "tlsOptions", "upgradeStrategy", "workerGroupSpecs"},
+    "headGroupSpec": {"enableIngress", "headService", "ingressOptions", "labels", "rayStartParams", "resources",
+                      "serviceType", "template"},
+    "workerGroupSpec": {"groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts",
+                        "priority", "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template"},
+    "autoscalerOptions": {"args", "command", "env", "envFrom", "idleTimeoutSeconds", "image", "imagePullPolicy",
+                          "resources", "securityContext", "upscalingMode", "version", "volumeMounts"},
+}
 
 
 def _documents() -> dict[str, dict]:
@@ -48,6 +66,17 @@ def test_the_manifest_is_a_rayjob_whose_gpu_workers_outlast_their_drain_window()
         assert pod["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
         assert "exec $KUBERAY_GEN_RAY_START_CMD" in " ".join(container["command"] + container["args"])
         assert group["minReplicas"] == 0 <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_every_field_is_one_the_rayjob_crd_declares():
+    spec = _documents()["RayJob"]["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert set(spec) <= CRD_FIELDS["spec"]
+    assert set(cluster) <= CRD_FIELDS["rayClusterSpec"]
+    assert set(cluster["headGroupSpec"]) <= CRD_FIELDS["headGroupSpec"]
+    assert set(cluster.get("autoscalerOptions", {})) <= CRD_FIELDS["autoscalerOptions"]
+    for group in cluster["workerGroupSpecs"]:
+        assert set(group) <= CRD_FIELDS["workerGroupSpec"], group["groupName"]
 
 
 def test_the_runtime_env_is_the_projects():
