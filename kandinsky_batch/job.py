@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from tqdm import tqdm
 
-from kandinsky_batch.fleet import cluster, inprocess
+from kandinsky_batch.fleet import autoscale, cluster, inprocess
 from kandinsky_batch.config.schema import JobConfig
 from kandinsky_batch.config.load import to_dict
 from kandinsky_batch.output.heartbeat import Heartbeat
@@ -220,8 +220,13 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
                                    phase=bar.phase):
                 stop.install()  # ray.init took SIGTERM over
                 stop.check()
-                pools = [_pool(cfg, lane, placement, len(checked.lanes), transport)
-                         for lane in checked.lanes for placement in transport.plan(lane.cluster)]
+                placed = [(_pool(cfg, lane, placement, len(checked.lanes), transport), placement)
+                          for lane in checked.lanes for placement in transport.plan(lane.cluster)]
+                pools = [pool for pool, _ in placed]
+                # The autoscaler is asked for what the remaining work can use, a bundle per replica's gang.
+                scaler = autoscale.for_job(cfg.cluster, {pool.name: autoscale.gang_bundle(
+                    pool.ranks, placement.num_gpus, placement.num_cpus) for pool, placement in placed},
+                    cfg.render.batch_size, run_id)
                 gangs = {p.group: max(q.ranks for q in pools if q.group == p.group) for p in pools}
                 fleet = transport.Fleet(cfg.cluster, gangs)
                 names = [lane.label for lane in checked.lanes] if len(checked.lanes) > 1 else [cfg.model.path]
@@ -233,10 +238,13 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
                     no_replica_timeout=cfg.cluster.no_replica_timeout,
                     on_tick=lambda q: (fused and fused.writer.flush_if_due(), writer.flush_if_due(),
                                        bar.update(intake, q),
-                                       heartbeat.beat(sum(bar.counts.values()))),
+                                       heartbeat.beat(sum(bar.counts.values())), scaler(q)),
                     should_stop=lambda: stop.requested, draining=transport.draining,
                 )
-                queue.run()
+                try:
+                    queue.run()
+                finally:
+                    scaler.close()  # this job's ask withdrawn, every other job's kept
                 if queue.stopped:
                     stop.check()
                 if queue.first_dispatch is not None:

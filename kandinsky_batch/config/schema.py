@@ -22,6 +22,7 @@ FORMATS = ("mp4", "npy", "png", "webp", "jpeg")
 MAX_SEED = 2**63 - 1  # seeds live in an int64 manifest column
 DEFAULT_FPS = 24  # what the Kandinsky checkpoints render for
 INPROCESS = "inprocess"  # cluster.address: replicas as threads of the driver's process (kandinsky_batch.fleet.inprocess)
+DEVICES = ("auto", "gpu", "cpu")  # cluster.device
 
 
 def derive_seed(job_seed: int, row_id: str) -> int:
@@ -231,8 +232,12 @@ class ClusterConfig:
     """Run the cond and uncond branches of guidance on two ranks at once (doubles the ranks per replica)."""
     groups: list[ReplicaGroup] = field(default_factory=list)
     """Several replica groups instead of one uniform fleet; rows are routed by their size (`max_tokens`)."""
+    device: str = "auto"
+    """What a rank takes on Ray: `gpu` a GPU even while the cluster has none (a GPU pool an autoscaler grows from
+    zero: the job asks for GPUs and waits), `cpu` a share of the CPUs, `auto` a GPU if the cluster has any at start."""
 
     def __post_init__(self) -> None:
+        _require(self.device in DEVICES, "cluster.device", self.device, f"must be one of {', '.join(DEVICES)}")
         if self.replicas is not None:
             _require(self.replicas >= 1, "cluster.replicas", self.replicas, "must be >= 1")
         _require(self.max_attempts >= 1, "cluster.max_attempts", self.max_attempts, "must be >= 1")

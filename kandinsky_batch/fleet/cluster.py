@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from kandinsky_batch.config.schema import ClusterConfig, ReplicaGroup
+from kandinsky_batch.errors import ConfigError
 from kandinsky_batch.fleet.slot import ReplicaDrained, ReplicaLost
 from kandinsky_batch.fleet.worker import RenderWorker, WorkerSpec
 from pipelines import QUIET_ENV, SIMULATED, ParallelSpec, cpu_numerics_env
@@ -102,7 +103,10 @@ def plan(cfg: ClusterConfig) -> list[Placement]:
     import ray
 
     groups = cfg.replica_groups()
-    if ray.cluster_resources().get("GPU", 0):
+    if cfg.device == "gpu" and not cfg.address and not ray.cluster_resources().get("GPU", 0):
+        raise ConfigError(f"cluster.device={cfg.device!r}: the local Ray this job started has no GPU and no node can "
+                          f"join it; join a cluster that can add GPU nodes (cluster.address), or use cpu/auto")
+    if cfg.device == "gpu" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0)):
         return [Placement(g, g.parallel(), num_gpus=1, num_cpus=1, threads=None) for g in groups]
     cpus = int(ray.cluster_resources().get("CPU", 1))
     ranks = sum(g.parallel().world_size * (g.replicas or 1) for g in groups)
@@ -135,13 +139,17 @@ class RayFleet:
         self.groups = cfg.replica_groups()
         self.gangs = gangs or {}
         """Largest gang per group (a sweep's model may run wider gangs than the group's own shape)."""
+        self.device = cfg.device
+        """`gpu`: no GPU, no room (an autoscaler adds some); `cpu`: sized as on a host without GPUs."""
 
     def capacity(self) -> dict[str, int]:
         """Units (GPUs, or CPU ranks) per replica group: its replicas times their ranks. Without GPUs, at least
         the group's largest gang, so that every model of a sweep can run."""
         import ray
 
-        gpus = total = int(ray.cluster_resources().get("GPU", 0))
+        gpus = total = int(ray.cluster_resources().get("GPU", 0)) if self.device != "cpu" else 0
+        if self.device == "gpu" and not gpus:
+            return {g.name: 0 for g in self.groups}
         gone = _draining_table(max_age=2.0)  # the queue reads it every second
         if gone:
             # A draining node's GPUs are going: replacements go elsewhere (Ray places nothing new there anyway).
