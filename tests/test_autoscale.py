@@ -201,6 +201,7 @@ def test_cluster_device_decides_what_a_rank_takes(monkeypatch, device, resources
     from kandinsky_batch.fleet import cluster
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(resources))
+    monkeypatch.setattr(cluster, "_draining_table", lambda max_age=0.0: {})  # no node draining
     cfg = ClusterConfig(device=device, address="auto")
     (placement,) = cluster.plan(cfg)
     assert (placement.num_gpus == 1) is gpu_ranks
