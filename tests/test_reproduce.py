@@ -1,6 +1,7 @@
 """`kandinsky-batch reproduce`: a committed row re-rendered in-process equals its object, or says how far apart.
 
-On a real tiny output written by `job.run` on the session's local Ray: npy rows and an mp4 row.
+On a real tiny output written by `job.run` with in-process replicas: npy rows and an mp4 row. That a Ray actor
+renders what plain diffusers does under these numerics is tests/test_job.py's seed contract, end to end.
 """
 
 import io
@@ -29,16 +30,15 @@ SCHEMA_IN = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("seed", pa
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory, ray_local):
-    """(npy output, mp4 output) of the tiny model: two rows rendered by a Ray actor, and one by an in-process
-    replica (what the mp4 case checks is the encoding, not where it rendered)."""
+def outputs(tmp_path_factory, model_cache):
+    """(npy output, mp4 output) of the tiny model: two rows and one, rendered by in-process replicas."""
     tmp = tmp_path_factory.mktemp("reproduce")
     made = []
-    for fmt, rows, address in (("npy", ROWS, None), ("mp4", ROWS[:1], "cluster.address=inprocess")):
+    for fmt, rows in (("npy", ROWS), ("mp4", ROWS[:1])):
         data = write_dataset(tmp / f"{fmt}.parquet", rows, SCHEMA_IN)
         uri = str(tmp / fmt)
         cfg = load_config(None, [f"input.path={data}", f"output.uri={uri}", f"output.format={fmt}",
-                                 "cluster.replicas=1", *TINY_RENDER, *([address] if address else [])])
+                                 "cluster.replicas=1", "cluster.address=inprocess", *TINY_RENDER])
         assert run(cfg, progress=False).ok == len(rows)
         made.append(uri)
     return made
