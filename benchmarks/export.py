@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import machine, table, write_json  # noqa: E402
 from kandinsky_batch.output.layout import object_key, poster_key  # noqa: E402
-from kandinsky_batch.output.manifest import job_schema, read_success, write_success  # noqa: E402
+from kandinsky_batch.output.manifest import job_schema# noqa: E402
+from kandinsky_batch.output.success import read_success, write_success# noqa: E402
 from kandinsky_batch.output.scores import open_scores, writer  # noqa: E402
 from kandinsky_batch.output.storage import Storage  # noqa: E402
 

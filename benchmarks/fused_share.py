@@ -26,7 +26,7 @@ from benchmarks._common import machine, table, write_json  # noqa: E402
 from kandinsky_batch.config.load import load_config  # noqa: E402
 from kandinsky_batch.fleet.score_worker import decode_video, load_scorers, score_video  # noqa: E402
 from kandinsky_batch.job import run  # noqa: E402
-from kandinsky_batch.output.manifest import read_manifest  # noqa: E402
+from kandinsky_batch.output.manifest import read_manifest# noqa: E402
 from kandinsky_batch.output.storage import Storage  # noqa: E402
 from pipelines.scoring.registry import METRICS  # noqa: E402
 

@@ -149,7 +149,8 @@ def child_job(data: Path, out: Path, limit: float) -> dict:
 
 def child_finalize(out: Path, rows: int) -> dict:
     """Time final_rows + compact over a manifest of `rows` ok rows in 4,096-row parts."""
-    from kandinsky_batch.output.manifest import finalize, write_success
+    from kandinsky_batch.output.finalize import finalize
+    from kandinsky_batch.output.success import write_success
     from kandinsky_batch.output.storage import Storage
 
     storage = Storage(f"file://{out}")

@@ -20,7 +20,9 @@ from kandinsky_batch.config.load import to_dict
 from kandinsky_batch.output.heartbeat import Heartbeat
 from kandinsky_batch.intake.windows import Intake
 from kandinsky_batch.interrupt import Interrupted, StopSignals
-from kandinsky_batch.output.manifest import ManifestWriter, finalize, versions, write_success
+from kandinsky_batch.output.finalize import finalize
+from kandinsky_batch.output.manifest import ManifestWriter
+from kandinsky_batch.output.success import versions, write_success
 from kandinsky_batch.fleet.metrics import JobMetrics
 from kandinsky_batch.intake.preflight import Lane, preflight
 from kandinsky_batch.fleet.scheduler import WorkQueue

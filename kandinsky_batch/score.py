@@ -28,7 +28,7 @@ from kandinsky_batch.fleet.score_worker import ALREADY, ScoreSpec, ScoreTask, Sc
 from kandinsky_batch.intake.videos import open_videos
 from kandinsky_batch.interrupt import StopSignals
 from kandinsky_batch.output import scores
-from kandinsky_batch.output.manifest import versions
+from kandinsky_batch.output.success import versions
 from kandinsky_batch.output.storage import Storage
 from pipelines import ParallelSpec
 from pipelines.scoring.registry import metric

@@ -11,7 +11,8 @@ from kandinsky_batch.config.schema import JobConfig
 from kandinsky_batch.intake.dataset import Dataset
 from kandinsky_batch.intake.ids import IdIndex
 from kandinsky_batch.intake.rows import RowValidator, Task
-from kandinsky_batch.output.manifest import FINAL_PART_ROWS, _load_parts, _resolve, parquet_bytes, stored
+from kandinsky_batch.output.finalize import FINAL_PART_ROWS
+from kandinsky_batch.output.manifest import load_parts, _resolve, parquet_bytes, stored
 from kandinsky_batch.output.layout import MANIFEST_DIR
 from kandinsky_batch.output.storage import Storage
 from pipelines import ModelSpec, to_uint8
@@ -77,7 +78,7 @@ def compact(storage: Storage, run_id: str, table: pa.Table | None = None) -> pa.
     `table` (the job's final rows, one per input row) replaces the resolved union of the parts. Up to
     FINAL_PART_ROWS rows go to one part; a larger manifest is several, in row order.
     """
-    tables, keys = _load_parts(storage)
+    tables, keys = load_parts(storage)
     table = _resolve(tables) if table is None else table
     slices = [table.slice(i, FINAL_PART_ROWS) for i in range(0, max(table.num_rows, 1), FINAL_PART_ROWS)]
     written = []

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from kandinsky_batch.output.manifest import ManifestWriter, write_success
+from kandinsky_batch.output.manifest import ManifestWriter
+from kandinsky_batch.output.success import write_success
 from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.layout import object_key, poster_key
 from kandinsky_batch.output.video import encode

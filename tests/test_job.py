@@ -15,7 +15,8 @@ from PIL import Image
 
 from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from kandinsky_batch.output.manifest import SCHEMA, read_manifest, read_success
+from kandinsky_batch.output.manifest import SCHEMA, read_manifest
+from kandinsky_batch.output.success import read_success
 from kandinsky_batch.output.poster import poster
 from kandinsky_batch.intake.resume import ResumeConflict
 from kandinsky_batch.intake.rows import derive_seed

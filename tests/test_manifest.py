@@ -7,17 +7,9 @@ from datetime import datetime, timedelta, timezone
 import pyarrow as pa
 import pytest
 
-from kandinsky_batch.output.manifest import (
-    SCHEMA,
-    ManifestWriter,
-    parquet_bytes,
-    read_columns,
-    read_manifest,
-    read_parts,
-    read_success,
-    to_table,
-    write_success,
-)
+from kandinsky_batch.output.manifest import (SCHEMA, ManifestWriter, parquet_bytes, read_columns, read_manifest,
+                                             read_parts, to_table)
+from kandinsky_batch.output.success import read_success, write_success
 from kandinsky_batch.output.storage import Storage
 from tests.helpers import compact
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kandinsky_batch.output.manifest import read_manifest, read_success
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.output.success import read_success
 from kandinsky_batch.output.storage import Storage
 from tests.helpers import TINY_RENDER, write_dataset
 from tests.processes import kill_all

@@ -18,7 +18,8 @@ from kandinsky_batch.config.schema import ConfigError
 from kandinsky_batch.config.load import load_config
 from kandinsky_batch.intake.windows import Intake
 from kandinsky_batch.job import run
-from kandinsky_batch.output.manifest import read_manifest, read_success
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.output.success import read_success
 from kandinsky_batch.intake.preflight import preflight
 from kandinsky_batch.intake.rows import derive_seed
 from kandinsky_batch.output.storage import Storage

@@ -24,7 +24,8 @@ from kandinsky_batch.config.load import load_config
 from kandinsky_batch.intake.dataset import Dataset, limited
 from kandinsky_batch.estimate import REFERENCE_TOKENS, calibrate
 from kandinsky_batch.intake.windows import Intake, validated_windows, window_rows_of
-from kandinsky_batch.output.manifest import ManifestWriter, read_manifest, read_success, write_success
+from kandinsky_batch.output.manifest import ManifestWriter, read_manifest
+from kandinsky_batch.output.success import read_success, write_success
 from kandinsky_batch.intake.preflight import preflight
 from kandinsky_batch.intake.rows import Task
 from kandinsky_batch.output.status import format_status, status

@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from kandinsky_batch.output.manifest import ManifestWriter, read_manifest, write_success
+from kandinsky_batch.output.manifest import ManifestWriter, read_manifest
+from kandinsky_batch.output.success import write_success
 from kandinsky_batch.output.poster import poster
 from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.layout import object_key, poster_key

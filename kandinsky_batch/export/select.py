@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 from kandinsky_batch.errors import InputError
 from kandinsky_batch.output.layout import MANIFEST_DIR, SCORES_DIR, SUCCESS_KEY
 from kandinsky_batch.output.manifest import SCHEMA as MANIFEST
-from kandinsky_batch.output.manifest import read_manifest, read_success
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.output.success import read_success
 from kandinsky_batch.output.scores import metric_columns, read_scores
 from kandinsky_batch.output.storage import Storage
 

@@ -24,7 +24,8 @@ from kandinsky_batch.export.objects import replace
 from kandinsky_batch.export.samples import CAPTIONS, MANIFEST_COLUMNS, Samples, sample_rows
 from kandinsky_batch.export.select import Selection, format_dry_run, select
 from kandinsky_batch.output.layout import SUCCESS_KEY
-from kandinsky_batch.output.manifest import parquet_bytes, read_success, versions
+from kandinsky_batch.output.manifest import parquet_bytes
+from kandinsky_batch.output.success import read_success, versions
 from kandinsky_batch.output.storage import Storage
 
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")

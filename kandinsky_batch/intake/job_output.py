@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kandinsky_batch.intake.dataset import Dataset, InputError
-from kandinsky_batch.output.manifest import read_success
+from kandinsky_batch.output.success import read_success
 from kandinsky_batch.output.layout import MANIFEST_DIR, SUCCESS_KEY, key_from_uri
 from kandinsky_batch.output.manifest import SCHEMA as MANIFEST
 from kandinsky_batch.output.storage import Storage

@@ -19,7 +19,8 @@ from kandinsky_batch.intake.dataset import MAX_NAMED_COLUMNS, Dataset, _is_text
 from kandinsky_batch.intake.images import ImageReader, shown
 from kandinsky_batch.intake.job_output import is_job_output
 from kandinsky_batch.output.layout import SCORES_DIR, SUCCESS_KEY
-from kandinsky_batch.output.manifest import read_manifest, read_success
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.output.success import read_success
 from kandinsky_batch.output.storage import Storage
 
 BATCH_ROWS = 4096

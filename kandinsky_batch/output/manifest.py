@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import io
-import json
-import platform
 import threading
 import time
-from dataclasses import dataclass
-from importlib import metadata
 
 import numpy as np
 import pyarrow as pa
@@ -16,10 +12,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kandinsky_batch.output.storage import Storage
-from kandinsky_batch.output.layout import MANIFEST_DIR, SUCCESS_KEY, key_from_uri
+from kandinsky_batch.output.layout import MANIFEST_DIR, key_from_uri
 
 STATUSES = ("ok", "invalid", "failed")
-LIBRARIES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "av")
 
 SCHEMA = pa.schema(
     [
@@ -240,7 +235,7 @@ def _located(storage: Storage, table: pa.Table) -> pa.Table:
     return table
 
 
-def _read_part(storage: Storage, key: str, columns: list[str] | None = None) -> pa.Table:
+def read_part(storage: Storage, key: str, columns: list[str] | None = None) -> pa.Table:
     """One stored part, conformed to SCHEMA, with its objects located under the prefix as it is now."""
     handle = pq.ParquetFile(io.BytesIO(storage.get_bytes(key)))
     wanted = columns if columns is None else list(dict.fromkeys(
@@ -264,13 +259,13 @@ def stored(table: pa.Table) -> pa.Table:
     return table
 
 
-def _load_parts(storage: Storage, columns: list[str] | None = None,
+def load_parts(storage: Storage, columns: list[str] | None = None,
                 transform=lambda table: table) -> tuple[list[pa.Table], list[str]]:
     # A concurrent compaction may delete listed parts after writing their union, so list again on a miss.
     for _ in range(5):
         keys = _part_keys(storage)
         try:
-            tables = [transform(_read_part(storage, k, columns)) for k in keys]
+            tables = [transform(read_part(storage, k, columns)) for k in keys]
         except FileNotFoundError:
             continue
         return tables, keys
@@ -279,13 +274,13 @@ def _load_parts(storage: Storage, columns: list[str] | None = None,
 
 def read_columns(storage: Storage, columns: list[str], transform=lambda table: table) -> pa.Table:
     """Some columns of all parts, unresolved (duplicates kept), each part passed through `transform` as read."""
-    tables, _ = _load_parts(storage, columns, transform)
+    tables, _ = load_parts(storage, columns, transform)
     return concat(tables) if tables else SCHEMA.empty_table().select(columns)
 
 
 def read_parts(storage: Storage) -> tuple[pa.Table, list[str]]:
     """All rows of all parts, unresolved (duplicates kept), and the part keys they came from."""
-    tables, keys = _load_parts(storage)
+    tables, keys = load_parts(storage)
     return concat(tables), keys
 
 
@@ -293,24 +288,24 @@ def _resolve(tables: list[pa.Table]) -> pa.Table:
     if sum(t.num_rows for t in tables) == 0:
         return SCHEMA.empty_table()
     # Ranked and sorted on the narrow rank columns, then one take of the wide rows: a single copy of the table.
-    ranks = concat([_ranked(t.select(["id", "row_index", "finished_at"]), i, keep=True) for i, t in enumerate(tables)])
+    ranks = concat([ranked(t.select(["id", "row_index", "finished_at"]), i, keep=True) for i, t in enumerate(tables)])
     ranks = ranks.append_column("_row", pa.array(np.arange(ranks.num_rows), pa.int64()))
     # One row per input row: (id, row_index), so a duplicate id's own `invalid` row is kept beside the first.
-    order = _latest(ranks, ["id", "row_index"]).sort_by([("row_index", "ascending"), ("id", "ascending")])
+    order = latest(ranks, ["id", "row_index"]).sort_by([("row_index", "ascending"), ("id", "ascending")])
     return concat(tables).take(order["_row"])
 
 
 def read_manifest(storage: Storage, columns: list[str] | None = None) -> pa.Table:
     """One row per (id, row_index) (latest `finished_at`, ties to the later part), sorted by `row_index`;
     only `columns` (which must include id, row_index and finished_at) if given."""
-    tables, _ = _load_parts(storage, columns)
+    tables, _ = load_parts(storage, columns)
     resolved = _resolve(tables)
     if columns is None or not resolved.num_rows:
         return resolved
     return resolved.select([c for c in columns if c in resolved.column_names])
 
 
-def _ranked(table: pa.Table, part: int = 0, keep: bool = False) -> pa.Table:
+def ranked(table: pa.Table, part: int = 0, keep: bool = False) -> pa.Table:
     """`table`'s rank columns: commit time (`_t`, null = oldest), part and position; with the rank columns only,
     or after all of `table`'s (`keep`)."""
     ranks = {"_t": pc.fill_null(table["finished_at"].cast(pa.int64()), -(2**63)),
@@ -323,11 +318,11 @@ def _ranked(table: pa.Table, part: int = 0, keep: bool = False) -> pa.Table:
     return pa.table({"id": table["id"], "row_index": table["row_index"], "status": table["status"], **ranks})
 
 
-def _latest(ranked: pa.Table, keys: list[str]) -> pa.Table:
-    """The latest row per value of `keys` in a `_ranked` table: the one resolver of which manifest row stands.
+def latest(table: pa.Table, keys: list[str]) -> pa.Table:
+    """The latest row per value of `keys` in a `ranked` table: the one resolver of which manifest row stands.
 
     Latest is the later `finished_at` (null = oldest), ties to the later part, then the later row within it."""
-    ordered = ranked.sort_by([(k, "ascending") for k in keys]
+    ordered = table.sort_by([(k, "ascending") for k in keys]
                              + [("_t", "descending"), ("_part", "descending"), ("_pos", "descending")])
     n = ordered.num_rows
     if n == 0:
@@ -341,127 +336,5 @@ def _latest(ranked: pa.Table, keys: list[str]) -> pa.Table:
 
 def latest_outcomes(table: pa.Table) -> pa.Table:
     """The latest render outcome (ok or failed) per id among manifest rows, whatever row it sat at."""
-    ranked = _ranked(table).filter(pc.not_equal(pc.field("status"), "invalid"))
-    return table.take(_latest(ranked, ["id"])["_pos"])
-
-
-RANK_COLUMNS = ["id", "row_index", "status", "finished_at"]
-FINAL_PART_ROWS = 100_000
-
-
-def _winners(tables: list[pa.Table], rendered: pa.Table, invalid: pa.Table) -> tuple[pa.Table, dict[str, int]]:
-    """Which stored row is each final row: (_part, _pos, row_index), from the narrow columns only; and the
-    rows per status of those kept from other inputs.
-
-    Rows with a task get their id's latest render outcome (moved to this run's row_index); this run's
-    invalid rows get the latest row recorded at their (id, row_index) with status invalid. Ids this run's input
-    does not hold (an earlier job's other dataset, a subset re-run) keep their latest row at each row_index:
-    a run never drops another run's records.
-    """
-    tagged = concat([_ranked(t, i) for i, t in enumerate(tables)]) if tables else _ranked(SCHEMA.empty_table())
-    outcomes = _latest(tagged.filter(pc.not_equal(pc.field("status"), "invalid")), ["id"])
-    joined = rendered.select(["id", "row_index"]).join(outcomes.select(["id", "_part", "_pos"]), "id",
-                                                       join_type="left outer")
-    missing = joined.filter(pc.is_null(joined["_pos"]))
-    if missing.num_rows:
-        raise RuntimeError(f"rows without a final manifest row: ids {missing['id'].to_pylist()[:10]} "
-                           f"({missing.num_rows} in all)")
-    marked = _latest(tagged.filter(pc.equal(pc.field("status"), "invalid"))
-                     .join(invalid.select(["id", "row_index"]), ["id", "row_index"], join_type="inner"),
-                     ["id", "row_index"])
-    if marked.num_rows != invalid.num_rows:
-        raise RuntimeError(f"{invalid.num_rows - marked.num_rows} invalid rows have no manifest row")
-    ours = pa.concat_arrays([rendered["id"].combine_chunks(), invalid["id"].combine_chunks()]) \
-        if rendered.num_rows + invalid.num_rows else pa.array([], pa.string())
-    others = _latest(tagged.filter(pc.invert(pc.is_in(tagged["id"], ours))), ["id", "row_index"])
-    kept = dict(zip(*_value_counts(others["status"])))
-    columns = ["_part", "_pos", "row_index"]
-    return concat([joined.select(columns), marked.select(columns), others.select(columns)]).sort_by(
-        [("_part", "ascending"), ("_pos", "ascending")]), kept
-
-
-@dataclass
-class Finalized:
-    """What `finalize` wrote: this run's rows per status, and those kept from other inputs per status."""
-
-    counts: dict[str, int]
-    kept: dict[str, int]
-
-
-def finalize(storage: Storage, run_id: str, rendered: pa.Table, invalid: pa.Table,
-             part_rows: int = FINAL_PART_ROWS) -> Finalized:
-    """Rewrite the manifest as exactly one row per input row in final parts, keeping other inputs' rows.
-
-    `rendered` and `invalid` hold the (id, row_index) of every input row that had a task or was invalid this
-    run. Which stored row wins is decided on four narrow columns; the rows themselves are then copied a part
-    at a time, so a million-row manifest never sits in memory whole. Parts hold up to `part_rows` rows,
-    sorted by row_index within each (readers sort across them).
-    """
-    narrow, keys = _load_parts(storage, RANK_COLUMNS)
-    winners, kept = _winners(narrow, rendered, invalid)
-    del narrow
-    total = winners.num_rows
-    count = max(1, -(-total // part_rows))
-    written, counts, buffer = [], {}, []
-
-    def publish() -> None:
-        table = concat(buffer).sort_by([("row_index", "ascending")]) if buffer else SCHEMA.empty_table()
-        name = f"part-{run_id}-final.parquet" if count == 1 else f"part-{run_id}-final-{len(written):03d}.parquet"
-        storage.put_bytes(f"{MANIFEST_DIR}/{name}", parquet_bytes(stored(table)))
-        written.append(f"{MANIFEST_DIR}/{name}")
-        for status, n in zip(*_value_counts(table["status"])):
-            counts[status] = counts.get(status, 0) + n
-        buffer.clear()
-
-    parts, positions, rows = (winners[c].to_numpy() for c in ("_part", "_pos", "row_index"))
-    bounds = np.flatnonzero(np.diff(parts)) + 1
-    buffered = 0
-    for chunk in np.split(np.arange(total), bounds) if total else []:
-        part = _read_part(storage, keys[parts[chunk[0]]]).take(pa.array(positions[chunk]))
-        part = part.set_column(SCHEMA.get_field_index("row_index"), "row_index", pa.array(rows[chunk], pa.int64()))
-        while part.num_rows:
-            take = min(part.num_rows, part_rows - buffered)
-            buffer.append(part.slice(0, take))
-            part, buffered = part.slice(take), buffered + take
-            if buffered == part_rows:
-                publish()
-                buffered = 0
-    if buffer or not written:
-        publish()
-    # Delete only what was read: a part published meanwhile holds rows the final parts lack.
-    for key in keys:
-        if key not in written:
-            storage.delete(key)
-    return Finalized({k: n - kept.get(k, 0) for k, n in counts.items() if n - kept.get(k, 0)}, kept)
-
-
-def _value_counts(column) -> tuple[list, list]:
-    if len(column) == 0:
-        return [], []
-    counted = pc.value_counts(column)
-    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
-
-
-def versions() -> dict:
-    """Python's and the libraries' versions, as a `_SUCCESS` records them."""
-    found = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
-def write_success(storage: Storage, summary: dict) -> None:
-    """Publish `_SUCCESS` with the job summary as pretty JSON."""
-    text = json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n"
-    storage.put_bytes(SUCCESS_KEY, text.encode("utf-8"))
-
-
-def read_success(storage: Storage) -> dict | None:
-    """The `_SUCCESS` summary, or None if the job has not finished."""
-    try:
-        return json.loads(storage.get_bytes(SUCCESS_KEY))
-    except FileNotFoundError:
-        return None
+    outcomes = ranked(table).filter(pc.not_equal(pc.field("status"), "invalid"))
+    return table.take(latest(outcomes, ["id"])["_pos"])

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import jinja2
 
-from kandinsky_batch.output.manifest import STATUSES, read_manifest, read_success
+from kandinsky_batch.output.manifest import STATUSES, read_manifest
+from kandinsky_batch.output.success import read_success
 from kandinsky_batch.output.layout import MANIFEST_DIR
 from kandinsky_batch.output import report_scores
 from kandinsky_batch.output.report_assets import place, sigv4

@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kandinsky_batch.output.layout import MANIFEST_DIR, SCORES_DIR
-from kandinsky_batch.output.manifest import ManifestWriter, read_success, write_success
+from kandinsky_batch.output.manifest import ManifestWriter
+from kandinsky_batch.output.success import read_success, write_success
 from kandinsky_batch.output.storage import Storage
 
 KEY = ("id", "video_sha256")

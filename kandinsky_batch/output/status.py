@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kandinsky_batch.output import heartbeat
-from kandinsky_batch.output.manifest import STATUSES, read_manifest, read_success
+from kandinsky_batch.output.manifest import STATUSES, read_manifest
+from kandinsky_batch.output.success import read_success
 from kandinsky_batch.output.storage import Storage
 
 COLUMNS = ["id", "row_index", "status", "finished_at", "worker"]

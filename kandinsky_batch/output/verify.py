@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from kandinsky_batch.intake.dataset import _reason
-from kandinsky_batch.output.manifest import STATUSES, read_manifest, read_parts, read_success
+from kandinsky_batch.output.manifest import STATUSES, read_manifest, read_parts
+from kandinsky_batch.output.success import read_success
 from kandinsky_batch.output.layout import MANIFEST_DIR, OBJECT_DIRS, SUCCESS_KEY
 from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.errors import VerifyError
