@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from datetime import datetime, timezone
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -171,6 +172,21 @@ class Storage:
             except FileNotFoundError:
                 return None
             return int(info["size"]) if info.get("type") == "file" else None
+
+        return self._retry(key, op)
+
+    def modified(self, key: str) -> datetime | None:
+        """When the store last wrote the object, by the store's own clock (S3: `LastModified`, whole seconds), or
+        None if missing: what a lease's staleness is judged by, so no two hosts' clocks are compared."""
+        path = self._path(key)
+
+        def op() -> datetime | None:
+            self.fs.invalidate_cache()
+            try:
+                stamp = self.fs.modified(path)
+            except FileNotFoundError:
+                return None
+            return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
         return self._retry(key, op)
 
