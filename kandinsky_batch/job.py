@@ -200,9 +200,8 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
     lease = leases.Lease.acquire(owner, run_id, cfg.output.lease_ttl).start()
     try:
         if lease.took_over is not None:
-            state, age = lease.took_over
-            print(f"note: took over the stale lease of {state.names()} on {cfg.output.uri}: its heartbeat was "
-                  f"{age:.0f} s old (ttl {max(state.ttl, lease.ttl):g} s)", file=sys.stderr)
+            print(f"note: took over the lease of {lease.took_over.state.names()} on {cfg.output.uri}: "
+                  f"{lease.took_over.why}", file=sys.stderr)
         if not lease.follows(before):
             with _checking(progress), stop.abortable():
                 checked = preflight(cfg, force=force)

@@ -7,8 +7,12 @@ the holder's monotonic clock injected for its lapses, and for jobs the manifest:
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -106,8 +110,8 @@ def test_a_stale_lease_goes_to_exactly_one_of_two_racing_contenders_and_its_hold
     winner = won[0]
     attempts = [created for key, created in storage.creates if key == "_LEASE/00000001.lease"]
     assert sorted(attempts) == [False, True]  # both tried the create-only write of generation 1; one took
-    assert winner.generation == 1 and winner.took_over[0].holder["run_id"] == "run-dead"
-    assert winner.took_over[1] >= 60
+    assert winner.generation == 1 and winner.took_over.state.holder["run_id"] == "run-dead"
+    assert winner.took_over.age >= 60 and winner.took_over.why.startswith("its heartbeat was")
     assert HELD.search(refused[0]).group(1, 5) == (winner.record["run_id"], "1")  # the loser names the winner
     assert read(storage).holder == winner.record and _objects(storage) == ["00000001.beat", "00000001.lease"]
 
@@ -153,7 +157,8 @@ def test_a_holder_stops_when_no_renewal_lands_within_its_ttl(file_output, monkey
         again.check()
     again.release()
 
-    # The store down past its retry budget: the renewal fails and the holder stops at once.
+    # The store down past its retry budget: the holder tries again at each interval, and stops once its ttl ran out
+    # without a renewal, naming the last failure.
     monkeypatch.setattr(storage, "put_bytes", put)
     third = Lease.acquire(storage, "run-c", ttl=ttl, clock=lambda: now[0])
 
@@ -162,8 +167,48 @@ def test_a_holder_stops_when_no_renewal_lands_within_its_ttl(file_output, monkey
 
     monkeypatch.setattr(storage, "put_bytes", down)
     third.renew()
-    with pytest.raises(LeaseLost, match=r"cannot renew it \(StorageUnavailable: .*endpoint down\)"):
+    assert third.held()
+    now[0] += ttl
+    with pytest.raises(LeaseLost, match=r"within its ttl of 6 s \(the last try: StorageUnavailable: .*endpoint down\)"):
         third.check()
+
+
+def test_a_lease_whose_driver_is_gone_from_this_machine_is_taken_at_once(file_output):
+    uri, _ = file_output
+    storage = Storage(uri)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    machine = lease._machine()
+    assert machine is not None  # Linux: a boot id and a pid namespace
+
+    def holding(pid: int, on: str | None, nonce: str = "n") -> lease.State:
+        record = {"run_id": "run-x", "host": "h", "pid": pid, "machine": on, "nonce": nonce, "ttl_seconds": 30}
+        return lease.State(0, record, None, False, store_now(storage, "probe"))  # a heartbeat written just now
+
+    dead = lease.judge(storage, holding(int(ended.stdout), machine), ttl=30)
+    assert dead.why == f"its driver (pid {int(ended.stdout)}) is gone"
+    with pytest.raises(LeaseHeld):
+        lease.judge(storage, holding(os.getppid(), machine), ttl=30)  # alive
+    with pytest.raises(LeaseHeld):
+        lease.judge(storage, holding(int(ended.stdout), "another-machine"), ttl=30)  # its pids are not ours
+    mine = Lease.acquire(storage, "run-a", ttl=30)
+    with pytest.raises(LeaseHeld):  # this process, holding it: alive
+        lease.judge(storage, holding(os.getpid(), machine, mine.record["nonce"]), ttl=30)
+    mine.release()
+    # This process, no longer holding it (a job that ended and could not mark the release): free.
+    assert lease.judge(storage, holding(os.getpid(), machine, mine.record["nonce"]), ttl=30).why.endswith("is gone")
+
+
+def test_a_lease_goes_stale_by_the_stores_own_clock(s3_output):
+    uri, options = s3_output
+    storage = Storage(uri, options)
+    Lease.acquire(storage, "run-a", ttl=3)  # held by this process and never renewed: only its age can free it
+    with pytest.raises(LeaseHeld):
+        Lease.acquire(storage, "run-b", ttl=3)
+    time.sleep(4.2)  # S3's whole-second LastModified: the age read is within a second of the 4.2 s
+    taker = Lease.acquire(storage, "run-b", ttl=3)
+    assert taker.generation == 1 and 3 < taker.took_over.age < 6, taker.took_over
+    assert taker.took_over.why == f"its heartbeat was {taker.took_over.age:.0f} s old (ttl 3 s)"
+    taker.release()
 
 
 def test_the_ttl_is_a_config_key_checked_in_one_line(tmp_path):

@@ -33,6 +33,35 @@ from kandinsky_batch.output.storage import Storage
 RENEWALS_PER_TTL = 6
 """Renewals a holder attempts within one ttl: five can fail (or be slow) before it lapses."""
 _NAME = re.compile(r"(\d{8})\.(lease|beat|released)")
+# The nonces of the leases this process holds: one of ours that is not here belongs to a job that ended.
+_HELD: set[str] = set()
+
+
+def _machine() -> str | None:
+    """This boot of this machine and this pid namespace: where a pid names the same process (Linux), else None."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{f.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _gone(holder: dict) -> bool:
+    """Whether the holder's driver has certainly ended: it ran where our pids are its pids, and its pid is not a
+    live process (or is ours, without the lease). A pid reused since reads as alive: then the ttl decides."""
+    machine = _machine()
+    pid = holder.get("pid")
+    if machine is None or holder.get("machine") != machine or not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        return holder.get("nonce") not in _HELD
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: alive
+        return False
+    return False
 
 
 def margin_seconds(ttl: float) -> float:
@@ -69,7 +98,7 @@ class State:
 
     generation: int | None = None
     holder: dict | None = None
-    """The `.lease` record: run_id, host, pid, nonce, generation, ttl_seconds, started_at."""
+    """The `.lease` record: run_id, host, pid, machine, nonce, generation, ttl_seconds, started_at."""
     beat: dict | None = None
     """The holder's last heartbeat: its record plus updated_at (its own clock), rows_total, rows_settled."""
     released: bool = False
@@ -123,18 +152,30 @@ def store_now(storage: Storage, nonce: str) -> datetime:
     return stamp
 
 
+@dataclass
+class Takeover:
+    """A lease taken over: whose, its heartbeat's age by the store's clock, and why it was free."""
+
+    state: State
+    age: float
+    why: str
+
+
 def judge(storage: Storage, state: State, ttl: float, now: Callable[[Storage, str], datetime] = store_now,
-          nonce: str | None = None) -> tuple[State, float] | None:
-    """None if the prefix is free (no lease, or released); (state, heartbeat age) if its lease is stale: its
-    heartbeat, by the store's clock `now`, older than the holder's ttl and ours; else `LeaseHeld` naming the holder.
-    Writes nothing but `now`'s probe (under a `_LEASE/` that exists already)."""
+          nonce: str | None = None) -> Takeover | None:
+    """None if the prefix is free (no lease, or released); a `Takeover` if its lease is stale (its heartbeat, by
+    the store's clock `now`, older than the holder's ttl and ours) or its driver is gone (`_gone`); else `LeaseHeld`
+    naming the holder. Writes nothing but `now`'s probe (under a `_LEASE/` that exists already)."""
     if not state.live:
         return None
     age = ((now(storage, nonce or uuid.uuid4().hex) - state.beat_modified).total_seconds()
            if state.beat_modified is not None else float("inf"))
-    if age <= max(ttl, state.ttl):
-        raise _held_error(storage, state, age)
-    return state, age
+    limit = max(ttl, state.ttl)
+    if _gone(state.holder or {}):
+        return Takeover(state, age, f"its driver (pid {state.holder['pid']}) is gone")
+    if age > limit:
+        return Takeover(state, age, f"its heartbeat was {age:.0f} s old (ttl {limit:g} s)")
+    raise _held_error(storage, state, age)
 
 
 def _held_error(storage: Storage, state: State, age: float) -> LeaseHeld:
@@ -154,11 +195,12 @@ class Lease:
         self.storage, self.record, self.ttl, self.clock = storage, record, ttl, clock
         self.generation: int = record["generation"]
         self.interval = ttl / RENEWALS_PER_TTL
-        self.took_over: tuple[State, float] | None = None
-        """The stale lease this one replaced and its heartbeat's age then, if any."""
+        self.took_over: Takeover | None = None
+        """The lease this one replaced, if it was stale or its driver gone."""
         self.progress = {"rows_total": None, "rows_settled": 0}
         self._valid_until = valid_until
         self._lost: str | None = None
+        self._failure = ""
         self._released = False
         self._overtaken = False
         self._lock = threading.Lock()
@@ -168,18 +210,19 @@ class Lease:
     @classmethod
     def acquire(cls, storage: Storage, run_id: str, ttl: float, clock: Callable[[], float] = time.monotonic,
                 now: Callable[[Storage, str], datetime] = store_now) -> "Lease":
-        """Take the prefix: free, released or stale (see `judge`). `LeaseHeld` naming the holder if its heartbeat
+        """Take the prefix: free, released, stale or its driver gone (see `judge`). `LeaseHeld` naming the holder if its heartbeat
         is fresh, or naming the winner if another contender created the same generation first."""
         nonce = uuid.uuid4().hex
         for _ in range(3):  # a lost create race is read again, to name the winner
             state = read(storage)
             stale = judge(storage, state, ttl, now, nonce)
             generation = 0 if state.generation is None else state.generation + 1
-            record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "nonce": nonce,
-                      "generation": generation, "ttl_seconds": ttl, "started_at": _now_iso()}
+            record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(),
+                      "nonce": nonce, "generation": generation, "ttl_seconds": ttl, "started_at": _now_iso()}
             sent = clock()
             key = _key(generation, "lease")
             if storage.put_bytes_if_absent(key, _json(record)) or cls._ours(storage, key, nonce):
+                _HELD.add(nonce)
                 lease = cls(storage, record, ttl, sent + ttl - margin_seconds(ttl), clock)
                 lease.took_over = stale
                 lease.renew()  # the first heartbeat, and a check that no newer generation beat us to it
@@ -230,7 +273,7 @@ class Lease:
         """Whether this run may still commit: no newer generation seen and a renewal landed within the ttl."""
         with self._lock:
             if self._lost is None and self.clock() >= self._valid_until:
-                self._lost = f"no renewal landed within its ttl of {self.ttl:g} s"
+                self._lost = f"no renewal landed within its ttl of {self.ttl:g} s{self._failure}"
             return self._lost is None
 
     def check(self) -> None:
@@ -249,8 +292,8 @@ class Lease:
         try:
             self.storage.put_bytes(_key(self.generation, "beat"), _json(beat))
             newer = [g for g in _generations(self.storage) if g > self.generation]
-        except Exception as exc:  # noqa: BLE001 - the store past its retry budget, or refusing: the lease is gone
-            self._lose(f"cannot renew it ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # noqa: BLE001 - the store past its retry budget: tried again until the ttl runs out
+            self._failure = f" (the last try: {type(exc).__name__}: {exc})"
             return
         if newer:
             self._overtaken = True
@@ -262,6 +305,7 @@ class Lease:
                 self._lost = f"its renewal landed too late (no renewal within its ttl of {self.ttl:g} s)"
             elif self._lost is None:
                 self._valid_until = sent + self.ttl - margin_seconds(self.ttl)
+                self._failure = ""
 
     def stop_renewing(self) -> None:
         """Stop the renewal thread (and wait for a renewal in flight)."""
@@ -273,12 +317,13 @@ class Lease:
         """The job ended: mark the prefix free (one create-only write). Skipped once a newer generation was seen.
         False if the store refused; the lease then goes stale after its ttl."""
         self.stop_renewing()
+        _HELD.discard(self.record["nonce"])
         if self._released or self._overtaken:
             return False
         self._released = True
         self._lose("released")
-        try:
-            self.storage.put_bytes_if_absent(_key(self.generation, "released"),
+        try:  # one retry only: a store that is down must not hold up the exit (or `ray job stop`'s window)
+            self.storage.with_budget(1, 0.2).put_bytes_if_absent(_key(self.generation, "released"),
                                              _json({"run_id": self.record["run_id"], "released_at": _now_iso()}))
         except Exception:  # noqa: BLE001 - the store is down: the job's own error says so; the lease goes stale
             return False

@@ -78,6 +78,10 @@ class Storage:
         """The storage of the prefix `key` under this one, with the same options (a job output's `scores/`)."""
         return Storage(self.url(key), self._options, self.retries, self.backoff, self.max_backoff)
 
+    def with_budget(self, retries: int, backoff: float) -> "Storage":
+        """The same prefix and options under another retry budget (a last write that must not hold an exit up)."""
+        return Storage(self.uri, self._options, retries, backoff, self.max_backoff)
+
     def url(self, key: str) -> str:
         """Full URI of a key (`file:///abs/path` for local disk)."""
         return f"{self.scheme}://{self._path(key)}"
