@@ -46,7 +46,7 @@ def _machine() -> str | None:
         return None
 
 
-def _gone(holder: dict) -> bool:
+def gone(holder: dict) -> bool:
     """Whether the holder's driver has certainly ended: it ran where our pids are its pids, and its pid is not a
     live process (or is ours, without the lease). A pid reused since reads as alive: then the ttl decides."""
     machine = _machine()
@@ -164,14 +164,14 @@ class Takeover:
 def judge(storage: Storage, state: State, ttl: float, now: Callable[[Storage, str], datetime] = store_now,
           nonce: str | None = None) -> Takeover | None:
     """None if the prefix is free (no lease, or released); a `Takeover` if its lease is stale (its heartbeat, by
-    the store's clock `now`, older than the holder's ttl and ours) or its driver is gone (`_gone`); else `LeaseHeld`
+    the store's clock `now`, older than the holder's ttl and ours) or its driver is gone (`gone`); else `LeaseHeld`
     naming the holder. Writes nothing but `now`'s probe (under a `_LEASE/` that exists already)."""
     if not state.live:
         return None
     age = ((now(storage, nonce or uuid.uuid4().hex) - state.beat_modified).total_seconds()
            if state.beat_modified is not None else float("inf"))
     limit = max(ttl, state.ttl)
-    if _gone(state.holder or {}):
+    if gone(state.holder or {}):
         return Takeover(state, age, f"its driver (pid {state.holder['pid']}) is gone")
     if age > limit:
         return Takeover(state, age, f"its heartbeat was {age:.0f} s old (ttl {limit:g} s)")
@@ -210,8 +210,8 @@ class Lease:
     @classmethod
     def acquire(cls, storage: Storage, run_id: str, ttl: float, clock: Callable[[], float] = time.monotonic,
                 now: Callable[[Storage, str], datetime] = store_now) -> "Lease":
-        """Take the prefix: free, released, stale or its driver gone (see `judge`). `LeaseHeld` naming the holder if its heartbeat
-        is fresh, or naming the winner if another contender created the same generation first."""
+        """Take the prefix: free, released, stale or its driver gone (see `judge`). `LeaseHeld` naming the holder
+        if it is alive, or naming the winner if another contender created the same generation first."""
         nonce = uuid.uuid4().hex
         for _ in range(3):  # a lost create race is read again, to name the winner
             state = read(storage)
@@ -226,7 +226,9 @@ class Lease:
                 lease = cls(storage, record, ttl, sent + ttl - margin_seconds(ttl), clock)
                 lease.took_over = stale
                 lease.renew()  # the first heartbeat, and a check that no newer generation beat us to it
-                lease.check()
+                if not lease.held():
+                    _HELD.discard(nonce)
+                    lease.check()
                 lease._prune()
                 return lease
         raise _held_error(storage, state, 0.0)
@@ -307,11 +309,12 @@ class Lease:
                 self._valid_until = sent + self.ttl - margin_seconds(self.ttl)
                 self._failure = ""
 
-    def stop_renewing(self) -> None:
-        """Stop the renewal thread (and wait for a renewal in flight)."""
+    def stop_renewing(self, wait: float = 1.0) -> None:
+        """Stop the renewal thread; a renewal in flight (a store retrying) is waited for `wait` s at most: one that
+        lands later changes nothing, the lease being lost or released by then."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(wait)
 
     def release(self) -> bool:
         """The job ended: mark the prefix free (one create-only write). Skipped once a newer generation was seen.
@@ -322,9 +325,9 @@ class Lease:
             return False
         self._released = True
         self._lose("released")
+        released = _json({"run_id": self.record["run_id"], "released_at": _now_iso()})
         try:  # one retry only: a store that is down must not hold up the exit (or `ray job stop`'s window)
-            self.storage.with_budget(1, 0.2).put_bytes_if_absent(_key(self.generation, "released"),
-                                             _json({"run_id": self.record["run_id"], "released_at": _now_iso()}))
+            self.storage.with_budget(1, 0.2).put_bytes_if_absent(_key(self.generation, "released"), released)
         except Exception:  # noqa: BLE001 - the store is down: the job's own error says so; the lease goes stale
             return False
         return True

@@ -69,7 +69,8 @@ def status(uri: str, storage_options: dict | None = None, now: datetime | None =
         # contender does (`lease.judge`); a display, never a decision.
         updated = beat.get("updated_at") or beat.get("started_at")
         age = (now - datetime.fromisoformat(updated)).total_seconds()
-        result = Status("running" if age < held.ttl else "stale", counts, beat.get("run_id"), beat.get("host"),
+        alive = age < held.ttl and not lease.gone(held.holder or {})
+        result = Status("running" if alive else "stale", counts, beat.get("run_id"), beat.get("host"),
                         beat.get("pid"), age, rows_total=beat.get("rows_total"), rows_settled=beat.get("rows_settled"))
         if result.state == "running" and result.rows_total is not None:
             result.rate_per_minute = _rate(table, datetime.fromisoformat(beat["started_at"]))
