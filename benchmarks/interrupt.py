@@ -1,4 +1,4 @@
-"""How fast `kandinsky-batch run` stops on SIGINT / SIGTERM: signal -> its one line, signal -> exit.
+"""How fast `kandinsky-batch run` stops on SIGINT / SIGTERM: signal -> its lease released, -> its one line, -> exit.
 
 Cases: a 16-row tiny job mid-render; a 1 M-row tiny job 28 videos in (the case that was reported); a 1 M-row
 dataset whose front end is busy recording rows (all but the last 8 invalid, simulated model, no Ray yet).
@@ -52,8 +52,13 @@ def _parts(out: Path) -> int:
     return len(os.listdir(out / "manifest")) if (out / "manifest").is_dir() else 0
 
 
+def _released(out: Path) -> bool:
+    lease = out / "_LEASE"
+    return lease.is_dir() and any(name.endswith(".released") for name in os.listdir(lease))
+
+
 def stop_once(data: str, out: Path, signum: int, ready, extra=()) -> dict:
-    """One CLI job, `signum` once `ready(out)`; times from the signal to the line and to the exit."""
+    """One CLI job, `signum` once `ready(out)`; times from the signal to the lease's release, the line, the exit."""
     ray_tmp = tempfile.mkdtemp(prefix="kbb-", dir="/tmp")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": ray_tmp}
     args = [sys.executable, "-m", "kandinsky_batch", "run", "configs/tiny.yaml", f"input.path={data}",
@@ -71,8 +76,15 @@ def stop_once(data: str, out: Path, signum: int, ready, extra=()) -> dict:
             time.sleep(0.05)
         sent = time.monotonic()
         proc.send_signal(signum)
-        proc.wait(timeout=600)
+        released, deadline = None, sent + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            if released is None and _released(out):
+                released = time.monotonic()
+            time.sleep(0.01)
+        proc.wait(timeout=1)
         exited = time.monotonic()
+        if released is None and _released(out):
+            released = exited  # in its last 10 ms
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -82,6 +94,7 @@ def stop_once(data: str, out: Path, signum: int, ready, extra=()) -> dict:
     said = [(t, line.strip()) for t, line in lines if line.startswith("interrupted")]
     match = re.search(r"(\d+) rows committed", said[0][1]) if said else None
     return {"signal": signal.Signals(signum).name, "signal_after_s": sent - started, "exit_code": proc.returncode,
+            "to_release_s": released - sent if released is not None else None,
             "to_line_s": said[0][0] - sent if said else None, "to_exit_s": exited - sent,
             "committed": int(match.group(1)) if match else None,
             "traceback": any("Traceback" in line for _, line in lines), "line": said[0][1] if said else None}
@@ -115,10 +128,10 @@ def main() -> None:
                       f"in {results[-1]['to_exit_s']:.1f} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(table(["case", "signal", "signal after (s)", "signal -> line (s)", "signal -> exit (s)", "exit code",
-                 "rows committed", "traceback"],
-                [[r["case"], r["signal"], r["signal_after_s"], r["to_line_s"], r["to_exit_s"], r["exit_code"],
-                  r["committed"], r["traceback"]] for r in results]))
+    print(table(["case", "signal", "signal after (s)", "signal -> lease released (s)", "signal -> line (s)",
+                 "signal -> exit (s)", "exit code", "rows committed", "traceback"],
+                [[r["case"], r["signal"], r["signal_after_s"], r["to_release_s"], r["to_line_s"], r["to_exit_s"],
+                  r["exit_code"], r["committed"], r["traceback"]] for r in results]))
     print(f"wrote {write_json('interrupt', {'machine': machine(), 'results': results})}")
 
 

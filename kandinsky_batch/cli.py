@@ -243,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         from kandinsky_batch.reproduce import prepare_process
 
         prepare_process(sys.argv[1:] if argv is None else argv)
-    from kandinsky_batch.errors import (ConfigError, InputError, Interrupted, ReportError, ReproduceError,
-                                        ResumeConflict, StorageOutage, StorageUnavailable, VerifyError, WorkersFailed)
+    from kandinsky_batch.errors import (ConfigError, InputError, Interrupted, LeaseHeld, LeaseLost, ReportError,
+                                        ReproduceError, ResumeConflict, StorageOutage, StorageUnavailable, VerifyError,
+                                        WorkersFailed)
     from pipelines.kinds import UnsupportedModel
     from pipelines.resolve import ModelNotFound
 
@@ -252,11 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         return {"run": _run, "validate": _validate, "score": _score, "export": _export, "status": _status,
                 "verify": _verify, "report": _report, "reproduce": _reproduce, "build-tiny": _build_tiny}[args.verb](args)
     except (ConfigError, InputError, ReportError, ResumeConflict, VerifyError, ReproduceError, ModelNotFound,
-            UnsupportedModel) as exc:
+            UnsupportedModel, LeaseHeld) as exc:
         # Bad input is the user's to fix: one line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (StorageOutage, StorageUnavailable, WorkersFailed) as exc:
+    except (StorageOutage, StorageUnavailable, WorkersFailed, LeaseLost) as exc:
         print(f"error: {exc}; progress is kept, re-run the same command to continue", file=sys.stderr)
         return EXIT_INCOMPLETE
     except Interrupted as exc:

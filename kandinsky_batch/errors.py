@@ -33,6 +33,14 @@ class ReproduceError(ValueError):
     """`reproduce` has no row to re-render: not an output, an unknown id, a row not ok: one line, exit 2."""
 
 
+class LeaseHeld(ValueError):
+    """Another job holds the output prefix's lease and its heartbeat is fresh: one job per prefix (exit 2)."""
+
+
+class LeaseLost(RuntimeError):
+    """This job's lease on its output prefix lapsed or was taken over: it stopped committing; what landed is kept."""
+
+
 class WorkersFailed(RuntimeError):
     """Replicas could not be started or none could run for too long; the job cannot make progress."""
 

@@ -17,14 +17,16 @@ from tqdm import tqdm
 from kandinsky_batch.fleet import autoscale, cluster, inprocess
 from kandinsky_batch.config.schema import JobConfig
 from kandinsky_batch.config.load import to_dict
-from kandinsky_batch.output.heartbeat import Heartbeat
 from kandinsky_batch.intake.windows import Intake
 from kandinsky_batch.interrupt import Interrupted, StopSignals
 from kandinsky_batch.output.finalize import finalize
 from kandinsky_batch.output.manifest import ManifestWriter
 from kandinsky_batch.output.success import versions, write_success
 from kandinsky_batch.fleet.metrics import JobMetrics
-from kandinsky_batch.intake.preflight import Lane, preflight
+from kandinsky_batch.intake.preflight import Lane, preflight, probe_storage
+from kandinsky_batch.errors import ConfigError
+from kandinsky_batch.output import lease as leases
+from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.fleet.scheduler import WorkQueue
 from kandinsky_batch.fleet.slot import Pool
 from kandinsky_batch.output.layout import OBJECT_DIRS
@@ -36,8 +38,10 @@ from pipelines import quiet_progress
 
 MAX_REASONS = 10_000  # distinct errors counted for the most common one: bounded when every row's error differs
 METRICS_SECONDS = 2.0
-STOP_INTAKE_SECONDS = 3.0
-"""On a signal, how long to wait for the front end to finish the window it is on (it is abandoned after)."""
+STOP_INTAKE_SECONDS = 0.5
+"""On a signal, how long to wait for the front end to finish the window it is on (it is abandoned after): `ray job
+stop` sends SIGKILL 3 s after its SIGTERM (`RAY_JOB_STOP_WAIT_TIME_S`, ray/dashboard/modules/job/job_supervisor.py,
+`JobSupervisor.run`), and the line saying what was kept and the lease's release must come before it."""
 
 
 @dataclass
@@ -148,6 +152,16 @@ class _Progress:
             self.metrics.tick()
 
 
+@contextmanager
+def _on_interrupt(handler):
+    """Call `handler(exc)` on `Interrupted` from the block, then let it go on."""
+    try:
+        yield
+    except Interrupted as exc:
+        handler(exc)
+        raise
+
+
 def _pool(cfg: JobConfig, lane: Lane, placement: cluster.Placement, lanes: int, transport=cluster) -> Pool:
     """The work queue's pool of one model's replica group: its replicas load that model."""
     spec = WorkerSpec(
@@ -179,28 +193,54 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
     if not verbose:
         quiet_progress()  # the tiny presets are built (and saved) here, in the driver, by the preflight
 
-    # 1. Preflight: config, dataset, sweep, each model's limits and options, ids and resume conflicts, before Ray.
+    # 1. Preflight: config, dataset, sweep, each model's limits and options, ids and resume conflicts, before Ray;
+    # a job running on the output prefix is named at once, before the rest is read.
     with _checking(progress), stop.abortable():  # it only reads: a signal ends it at once
+        probe_storage("output.uri", cfg.output.uri, cfg.output.storage_options, ConfigError)
+        owner = Storage(cfg.output.uri, cfg.output.storage_options, retries=cfg.output.retries,
+                        backoff=cfg.output.retry_backoff)
+        before = leases.read(owner)
+        leases.judge(owner, before, cfg.output.lease_ttl)
         checked = preflight(cfg, force=force)
+    # 2. One job per output prefix: the lease, taken once the job is known to be runnable (a refusal writes
+    # nothing). If another job held the prefix since it was read, the preflight reads it again, under the lease.
+    lease = leases.Lease.acquire(owner, run_id, cfg.output.lease_ttl).start()
+    try:
+        if lease.took_over is not None:
+            print(f"note: took over the lease of {lease.took_over.state.names()} on {cfg.output.uri}: "
+                  f"{lease.took_over.why}", file=sys.stderr)
+        if not lease.follows(before):
+            with _checking(progress), stop.abortable():
+                checked = preflight(cfg, force=force)
+        return _leased(cfg, checked, lease, run_id, started, started_clock, progress, verbose, stop, transport)
+    finally:
+        lease.release()  # not if another job took it over: that one holds it now
+
+
+def _leased(cfg: JobConfig, checked, lease: leases.Lease, run_id: str, started: float, started_clock: float,
+            progress: bool, verbose: bool, stop: StopSignals, transport) -> JobResult:
+    """The job under its lease: every commit, flush and `_SUCCESS` only while `lease.held()`."""
     storage = checked.storage
     for folder in OBJECT_DIRS:
         storage.cleanup_temp(folder)
     cells = len(checked.sweep.cells) * len(checked.lanes)
     result = JobResult(rows=checked.dataset.num_rows * cells, input_rows=checked.dataset.num_rows)
 
-    # 2. Stream the rows (a sweep's cells): invalid and adopted ones are committed as they are read, the rest
+    # 3. Stream the rows (a sweep's cells): invalid and adopted ones are committed as they are read, the rest
     # queue for replicas. Parts are published every few seconds, so a killed driver loses at most the rows in flight.
     writer = ManifestWriter(storage, run_id, flush_rows=4096, flush_seconds=5.0, schema=checked.manifest_schema)
     fused = FusedScores(cfg, run_id) if cfg.score.metrics else None  # each video scored as it is committed
     bar = _Progress(result.rows, run_id, progress)
-    heartbeat = Heartbeat(storage, run_id, result.rows).start()  # for `kandinsky-batch status`
+    lease.progress["rows_total"] = result.rows  # its heartbeat is what `kandinsky-batch status` reads
 
     sealed, settling = threading.Event(), threading.Lock()
 
     def commit(row: dict) -> None:
         with settling:
-            if sealed.is_set():
-                return  # stopped on a signal and published: a front end still running is ignored, re-run derives it
+            if sealed.is_set() or not lease.held():
+                # Stopped on a signal and published, or the lease is gone: a front end still running is ignored,
+                # a re-run derives it (a row's object, if any, is adopted).
+                return
             scored = row.pop(FUSED, None)
             writer.add({**row, "finished_at": datetime.now(timezone.utc)})
             if scored is not None:
@@ -212,14 +252,31 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
                     result.reasons[reason] += 1
 
     intake = Intake(checked.dataset, checked.lanes, checked.sweep, cfg.render.seed, commit).start()
+
+    def stopped(exc: Interrupted) -> None:
+        """Publish what landed, count it for the CLI's line and release the lease, before Ray shuts down: all of
+        it inside `ray job stop`'s window. Once is enough (Ray's exit re-raises the same error)."""
+        if sealed.is_set():
+            return
+        intake.close(STOP_INTAKE_SECONDS)
+        with settling:
+            sealed.set()
+        if lease.held():
+            if fused:
+                fused.writer.flush()
+            writer.flush()
+        exc.committed = sum(bar.counts[s] for s in ("ok", "failed", "invalid"))
+        exc.in_output = checked.state.committed + bar.counts["ok"]
+        lease.release()  # no job runs here any more: `status` says incomplete, not stale
+
     try:
-        # 3. Render on the replicas (Ray's, or threads of this process), if anything is left to render; the fleet
+        # 4. Render on the replicas (Ray's, or threads of this process), if anything is left to render; the fleet
         # follows the cluster's GPUs and is shared by the models of a sweep.
         with stop.abortable():
             anything = intake.wait_first()
         if anything:
             with transport.connect(cfg.cluster, *(lane.cluster for lane in checked.lanes), verbose=verbose,
-                                   phase=bar.phase):
+                                   phase=bar.phase), _on_interrupt(stopped):  # exits first: before Ray's shutdown
                 stop.install()  # ray.init took SIGTERM over
                 stop.check()
                 placed = [(_pool(cfg, lane, placement, len(checked.lanes), transport), placement)
@@ -238,10 +295,10 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
                     pools, fleet, intake, max_attempts=cfg.cluster.max_attempts,
                     on_row=commit, wait=transport.wait, get=transport.get, batch_size=cfg.render.batch_size,
                     no_replica_timeout=cfg.cluster.no_replica_timeout,
-                    on_tick=lambda q: (fused and fused.writer.flush_if_due(), writer.flush_if_due(),
-                                       bar.update(intake, q),
-                                       heartbeat.beat(sum(bar.counts.values())), scaler(q)),
-                    should_stop=lambda: stop.requested, draining=transport.draining,
+                    on_tick=lambda q: (lease.held() and fused and fused.writer.flush_if_due(),
+                                       lease.held() and writer.flush_if_due(), bar.update(intake, q),
+                                       lease.progress.update(rows_settled=sum(bar.counts.values())), scaler(q)),
+                    should_stop=lambda: stop.requested or not lease.held(), draining=transport.draining,
                 )
                 try:
                     queue.run()
@@ -249,6 +306,7 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
                     scaler.close()  # this job's ask withdrawn, every other job's kept
                 if queue.stopped:
                     stop.check()
+                    lease.check()
                 if queue.first_dispatch is not None:
                     result.first_render_seconds = queue.first_dispatch - started_clock
                 result.retries, result.restarts, result.workers = queue.retries, queue.restarts, queue.workers
@@ -256,26 +314,22 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
                 result.switches, result.model_loads = queue.switches, len(queue.workers)
                 result.drain_seconds = queue.drain_seconds
     except Interrupted as exc:
-        # Publish what landed, then say what was kept (the CLI's line): a re-run continues from it.
-        intake.close(STOP_INTAKE_SECONDS)
-        with settling:
-            sealed.set()
-        writer.flush()
-        exc.committed = sum(bar.counts[s] for s in ("ok", "failed", "invalid"))
-        exc.in_output = checked.state.committed + bar.counts["ok"]
-        heartbeat.stop()  # no job runs here any more: `status` says incomplete, not stale
+        stopped(exc)
         raise
     finally:
-        # Whatever stopped the job, publish what landed: a re-run continues from it.
-        intake.close(STOP_INTAKE_SECONDS if stop.requested else None)
-        if fused:
+        # Whatever stopped the job, publish what landed (while the lease is held): a re-run continues from it.
+        if not sealed.is_set():
+            intake.close(STOP_INTAKE_SECONDS if stop.requested else None)
+        if fused and lease.held():
             fused.writer.flush()
-        writer.flush()
+        if lease.held():
+            writer.flush()
         bar.update(intake)
         bar.bar.close()
 
-    # 4. Every input row has its final manifest row: compact the parts, then write _SUCCESS last.
+    # 5. Every input row has its final manifest row: compact the parts, then write _SUCCESS last.
     intake.check()
+    lease.check()
     rendered, invalid = intake.keys()
     final = finalize(storage, run_id, rendered, invalid)
     counts = final.counts
@@ -286,6 +340,7 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
     result.seconds = time.perf_counter() - started
     if fused:
         fused.finish(result.workers)
+    lease.check()
     write_success(storage, {
         "run_id": run_id, "finished_at": datetime.now(timezone.utc).isoformat(),
         "counts": {k: v for k, v in result.__dict__.items() if k not in ("workers", "reasons")},
@@ -293,5 +348,4 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
         "sweep": {"axes": checked.sweep.axes, "cells_per_row": cells,
                   "models": {lane.label: lane.model.path for lane in checked.lanes}} if checked.sweep.active else None,
     })
-    heartbeat.stop()
     return result

@@ -219,6 +219,7 @@ def test_driver_sigkilled_mid_job_then_rerun(tmp_path, s3_output, model_cache, r
                            text=True, timeout=300)
     resume_seconds = time.monotonic() - started
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"its driver (pid {proc.pid}) is gone" in rerun.stderr  # its lease taken at once: it ran on this machine
     manifest = _assert_complete(uri, options, len(rows))
     after = _snapshot(storage)
     assert all(after[key] == stamp for key, stamp in committed.items()), "a committed video was touched"

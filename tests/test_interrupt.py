@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kandinsky_batch.interrupt import Interrupted, StopSignals
+from kandinsky_batch.output import lease
 from kandinsky_batch.output.manifest import read_manifest
 from kandinsky_batch.output.storage import Storage
 from tests.helpers import TINY_RENDER, write_dataset
@@ -164,6 +165,7 @@ def test_small_job_stops_on_sigint_and_sigterm_then_resumes(tmp_path, model_cach
         rows = _published(uri)
         assert len(rows) == committed + mine and {r["status"] for r in rows} == {"ok"}
         assert f"({len(rows)} ok in the output)" in result.stderr
+        assert lease.read(Storage(uri)).released  # released before Ray shut down: the re-run need not wait
         committed = len(rows)
     assert 3 <= committed < n, "the signals should land mid-job"
     assert not (tmp_path / "out" / "_SUCCESS").exists()

@@ -1,4 +1,4 @@
-"""`validate` / `run --dry-run`, `status`, the heartbeat and `input.limit`.
+"""`validate` / `run --dry-run`, `status`, the lease's heartbeat and `input.limit`.
 
 Oracles: validate counts every row exactly as the intake of `run` sorts it (the intake itself is the reference)
 and leaves the output prefix byte for byte as it was; status reads what a job's writers wrote; a limited dataset
@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from kandinsky_batch.output import heartbeat
+from kandinsky_batch.output import lease
 from kandinsky_batch.cli import main
 from kandinsky_batch.config.schema import ConfigError
 from kandinsky_batch.config.load import load_config
@@ -163,7 +163,7 @@ def test_an_upscale_source_manifest_is_limited_too(tmp_path):
     assert sum(b.num_rows for b in dataset.batches(batch_size=2)) == 3
 
 
-def test_a_run_with_nothing_to_render_honours_the_limit_and_clears_its_heartbeat(tmp_path, monkeypatch):
+def test_a_run_with_nothing_to_render_honours_the_limit_and_releases_its_lease(tmp_path, monkeypatch):
     from kandinsky_batch.job import run  # every row invalid: nothing renders, so Ray never starts
 
     import kandinsky_batch.job as job
@@ -172,28 +172,29 @@ def test_a_run_with_nothing_to_render_honours_the_limit_and_clears_its_heartbeat
     cfg = _cfg(tmp_path, rows, "input.limit=4")
     beats = []
 
-    def write_success_seeing_the_heartbeat(storage, summary):
-        beats.append(heartbeat.read(storage))
+    def write_success_seeing_the_lease(storage, summary):
+        beats.append(lease.read(storage))
         write_success(storage, summary)
 
-    monkeypatch.setattr(job, "write_success", write_success_seeing_the_heartbeat)
+    monkeypatch.setattr(job, "write_success", write_success_seeing_the_lease)
     result = run(cfg, progress=False)
     storage = Storage(cfg.output.uri)
     assert (result.rows, result.invalid) == (4, 4)
     assert read_manifest(storage)["id"].to_pylist() == ["r0", "r1", "r2", "r3"]
-    # The heartbeat was there until _SUCCESS was written, then removed.
-    assert beats[0]["run_id"] == read_success(storage)["run_id"] and beats[0]["rows_total"] == 4
-    assert heartbeat.read(storage) is None
+    # The lease was held until _SUCCESS was written, then released.
+    assert beats[0].live and beats[0].holder["run_id"] == read_success(storage)["run_id"]
+    assert not lease.read(storage).live
     found = status(cfg.output.uri)
     assert found.state == "finished" and found.rows == {"ok": 0, "invalid": 4, "failed": 0}
 
 
-def test_status_follows_the_heartbeat_and_the_manifest(tmp_path):
+def test_status_follows_the_lease_and_the_manifest(tmp_path):
     uri = f"file://{tmp_path / 'out'}"
     storage = Storage(uri)
     assert status(uri).state == "not started"
-    beat = heartbeat.Heartbeat(storage, "run1", rows_total=10, interval=0).start()
-    started = datetime.fromisoformat(beat.state["started_at"])
+    beat = lease.Lease.acquire(storage, "run1", ttl=60)
+    beat.progress["rows_total"] = 10
+    started = datetime.fromisoformat(beat.record["started_at"])
     writer = ManifestWriter(storage, "run1")
     writer.add({"id": "old", "row_index": 0, "status": "ok", "finished_at": started - timedelta(hours=1)})
     writer.add({"id": "bad", "row_index": 1, "status": "invalid", "finished_at": started})
@@ -203,23 +204,24 @@ def test_status_follows_the_heartbeat_and_the_manifest(tmp_path):
     writer.add({"id": "adopted", "row_index": 6, "status": "ok", "worker": "adopted",
                 "finished_at": started + timedelta(seconds=45)})
     writer.flush()
-    beat.beat(6)
-    updated = datetime.fromisoformat(beat.state["updated_at"])
+    beat.progress["rows_settled"] = 6
+    beat.renew()
+    updated = datetime.fromisoformat(lease.read(storage).beat["updated_at"])
 
     running = status(uri, now=updated + timedelta(seconds=5))
     assert running.state == "running" and running.rows == {"ok": 5, "invalid": 1, "failed": 1}
     assert running.rate_per_minute == pytest.approx(6.0) and running.eta_seconds == pytest.approx(40.0)
     text = format_status(running)
-    assert text.startswith(f"running (run1, {beat.state['host']}:{os.getpid()}, updated 5s ago)")
+    assert text.startswith(f"running (run1, {beat.record['host']}:{os.getpid()}, updated 5s ago)")
     assert "6.0 rows/min" in text and "ETA: 40 s" in text
 
     stale = status(uri, now=updated + timedelta(seconds=300))
     assert stale.state == "stale" and format_status(stale).startswith("stale: last heartbeat 300s ago")
 
     write_success(storage, {"run_id": "run1", "finished_at": (updated + timedelta(seconds=1)).isoformat()})
-    assert status(uri).state == "finished"
-    beat.stop()
-    assert heartbeat.read(storage) is None and status(uri).state == "finished"
+    assert status(uri).state == "running"  # _SUCCESS comes before the release
+    beat.release()
+    assert not lease.read(storage).live and status(uri).state == "finished"
     storage.delete("_SUCCESS")
     assert status(uri).state == "incomplete"
 

@@ -67,12 +67,17 @@ class OutputConfig:
     latents: bool = False
     """Also commit each row's final latents and prompt embeddings to `{uri}/latents/{stem}.safetensors` (Kandinsky 5
     kinds only; docs/family.md#latents): what distillation and fine-tuning read. Part of what a committed row is."""
+    lease_ttl: float = 30.0
+    """Seconds without a heartbeat after which a job's lease on `uri` is stale: a `run` that died is taken over
+    after this long, and a holder that cannot renew for this long stops committing (`output/lease.py`)."""
 
     def __post_init__(self) -> None:
         _require(bool(str(self.uri).strip()), "output.uri", self.uri, "must name an output prefix")
         _require(isinstance(self.latents, bool), "output.latents", self.latents, "must be true or false")
         _require(self.retries >= 1, "output.retries", self.retries, "must be >= 1")
         _require(self.retry_backoff >= 0, "output.retry_backoff", self.retry_backoff, "must be >= 0")
+        _require(isinstance(self.lease_ttl, (int, float)) and self.lease_ttl >= 3, "output.lease_ttl", self.lease_ttl,
+                 "must be >= 3 seconds (object stores keep whole-second modification times)")
         _require(self.format in FORMATS, "output.format", self.format, f"must be one of {', '.join(FORMATS)}")
 
 

@@ -5,7 +5,7 @@
     {output.uri}/latents/{stem}.safetensors  its final latents and prompt embeddings (`output.latents: true`)
     {output.uri}/manifest/part-*.parquet   the manifest's parts
     {output.uri}/_SUCCESS                  the job's summary, written last
-    {output.uri}/_RUNNING                  the heartbeat of a job writing there
+    {output.uri}/_LEASE/{N}.lease, .beat   the lease and heartbeat of the job writing there (`output/lease.py`)
     {output.uri}/scores/part-*.parquet     the scores table's parts (`kandinsky-batch score`, fused scoring)
     {output.uri}/scores/_SUCCESS           every scoring run's counts and metric provenance, rewritten last
 
@@ -24,7 +24,8 @@ MANIFEST_DIR = "manifest"
 SCORES_DIR = "scores"
 """A job output's scores table; a table given elsewhere (`score --out`) holds its parts and `_SUCCESS` at its root."""
 SUCCESS_KEY = "_SUCCESS"
-HEARTBEAT_KEY = "_RUNNING"
+LEASE_DIR = "_LEASE"
+"""One job per output prefix: its lease generations, their heartbeats and releases."""
 SAFE_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 """An id matching this (and holding no `..`) is its own stem."""
 _SAFE_ID = re.compile(SAFE_ID)

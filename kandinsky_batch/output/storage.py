@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from datetime import datetime, timezone
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -76,6 +77,10 @@ class Storage:
     def under(self, key: str) -> "Storage":
         """The storage of the prefix `key` under this one, with the same options (a job output's `scores/`)."""
         return Storage(self.url(key), self._options, self.retries, self.backoff, self.max_backoff)
+
+    def with_budget(self, retries: int, backoff: float) -> "Storage":
+        """The same prefix and options under another retry budget (a last write that must not hold an exit up)."""
+        return Storage(self.uri, self._options, retries, backoff, self.max_backoff)
 
     def url(self, key: str) -> str:
         """Full URI of a key (`file:///abs/path` for local disk)."""
@@ -171,6 +176,21 @@ class Storage:
             except FileNotFoundError:
                 return None
             return int(info["size"]) if info.get("type") == "file" else None
+
+        return self._retry(key, op)
+
+    def modified(self, key: str) -> datetime | None:
+        """When the store last wrote the object, by the store's own clock (S3: `LastModified`, whole seconds), or
+        None if missing: what a lease's staleness is judged by, so no two hosts' clocks are compared."""
+        path = self._path(key)
+
+        def op() -> datetime | None:
+            self.fs.invalidate_cache()
+            try:
+                stamp = self.fs.modified(path)
+            except FileNotFoundError:
+                return None
+            return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
         return self._retry(key, op)
 
