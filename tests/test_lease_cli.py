@@ -22,7 +22,8 @@ import pytest
 
 from kandinsky_batch.cli import main
 from kandinsky_batch.output.lease import read
-from kandinsky_batch.output.manifest import read_manifest, read_success
+from kandinsky_batch.output.manifest import read_manifest
+from kandinsky_batch.output.success import read_success
 from kandinsky_batch.output.storage import Storage
 from tests.helpers import write_dataset
 from tests.test_interrupt import LINE
