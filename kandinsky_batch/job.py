@@ -54,6 +54,8 @@ class JobResult:
     kept: int = 0
     """Rows of ids this run's input does not hold (an earlier run's other dataset), kept in the manifest as they were."""
     retries: int = 0
+    storage_retries: int = 0
+    """Storage operations tried again after a throttle (503 SlowDown) or a dropped connection: replicas' and driver's."""
     restarts: int = 0
     model_loads: int = 0
     """Replicas that loaded a model (rebuilds and model switches included)."""
@@ -237,6 +239,7 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
                 if queue.first_dispatch is not None:
                     result.first_render_seconds = queue.first_dispatch - started_clock
                 result.retries, result.restarts, result.workers = queue.retries, queue.restarts, queue.workers
+                result.storage_retries += queue.storage_retries
                 result.switches, result.model_loads = queue.switches, len(queue.workers)
                 result.drain_seconds = queue.drain_seconds
     except Interrupted as exc:
@@ -270,6 +273,7 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
     result.seconds = time.perf_counter() - started
     if fused:
         fused.finish(result.workers)
+    result.storage_retries += storage.take_retries()  # the driver's: manifest parts, compaction, heartbeat
     write_success(storage, {
         "run_id": run_id, "finished_at": datetime.now(timezone.utc).isoformat(),
         "counts": {k: v for k, v in result.__dict__.items() if k not in ("workers", "reasons")},

@@ -78,6 +78,7 @@ class WorkQueue:
         self.refs: dict[Any, tuple[Slot, Flight | None]] = {}  # outstanding ref -> its slot and batch (None: ready)
         self.seq = itertools.count()
         self.restarts = self.retries = self.switches = 0
+        self.storage_retries = 0  # the replicas' storage retries, reported with each batch
         self.workers: list[dict] = []
         self.outage: str | None = None
         self.first_dispatch: float | None = None
@@ -254,6 +255,7 @@ class WorkQueue:
         self.hungry.add(slot)
         for ref in flight.outstanding:
             self.refs.pop(ref, None)
+        self.storage_retries += result.storage_retries
         rows = iter(result.rows)
         for position, (task, attempt) in enumerate(flight.batch):
             if position in result.unstored:
