@@ -23,8 +23,9 @@ def walk_local(path: str) -> Iterator[str]:
                 yield entry.path
 
 
-def local_pages(path: str, size: int = PAGE_KEYS) -> Iterator[list[str]]:
-    """`walk_local` in lists of at most `size` paths."""
+def local_pages(path: str, size: int | None = None) -> Iterator[list[str]]:
+    """`walk_local` in lists of at most `size` paths (`PAGE_KEYS`)."""
+    size = size or PAGE_KEYS
     page: list[str] = []
     for found in walk_local(path):
         page.append(found)
@@ -35,11 +36,11 @@ def local_pages(path: str, size: int = PAGE_KEYS) -> Iterator[list[str]]:
         yield page
 
 
-def s3_page(fs, path: str, token: str | None, size: int = PAGE_KEYS) -> tuple[list[str], str | None]:
-    """One ListObjectsV2 page of the objects under `bucket/prefix` (s3fs `fs`): their paths, and the next
-    page's token (None after the last). s3fs' own `find` would gather every page before returning."""
+def s3_page(fs, path: str, token: str | None, size: int | None = None) -> tuple[list[str], str | None]:
+    """One ListObjectsV2 page (of `size`, `PAGE_KEYS`) of the objects under `bucket/prefix` (s3fs `fs`): their
+    paths, and the next page's token (None after the last). s3fs' own `find` gathers every page before returning."""
     bucket, _, prefix = path.partition("/")
-    request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else "", "MaxKeys": size}
+    request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else "", "MaxKeys": size or PAGE_KEYS}
     if token is not None:
         request["ContinuationToken"] = token
     page = fs.call_s3("list_objects_v2", **request)

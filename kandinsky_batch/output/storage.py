@@ -186,6 +186,9 @@ class Storage:
         path = self._path(key)
 
         def op() -> bytes:
+            if self.s3:
+                # One GET: with its default concurrency s3fs first HEADs the object to split large reads.
+                return self.fs.cat_file(path, max_concurrency=1)
             self.fs.invalidate_cache()
             return self.fs.cat_file(path)
 
