@@ -270,7 +270,10 @@ class Storage:
             yield from page
 
     def holds(self, prefix: str) -> bool:
-        """Whether any object lies under the prefix (one listing request on S3)."""
+        """Whether the prefix is there: a local folder (empty or not), or on an object store a prefix holding
+        an object, its folders existing only through them (one listing request on S3)."""
+        if self.local:
+            return os.path.isdir(self._path(prefix.rstrip("/"), allow_root=True))
         return next(self.iter_keys(prefix), None) is not None
 
     def list(self, prefix: str = "") -> list[str]:
