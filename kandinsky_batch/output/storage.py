@@ -70,8 +70,8 @@ class Storage:
             # s3fs' `_error_wrapper` would retry SlowDown 5 times itself (S3FileSystem.retries): one attempt there.
             self.fs.retries = 1
         self.requests: Counter = Counter()
-        """Attempts of each operation (`put`, `get`, `head`, `list`, `delete`), retries included: one request each
-        on S3 (a listing: one per page)."""
+        """Attempts of each operation (`put`, `get`, `head`, `list`, `delete`), retries included: on S3 one request
+        each (a listing: one per page; a write over 100 MB: its multipart upload's)."""
         self.retried = 0
         """Attempts made again after a transient error (throttling, a dropped connection): `storage_retries`."""
         self._counted = threading.Lock()
