@@ -60,6 +60,8 @@ class JobResult:
     kept: int = 0
     """Rows of ids this run's input does not hold (an earlier run's other dataset), kept in the manifest as they were."""
     retries: int = 0
+    storage_retries: int = 0
+    """Storage operations tried again after a throttle (503 SlowDown) or a dropped connection: replicas' and driver's."""
     restarts: int = 0
     drains: int = 0
     """Replicas retired because Ray drained their node (preemption): not failures, not in `restarts`."""
@@ -311,6 +313,7 @@ def _leased(cfg: JobConfig, checked, lease: leases.Lease, run_id: str, started: 
                     result.first_render_seconds = queue.first_dispatch - started_clock
                 result.retries, result.restarts, result.workers = queue.retries, queue.restarts, queue.workers
                 result.drains, result.drained = queue.drains.drains, queue.drains.drained
+                result.storage_retries += queue.storage_retries
                 result.switches, result.model_loads = queue.switches, len(queue.workers)
                 result.drain_seconds = queue.drain_seconds
     except Interrupted as exc:
@@ -341,6 +344,7 @@ def _leased(cfg: JobConfig, checked, lease: leases.Lease, run_id: str, started: 
     if fused:
         fused.finish(result.workers)
     lease.check()
+    result.storage_retries += storage.take_retries()  # the driver's: manifest parts, compaction, heartbeat
     write_success(storage, {
         "run_id": run_id, "finished_at": datetime.now(timezone.utc).isoformat(),
         "counts": {k: v for k, v in result.__dict__.items() if k not in ("workers", "reasons")},

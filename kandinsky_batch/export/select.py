@@ -102,8 +102,9 @@ def _to_read(storage: Storage, columns: list[str], where: str | None) -> list[st
         carried = {}
         for key in storage.list(MANIFEST_DIR):
             if key.endswith(".parquet"):
-                with storage.fs.open(f"{storage.root}/{key}", "rb") as handle:
-                    carried.update((n, None) for n in pq.read_schema(handle).names if n not in MANIFEST.names)
+                # Whole parts through Storage (its retries): a compacted manifest is a few parts.
+                schema = pq.read_schema(pa.BufferReader(storage.get_bytes(key)))
+                carried.update((n, None) for n in schema.names if n not in MANIFEST.names)
     except FileNotFoundError:  # a part compacted away meanwhile: read_manifest's own retry reads every column
         return None
     text = (where or "").lower()
@@ -116,7 +117,7 @@ def _to_read(storage: Storage, columns: list[str], where: str | None) -> list[st
 
 def _with_scores(storage: Storage, ok: pa.Table, carried: list[str]) -> tuple[pa.Table, list[str]]:
     """`ok` with one column per metric of the source's scores table, matched on (id, sha256 = video_sha256)."""
-    if not storage.fs.isdir(f"{storage.root}/{SCORES_DIR}"):
+    if not storage.holds(SCORES_DIR):
         return ok, []
     scores = read_scores(storage.under(SCORES_DIR))
     metrics = metric_columns(scores.drop_columns(["score_error", "video", "scored_at"]))

@@ -90,7 +90,7 @@ def finish(dest: Storage, index: pa.Table, samples: list[Sample]) -> None:
     """Leave the folder holding the index's mp4s only: temp files of killed writes removed, anything else refused."""
     dest.cleanup_temp(VIDEOS_DIR)
     wanted = set(index.column("path").to_pylist())
-    strays = [key for key in dest.list(VIDEOS_DIR) if key not in wanted]
+    strays = sorted(key for key in dest.iter_keys(VIDEOS_DIR) if key not in wanted)  # a page at a time
     if strays:
         raise ResumeConflict(f"{dest.url(VIDEOS_DIR)} holds {len(strays)} object(s) this export did not write "
                              f"(first {strays[0]!r}); VBench reads every entry there: export to an empty DEST")

@@ -63,6 +63,7 @@ class WorkQueue:
         self.restarts = self.retries = self.switches = 0
         self.drains = Drains(draining)
         """The draining nodes (node id -> deadline on `clock`, None: none) and the replicas and rows they took."""
+        self.storage_retries = 0  # the replicas' storage retries, reported with each batch
         self.workers: list[dict] = []
         self.outage: str | None = None
         self.first_dispatch: float | None = None
@@ -241,6 +242,7 @@ class WorkQueue:
             self.hungry.add(slot)
         for ref in flight.outstanding:
             self.refs.pop(ref, None)
+        self.storage_retries += result.storage_retries
         rows = iter(result.rows)
         for position, (task, attempt) in enumerate(flight.batch):
             if position in result.unstored:

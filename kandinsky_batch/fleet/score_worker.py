@@ -189,7 +189,7 @@ class ScoreWorker:
             except StorageUnavailable as exc:  # not the row's fault: the job stops cleanly, a re-run continues
                 unstored.append(position)
                 outage = f"storage unavailable: {exc}"
-        return BatchResult(rows, tuple(unstored), outage)
+        return BatchResult(rows, tuple(unstored), outage, sum(s.take_retries() for s in self._stores.values()))
 
     def score(self, task: ScoreTask) -> dict:
         """One task's score row (its errors in `score_error`)."""

@@ -205,7 +205,8 @@ class RenderWorker:
             frames, seconds = self._render(tasks, ticket)
             seconds /= len(tasks)
         except Exception as exc:  # noqa: BLE001 - any pipeline error becomes a row-level failure
-            return BatchResult([self.spec.stamp.failed(row, _describe(exc)) for row in rows])
+            return BatchResult([self.spec.stamp.failed(row, _describe(exc)) for row in rows],
+                               storage_retries=self.storage.take_retries())
         # Off the render path from here: the next batch renders while this one encodes and uploads.
         settled, unstored, outage = [], [], None
         for position, (task, row, f) in enumerate(zip(tasks, rows, frames)):
@@ -215,7 +216,7 @@ class RenderWorker:
                 # Not the row's fault: the driver stops the job cleanly and a re-run continues.
                 unstored.append(position)
                 outage = f"storage unavailable: {exc}"
-        return BatchResult(settled, tuple(unstored), outage)
+        return BatchResult(settled, tuple(unstored), outage, self.storage.take_retries())
 
     def _with_image(self, task: Task) -> Task:
         """The task with its conditioning image's bytes: read from its URI, which must still hold what was checked."""

@@ -7,8 +7,9 @@ to the expected shape (never when the job saves latents: they are not in the vid
 again. Rows committed with other parameters, or with latents where the job wants none or the reverse, are
 never mixed in silently: `check_conflicts` refuses them before anything renders, unless forced.
 
-The manifest and the object listing are loaded once as Arrow arrays; each window of tasks is then
-looked up against them, so a resumed million-row job holds no Python object per committed row.
+The manifest and the object listing are loaded once as Arrow arrays (the listing a page at a time, one request per
+1,000 objects on S3); each window of tasks is then looked up against them, so a resumed million-row job holds no
+Python object per committed row.
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ def _describe(task: Task, before: dict, want: dict) -> str:
     return f"id={task.id!r} ({', '.join(shown)})"
 
 
+def listed(storage: Storage, folders: tuple[str, ...]) -> pa.Array:
+    """The keys under `folders` as one Arrow array, built a listing page at a time: a million objects cost
+    their key bytes, not a Python string each. Only the orphans among them (objects without an ok row) matter."""
+    chunks = [pa.array(page, pa.string()) for folder in folders for page in storage.pages(folder)]
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+
+
 class OutputState:
     """The latest outcome per id and the objects under `videos/`, as Arrow arrays (read once per run)."""
 
@@ -103,7 +111,7 @@ class OutputState:
         # columns that decide identity are read, so a large manifest costs its prompts and little else.
         self.outcomes = latest_outcomes(read_columns(storage, OUTCOME_COLUMNS, _digested))
         self.committed = int(pc.sum(pc.equal(self.outcomes["status"], "ok")).as_py() or 0)
-        self.objects = pa.array(storage.list(VIDEOS_DIR) + storage.list(IMAGES_DIR), pa.string())
+        self.objects = listed(storage, (VIDEOS_DIR, IMAGES_DIR))
 
     def with_stamp(self, stamp: Stamp) -> "OutputState":
         """The same outputs (read once) seen by another model of the job: its rows carry `stamp`'s values."""

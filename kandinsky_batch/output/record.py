@@ -98,9 +98,11 @@ class BatchResult:
 
     `unstored` lists the batch positions whose video could not be stored because the output store stayed
     down beyond its retry budget (`outage` says why): those rows are not settled, the job stops feeding and
-    a re-run continues.
+    a re-run continues. `storage_retries`: the replica's storage retries since its last batch (`storage_retries`
+    of the job's `_SUCCESS`).
     """
 
     rows: list[dict]
     unstored: tuple[int, ...] = ()
     outage: str | None = None
+    storage_retries: int = 0

@@ -224,7 +224,7 @@ def write_report(uri: str, out: str | os.PathLike | None = None, *, storage_opti
         if expires > S3_MAX_EXPIRES:
             raise ReportError(f"--expires {expires}: S3 presigned URLs last at most {S3_MAX_EXPIRES} s (7 days)")
         signer = Storage(uri, sigv4(storage_options))
-    if not any(key.endswith(".parquet") for key in storage.list(MANIFEST_DIR)):
+    if not any(key.endswith(".parquet") for key in storage.iter_keys(MANIFEST_DIR)):  # stops at the first page
         raise ReportError(f"manifest is missing: no {MANIFEST_DIR}/*.parquet under {storage.url(MANIFEST_DIR)}")
 
     # 2. Lay the manifest out as a grid and count each variant.

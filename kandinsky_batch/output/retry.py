@@ -1,4 +1,9 @@
-"""The storage retry policy: which errors another attempt can fix, and the jittered backoff between attempts."""
+"""The storage retry policy: which errors another attempt can fix, and the jittered backoff between attempts.
+
+It is the one retry layer of the output store: `Storage` turns off s3fs' and botocore's own retries
+(`storage.one_retry_layer`), so every throttle (S3 503 SlowDown) and dropped connection is seen, backed off
+and counted here, under one bounded budget.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from kandinsky_batch.errors import StorageUnavailable
 
 try:
     from botocore import exceptions as _boto
+    from botocore.parsers import ResponseParserError
 except ImportError:  # botocore only comes with s3fs; other backends raise plain OSErrors
     _boto = None
 
@@ -22,8 +28,10 @@ _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryE
 _PERMANENT_ERRNOS = {
     errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL, errno.EPERM, errno.ENOSYS
 }
+# ResponseParserError: a throttled S3 may answer with invalid XML (s3fs retries it for that reason, S3_RETRYABLE_ERRORS).
 _TRANSIENT_BOTO = (
-    (_boto.ConnectionError, _boto.HTTPClientError, _boto.ReadTimeoutError, _boto.ConnectTimeoutError)
+    (_boto.ConnectionError, _boto.HTTPClientError, _boto.ReadTimeoutError, _boto.ConnectTimeoutError,
+     ResponseParserError)
     if _boto is not None
     else ()
 )
@@ -40,8 +48,11 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno not in _PERMANENT_ERRNOS
 
 
-def with_retries(key: str, op: Callable[[], T], retries: int, backoff: float, max_backoff: float) -> T:
-    """`op()`, tried up to `retries` more times on transient errors; `StorageUnavailable` naming `key` after that."""
+def with_retries(key: str, op: Callable[[], T], retries: int, backoff: float, max_backoff: float,
+                 on_retry: Callable[[BaseException], None] = lambda exc: None) -> T:
+    """`op()`, tried up to `retries` more times on transient errors; `StorageUnavailable` naming `key` after that.
+
+    `on_retry(error)` is called before each further attempt (what `Storage` counts as `storage_retries`)."""
     last: BaseException | None = None
     for attempt in range(retries + 1):
         try:
@@ -51,6 +62,7 @@ def with_retries(key: str, op: Callable[[], T], retries: int, backoff: float, ma
                 raise
             last = exc
         if attempt < retries:
+            on_retry(last)
             # Full jitter keeps many workers from hammering a recovering endpoint in lockstep.
             time.sleep(random.uniform(0, min(max_backoff, backoff * 2**attempt)))
     assert last is not None

@@ -48,7 +48,7 @@ def scores_uri(output_uri: str) -> str:
 def open_scores(uri_or_storage, storage_options: dict | None = None) -> Storage:
     """The scores table's storage: a scores folder as given, or a job output's `scores/` (it holds `manifest/`)."""
     storage = uri_or_storage if isinstance(uri_or_storage, Storage) else Storage(uri_or_storage, storage_options)
-    return storage.under(SCORES_DIR) if storage.fs.isdir(f"{storage.root}/{MANIFEST_DIR}") else storage
+    return storage.under(SCORES_DIR) if storage.holds(MANIFEST_DIR) else storage
 
 
 def writer(storage: Storage, run_id: str, metrics, flush_rows: int = 4096, flush_seconds: float = 5.0):

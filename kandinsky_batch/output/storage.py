@@ -3,30 +3,34 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
-from collections.abc import Callable
 from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from kandinsky_batch.output.leftovers import TEMP_PREFIX, abort_s3_uploads, is_temp, remove_local_temp
+from kandinsky_batch.output.listing import local_pages, s3_page
 from kandinsky_batch.output.retry import with_retries
 
 T = TypeVar("T")
+S3_PROTOCOLS = ("s3", "s3a")
 
-def _walk(path: str):
-    """Every file under a local directory, recursively (nothing if it does not exist)."""
-    try:
-        entries = list(os.scandir(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk(entry.path)
-        else:
-            yield entry.path
+
+def one_retry_layer(protocol: str | None, options: dict) -> dict:
+    """`options` with botocore's own retries off for S3, so throttles reach `Storage`'s retry layer (counted there).
+
+    botocore would retry a 503 SlowDown up to 4 more times (legacy mode) unseen; an explicit
+    `config_kwargs.retries` in the job's storage options is kept as given."""
+    if protocol not in S3_PROTOCOLS:
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", {"total_max_attempts": 1})
+    return {**options, "config_kwargs": config}
 
 
 def _check_key(key: str, allow_root: bool = False) -> str:
@@ -58,10 +62,21 @@ class Storage:
         self._options = dict(storage_options or {})
         scheme, _ = fsspec.core.split_protocol(uri)
         # A fresh instance: fsspec's cache would hand back one bound to a dead endpoint or stale listings.
-        self.fs, root = fsspec.core.url_to_fs(uri, skip_instance_cache=True, **self._options)
+        self.fs, root = fsspec.core.url_to_fs(uri, skip_instance_cache=True, **one_retry_layer(scheme, self._options))
         self.local = isinstance(self.fs, LocalFileSystem)
         self.scheme = "file" if self.local else (scheme or self.fs.protocol[0])
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
+        self.s3 = not self.local and self.fs.protocol[0] in S3_PROTOCOLS
+        if self.s3:
+            # s3fs' `_error_wrapper` would retry SlowDown 5 times itself (S3FileSystem.retries): one attempt there.
+            self.fs.retries = 1
+        self.requests: Counter = Counter()
+        """Attempts of each operation (`put`, `get`, `head`, `list`, `delete`), retries included: on S3 one request
+        each (a listing: one per page; a write over 100 MB: its multipart upload's)."""
+        self.retried = 0
+        """Attempts made again after a transient error (throttling, a dropped connection): `storage_retries`."""
+        self._counted = threading.Lock()
+        self._taken = 0
 
     def __repr__(self) -> str:
         return f"Storage({self.uri!r})"
@@ -93,9 +108,26 @@ class Storage:
             raise ValueError(f"URI {url!r} is not under {base!r}")
         return _check_key(url[len(base) :])
 
-    def _retry(self, key: str, op: Callable[[], T]) -> T:
-        """One operation under this storage's retry budget (`output.retries`, `output.retry_backoff`)."""
-        return with_retries(key, op, self.retries, self.backoff, self.max_backoff)
+    def _retry(self, key: str, op: Callable[[], T], kind: str) -> T:
+        """One operation of `kind` under this storage's retry budget (`output.retries`, `output.retry_backoff`):
+        the one place a storage operation is retried, and where its attempts and retries are counted."""
+
+        def attempt() -> T:
+            with self._counted:
+                self.requests[kind] += 1
+            return op()
+
+        def retried(exc: BaseException) -> None:
+            with self._counted:
+                self.retried += 1
+
+        return with_retries(key, attempt, self.retries, self.backoff, self.max_backoff, retried)
+
+    def take_retries(self) -> int:
+        """Retries since the last call (a replica reports them with each batch)."""
+        with self._counted:
+            taken, self._taken = self.retried - self._taken, self.retried
+        return taken
 
     def _write_local_temp(self, final: str, data: bytes) -> str:
         directory = os.path.dirname(final)
@@ -126,10 +158,11 @@ class Storage:
                     _unlink_quietly(tmp)
                     raise
             else:
-                # A single PUT (or an MPU completed only at the end); fs.open() would publish a truncated object.
+                # A single PUT below 100 MB (s3fs `_pipe_file`: 2 x its 50 MB chunk), above it a multipart upload
+                # completed only at the end and aborted on error: never a partial object. fs.open() could be one.
                 self.fs.pipe_file(path, data)
 
-        self._retry(key, op)
+        self._retry(key, op, "put")
 
     def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
         """Create a whole object only if the key is free; False if it already existed."""
@@ -143,11 +176,13 @@ class Storage:
                 finally:
                     _unlink_quietly(tmp)
             else:
-                self.fs.pipe_file(path, data, mode="create")  # S3 If-None-Match: *
+                # S3 If-None-Match: * on the PUT, or on CompleteMultipartUpload for a large object (s3fs
+                # `_pipe_file`). A retried PUT whose first try landed finds its own object: False, as for a rival.
+                self.fs.pipe_file(path, data, mode="create")
             return True
 
         try:
-            return self._retry(key, op)
+            return self._retry(key, op, "put")
         except FileExistsError:
             return False
 
@@ -156,10 +191,13 @@ class Storage:
         path = self._path(key)
 
         def op() -> bytes:
+            if self.s3:
+                # One GET: with its default concurrency s3fs first HEADs the object to split large reads.
+                return self.fs.cat_file(path, max_concurrency=1)
             self.fs.invalidate_cache()
             return self.fs.cat_file(path)
 
-        return self._retry(key, op)
+        return self._retry(key, op, "get")
 
     def exists(self, key: str) -> bool:
         """Whether the object exists."""
@@ -170,6 +208,13 @@ class Storage:
         path = self._path(key)
 
         def op() -> int | None:
+            if self.s3:
+                # One HEAD: s3fs' info() follows a missing key's 404 with a listing (is it a directory?).
+                bucket, _, name = path.partition("/")
+                try:
+                    return int(self.fs.call_s3("head_object", Bucket=bucket, Key=name)["ContentLength"])
+                except FileNotFoundError:
+                    return None
             self.fs.invalidate_cache()
             try:
                 info = self.fs.info(path)
@@ -177,7 +222,7 @@ class Storage:
                 return None
             return int(info["size"]) if info.get("type") == "file" else None
 
-        return self._retry(key, op)
+        return self._retry(key, op, "head")
 
     def modified(self, key: str) -> datetime | None:
         """When the store last wrote the object, by the store's own clock (S3: `LastModified`, whole seconds), or
@@ -192,25 +237,69 @@ class Storage:
                 return None
             return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
-        return self._retry(key, op)
+        return self._retry(key, op, "head")
 
-    def list(self, prefix: str = "") -> list[str]:
-        """Sorted keys of all files under a prefix (recursive); in-flight temp files are skipped."""
-        path = self._path(prefix.rstrip("/"), allow_root=True)
+    def root_type(self) -> str | None:
+        """What the prefix itself is: `file`, `directory` (an S3 prefix holding objects), or None if nothing."""
 
-        def op() -> list[str]:
-            if self.local:
-                return list(_walk(path))  # names only: fsspec's find builds a dict per file first
+        def op() -> str | None:
             self.fs.invalidate_cache()
             try:
-                found = self.fs.find(path)
+                return self.fs.info(self.root).get("type")
             except FileNotFoundError:
-                return []
-            return found
+                return None
 
+        return self._retry("", op, "head")
+
+    def pages(self, prefix: str = "") -> Iterator[list[str]]:
+        """Keys of the files under a prefix (recursive), a page (<= 1,000) at a time, in no promised order;
+        in-flight temp files are skipped. Each S3 page is one request, retried alone."""
+        path = self._path(prefix.rstrip("/"), allow_root=True)
         base = self.root + "/"
-        keys = (p[len(base) :] for p in self._retry(prefix, op) if p.startswith(base))
-        return sorted(k for k in keys if not is_temp(k))
+
+        def keys(paths: list[str]) -> list[str]:
+            return [k for k in (p[len(base):] for p in paths if p.startswith(base)) if not is_temp(k)]
+
+        if self.local:
+            # A walk that raised cannot resume where it was, so a local listing is counted but not retried.
+            for page in local_pages(path):
+                with self._counted:
+                    self.requests["list"] += 1
+                yield keys(page)
+        elif self.s3:
+            token: str | None = None
+            while True:
+                page, token = self._retry(prefix, lambda: s3_page(self.fs, path, token), "list")
+                yield keys(page)
+                if token is None:
+                    return
+        else:
+            # GCS and Azure through fsspec's find, which gathers its pages first: one page of everything.
+            def found() -> list[str]:
+                self.fs.invalidate_cache()
+                try:
+                    return self.fs.find(path)
+                except FileNotFoundError:
+                    return []
+
+            yield keys(self._retry(prefix, found, "list"))
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        """`pages` one key at a time: stop early and the rest is never listed."""
+        for page in self.pages(prefix):
+            yield from page
+
+    def holds(self, prefix: str) -> bool:
+        """Whether the prefix is there: a local folder (empty or not), or on an object store a prefix holding
+        an object, its folders existing only through them (one listing request on S3)."""
+        if self.local:
+            return os.path.isdir(self._path(prefix.rstrip("/"), allow_root=True))
+        return next(self.iter_keys(prefix), None) is not None
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys of all files under a prefix (recursive): for folders of bookkeeping (manifest parts, an
+        export's plan), not of objects; those are read with `pages`."""
+        return sorted(self.iter_keys(prefix))
 
     def delete(self, key: str) -> None:
         """Remove an object; a missing one is not an error, so retries and re-runs are safe."""
@@ -222,15 +311,15 @@ class Storage:
             except FileNotFoundError:
                 pass
 
-        self._retry(key, op)
+        self._retry(key, op, "delete")
 
     def cleanup_temp(self, prefix: str = "", older_than_s: float = 0.0) -> int:
         """Remove leftovers of interrupted writes (local temp files, S3 multipart uploads); returns the count."""
         path = self._path(prefix.rstrip("/"), allow_root=True)
         if self.local:
-            return self._retry(prefix, lambda: remove_local_temp(path, older_than_s))
-        if self.fs.protocol[0] in ("s3", "s3a"):
-            return self._retry(prefix, lambda: abort_s3_uploads(self.fs, path, older_than_s))
+            return self._retry(prefix, lambda: remove_local_temp(path, older_than_s), "list")
+        if self.s3:
+            return self._retry(prefix, lambda: abort_s3_uploads(self.fs, path, older_than_s), "list")
         return 0  # GCS resumable uploads and Azure uncommitted blocks expire by themselves
 
 def _unlink_quietly(path: str) -> None:

@@ -1,7 +1,8 @@
 """Check a finished output: `_SUCCESS`, one manifest row per id, every ok object present and intact, no strays.
 
 An ok row with latents (`latents_key`) must have them with their size and checksum, like its video.
-Every ok row's poster must exist and decode whole as a JPEG. An ok row without a poster is accepted only when it
+Every ok row's poster must exist and decode whole as a JPEG. Objects are read from the manifest's keys (one GET
+each); the only listing, for strays, goes a page at a time. An ok row without a poster is accepted only when it
 was committed before the output's first row with one (an earlier version of kandinsky-batch wrote it, before
 posters existed, and a re-run skips done rows rather than revisit them); any later ok row without one is a problem.
 """
@@ -29,15 +30,14 @@ _CHECK_THREADS = 16  # objects are checked concurrently: verification is dominat
 def target_problem(storage: Storage, storage_options: dict | None = None) -> str | None:
     """Why `storage`'s prefix is not a job's output (missing, a file, neither manifest/ nor _SUCCESS), or None."""
     try:
-        info = storage.fs.info(storage.root)
-        if info.get("type") == "file":
+        kind = storage.root_type()
+        if kind is None:
+            return "no such file or directory"
+        if kind == "file":
             return "is a file, not an output prefix (give the output.uri a job wrote to)"
-        manifest = storage.fs.isdir(f"{storage.root}/{MANIFEST_DIR}")
-        if not manifest and not storage.fs.exists(f"{storage.root}/{SUCCESS_KEY}"):
+        if not storage.holds(MANIFEST_DIR) and not storage.exists(SUCCESS_KEY):
             return (f"holds no {MANIFEST_DIR}/ and no {SUCCESS_KEY}: not a kandinsky-batch output "
                     "(give the output.uri a job wrote to)")
-    except FileNotFoundError:
-        return "no such file or directory"
     except Exception as exc:  # noqa: BLE001 - credentials, network: said in one line, secrets blanked
         return f"cannot be read ({_reason(exc, storage_options)})"
     return None
@@ -61,12 +61,13 @@ def _check_object(storage: Storage, row: dict, prefix: str = "") -> tuple[str | 
     what = "latents" if prefix else "object"
     if key is None or size_ is None or sha256 is None:
         return None, f"id={rid!r}: ok row lacks {prefix}key, {prefix}bytes or {prefix}sha256"
-    size = storage.size(key)
-    if size is None:
+    try:
+        data = storage.get_bytes(key)  # read whole for its checksum anyway: its length is its size (no HEAD)
+    except FileNotFoundError:
         return key, f"id={rid!r}: {what} {key} is missing"
-    if size != size_:
-        return key, f"id={rid!r}: {what} {key} has {size} bytes, manifest says {size_}"
-    digest = hashlib.sha256(storage.get_bytes(key)).hexdigest()
+    if len(data) != size_:
+        return key, f"id={rid!r}: {what} {key} has {len(data)} bytes, manifest says {size_}"
+    digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
         return key, f"id={rid!r}: {what} {key} has sha256 {digest}, manifest says {sha256}"
     return key, None
@@ -147,7 +148,7 @@ def verify(uri: str, storage_options: dict | None = None) -> list[str]:
     referenced = {key for key, _ in results if key is not None}
     problems.extend(problem for _, problem in results if problem is not None)
 
-    for key in (key for folder in OBJECT_DIRS for key in storage.list(folder)):
-        if key not in referenced:
-            problems.append(f"stray object {key}: no ok manifest row refers to it")
+    # Strays a listing page at a time: the ok rows' keys are held, the listing never is (only its strays).
+    strays = sorted(key for folder in OBJECT_DIRS for key in storage.iter_keys(folder) if key not in referenced)
+    problems.extend(f"stray object {key}: no ok manifest row refers to it" for key in strays)
     return problems
