@@ -232,8 +232,9 @@ class Storage:
         return self._retry("", op, "head")
 
     def pages(self, prefix: str = "") -> Iterator[list[str]]:
-        """Keys of the files under a prefix (recursive), a page (<= 1,000) at a time, in no promised order;
-        in-flight temp files are skipped. Each S3 page is one request, retried alone."""
+        """Keys of the files under a prefix, a folder (recursive; a key of a file lists nothing), a page
+        (<= 1,000) at a time, in no promised order; in-flight temp files are skipped. Each S3 page is one request,
+        retried alone."""
         path = self._path(prefix.rstrip("/"), allow_root=True)
         base = self.root + "/"
 
