@@ -23,7 +23,8 @@ S3_PROTOCOLS = ("s3", "s3a")
 def one_retry_layer(protocol: str | None, options: dict) -> dict:
     """`options` with botocore's own retries off for S3, so throttles reach `Storage`'s retry layer (counted there).
 
-    botocore would retry a 503 SlowDown up to 4 more times (legacy mode) unseen; an explicit
+    botocore would retry a 503 SlowDown up to 4 more times unseen (its default legacy mode:
+    botocore.configprovider `_DEFAULT_RETRY_MODE`, `data/_retry.json` max_attempts 5); an explicit
     `config_kwargs.retries` in the job's storage options is kept as given."""
     if protocol not in S3_PROTOCOLS:
         return options
