@@ -40,7 +40,8 @@ def test_each_phase_shows_at_once_then_rendering_once_a_batch_is_dispatched(tty)
     stream = Stream(tty)
     bar = _Progress(4, "run", enabled=True, stream=stream)
     intake = SimpleNamespace(counts=SimpleNamespace(skipped=0))
-    queue = SimpleNamespace(first_dispatch=None, queued=lambda: 0, slots=[])
+    queue = SimpleNamespace(first_dispatch=None, queued=lambda: 0, slots=[], restarts=0,
+                            drains=SimpleNamespace(drains=0))
     bar.phase("starting Ray…")
     bar.phase(_loading(["tiny"], 2))
     bar.update(intake, queue)  # no batch out yet: the phase stays

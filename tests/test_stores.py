@@ -24,7 +24,7 @@ from kandinsky_batch.job import run
 from kandinsky_batch.output import listing
 from kandinsky_batch.output.manifest import read_manifest
 from kandinsky_batch.output.success import read_success
-from kandinsky_batch.output.storage import Storage
+from kandinsky_batch.output.storage import Storage, one_retry_layer
 from kandinsky_batch.output.verify import verify
 from tests.conftest import S3_BUCKET
 from tests.helpers import write_dataset
@@ -61,6 +61,13 @@ def proxied(s3_storage_options, moto_endpoint):
 def _pending_uploads(moto_endpoint: str) -> list:
     client = boto3.client("s3", endpoint_url=moto_endpoint)
     return client.list_multipart_uploads(Bucket=S3_BUCKET).get("Uploads", [])
+
+
+def test_only_s3_loses_its_lower_retry_layers_and_an_explicit_setting_stands():
+    assert one_retry_layer("file", {"a": 1}) == {"a": 1}
+    assert one_retry_layer("s3", {"key": "k"}) == {"key": "k", "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    given = {"config_kwargs": {"retries": {"mode": "adaptive"}, "connect_timeout": 1}}
+    assert one_retry_layer("s3a", given) == given
 
 
 def test_request_kinds_are_told_apart():
@@ -187,7 +194,8 @@ def test_a_job_through_a_throttling_proxy_settles_every_row_once(tmp_path, proxi
     assert throttled >= 8 // 3 * 2 and result.storage_retries == throttled
     assert read_success(storage)["counts"]["storage_retries"] == throttled
     manifest = read_manifest(storage).to_pylist()
-    assert sorted(r["id"] for r in manifest) == [f"r{i}" for i in range(8)] and {r["status"] for r in manifest} == {"ok"}
+    assert sorted(r["id"] for r in manifest) == [f"r{i}" for i in range(8)]
+    assert {r["status"] for r in manifest} == {"ok"}
     assert {k: v for k, v in proxy.puts.items() if "/videos/" in k} == {f"job/videos/r{i}.npy": 1 for i in range(8)}
     proxy.throttle, before = Throttle({("GET", 1)}), proxy.throttled["GET"]
     assert verify(uri, options) == [] and proxy.throttled["GET"] == before + 1  # through the same retry layer

@@ -28,7 +28,7 @@ _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryE
 _PERMANENT_ERRNOS = {
     errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL, errno.EPERM, errno.ENOSYS
 }
-# ResponseParserError: a throttled S3 may answer with invalid XML (s3fs retries it for that reason, S3_RETRYABLE_ERRORS).
+# ResponseParserError: a throttled S3 may answer with invalid XML (why s3fs retries it: s3fs.core.S3_RETRYABLE_ERRORS).
 _TRANSIENT_BOTO = (
     (_boto.ConnectionError, _boto.HTTPClientError, _boto.ReadTimeoutError, _boto.ConnectTimeoutError,
      ResponseParserError)

@@ -24,7 +24,8 @@ S3_PROTOCOLS = ("s3", "s3a")
 def one_retry_layer(protocol: str | None, options: dict) -> dict:
     """`options` with botocore's own retries off for S3, so throttles reach `Storage`'s retry layer (counted there).
 
-    botocore would retry a 503 SlowDown up to 4 more times (legacy mode) unseen; an explicit
+    botocore would retry a 503 SlowDown up to 4 more times unseen (its default legacy mode:
+    botocore.configprovider `_DEFAULT_RETRY_MODE`, `data/_retry.json` max_attempts 5); an explicit
     `config_kwargs.retries` in the job's storage options is kept as given."""
     if protocol not in S3_PROTOCOLS:
         return options
@@ -252,8 +253,9 @@ class Storage:
         return self._retry("", op, "head")
 
     def pages(self, prefix: str = "") -> Iterator[list[str]]:
-        """Keys of the files under a prefix (recursive), a page (<= 1,000) at a time, in no promised order;
-        in-flight temp files are skipped. Each S3 page is one request, retried alone."""
+        """Keys of the files under a prefix, a folder (recursive; a key of a file lists nothing), a page
+        (<= 1,000) at a time, in no promised order; in-flight temp files are skipped. Each S3 page is one request,
+        retried alone."""
         path = self._path(prefix.rstrip("/"), allow_root=True)
         base = self.root + "/"
 
