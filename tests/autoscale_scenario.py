@@ -32,7 +32,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from tests.fleet_scenarios import MARKER, _only_loopback, _reap
+from tests.fleet_scenarios import MARKER, _only_loopback, _reap, shutdown_ray
 
 WORKER_TYPE = {"resources": {"CPU": 2, "GPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 1}
 REPLICAS = 2
@@ -183,13 +183,7 @@ def run_scenario(args, report: dict) -> None:
         report["traceback"] = traceback.format_exc()[-3000:]
     finally:
         report["cpu_seconds"] = _cpu_seconds()
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        except Exception as exc:  # noqa: BLE001
-            report.setdefault("cleanup_errors", []).append(f"ray.shutdown: {exc!r}")
+        shutdown_ray(report)
         if head is not None:
             head.terminate()  # `ray start --block` stops the head's processes on SIGTERM
             try:

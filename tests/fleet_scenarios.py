@@ -99,6 +99,17 @@ def _describe(proc) -> str:
         return f"{proc.pid} (gone)"
 
 
+def shutdown_ray(report: dict) -> None:
+    """Disconnect this driver from Ray if it joined; a failure is the report's `cleanup_errors`, not the harness's."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception as exc:  # noqa: BLE001
+        report.setdefault("cleanup_errors", []).append(f"ray.shutdown: {exc!r}")
+
+
 def _reap(marker: str, grace: float) -> list[str]:
     """Wait up to `grace` s for the marked processes to exit; SIGKILL and list the ones that did not."""
     import psutil
@@ -529,13 +540,7 @@ def run_scenario(args, marker: str, report: dict) -> None:
         report["harness_error"] = f"{type(exc).__name__}: {exc}"
         report["traceback"] = traceback.format_exc()[-3000:]
     finally:
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        except Exception as exc:  # noqa: BLE001
-            report.setdefault("cleanup_errors", []).append(f"ray.shutdown: {exc!r}")
+        shutdown_ray(report)
         if fleet is not None:
             try:
                 fleet.shutdown()
