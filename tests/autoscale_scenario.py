@@ -32,7 +32,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from tests.fleet_scenarios import MARKER, _only_loopback, _reap, shutdown_ray
+from tests.fleet_scenarios import MARKER, _reap, finish, in_private_namespace, shutdown_ray
 
 WORKER_TYPE = {"resources": {"CPU": 2, "GPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 1}
 REPLICAS = 2
@@ -210,19 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr
     os.environ.setdefault(MARKER, uuid.uuid4().hex)
     report: dict = {"hung": False, "error": None, "timings": {}}
-    others = _only_loopback()
-    if os.geteuid() != 0 or others:
-        report["harness_error"] = ("refusing to run: needs root inside a private network namespace "
-                                   f"(`unshare -n`); euid={os.geteuid()}, other interfaces: {others}")
-    else:
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        run_scenario(args, report)
-    text = json.dumps(report, default=str, sort_keys=True)
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    (Path(args.workdir) / "result.json").write_text(text + "\n")
-    stdout.write(text + "\n")
-    stdout.flush()
-    os._exit(0 if "harness_error" not in report else 2)
+    in_private_namespace(report, lambda: run_scenario(args, report))
+    finish(report, args.workdir, stdout)
 
 
 if __name__ == "__main__":

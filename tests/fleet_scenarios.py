@@ -43,6 +43,7 @@ import traceback
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 from tests.processes import kill_all
 
@@ -97,6 +98,29 @@ def _describe(proc) -> str:
         return f"{proc.pid} {proc.name()} {' '.join(proc.cmdline())[:120]}"
     except psutil.Error:
         return f"{proc.pid} (gone)"
+
+
+def in_private_namespace(report: dict, scenario: Callable[[], None]) -> None:
+    """Run `scenario` with loopback up, only as root inside a network namespace of its own (`unshare -n`)."""
+    others = _only_loopback()
+    if os.geteuid() != 0 or others:
+        report["harness_error"] = ("refusing to run: needs root inside a private network namespace "
+                                   f"(`unshare -n`); euid={os.geteuid()}, other interfaces: {others}")
+        return
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    scenario()
+
+
+def finish(report: dict, workdir: str, stdout) -> None:
+    """The report as `workdir/result.json` and as the one line on `stdout`; then exit at once (2: the harness
+    failed), so Ray's and the job's threads (a hung one included) cannot keep the process alive."""
+    text = json.dumps(report, default=str, sort_keys=True)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    (Path(workdir) / "result.json").write_text(text + "\n")
+    stdout.write(text + "\n")
+    stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if "harness_error" not in report else 2)
 
 
 def shutdown_ray(report: dict) -> None:
@@ -575,21 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     marker = os.environ.setdefault(MARKER, uuid.uuid4().hex)
     report: dict = {"scenario": args.scenario, "marker": marker, "hung": False, "hang_reason": None,
                     "job_finished": False, "error": None, "events": [], "timings": {}, "handed_back": []}
-    others = _only_loopback()
-    if os.geteuid() != 0 or others:
-        report["harness_error"] = ("refusing to run: needs root inside a private network namespace "
-                                   f"(`unshare -n`); euid={os.geteuid()}, other interfaces: {others}")
-    else:
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        run_scenario(args, marker, report)
-    text = json.dumps(report, default=str, sort_keys=True)
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    (Path(args.workdir) / "result.json").write_text(text + "\n")
-    stdout.write(text + "\n")
-    stdout.flush()
-    sys.stderr.flush()
-    # Ray's and the job's threads (a hung one included) must not keep the process alive.
-    os._exit(0 if "harness_error" not in report else 2)
+    in_private_namespace(report, lambda: run_scenario(args, marker, report))
+    finish(report, args.workdir, stdout)
 
 
 if __name__ == "__main__":
