@@ -135,9 +135,12 @@ def tiny_pipe(model_cache):
     return pipe
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(model_cache) -> Iterator[None]:
-    """One loopback-only local Ray for the session; jobs run in-process join it instead of starting their own."""
+    """A loopback-only local Ray for a module's tests; jobs run in-process join it instead of starting their own.
+
+    Per module, not per session: an idle Ray (its daemons and agents) spends about a tenth of a core, more over a
+    session than the ~6 CPU-s a start and a shutdown cost."""
     import ray
 
     from kandinsky_batch.fleet.cluster import loopback_only
@@ -205,3 +208,10 @@ def cpu_gangs(model_cache, tmp_path_factory) -> CpuGangs:
         if not shared.exists():
             shared.write_bytes(pickle.dumps(run_gangs(PINNED_GANGS, model_cache)))
         return CpuGangs(PINNED_GANGS, pickle.loads(shared.read_bytes()))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with `slow` tests (Ray, spawned jobs) run first: pytest-xdist hands out whole modules in this order,
+    so the two workers end on short modules instead of one of them finishing a long one alone."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)  # stable: file and test order kept otherwise
