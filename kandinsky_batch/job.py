@@ -12,8 +12,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from tqdm import tqdm
-
 from kandinsky_batch.fleet import autoscale, cluster, inprocess
 from kandinsky_batch.config.schema import JobConfig
 from kandinsky_batch.config.load import to_dict
@@ -22,7 +20,7 @@ from kandinsky_batch.interrupt import Interrupted, StopSignals
 from kandinsky_batch.output.finalize import finalize
 from kandinsky_batch.output.manifest import ManifestWriter
 from kandinsky_batch.output.success import versions, write_success
-from kandinsky_batch.fleet.metrics import JobMetrics
+from kandinsky_batch.progress import Progress, checking, loading
 from kandinsky_batch.intake.preflight import Lane, preflight, probe_storage
 from kandinsky_batch.errors import ConfigError
 from kandinsky_batch.output import lease as leases
@@ -37,7 +35,6 @@ from pipelines.resolve import pinned
 from pipelines import quiet_progress
 
 MAX_REASONS = 10_000  # distinct errors counted for the most common one: bounded when every row's error differs
-METRICS_SECONDS = 2.0
 STOP_INTAKE_SECONDS = 0.5
 """On a signal, how long to wait for the front end to finish the window it is on (it is abandoned after): `ray job
 stop` sends SIGKILL 3 s after its SIGTERM (`RAY_JOB_STOP_WAIT_TIME_S`, ray/dashboard/modules/job/job_supervisor.py,
@@ -89,72 +86,6 @@ class JobResult:
 
 
 @contextmanager
-def _checking(enabled: bool, stream=None):
-    """`checking input…` on a terminal while the input is checked, erased after: a refused job's stderr stays
-    its one `error:` line. Not written to a file or a pipe, where it could not be taken back."""
-    stream = stream or sys.stderr
-    shown = enabled and stream.isatty()
-    if shown:
-        stream.write("checking input…")
-        stream.flush()
-    try:
-        yield
-    finally:
-        if shown:
-            stream.write("\r\x1b[K")  # back to the line's start, erase it
-            stream.flush()
-
-
-def _loading(labels: list[str], replicas: int) -> str:
-    """The phase while replicas load their models: `loading model tiny on 2 replicas…`."""
-    return (f"loading model{'s' if len(labels) > 1 else ''} {', '.join(labels)} "
-            f"on {replicas} replica{'' if replicas == 1 else 's'}…")
-
-
-class _Progress:
-    """The progress bar and the live metrics, fed from the manifest rows as they are committed.
-
-    Until the first batch goes to a replica the bar cannot move (Ray starts, models load: tens of seconds), so
-    its description names the phase the job is in; then it says `rendering`."""
-
-    def __init__(self, total: int, run_id: str, enabled: bool, stream=None):
-        stream = stream or sys.stderr
-        self.bar = tqdm(total=total, unit="row", disable=not enabled, desc="reading rows…", file=stream,
-                        mininterval=0.5 if stream.isatty() else 10)
-        self.metrics = JobMetrics(run_id)
-        self.counts = {"ok": 0, "failed": 0, "invalid": 0, "skipped": 0}
-        self._next_metrics = 0.0
-        self.rendering = False
-
-    def phase(self, text: str) -> None:
-        """Show what the job is doing now, at once (not at the bar's next refresh)."""
-        self.bar.set_description_str(text, refresh=True)
-
-    def settled(self, status: str) -> None:
-        self.counts[status] += 1
-        self.metrics.settled(status)
-
-    def update(self, intake: Intake, queue: WorkQueue | None = None) -> None:
-        if queue is not None and queue.first_dispatch is not None and not self.rendering:
-            self.rendering = True
-            self.phase("rendering")
-        self.counts["skipped"] = intake.counts.skipped
-        done = sum(self.counts.values())
-        if done > self.bar.n:
-            self.bar.update(done - self.bar.n)
-            self.bar.set_postfix(failed=self.counts["failed"], invalid=self.counts["invalid"], refresh=False)
-        now = time.monotonic()
-        if queue is not None and now >= self._next_metrics:
-            self._next_metrics = now + METRICS_SECONDS
-            self.metrics.queued(queue.queued())
-            self.metrics.replicas_lost(restarts=queue.restarts, drains=queue.drains.drains)
-            for slot in queue.slots:
-                if slot.info:
-                    self.metrics.busy(slot.info["worker"], slot.busy_fraction(now))
-            self.metrics.tick()
-
-
-@contextmanager
 def _on_interrupt(handler):
     """Call `handler(exc)` on `Interrupted` from the block, then let it go on."""
     try:
@@ -197,7 +128,7 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
 
     # 1. Preflight: config, dataset, sweep, each model's limits and options, ids and resume conflicts, before Ray;
     # a job running on the output prefix is named at once, before the rest is read.
-    with _checking(progress), stop.abortable():  # it only reads: a signal ends it at once
+    with checking(progress), stop.abortable():  # it only reads: a signal ends it at once
         probe_storage("output.uri", cfg.output.uri, cfg.output.storage_options, ConfigError)
         owner = Storage(cfg.output.uri, cfg.output.storage_options, retries=cfg.output.retries,
                         backoff=cfg.output.retry_backoff)
@@ -212,7 +143,7 @@ def _run(cfg: JobConfig, force: bool, progress: bool, verbose: bool, stop: StopS
             print(f"note: took over the lease of {lease.took_over.state.names()} on {cfg.output.uri}: "
                   f"{lease.took_over.why}", file=sys.stderr)
         if not lease.follows(before):
-            with _checking(progress), stop.abortable():
+            with checking(progress), stop.abortable():
                 checked = preflight(cfg, force=force)
         return _leased(cfg, checked, lease, run_id, started, started_clock, progress, verbose, stop, transport)
     finally:
@@ -232,7 +163,7 @@ def _leased(cfg: JobConfig, checked, lease: leases.Lease, run_id: str, started: 
     # queue for replicas. Parts are published every few seconds, so a killed driver loses at most the rows in flight.
     writer = ManifestWriter(storage, run_id, flush_rows=4096, flush_seconds=5.0, schema=checked.manifest_schema)
     fused = FusedScores(cfg, run_id) if cfg.score.metrics else None  # each video scored as it is committed
-    bar = _Progress(result.rows, run_id, progress)
+    bar = Progress(result.rows, run_id, progress)
     lease.progress["rows_total"] = result.rows  # its heartbeat is what `kandinsky-batch status` reads
 
     sealed, settling = threading.Event(), threading.Lock()
@@ -292,7 +223,7 @@ def _leased(cfg: JobConfig, checked, lease: leases.Lease, run_id: str, started: 
                 fleet = transport.Fleet(cfg.cluster, gangs)
                 names = [lane.label for lane in checked.lanes] if len(checked.lanes) > 1 else [cfg.model.path]
                 replicas = sum(units // gangs.get(group, 1) for group, units in fleet.capacity().items())
-                bar.phase(_loading(names, replicas))
+                bar.phase(loading(names, replicas))
                 queue = WorkQueue(
                     pools, fleet, intake, max_attempts=cfg.cluster.max_attempts,
                     on_row=commit, wait=transport.wait, get=transport.get, batch_size=cfg.render.batch_size,

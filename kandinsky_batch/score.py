@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 
 from tqdm import tqdm
 
-from kandinsky_batch.config.load import to_dict
 from kandinsky_batch.config.schema import JobConfig, ReplicaGroup
 from kandinsky_batch.errors import ConfigError
 from kandinsky_batch.fleet import inprocess
@@ -28,7 +27,7 @@ from kandinsky_batch.fleet.score_worker import ALREADY, ScoreSpec, ScoreTask, Sc
 from kandinsky_batch.intake.videos import open_videos
 from kandinsky_batch.interrupt import StopSignals
 from kandinsky_batch.output import scores
-from kandinsky_batch.output.success import versions
+from kandinsky_batch.output.score_runs import run_summary
 from kandinsky_batch.output.storage import Storage
 from pipelines import ParallelSpec
 from pipelines.scoring.registry import metric
@@ -306,21 +305,3 @@ def _pool(name: str, units: int, spec: ScoreSpec, metrics: list[str], transport)
     placement = Placement(ReplicaGroup(name=name, replicas=units), ParallelSpec(), num_gpus=1 if name == GPU else 0,
                           num_cpus=1, threads=1 if name == CPU else None)
     return Pool(name, transport.spawner(placement, replace(spec, metrics=tuple(metrics)), name, worker=ScoreWorker))
-
-
-def provenance(workers: list[dict], metrics: list[str]) -> dict:
-    """Each metric's definition, weights and the provenance its replicas reported (None: no replica loaded it)."""
-    reported = {}
-    for info in workers:
-        reported.update({k: v for k, v in (info.get("provenance") or {}).items() if v is not None})
-    return {name: {"definition": metric(name).definition, "device": metric(name).device,
-                   "weights": metric(name).weights, "provenance": reported.get(name)} for name in metrics}
-
-
-def run_summary(run_id: str, result, metrics: list[str], cfg: JobConfig, **where) -> dict:
-    """One run's entry in the scores table's `_SUCCESS`."""
-    counts = {k: getattr(result, k) for k in ("rows", "scored", "errors", "already", "skipped", "seconds")
-              if hasattr(result, k)}
-    return {"run_id": run_id, "finished_at": datetime.now(timezone.utc).isoformat(), **where, "counts": counts,
-            "metrics": provenance(result.workers, metrics), "weights": dict(cfg.score.weights),
-            "versions": versions(), "config": to_dict(cfg)}

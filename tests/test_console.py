@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from kandinsky_batch.cli import main
-from kandinsky_batch.job import _checking, _loading, _Progress
+from kandinsky_batch.progress import Progress, checking, loading
 from pipelines.console import QUIET_ENV
 
 
@@ -38,12 +38,12 @@ def test_version_prints_the_package_version_and_exits_0(capsys):
 @pytest.mark.parametrize("tty", [True, False])
 def test_each_phase_shows_at_once_then_rendering_once_a_batch_is_dispatched(tty):
     stream = Stream(tty)
-    bar = _Progress(4, "run", enabled=True, stream=stream)
+    bar = Progress(4, "run", enabled=True, stream=stream)
     intake = SimpleNamespace(counts=SimpleNamespace(skipped=0))
     queue = SimpleNamespace(first_dispatch=None, queued=lambda: 0, slots=[], restarts=0,
                             drains=SimpleNamespace(drains=0))
     bar.phase("starting Ray…")
-    bar.phase(_loading(["tiny"], 2))
+    bar.phase(loading(["tiny"], 2))
     bar.update(intake, queue)  # no batch out yet: the phase stays
     assert stream.getvalue().split("\r")[-1].startswith("loading model tiny on 2 replicas…:   0%")
     queue.first_dispatch = 1.0
@@ -59,26 +59,26 @@ def test_each_phase_shows_at_once_then_rendering_once_a_batch_is_dispatched(tty)
 
 def test_a_disabled_bar_writes_nothing():
     stream = Stream(True)
-    bar = _Progress(4, "run", enabled=False, stream=stream)
+    bar = Progress(4, "run", enabled=False, stream=stream)
     bar.phase("starting Ray…")
     bar.bar.close()
     assert stream.getvalue() == ""
 
 
 def test_loading_names_every_model_of_a_sweep_and_counts_replicas():
-    assert _loading(["tiny"], 1) == "loading model tiny on 1 replica…"
-    assert _loading(["tiny", "tiny-b"], 4) == "loading models tiny, tiny-b on 4 replicas…"
+    assert loading(["tiny"], 1) == "loading model tiny on 1 replica…"
+    assert loading(["tiny", "tiny-b"], 4) == "loading models tiny, tiny-b on 4 replicas…"
 
 
 def test_checking_input_shows_on_a_terminal_only_and_is_erased_even_on_refusal():
     terminal = Stream(True)
     with pytest.raises(ValueError):
-        with _checking(True, terminal):
+        with checking(True, terminal):
             assert terminal.getvalue() == "checking input…"
             raise ValueError("refused")
     assert terminal.getvalue() == "checking input…\r\x1b[K"
     for stream, enabled in ((Stream(False), True), (Stream(True), False)):
-        with _checking(enabled, stream):
+        with checking(enabled, stream):
             pass
         assert stream.getvalue() == ""  # a log file or --no-progress: a refusal's stderr stays its error line
 
