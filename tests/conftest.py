@@ -31,6 +31,7 @@ torch.set_num_threads(1)
 # Test Rays start no idle workers ahead of need (Ray's default: one per logical CPU, each importing Ray): a test's
 # jobs start the actors they use, and nothing else spends the suite's two cores. Spawned Rays inherit it.
 os.environ["RAY_enable_worker_prestart"] = "0"
+os.environ["RAY_prestart_worker_first_driver"] = "0"  # nor the idle workers a first driver gets by default
 
 S3_BUCKET = "kb-test"
 _AWS_ENV = {
