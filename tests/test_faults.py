@@ -42,9 +42,11 @@ def _rows(n: int, prefix: str = "row") -> list[dict]:
     return [{"id": f"{prefix}-{i:03d}", "prompt": f"scene number {i}, a slow pan over a field"} for i in range(n)]
 
 
-def _config(tmp_path, uri, options, rows, extra=()):
+def _config(tmp_path, uri, options, rows, extra=(), replicas=1):
+    """One replica unless several are the point (each is an actor process to start, and to restart after a kill)."""
     data = write_dataset(tmp_path / "prompts.parquet", rows)
-    cfg = load_config(None, [f"input.path={data}", f"output.uri={uri}", "output.format=npy", "cluster.replicas=2",
+    cfg = load_config(None, [f"input.path={data}", f"output.uri={uri}", "output.format=npy",
+                             f"cluster.replicas={replicas}",
                              *TINY_RENDER, SIMULATED, *extra])
     cfg.output.storage_options = options or {}
     return cfg
@@ -91,7 +93,8 @@ class _Killer(threading.Thread):
 def test_replicas_sigkilled_at_random_points(tmp_path, s3_output, ray_local):
     uri, options = s3_output
     rows = _rows(16)
-    cfg = _config(tmp_path, uri, options, rows, extra=["cluster.max_attempts=6"])
+    # Two replicas: one is killed while the other renders on, and either may be the next victim.
+    cfg = _config(tmp_path, uri, options, rows, extra=["cluster.max_attempts=6"], replicas=2)
     killer = _Killer(kills=3, seed=len(uri))
     killer.start()
     try:
@@ -104,7 +107,7 @@ def test_replicas_sigkilled_at_random_points(tmp_path, s3_output, ray_local):
           f"rows with attempts > 1: {sum(r['attempts'] > 1 for r in manifest)}")
     assert killer.killed >= 1
     assert result.restarts >= 1
-    again = run(_config(tmp_path, uri, options, rows), progress=False)
+    again = run(_config(tmp_path, uri, options, rows, replicas=2), progress=False)
     assert again.rendered == 0 and again.skipped == len(rows)
 
 
@@ -231,7 +234,7 @@ def test_driver_sigkilled_mid_job_then_rerun(tmp_path, s3_output, model_cache, r
           f"re-run: {rerun.out.strip().splitlines()[-1]}; resume took {resume_seconds:.1f} s")
     assert sum(r["worker"] == "adopted" for r in manifest) + sum(r["attempts"] >= 1 for r in manifest) == len(rows)
     # And a third run renders nothing (in-process: the same `run` path the CLI takes, without another Ray start).
-    final = run(_config(tmp_path, uri, options, rows, ["cluster.replicas=1"]), progress=False)
+    final = run(_config(tmp_path, uri, options, rows), progress=False)
     assert (final.ok, final.rendered) == (len(rows), 0)
 
 
