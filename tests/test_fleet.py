@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.fleet_scenarios import MARKER
+from tests.fleet_harness import MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 40
