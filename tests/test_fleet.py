@@ -139,7 +139,7 @@ def scenario(scenarios: dict[str, dict], name: str, rows: int = ROWS) -> dict:
 
 def _summary(report: dict) -> str:
     keep = ("hung", "hang_reason", "error", "events", "result", "manifest", "rows_added", "objects",
-            "ok_rows_by_node", "actors_at_end", "timings", "drain", "handed_back", "success_counts")
+            "ok_rows_by_node", "actors_at_end", "timings", "drain", "handed_back", "success_counts", "second_node")
     return json.dumps({k: report.get(k) for k in keep}, default=str, indent=1)
 
 
