@@ -32,7 +32,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from tests.fleet_scenarios import MARKER, _reap, finish, in_private_namespace, shutdown_ray
+from tests.fleet_harness import MARKER, finish, in_private_namespace, reap, shutdown_ray
 
 WORKER_TYPE = {"resources": {"CPU": 2, "GPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 1}
 REPLICAS = 2
@@ -86,10 +86,10 @@ def _cpu_seconds() -> float:
     """CPU time of this process and of every live process of the run (Ray's daemons, actors), for the record."""
     import psutil
 
-    from tests.fleet_scenarios import _marked
+    from tests.fleet_harness import marked_processes
 
     total = sum(os.times()[:2])
-    for proc in _marked(os.environ[MARKER]):
+    for proc in marked_processes(os.environ[MARKER]):
         try:
             total += sum(proc.cpu_times()[:2])
         except psutil.Error:
@@ -192,7 +192,7 @@ def run_scenario(args, report: dict) -> None:
                 head.kill()
         # The fake provider's worker nodes are the monitor's children, not the head command's: they outlive
         # it, so they are SIGKILLed here by marker (listed for the record).
-        report["reaped"] = _reap(os.environ[MARKER], grace=1)
+        report["reaped"] = reap(os.environ[MARKER], grace=1)
         shutil.rmtree(ray_tmp, ignore_errors=True)
         report["timings"]["total_s"] = round(time.monotonic() - t0, 2)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.autoscale_scenario import REPLICAS
-from tests.fleet_scenarios import MARKER
+from tests.fleet_harness import MARKER
 from tests.test_fleet import _PROBLEM, _kill_marked
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,6 +21,7 @@ import psutil
 import pytest
 from moto.server import ThreadedMotoServer
 
+from kandinsky_batch.cli import main
 from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
 from kandinsky_batch.output.manifest import read_manifest
@@ -41,9 +42,11 @@ def _rows(n: int, prefix: str = "row") -> list[dict]:
     return [{"id": f"{prefix}-{i:03d}", "prompt": f"scene number {i}, a slow pan over a field"} for i in range(n)]
 
 
-def _config(tmp_path, uri, options, rows, extra=()):
+def _config(tmp_path, uri, options, rows, extra=(), replicas=1):
+    """One replica unless several are the point (each is an actor process to start, and to restart after a kill)."""
     data = write_dataset(tmp_path / "prompts.parquet", rows)
-    cfg = load_config(None, [f"input.path={data}", f"output.uri={uri}", "output.format=npy", "cluster.replicas=2",
+    cfg = load_config(None, [f"input.path={data}", f"output.uri={uri}", "output.format=npy",
+                             f"cluster.replicas={replicas}",
                              *TINY_RENDER, SIMULATED, *extra])
     cfg.output.storage_options = options or {}
     return cfg
@@ -90,7 +93,8 @@ class _Killer(threading.Thread):
 def test_replicas_sigkilled_at_random_points(tmp_path, s3_output, ray_local):
     uri, options = s3_output
     rows = _rows(16)
-    cfg = _config(tmp_path, uri, options, rows, extra=["cluster.max_attempts=6"])
+    # Two replicas: one is killed while the other renders on, and either may be the next victim.
+    cfg = _config(tmp_path, uri, options, rows, extra=["cluster.max_attempts=6"], replicas=2)
     killer = _Killer(kills=3, seed=len(uri))
     killer.start()
     try:
@@ -103,7 +107,7 @@ def test_replicas_sigkilled_at_random_points(tmp_path, s3_output, ray_local):
           f"rows with attempts > 1: {sum(r['attempts'] > 1 for r in manifest)}")
     assert killer.killed >= 1
     assert result.restarts >= 1
-    again = run(_config(tmp_path, uri, options, rows), progress=False)
+    again = run(_config(tmp_path, uri, options, rows, replicas=2), progress=False)
     assert again.rendered == 0 and again.skipped == len(rows)
 
 
@@ -192,7 +196,7 @@ def _cli(tmp_path, uri, options, data, extra=()) -> list[str]:
     return args
 
 
-def test_driver_sigkilled_mid_job_then_rerun(tmp_path, s3_output, model_cache, ray_local):
+def test_driver_sigkilled_mid_job_then_rerun(tmp_path, s3_output, model_cache, ray_local, capsys):
     uri, options = s3_output
     rows = _rows(24)
     data = write_dataset(tmp_path / "prompts.parquet", rows)
@@ -214,20 +218,23 @@ def test_driver_sigkilled_mid_job_then_rerun(tmp_path, s3_output, model_cache, r
     assert 4 <= len(committed) < len(rows), "the kill should land mid-job"
     assert not storage.exists("_SUCCESS")
 
+    # The same command again, through the CLI's own entry point in this process (on the module's Ray): what is
+    # under test is the resume from what the killed driver left, not a fresh interpreter (the killed one was).
+    capsys.readouterr()
     started = time.monotonic()
-    rerun = subprocess.run(_cli(tmp_path, uri, options, data), cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=300)
+    code = main(_cli(tmp_path, uri, options, data)[3:])
     resume_seconds = time.monotonic() - started
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"its driver (pid {proc.pid}) is gone" in rerun.stderr  # its lease taken at once: it ran on this machine
+    rerun = capsys.readouterr()
+    assert code == 0, rerun.err[-2000:]
+    assert f"its driver (pid {proc.pid}) is gone" in rerun.err  # its lease taken at once: it ran on this machine
     manifest = _assert_complete(uri, options, len(rows))
     after = _snapshot(storage)
     assert all(after[key] == stamp for key, stamp in committed.items()), "a committed video was touched"
     print(f"\ndriver kill: {len(committed)} of {len(rows)} committed before the kill; "
-          f"re-run: {rerun.stdout.strip().splitlines()[-1]}; resume took {resume_seconds:.1f} s")
+          f"re-run: {rerun.out.strip().splitlines()[-1]}; resume took {resume_seconds:.1f} s")
     assert sum(r["worker"] == "adopted" for r in manifest) + sum(r["attempts"] >= 1 for r in manifest) == len(rows)
     # And a third run renders nothing (in-process: the same `run` path the CLI takes, without another Ray start).
-    final = run(_config(tmp_path, uri, options, rows, ["cluster.replicas=1"]), progress=False)
+    final = run(_config(tmp_path, uri, options, rows), progress=False)
     assert (final.ok, final.rendered) == (len(rows), 0)
 
 

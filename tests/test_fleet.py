@@ -1,11 +1,11 @@
 """A real multi-node Ray fleet: a node lost mid-job, a node added mid-job, a node drained mid-job, and the
 fault-free baseline.
 
-Each scenario of `tests/fleet_scenarios.py` runs in a subprocess inside a private network namespace
-(`unshare -n`, root only): Ray must listen on every interface for a second node to join, and there the only
-interface is the namespace's own loopback. The scenario reports what happened as one JSON line; these tests hold
+The scenarios of `tests/fleet_scenarios.py` run one after another on one cluster, in a subprocess inside a private
+network namespace (`unshare -n`, root only): Ray must listen on every interface for a second node to join, and
+there the only interface is the namespace's own loopback. Each scenario reports what happened; these tests hold
 it to the job's promises: every input row ends with exactly one manifest row, ok, and exactly one object, and no
-Ray process of the scenario outlives it.
+Ray process of the scenarios outlives them.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.fleet_scenarios import MARKER
+from tests.fleet_harness import MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 40
-SCENARIO_TIMEOUT = 240  # the scenario's own limits: job 120 s, stall 20 s, start-up and teardown
 
 
 def _unshare_problem() -> str | None:
@@ -78,45 +77,69 @@ def _kill_marked(marker: str) -> list[str]:
     return names
 
 
-def run_scenario(name: str, tmp_path: Path, rows: int = ROWS, options: tuple = ()) -> dict:
-    """Run one scenario in its own network namespace (`options`: its command line's); its report, after checking
-    it left no process behind."""
+def run_scenarios(steps: str, work: Path, timeout: float) -> dict[str, dict]:
+    """Run scenarios in sequence on one cluster in one network namespace (`steps`: the harness's
+    `name[:key=value...],...`); each one's report, with the run's own checks (a cluster, a clean teardown, no
+    process left behind) made first."""
     marker = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env[MARKER] = marker
     # Ray's workers import this checkout, whatever is installed.
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    work = tmp_path / name
-    log = tmp_path / f"{name}.log"
-    cmd = ["unshare", "-n", sys.executable, "-m", "tests.fleet_scenarios", name, str(work), "--rows", str(rows),
-           *options]
+    log = work / "scenarios.log"
+    cmd = ["unshare", "-n", sys.executable, "-m", "tests.fleet_scenarios", steps, str(work / "run")]
     with open(log, "w") as stderr:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         try:
-            stdout, _ = proc.communicate(timeout=SCENARIO_TIMEOUT)
+            stdout, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
             left = _kill_marked(marker)
-            pytest.fail(f"scenario {name} ran past {SCENARIO_TIMEOUT} s (its own hang detection failed); "
+            pytest.fail(f"scenarios {steps} ran past {timeout} s (their own hang detection failed); "
                         f"killed {left}; log tail:\n{log.read_text()[-3000:]}")
     left = _kill_marked(marker)
-    assert not left, f"scenario {name} left Ray processes running: {left}"
+    assert not left, f"scenarios {steps} left Ray processes running: {left}"
     lines = [line for line in stdout.splitlines() if line.strip()]
     assert proc.returncode == 0 and len(lines) == 1, \
-        f"scenario {name}: exit {proc.returncode}, stdout {stdout[-2000:]!r}; log tail:\n{log.read_text()[-3000:]}"
-    report = json.loads(lines[0])
-    # The harness itself worked: a cluster, a job, a clean teardown.
-    assert "harness_error" not in report, report
-    assert report["leftover_processes"] == [], report["leftover_processes"]
-    assert not report.get("cleanup_errors"), report["cleanup_errors"]
+        f"scenarios {steps}: exit {proc.returncode}, stdout {stdout[-2000:]!r}; log tail:\n{log.read_text()[-3000:]}"
+    run = json.loads(lines[0])
+    # The harness itself worked: a cluster, the jobs, a clean teardown.
+    assert "harness_error" not in run, run
+    assert run["leftover_processes"] == [], run["leftover_processes"]
+    assert not run.get("cleanup_errors"), run["cleanup_errors"]
+    return {step["scenario"]: step for step in run["steps"]}
+
+
+DRAIN_ROWS = 12
+DRAIN_DEADLINE = 3.0
+# Every row 121 frames at 0.84 s per megaunit: 4 s each (`pipelines.simulated`), longer than the deadline.
+DRAIN_STEP = f"drain:rows={DRAIN_ROWS}:frames=121:seconds_per_megaunit=0.84:deadline={DRAIN_DEADLINE}"
+# One cluster for the four (one head start instead of four): the baseline's and the loss's second node is started
+# for them, the scale-up starts on the head alone (the lost node does not come back) and adds one, which the drain
+# then takes away. Each step has its own job and output and starts once the step before it left no replica.
+# The scale-up adds its node at the first commit: a node's start takes seconds on a loaded host, and rows must be
+# left for it when its replicas are up.
+STEPS = f"baseline,node_loss,scale_up:fault_after=1,{DRAIN_STEP}"
+STEPS_TIMEOUT = 600  # the steps' own limits: each job 120 s, stall 20 s; start-up and teardown
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory) -> dict[str, dict]:
+    return run_scenarios(STEPS, tmp_path_factory.mktemp("fleet"), STEPS_TIMEOUT)
+
+
+def scenario(scenarios: dict[str, dict], name: str, rows: int = ROWS) -> dict:
+    """One step's report, after checking that it ran (an earlier step's hang cuts the later ones off)."""
+    report = scenarios[name]
+    assert "harness_error" not in report, report["harness_error"]
     assert report["rows_in"] == rows
     return report
 
 
 def _summary(report: dict) -> str:
     keep = ("hung", "hang_reason", "error", "events", "result", "manifest", "rows_added", "objects",
-            "ok_rows_by_node", "actors_at_end", "timings", "drain", "handed_back", "success_counts")
+            "ok_rows_by_node", "actors_at_end", "timings", "drain", "handed_back", "success_counts", "second_node")
     return json.dumps({k: report.get(k) for k in keep}, default=str, indent=1)
 
 
@@ -137,48 +160,45 @@ def assert_every_row_once(report: dict, rows: int = ROWS) -> None:
     assert (result["rows"], result["ok"], result["failed"], result["invalid"]) == (rows, rows, 0, 0), summary
 
 
-def test_baseline_two_nodes(tmp_path):
+def test_baseline_two_nodes(scenarios):
     """Head and a second node, 2 logical GPUs each, no fault: one replica per GPU, rows on both nodes."""
-    report = run_scenario("baseline", tmp_path)
+    report = scenario(scenarios, "baseline")
     assert_every_row_once(report)
     assert len(report["replicas"]) == 4, _summary(report)
     assert report["ok_rows_by_node"].get("head", 0) > 0, _summary(report)
-    assert report["ok_rows_by_node"].get("node1", 0) > 0, _summary(report)
+    assert report["ok_rows_by_node"].get(report["second_node"], 0) > 0, _summary(report)
 
 
-def test_node_lost_mid_job(tmp_path):
+def test_node_lost_mid_job(scenarios):
     """SIGKILL of the second node's Ray processes mid-job: the job still renders every row, once."""
-    report = run_scenario("node_loss", tmp_path)
+    report = scenario(scenarios, "node_loss")
     summary = _summary(report)
-    node = next(n for n in report["nodes"] if n["role"] == "node1")
+    second = report["second_node"]
+    node = next(n for n in report["nodes"] if n["role"] == second)  # as the step left it
     assert node["removed_at_s"] is not None, summary
-    assert node["marked_dead_at_s"] is not None, summary  # the GCS noticed within the run
-    assert any(e["what"] == "kill node1" and e["objects"] < ROWS for e in report["events"]), summary
+    assert node["marked_dead_at_s"] is not None, summary  # the GCS noticed within the step
+    assert any(e["what"] == f"kill {second}" and e["objects"] < ROWS for e in report["events"]), summary
     assert_every_row_once(report)
 
 
-def test_node_added_mid_job(tmp_path):
+def test_node_added_mid_job(scenarios):
     """A node with 2 GPUs joins a head-only cluster mid-job: its new replicas take part of the rows."""
-    report = run_scenario("scale_up", tmp_path)
+    report = scenario(scenarios, "scale_up")
     summary = _summary(report)
-    added = next(e for e in report["events"] if e["what"] == "add node1")
+    second = report["second_node"]
+    added = next(e for e in report["events"] if e["what"] == f"add {second}")
     assert added["objects"] < ROWS, summary  # rows were left for the new node
     assert_every_row_once(report)
-    assert report["ok_rows_by_node"].get("node1", 0) > 0, summary
+    assert report["ok_rows_by_node"].get(second, 0) > 0, summary
 
 
-DRAIN_ROWS = 12
-DRAIN_DEADLINE = 3.0
-# Every row 121 frames at 0.84 s per megaunit: 4 s each (`pipelines.simulated`), longer than the deadline.
-DRAIN_OPTIONS = ("--frames", "121", "--seconds-per-megaunit", "0.84", "--deadline", str(DRAIN_DEADLINE))
-
-
-def test_node_drained_mid_job(tmp_path):
+def test_node_drained_mid_job(scenarios):
     """Node 2 drained for preemption through the GCS mid-job, its deadline shorter than the rows in flight: their
     replicas hand those rows back before the deadline without an attempt and retire, node 2 leaves by itself with
     the drain's death reason (or is SIGKILLed at the deadline), and every row is rendered once."""
-    report = run_scenario("drain", tmp_path, rows=DRAIN_ROWS, options=DRAIN_OPTIONS)
+    report = scenario(scenarios, "drain", rows=DRAIN_ROWS)
     summary = _summary(report)
+    second = report["second_node"]
     assert_every_row_once(report, rows=DRAIN_ROWS)
     drain, result = report["drain"], report["result"]
     # No row lost to the drain counted an attempt: every row rendered at its first.
@@ -186,14 +206,14 @@ def test_node_drained_mid_job(tmp_path):
     assert result["restarts"] == 0 and result["retries"] == 0, summary
     # Both of node 2's replicas retired as drains; the rows running there went back before the deadline.
     assert result["drains"] == 2, summary
-    back = [b for b in report["handed_back"] if b["node_role"] == "node1"]
+    back = [b for b in report["handed_back"] if b["node_role"] == second]
     assert back and result["drained"] == sum(b["rows"] for b in back), summary
     assert all(drain["at_s"] < b["at_s"] < drain["deadline_at_s"] for b in back), summary
     # Each was rendered again on the head node, once.
     handed = {i for b in back for i in b["ids"]}
     assert {report["workers"][report["ok_worker_by_id"][i]]["node_role"] for i in handed} == {"head"}, summary
     # No replacement started: the drained node's GPUs left the fleet, and the head's were taken.
-    assert sorted(r["node_role"] for r in report["replicas"]) == ["head", "head", "node1", "node1"], summary
+    assert sorted(r["node_role"] for r in report["replicas"]) == ["head", "head", second, second], summary
     # _SUCCESS reports the drains apart from failures.
     counts = report["success_counts"]
     assert (counts["drains"], counts["drained"], counts["restarts"]) == (2, result["drained"], 0), summary

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from kandinsky_batch.cli import main
 from kandinsky_batch.interrupt import Interrupted, StopSignals
 from kandinsky_batch.output import lease
 from kandinsky_batch.output.manifest import read_manifest
@@ -143,7 +144,7 @@ def test_the_work_queue_stops_when_asked_and_settles_what_is_back():
 
 
 @pytest.mark.slow
-def test_small_job_stops_on_sigint_and_sigterm_then_resumes(tmp_path, model_cache, ray_tmp):
+def test_small_job_stops_on_sigint_and_sigterm_then_resumes(tmp_path, model_cache, ray_tmp, capsys):
     n = 12
     data = write_dataset(tmp_path / "prompts.parquet",
                          [{"id": f"row-{i:02d}", "prompt": f"scene number {i}, a slow pan over a field"}
@@ -170,13 +171,17 @@ def test_small_job_stops_on_sigint_and_sigterm_then_resumes(tmp_path, model_cach
     assert 3 <= committed < n, "the signals should land mid-job"
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
-    # The same command finishes the job, rendering (or adopting) only the rows that were missing.
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=GUARD)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # The same command finishes the job, rendering (or adopting) only the rows that were missing: through the CLI's
+    # main in this process, its replicas threads (`cluster.address=inprocess`). The resume on a local Ray after a
+    # stop is the SIGTERM run's above (it resumed the SIGINT-stopped job); no signal is sent to this one.
+    capsys.readouterr()
+    code = main([*args[3:], "cluster.address=inprocess"])
+    done = capsys.readouterr()
+    assert code == 0, done.err[-3000:]
     counts = json.loads((tmp_path / "out" / "_SUCCESS").read_text())["counts"]
     assert (counts["ok"], counts["skipped"]) == (n, committed), counts
     assert counts["rendered"] + counts["adopted"] == n - committed, counts
-    assert f"{counts['rendered']} rendered, {committed} already done" in done.stdout
+    assert f"{counts['rendered']} rendered, {committed} already done" in done.out
     print(f"\nsmall job stop (signal -> exit): SIGINT {times[signal.SIGINT]:.1f} s, "
           f"SIGTERM {times[signal.SIGTERM]:.1f} s; {committed} of {n} rows kept")
 

@@ -1,5 +1,7 @@
 """One job per output prefix through the real CLI, without Ray (`cluster.address=inprocess`, the simulated model):
-the takeover on S3 (moto; file:// is the in-process job test's and the unit tests'), the stop on file://.
+the takeover on S3 (moto; file:// is the in-process job test's and the unit tests'), the stop on file://. The first
+driver is a process of its own (SIGKILLed, SIGTERMed); the runs that meet its lease go through the CLI's `main` in
+the test's process.
 
 Oracles: the refusal's one line names the running driver (its run id from the lease, its pid from the process we
 started); after a SIGKILL the lease is left live and a later run takes it over once it is stale; the output is then
@@ -62,7 +64,8 @@ def _dataset(tmp_path) -> str:
 
 
 @pytest.mark.slow
-def test_a_second_run_refuses_naming_the_first_then_takes_its_lease_over_once_it_was_killed(tmp_path, s3_output):
+def test_a_second_run_refuses_naming_the_first_then_takes_its_lease_over_once_it_was_killed(tmp_path, s3_output,
+                                                                                            capsys):
     uri, options = s3_output
     storage = Storage(uri, options)
     args = _args(_dataset(tmp_path), uri, options)
@@ -73,10 +76,14 @@ def test_a_second_run_refuses_naming_the_first_then_takes_its_lease_over_once_it
         holder = read(storage).holder
         time.sleep(max(0.0, started + 8 - time.monotonic()))  # the second run 8 s after the first
 
-        second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=GUARD)
+        # The second and third runs go through the CLI's entry point in this process: what is under test is the
+        # lease between two drivers, and the first (killed below) is the separate process.
+        capsys.readouterr()
+        code = main(args[3:])
+        second = capsys.readouterr()
         assert first.poll() is None, "the first job ended before the second one was refused"
-        lines = [line for line in second.stderr.splitlines() if line.strip()]
-        assert second.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), second.stderr[-2000:]
+        lines = [line for line in second.err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), second.err[-2000:]
         named = HELD.search(lines[0])
         assert named.group(1, 2, 3) == (holder["run_id"], socket.gethostname(), str(first.pid)), lines[0]
         assert int(named.group(4)) <= 5  # renewed all along (every 2 s), though the first job has run for 8 s and more
@@ -90,10 +97,11 @@ def test_a_second_run_refuses_naming_the_first_then_takes_its_lease_over_once_it
 
     # Without waiting for its ttl: the killed driver ran on this machine and its pid is no process now.
     # Three replicas for what is left (not a parameter of the rows: the output is the same).
-    third = subprocess.run([*args, "cluster.replicas=3"], cwd=ROOT, capture_output=True, text=True, timeout=GUARD)
-    assert third.returncode == 0, third.stderr[-3000:]
+    code = main([*args[3:], "cluster.replicas=3"])
+    third = capsys.readouterr()
+    assert code == 0, third.err[-3000:]
     assert (f"note: took over the lease of run {holder['run_id']} (host {socket.gethostname()}, pid {first.pid}) "
-            f"on {uri}: its driver (pid {first.pid}) is gone") in third.stderr, third.stderr
+            f"on {uri}: its driver (pid {first.pid}) is gone") in third.err, third.err
     table = read_manifest(storage)
     assert sorted(table["id"].to_pylist()) == [f"r{i:02d}" for i in range(ROWS)]  # one row per id
     assert set(table["status"].to_pylist()) == {"ok"}
