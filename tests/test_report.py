@@ -61,8 +61,10 @@ def table_values(page: Page) -> dict[str, dict]:
     return found
 
 
-@pytest.fixture
-def sweep(tmp_path) -> tuple[str, Path]:
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[str, Path]:
+    """One written sweep for the module: the tests only read it (reports go beside it, rewritten by each)."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
     uri = f"file://{tmp_path / 'out'}"
     write_sweep(uri, prompts=PROMPTS, axes=AXES, gangs={"tiny": "1", "tiny-b": "sp2xcfg2"},
                 approximate={"tiny-b": True}, outcomes=BROKEN)
@@ -177,9 +179,9 @@ def test_cli(sweep, tmp_path, capsys):
     assert err.startswith("error: report ") and "no such file or directory" in err, err
 
 
-def test_local_links_from_another_directory_are_relative(sweep, tmp_path):
+def test_local_links_from_another_directory_are_relative(sweep):
     uri, root = sweep
-    out = tmp_path / "elsewhere" / "deep"
+    out = root.parent / "elsewhere" / "deep"
     page = Page(write_report(uri, out))
     for button in page.find("button", cls="poster"):
         assert button["data-video"].startswith("../../out/videos/")
