@@ -4,7 +4,6 @@ finished with too little rendered ok."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 
 from kandinsky_batch.cli import EXIT_NOTHING_OK, EXIT_OK, EXIT_USAGE
 from kandinsky_batch.output.video import encode
-from tests.cli_batch import run_case
+from tests.cli_batch import run_here
 from tests.tiny_vocab import vocab_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,10 +48,7 @@ def _env(tmp: Path, env: dict | None = None) -> dict:
 def _cli(args: list[str], tmp: Path, env: dict | None = None) -> SimpleNamespace:
     """A finishing run through the CLI's entry point in this process (tests/cli_batch.py: its own environment,
     stdout and stderr captured at the descriptors); the refusals' fresh process is the `refused` fixture's."""
-    # The process's own streams, so what the CLI prints reaches the descriptors run_case captures (pytest's
-    # stand-ins for sys.stdout and sys.stderr write elsewhere).
-    with contextlib.redirect_stdout(sys.__stdout__), contextlib.redirect_stderr(sys.__stderr__):
-        result = run_case({"args": args, "env": _env(tmp, env), "cwd": str(ROOT)})
+    result = run_here({"args": args, "env": _env(tmp, env), "cwd": str(ROOT)})
     return SimpleNamespace(returncode=result["returncode"], stdout=result["stdout"], stderr=result["stderr"])
 
 
