@@ -7,6 +7,7 @@ Usage: python -m tests.cli_batch CASES.json RESULTS.json, where CASES.json is a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -58,6 +59,13 @@ def run_case(case: dict) -> dict:
         os.environ.clear()
         os.environ.update(saved_env)
     return {"returncode": code, "stdout": stdout, "stderr": stderr, "ray_imported": "ray" in sys.modules}
+
+
+def run_here(case: dict) -> dict:
+    """`run_case` in a test's own process: what the CLI prints goes to the process's streams, so it reaches the
+    descriptors captured (pytest's stand-ins for sys.stdout and sys.stderr write elsewhere)."""
+    with contextlib.redirect_stdout(sys.__stdout__), contextlib.redirect_stderr(sys.__stderr__):
+        return run_case(case)
 
 
 if __name__ == "__main__":

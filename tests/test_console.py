@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,8 @@ import pytest
 from kandinsky_batch.cli import main
 from kandinsky_batch.progress import Progress, checking, loading
 from pipelines.console import QUIET_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Stream(io.StringIO):
@@ -86,27 +89,34 @@ def test_checking_input_shows_on_a_terminal_only_and_is_erased_even_on_refusal()
 def test_quiet_progress_keeps_the_tiny_build_off_stderr(tmp_path):
     """Saving the tiny preset (what a job's preflight does in the driver) prints transformers' "Writing model
     shards" bar; after `quiet_progress` it prints nothing, whether the libraries were imported before or not."""
+    # Qwen's vocabulary (pure data, no output) is derived by the first build and reused by the other two.
+    vocab = str(tmp_path / "vocab.pickle")
     after_import = f"""
 import sys
 from pipelines import save_tiny
 from pipelines.console import quiet_progress
-save_tiny({str(tmp_path / 'loud')!r})
-print("--- quiet ---", file=sys.stderr, flush=True)
-quiet_progress()
-save_tiny({str(tmp_path / 'quiet')!r})
+from tests.tiny_vocab import vocab_once
+with vocab_once({vocab!r}):
+    save_tiny({str(tmp_path / 'loud')!r})
+    print("--- quiet ---", file=sys.stderr, flush=True)
+    quiet_progress()
+    save_tiny({str(tmp_path / 'quiet')!r})
 """
     before_import = f"""
 from pipelines.console import quiet_progress
 quiet_progress()
 from pipelines import save_tiny
-save_tiny({str(tmp_path / 'first')!r})
+from tests.tiny_vocab import vocab_once
+with vocab_once({vocab!r}):
+    save_tiny({str(tmp_path / 'first')!r})
 """
     # Fresh processes with the bars' default: a job run earlier in this test process has turned them off in its
-    # environment (quiet_progress), and a child would inherit that.
+    # environment (quiet_progress), and a child would inherit that. One after the other: the second reads the
+    # vocabulary the first wrote.
     env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
-    procs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env)
-             for script in (after_import, before_import)]
-    (_, after), (_, before) = (proc.communicate(timeout=300) for proc in procs)
+    procs = [subprocess.run([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            timeout=300) for script in (after_import, before_import)]
+    after, before = (proc.stderr for proc in procs)
     assert [proc.returncode for proc in procs] == [0, 0], after[-2000:] + before[-2000:]
     loud, quiet = after.split("--- quiet ---\n")
     assert "Writing model shards" in loud  # the positive control: the bar is there to be silenced

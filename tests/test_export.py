@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import shutil
 import signal
@@ -28,8 +29,11 @@ from kandinsky_batch.export.sample import IndexRow
 from kandinsky_batch.export.stage import ExportArgs, run
 from kandinsky_batch.output.storage import Storage
 from tests.export_output import CONDITION, add_rows, copy_output, expected_rows, passes, write_source
+from tests.fixtures_cli import one_botocore_loader  # noqa: F401  (the fixture pytestmark names)
 from tests.scores_output import METRICS
 from tests.sweep_output import PROMPTS
+
+pytestmark = pytest.mark.usefixtures("one_botocore_loader")
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = (("val", 0.3),)
@@ -258,7 +262,24 @@ def test_an_s3_export_writes_what_a_local_one_does(s3_output, tmp_path, videofol
     assert got == local
 
 
-def test_units_run_as_ray_tasks(ray_local, videofolder, source, tmp_path):
+@pytest.fixture
+def ray_one_cpu(model_cache):
+    """`ray_local` (tests/conftest.py) with one CPU: the units' tasks run one after another on one worker process,
+    where eight CPUs would start a worker, and pay its imports, per task."""
+    import ray
+
+    from kandinsky_batch.fleet.cluster import loopback_only
+
+    loopback_only()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_units_run_as_ray_tasks(ray_one_cpu, videofolder, source, tmp_path):
     dest = tmp_path / "ray"
     result = run(_args(source, dest, address=None, shard_size=None))  # 256 a unit: one task per split
     assert result.written == result.units == 2

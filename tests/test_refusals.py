@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
 import numpy as np
@@ -18,6 +19,8 @@ import pytest
 
 from kandinsky_batch.cli import EXIT_NOTHING_OK, EXIT_OK, EXIT_USAGE
 from kandinsky_batch.output.video import encode
+from tests.cli_batch import run_here
+from tests.tiny_vocab import vocab_once
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +30,9 @@ def presets(model_cache):
     """The tiny presets the cases load, built once here, so the CLI runs find them cached (and print nothing else)."""
     from pipelines import resolve_model
 
-    for name in ("tiny", "tiny-i2v", "tiny-t2i", "tiny-sr"):
-        resolve_model(name, spec_only=True)
+    with vocab_once():
+        for name in ("tiny", "tiny-i2v", "tiny-t2i", "tiny-sr"):
+            resolve_model(name, spec_only=True)
 
 
 def _dataset(path: Path, **columns) -> str:
@@ -41,9 +45,11 @@ def _env(tmp: Path, env: dict | None = None) -> dict:
             **(env or {})}
 
 
-def _cli(args: list[str], tmp: Path, env: dict | None = None):
-    return subprocess.run([sys.executable, "-m", "kandinsky_batch", *args], cwd=ROOT,
-                          env={**os.environ, **_env(tmp, env)}, capture_output=True, text=True, timeout=120)
+def _cli(args: list[str], tmp: Path, env: dict | None = None) -> SimpleNamespace:
+    """A finishing run through the CLI's entry point in this process (tests/cli_batch.py: its own environment,
+    stdout and stderr captured at the descriptors); the refusals' fresh process is the `refused` fixture's."""
+    result = run_here({"args": args, "env": _env(tmp, env), "cwd": str(ROOT)})
+    return SimpleNamespace(returncode=result["returncode"], stdout=result["stdout"], stderr=result["stderr"])
 
 
 def _files(path: Path) -> list[str]:

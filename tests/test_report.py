@@ -14,7 +14,10 @@ from kandinsky_batch.output.report import ReportError, variant_key, write_report
 from kandinsky_batch.output.report_timings import device_of, gpus_of
 from kandinsky_batch.output.storage import Storage
 from tests.conftest import S3_BUCKET
+from tests.fixtures_cli import one_botocore_loader  # noqa: F401  (the fixture pytestmark names)
 from tests.sweep_output import cell_id, expected_stats, write_sweep
+
+pytestmark = pytest.mark.usefixtures("one_botocore_loader")
 
 AXES = {"model": ["tiny", "tiny-b"], "num_inference_steps": [2, 4], "seed": [1, 2]}
 PROMPTS = ["a cat", "a dog"]
@@ -61,8 +64,10 @@ def table_values(page: Page) -> dict[str, dict]:
     return found
 
 
-@pytest.fixture
-def sweep(tmp_path) -> tuple[str, Path]:
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[str, Path]:
+    """One written sweep for the module: the tests only read it (reports go beside it, rewritten by each)."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
     uri = f"file://{tmp_path / 'out'}"
     write_sweep(uri, prompts=PROMPTS, axes=AXES, gangs={"tiny": "1", "tiny-b": "sp2xcfg2"},
                 approximate={"tiny-b": True}, outcomes=BROKEN)
@@ -177,9 +182,9 @@ def test_cli(sweep, tmp_path, capsys):
     assert err.startswith("error: report ") and "no such file or directory" in err, err
 
 
-def test_local_links_from_another_directory_are_relative(sweep, tmp_path):
+def test_local_links_from_another_directory_are_relative(sweep):
     uri, root = sweep
-    out = tmp_path / "elsewhere" / "deep"
+    out = root.parent / "elsewhere" / "deep"
     page = Page(write_report(uri, out))
     for button in page.find("button", cls="poster"):
         assert button["data-video"].startswith("../../out/videos/")

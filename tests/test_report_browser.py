@@ -22,6 +22,7 @@ from kandinsky_batch.output.storage import Storage
 from tests.helpers import write_dataset
 from tests.scores_output import METRICS, expected_scores, write_scores
 from tests.sweep_output import expected_stats
+from tests.tiny_vocab import vocab_once
 
 pytestmark = pytest.mark.browser
 
@@ -44,7 +45,8 @@ def sweep_output(tmp_path_factory, inprocess_module) -> str:
     cfg = load_config(str(ROOT / "configs" / "tiny-sweep.yaml"), [f"input.path={data}", f"output.uri={uri}",
                                                                   "score.metrics=[]", "render.height=32",
                                                                   "render.width=32", "render.num_frames=9"])
-    result = run(cfg, progress=False)
+    with vocab_once():  # the sweep's two presets, when this session builds them
+        result = run(cfg, progress=False)
     assert (result.ok, result.invalid) == (48, 12)
     return uri
 
@@ -93,15 +95,32 @@ class Loaded:
         self.page.goto(report.as_uri(), wait_until="load")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def loaded(browser, report):
+    """One page for the tests that only read it (and hover): each load decodes every poster again."""
     page = Loaded(browser, report)
     yield page
     page.page.close()
 
 
 @pytest.fixture
+def fresh(browser, report):
+    """A page of its own, for a test that plays videos (they would play on under the others) or saves the page."""
+    page = Loaded(browser, report)
+    yield page
+    page.page.close()
+
+
+@pytest.fixture(scope="module")
 def scored(browser, scored_report):
+    """One scored page: each test sets the metric, order and colouring it reads before reading them."""
+    page = Loaded(browser, scored_report[0])
+    yield page
+    page.page.close()
+
+
+@pytest.fixture
+def fresh_scored(browser, scored_report):
     page = Loaded(browser, scored_report[0])
     yield page
     page.page.close()
@@ -117,8 +136,8 @@ def test_page_loads_cleanly_and_every_poster_decodes(loaded, sweep_output):
     assert loaded.problems == []
 
 
-def test_clicking_a_poster_plays_its_video(loaded):
-    page = loaded.page
+def test_clicking_a_poster_plays_its_video(fresh):
+    page = fresh.page
     ids = page.eval_on_selector_all(".entry[data-status=ok]", "els => els.map(e => e.dataset.id)")
     for rid in (ids[0], ids[-1]):
         page.locator(f'.entry[data-id="{rid}"] button.poster').click()
@@ -136,7 +155,7 @@ def test_clicking_a_poster_plays_its_video(loaded):
                     return vs.length > 0 && vs.every(v => !v.paused && v.currentTime > 0.3); }""",
         arg=1, timeout=15_000)
     assert row.locator("video").count() == row.locator(".entry[data-status=ok]").count()
-    assert loaded.problems == []
+    assert fresh.problems == []
 
 
 def test_variant_table_equals_the_manifest(loaded, sweep_output):
@@ -292,6 +311,7 @@ def test_cells_are_coloured_and_the_best_variant_of_each_prompt_is_marked(scored
         assert rgb["good"][1] > rgb["good"][0] and rgb["bad"][0] > rgb["bad"][1], (metric, rgb)  # green, red
     page.uncheck("#score-colour")
     assert set(page.eval_on_selector_all("td.cell", "tds => tds.map(td => td.style.background)")) == {""}
+    page.check("#score-colour")  # as the page loads, for the tests sharing it
     assert scored.problems == []
 
 
@@ -308,9 +328,9 @@ def _save(page, shot: Path, docs: bool) -> None:
             image.convert("RGB").quantize(256, dither=Image.Dither.NONE).save(SCREENSHOT, optimize=True)
 
 
-def test_screenshot(loaded, scored, tmp_path):
+def test_screenshot(fresh, fresh_scored, tmp_path):
     """Full-page screenshots with and without scores; the scored one replaces docs/report.png (shown in
     docs/operations.md) when that is missing or KB_UPDATE_SCREENSHOT=1."""
-    _save(loaded.page, tmp_path / "report.png", docs=False)
-    _save(scored.page, tmp_path / "scored.png", docs=True)
-    assert loaded.problems == [] and scored.problems == []
+    _save(fresh.page, tmp_path / "report.png", docs=False)
+    _save(fresh_scored.page, tmp_path / "scored.png", docs=True)
+    assert fresh.problems == [] and fresh_scored.problems == []

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -27,8 +25,13 @@ from kandinsky_batch.config.schema import derive_seed
 from kandinsky_batch.intake.ids import MAX_ID_CHARS
 from kandinsky_batch.output.layout import object_key
 from pipelines import load_spec
+from tests.cli_batch import run_here
 from tests.conftest import S3_BUCKET
+from tests.fixtures_cli import one_botocore_loader  # noqa: F401  (the fixture pytestmark names)
 from tests.helpers import TINY_RENDER, build_tasks, read_table, write_dataset
+from tests.tiny_vocab import vocab_once
+
+pytestmark = pytest.mark.usefixtures("one_botocore_loader")
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = {"id": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(), "seed": pa.int64(),
@@ -38,7 +41,9 @@ TYPES = {"id": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(
 
 @pytest.fixture(scope="module")
 def spec(model_cache):
-    return load_spec("tiny")
+    with vocab_once():  # the module's two presets, when this session builds them
+        load_spec("tiny-i2v")
+        return load_spec("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -355,24 +360,22 @@ CLI_INPUTS = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("make", [c[1] for c in CLI_INPUTS], ids=[c[0] for c in CLI_INPUTS])
-def test_cli_refuses_bad_input_in_one_line_before_ray_starts(tmp_path, model_cache, make):
+def test_cli_refuses_bad_input_in_one_line_before_ray_starts(tmp_path, model_cache, make, monkeypatch):
+    """Through the CLI's entry point in this process; the same inputs in a fresh process, where Ray must not even
+    be imported, are tests/test_refusals.py's `input-*` cases."""
     path = make(tmp_path)
     out = tmp_path / "out"
     ray_tmp = tempfile.mkdtemp(prefix="kbv-", dir="/tmp")  # where a Ray started by mistake would leave its session
-    env = {**os.environ, "KANDINSKY_BATCH_CACHE": model_cache, "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "kandinsky_batch", "run", "configs/tiny.yaml", f"input.path={path}",
-             f"output.uri={out}", "--no-progress"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-        )
-        assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-        lines = proc.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: input.path="), proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr and proc.stdout == ""
+        proc = run_here({"args": ["run", "configs/tiny.yaml", f"input.path={path}", f"output.uri={out}",
+                                  "--no-progress"],
+                         "env": {"KANDINSKY_BATCH_CACHE": model_cache, "RAY_TMPDIR": ray_tmp}, "cwd": str(ROOT)})
+        assert proc["returncode"] == 2, (proc["returncode"], proc["stderr"][-2000:])
+        lines = proc["stderr"].splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: input.path="), proc["stderr"][-2000:]
+        assert "Traceback" not in proc["stderr"] and proc["stdout"] == ""
         assert os.listdir(ray_tmp) == [], "Ray started for an input that was refused"
         assert not out.exists(), "output objects were written for an input that was refused"
     finally:
