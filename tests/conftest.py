@@ -41,6 +41,21 @@ _AWS_ENV = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_botocore_loader() -> Iterator[None]:
+    """botocore sessions share one loader per data path, and so its parsed service JSON: each `Storage` on S3 is a
+    fresh s3fs filesystem with a fresh botocore session, which would parse it again (~0.2 CPU-s a `Storage`, most of
+    what a moto-backed test spends). Credentials, endpoints and clients stay per session."""
+    import functools
+
+    import botocore.loaders
+    import botocore.session
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(botocore.session, "create_loader", functools.cache(botocore.loaders.create_loader))
+        yield
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """Endpoint URL of a moto S3 server on 127.0.0.1, running for the whole session."""

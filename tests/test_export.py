@@ -7,7 +7,6 @@ Oracles: the source's Parquet files read apart (`tests/export_output.py`), each 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import shutil
@@ -17,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
@@ -29,11 +27,9 @@ from kandinsky_batch.export.sample import IndexRow
 from kandinsky_batch.export.stage import ExportArgs, run
 from kandinsky_batch.output.storage import Storage
 from tests.export_output import CONDITION, add_rows, copy_output, expected_rows, passes, write_source
-from tests.fixtures_cli import one_botocore_loader  # noqa: F401  (the fixture pytestmark names)
 from tests.scores_output import METRICS
 from tests.sweep_output import PROMPTS
 
-pytestmark = pytest.mark.usefixtures("one_botocore_loader")
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = (("val", 0.3),)

@@ -24,10 +24,8 @@ from kandinsky_batch.output import lease
 from kandinsky_batch.output.lease import Lease, margin_seconds, read, store_now
 from kandinsky_batch.output.manifest import read_manifest
 from kandinsky_batch.output.storage import Storage
-from tests.fixtures_cli import one_botocore_loader  # noqa: F401  (the fixture pytestmark names)
 from tests.helpers import write_dataset
 
-pytestmark = pytest.mark.usefixtures("one_botocore_loader")
 
 HELD = re.compile(r"output\.uri='[^']+' is being written by run (\S+) \(host (\S+), pid (\d+)\): its heartbeat is "
                   r"(\d+) s old \(lease generation (\d+), ttl [\d.]+ s\); one job per output prefix")

@@ -28,10 +28,9 @@ from kandinsky_batch.output.report import write_report
 from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.verify import verify
 from tests.conftest import S3_BUCKET
-from tests.fixtures_cli import one_botocore_loader  # noqa: F401  (the fixture pytestmark names)
 from tests.helpers import TINY_RENDER
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_botocore_loader")]
+pytestmark = pytest.mark.slow
 
 USER = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("caption", pa.string()),
                   ("tags", pa.list_(pa.string())), ("score", pa.float32()), ("shot", pa.date32()),

@@ -14,10 +14,8 @@ from kandinsky_batch.output.report import ReportError, variant_key, write_report
 from kandinsky_batch.output.report_timings import device_of, gpus_of
 from kandinsky_batch.output.storage import Storage
 from tests.conftest import S3_BUCKET
-from tests.fixtures_cli import one_botocore_loader  # noqa: F401  (the fixture pytestmark names)
 from tests.sweep_output import cell_id, expected_stats, write_sweep
 
-pytestmark = pytest.mark.usefixtures("one_botocore_loader")
 
 AXES = {"model": ["tiny", "tiny-b"], "num_inference_steps": [2, 4], "seed": [1, 2]}
 PROMPTS = ["a cat", "a dog"]

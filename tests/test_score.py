@@ -10,8 +10,6 @@ import hashlib
 
 import cv2
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from kandinsky_batch import score

@@ -22,9 +22,7 @@ from pipelines.scoring.metric import FRAMES, PROMPT
 from pipelines.scoring.registry import metric
 from pipelines.scoring.video import Video
 from pipelines.weights import directory_digest
-from tests.fixtures_cli import one_botocore_loader  # noqa: F401  (the fixture pytestmark names)
 
-pytestmark = pytest.mark.usefixtures("one_botocore_loader")
 
 ON_GPU = torch.cuda.is_available()
 TOL = dict(rel=2e-3, abs=2e-3) if ON_GPU else dict(rel=1e-5, abs=1e-5)

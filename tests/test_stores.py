@@ -27,11 +27,9 @@ from kandinsky_batch.output.success import read_success
 from kandinsky_batch.output.storage import Storage, one_retry_layer
 from kandinsky_batch.output.verify import verify
 from tests.conftest import S3_BUCKET
-from tests.fixtures_cli import one_botocore_loader  # noqa: F401  (the fixture pytestmark names)
 from tests.helpers import write_dataset
 from tests.s3_proxy import SlowDownProxy, kind
 
-pytestmark = pytest.mark.usefixtures("one_botocore_loader")
 
 MIB = 2**20
 

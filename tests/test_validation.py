@@ -27,11 +27,9 @@ from kandinsky_batch.output.layout import object_key
 from pipelines import load_spec
 from tests.cli_batch import run_here
 from tests.conftest import S3_BUCKET
-from tests.fixtures_cli import one_botocore_loader  # noqa: F401  (the fixture pytestmark names)
 from tests.helpers import TINY_RENDER, build_tasks, read_table, write_dataset
 from tests.tiny_vocab import vocab_once
 
-pytestmark = pytest.mark.usefixtures("one_botocore_loader")
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = {"id": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(), "seed": pa.int64(),

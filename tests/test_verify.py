@@ -14,10 +14,8 @@ from kandinsky_batch.output.poster import poster
 from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.layout import object_key, poster_key
 from kandinsky_batch.output.verify import VerifyError, verify
-from tests.fixtures_cli import one_botocore_loader  # noqa: F401  (the fixture pytestmark names)
 from tests.helpers import compact
 
-pytestmark = pytest.mark.usefixtures("one_botocore_loader")
 
 
 def make_output(uri: str, options: dict | None, posters: bool = True) -> Storage:
