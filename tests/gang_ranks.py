@@ -2,7 +2,8 @@
 
 One pair of rank processes renders every gang of a world size in turn (a fresh process group and renderer each),
 so the suite pays their interpreter start and imports once: `run_gangs`. With `oracle=True`, rank 0 also renders
-the requests with plain diffusers in its own process, on the same numerics (the host's own BLAS path, say)."""
+the requests with plain diffusers in its own process, on the same numerics (the host's own BLAS path, say); with
+`preset_probe`, the ranks > 0 also try to build a tiny preset while in the process group."""
 
 from __future__ import annotations
 
@@ -38,7 +39,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world_size, jobs, ports, cache, queue, oracle):
+def _probe_preset(cache: str) -> str:
+    """What building a tiny preset under `cache` gives on this rank of a process group: "ok" or the error."""
+    from pipelines.tiny import ensure_tiny
+
+    try:
+        ensure_tiny(cache, 0, "tiny-sr", "pipelines.tiny_sr:build_tiny_sr_pipeline")
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - reported to the test process
+        return repr(exc)
+
+
+def _rank_main(rank, world_size, jobs, ports, cache, queue, oracle, preset_probe):
     import os
 
     os.environ["KANDINSKY_BATCH_CACHE"] = cache
@@ -54,6 +66,8 @@ def _rank_main(rank, world_size, jobs, ports, cache, queue, oracle):
         for (name, (spec, requests, options)), port in zip(jobs.items(), ports):
             assert spec.world_size == world_size, (name, spec)
             init_gang(rank, world_size, "127.0.0.1", port, "cpu", timeout_s=120)
+            if preset_probe and rank and "preset_probe" not in results:
+                results["preset_probe"] = _probe_preset(preset_probe)
             gang = open_gang("tiny", spec, rank, device="cpu", options=options or RenderOptions())
             results[name] = [gang.render(r) for r in requests]
             gang.close()
@@ -71,16 +85,17 @@ def _rank_main(rank, world_size, jobs, ports, cache, queue, oracle):
         queue.put((rank, None, repr(exc)))
 
 
-def run_gangs(jobs: dict, cache: str, oracle: bool = False) -> dict:
+def run_gangs(jobs: dict, cache: str, oracle: bool = False, preset_probe: str | None = None) -> dict:
     """Rank 0's frames per gang of `jobs` (name -> (spec, requests, options), one world size), rendered in turn by
-    one set of spawned rank processes; with `oracle`, also `["oracle"][name]`: plain diffusers in rank 0's process."""
+    one set of spawned rank processes; with `oracle`, also `["oracle"][name]`: plain diffusers in rank 0's process;
+    with `preset_probe` (a cache directory), also `["preset_probe"][rank]`: each rank > 0's `_probe_preset`."""
     world_size = {spec.world_size for spec, _, _ in jobs.values()}
     assert len(world_size) == 1, world_size
     world_size = world_size.pop()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     ports = [free_port() for _ in jobs]
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, jobs, ports, cache, queue, oracle))
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, jobs, ports, cache, queue, oracle, preset_probe))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -93,7 +108,8 @@ def run_gangs(jobs: dict, cache: str, oracle: bool = False) -> dict:
                 p.kill()
     errors = {rank: err for rank, (_, err) in results.items() if err}
     assert not errors, errors
+    probes = {rank: out.pop("preset_probe") for rank, (out, _) in results.items() if "preset_probe" in out}
     for rank, (out, _) in results.items():
         if rank:
             assert all(frames == [None] * len(jobs[name][1]) for name, frames in out.items()), "only rank 0 writes"
-    return results[0][0]
+    return results[0][0] | ({"preset_probe": probes} if preset_probe else {})

@@ -1,15 +1,18 @@
 """Gangs through the whole job path on a local Ray (CPU ranks, gloo on loopback).
 
-Oracles: frames bit-identical to plain diffusers on one device; a killed rank loses nothing.
+Oracles: frames bit-identical to plain diffusers on one device (sequence parallel: within its tolerance); a killed
+rank loses nothing. Every rank is an actor that loads a real model, so three jobs run every gang shape once for
+the tests that read them: a mixed fleet (CFG 2 and SP 2 x CFG 2 groups), a sweep (single replicas beside a
+Kandinsky 6 CFG gang) and a NABLA SP 2 job whose gang loses a rank mid-row.
 """
 
+import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from kandinsky_batch.config.schema import ConfigError
@@ -19,8 +22,9 @@ from kandinsky_batch.job import run
 from kandinsky_batch.output.manifest import read_manifest
 from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.verify import verify
-from kandinsky_batch.output.video import decode
+from kandinsky_batch.output.video import decode, decode_npz
 from pipelines import ParallelSpec
+from tests.fixtures_gangs import nabla_pipe  # noqa: F401 - a fixture
 from tests.helpers import TINY_RENDER, assert_like_one_device, oracle, write_dataset
 from tests.test_faults import _render_workers
 
@@ -35,27 +39,19 @@ ROWS = [
 ]
 
 
-def _config(tmp_path, rows, extra=()):
+def _config(tmp_path, rows, extra=(), config=None):
     data = write_dataset(tmp_path / "prompts.parquet", rows)
-    return load_config(None, [f"input.path={data}", f"output.uri=file://{tmp_path / 'out'}", "output.format=npy",
-                              *TINY_RENDER, *extra])
+    return load_config(config, [f"input.path={data}", f"output.uri=file://{tmp_path / 'out'}", "output.format=npy",
+                                *TINY_RENDER, *extra])
 
 
-def _check_frames(tmp_path, tiny_pipe, spec: ParallelSpec):
-    storage = Storage(f"file://{tmp_path / 'out'}")
-    manifest = read_manifest(storage).to_pylist()
-    assert [r["status"] for r in manifest] == ["ok"] * len(manifest)
-    for row in manifest:
-        assert row["gang"] == spec.name
-        frames = decode(storage.get_bytes(storage.key_of(row["uri"])), "npy")
-        assert_like_one_device(frames, oracle(tiny_pipe, row), spec, row["id"])
-    assert verify(f"file://{tmp_path / 'out'}") == []
-    return manifest
+def _manifest(tmp_path) -> dict[str, dict]:
+    return {r["id"]: r for r in read_manifest(Storage(f"file://{tmp_path / 'out'}")).to_pylist()}
 
 
 # One job on a mixed fleet of two gang shapes, read by the tests below (SP 2 alone goes through the job path in the
-# killed-rank test, single replicas beside a gang in tests/test_sweep.py). 5 frames of 32x32 = 2 x 2 x 2 = 8
-# tokens fit `short`; 9 frames (3 latent frames) or 48x32 = 12 go to `long`.
+# killed-rank job). 5 frames of 32x32 = 2 x 2 x 2 = 8 tokens fit `short`; 9 frames (3 latent frames) or 48x32 = 12
+# go to `long`.
 SHAPES = {"short": ParallelSpec(cfg=True), "long": ParallelSpec(ulysses=2, cfg=True)}
 FLEET = ("cluster:\n  groups:\n"
          "    - {name: short, replicas: 1, max_tokens: 8, cfg_parallel: true}\n"
@@ -64,14 +60,11 @@ MIXED_ROWS = [*ROWS, {"id": "owl", "prompt": "an owl at dusk"}, {"id": "bus", "p
 
 
 @pytest.fixture(scope="module")
-def mixed_fleet(tmp_path_factory, ray_local, tiny_pipe):
+def mixed_fleet(tmp_path_factory, ray_local):
     tmp_path = tmp_path_factory.mktemp("mixed")
     (tmp_path / "fleet.yaml").write_text(FLEET)
-    data = write_dataset(tmp_path / "prompts.parquet", MIXED_ROWS)
-    cfg = load_config(str(tmp_path / "fleet.yaml"), [f"input.path={data}", f"output.uri=file://{tmp_path / 'out'}",
-                                                     "output.format=npy", *TINY_RENDER])
-    result = run(cfg, progress=False)
-    return tmp_path, result, {r["id"]: r for r in read_manifest(Storage(f"file://{tmp_path / 'out'}")).to_pylist()}
+    result = run(_config(tmp_path, MIXED_ROWS, config=str(tmp_path / "fleet.yaml")), progress=False)
+    return tmp_path, result, _manifest(tmp_path)
 
 
 @pytest.mark.parametrize("group", ["short", "long"], ids=["cfg2", "sp2xcfg2"])
@@ -101,85 +94,173 @@ def test_row_too_big_for_every_group_is_invalid(tmp_path, inprocess):
     cfg = _config(tmp_path, ROWS[:2])
     cfg.cluster.groups = [type(cfg.cluster.replica_groups()[0])(name="small", replicas=1, max_tokens=8)]
     result = run(cfg, progress=False)
-    manifest = {r["id"]: r for r in read_manifest(Storage(f"file://{tmp_path / 'out'}")).to_pylist()}
+    manifest = _manifest(tmp_path)
     assert (result.ok, result.invalid) == (1, 1)
     assert manifest["car"]["status"] == "invalid" and "max_tokens=8" in manifest["car"]["error"]
 
 
-def test_gang_member_killed_mid_row_is_recovered(tmp_path, ray_local, tiny_pipe):
-    rows = [{"id": f"r{i}", "prompt": f"scene {i}"} for i in range(8)]
-    cfg = _config(tmp_path, rows, ["cluster.replicas=1", "cluster.sequence_parallel=2", "cluster.max_attempts=5"])
+# A sweep whose models share the fleet: `single` on single-rank replicas, `k6` (Kandinsky 6, frames with sound) on
+# CFG-parallel gangs of 2. Three units: a single replica and the gang at once (the gang's pool is listed first, so
+# it wins the tie for the last two units and `single` starts one replica, not two).
+SWEEP_ROWS = [{"id": "talk", "prompt": "a man talking"}, {"id": "rain", "prompt": "rain", "guidance_scale": 1.0}]
+SWEEP = ("sweep.model=[{name: k6, path: tiny-k6, cluster: {cfg_parallel: true}}, {name: single, path: tiny}]",
+         "render.fps=24", "cluster.replicas=3")
+K6_SHAPE = ["model.path=tiny-k6", "render.fps=24", "render.num_frames=5", "cluster.replicas=1"]
+
+
+@pytest.fixture(scope="module")
+def sweep_job(tmp_path_factory, ray_local):
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    result = run(_config(tmp_path, SWEEP_ROWS, SWEEP), progress=False)
+    return tmp_path, result, _manifest(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def k6_clips(sweep_job) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """What the plain Kandinsky 6 pipeline renders on one device for each `k6` cell: (uint8 frames, waveform)."""
+    import torch
+    from diffusers import Kandinsky6TI2VAPipeline
+
+    from pipelines import resolve_model
+
+    pipe = Kandinsky6TI2VAPipeline.from_pretrained(resolve_model("tiny-k6"))
+    pipe.set_progress_bar_config(disable=True)
+    clips = {}
+    for row in sweep_job[2].values():
+        if row["model"] == "tiny-k6":
+            want = pipe(prompt=row["prompt"], negative_prompt=row["negative_prompt"], height=row["height"],
+                        width=row["width"], num_frames=5, num_inference_steps=row["num_inference_steps"],
+                        guidance_scale=row["guidance_scale"],
+                        generator=torch.Generator("cpu").manual_seed(row["seed"]), output_type="np")
+            clips[row["id"]] = (np.round(want.frames[0] * 255).astype(np.uint8), want.audio[:1])
+    return clips
+
+
+def test_a_model_of_a_sweep_can_run_as_a_gang_beside_single_replicas(sweep_job, tiny_pipe, k6_clips):
+    """One model on single-rank replicas, the other on CFG-parallel gangs of 2 (bit-identical to one device)."""
+    tmp_path, result, manifest = sweep_job
+    assert (result.rows, result.ok) == (4, 4)
+    storage = Storage(f"file://{tmp_path / 'out'}")
+    for row in manifest.values():
+        label = json.loads(row["sweep"])["model"]
+        assert row["gang"] == {"single": "1", "k6": "cfg2"}[label] and row["worker"].startswith(label + "/")
+        data = storage.get_bytes(storage.key_of(row["uri"]))
+        if label == "single":
+            np.testing.assert_array_equal(decode(data, "npy"), oracle(tiny_pipe, row), err_msg=row["id"])
+        else:
+            np.testing.assert_array_equal(decode_npz(data)[0], k6_clips[row["id"]][0], err_msg=row["id"])
+
+
+def test_kandinsky6_cfg_gang_renders_clips_with_sound_as_one_device(tmp_path, sweep_job, k6_clips):
+    """Kandinsky 6 in a CFG-parallel gang through the job path: each clip, frames and waveform, equals the plain
+    pipeline's on one device; sequence parallel (no plan for its fused video/audio blocks) is refused before Ray."""
+    out, result, manifest = sweep_job
+    assert result.ok == 4 and result.restarts == 0
+    storage = Storage(f"file://{out / 'out'}")
+    rows = [row for row in manifest.values() if row["model"] == "tiny-k6"]
+    assert sorted(r["id"] for r in rows) == ["rain__k6", "talk__k6"]
+    for row in rows:
+        assert row["gang"] == "cfg2"
+        frames, audio, _ = decode_npz(storage.get_bytes(storage.key_of(row["uri"])))
+        np.testing.assert_array_equal(frames, k6_clips[row["id"]][0], err_msg=row["id"])
+        np.testing.assert_array_equal(audio, k6_clips[row["id"]][1], err_msg=row["id"])
+    assert verify(f"file://{out / 'out'}") == []
+    with pytest.raises(ConfigError, match="sequence_parallel=2: Kandinsky 6 has no sequence-parallel plan"):
+        run(_config(tmp_path, SWEEP_ROWS, [*K6_SHAPE, "cluster.sequence_parallel=2"]), progress=False)
+
+
+# NABLA on an SP 2 gang, one of whose ranks is SIGKILLed mid-row: NABLA tiles 8x8 latent patches, so every row is
+# 128 px but `small` (invalid, not rendered); `a` is 9 frames (3 latent frames), the `scene` rows 5.
+NABLA_ROWS = [{"id": "a", "prompt": "a cat dancing", "num_frames": 9},
+              {"id": "small", "prompt": "a dog", "height": 64, "width": 64},
+              *({"id": f"scene{i}", "prompt": f"scene {i}"} for i in range(3))]
+NABLA_GANG = ["render.height=128", "render.width=128", "model.attention_type=nabla", "cluster.replicas=1",
+              "cluster.sequence_parallel=2"]
+
+
+@pytest.fixture(scope="module")
+def killed_gang(tmp_path_factory, ray_local):
+    tmp_path = tmp_path_factory.mktemp("killed")
     storage = Storage(f"file://{tmp_path / 'out'}")
     killed = []
 
     def kill_one_rank():
         # Once the gang has committed a row, kill one of its ranks while it is inside a render
         # (Ray retitles a busy actor process `ray::RenderWorker.render`).
+        # The process table is read only once a row is committed: it costs far more than a listing.
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            busy = [p for p in _render_workers() if " ".join(p.cmdline()).startswith("ray::RenderWorker.render")]
-            if storage.list("videos") and busy:
-                os.kill(busy[-1].pid, signal.SIGKILL)
-                killed.append(busy[-1].pid)
-                return
+            if storage.list("videos"):
+                busy = [p for p in _render_workers() if " ".join(p.cmdline()).startswith("ray::RenderWorker.render")]
+                if busy:
+                    os.kill(busy[-1].pid, signal.SIGKILL)
+                    killed.append(busy[-1].pid)
+                    return
             time.sleep(0.02)
 
     killer = threading.Thread(target=kill_one_rank, daemon=True)
     killer.start()
-    result = run(cfg, progress=False)
+    result = run(_config(tmp_path, NABLA_ROWS, [*NABLA_GANG, "cluster.max_attempts=5"]), progress=False)
     killer.join()
+    again = run(_config(tmp_path, NABLA_ROWS, NABLA_GANG), progress=False)
+    return tmp_path, result, killed, again
+
+
+@pytest.fixture(scope="module")
+def nabla_one_device(killed_gang, nabla_pipe) -> dict[str, np.ndarray]:
+    """Plain diffusers with NABLA on one device, per ok row of the killed gang's job."""
+    return {row["id"]: oracle(nabla_pipe, row) for row in _manifest(killed_gang[0]).values() if row["status"] == "ok"}
+
+
+def test_gang_member_killed_mid_row_is_recovered(killed_gang, nabla_one_device):
+    tmp_path, result, killed, again = killed_gang
     assert killed and result.restarts >= 1
-    manifest = _check_frames(tmp_path, tiny_pipe, ParallelSpec(ulysses=2))
-    assert len(manifest) == len(rows)
-    again = run(_config(tmp_path, rows, ["cluster.replicas=1", "cluster.sequence_parallel=2"]), progress=False)
+    manifest = _manifest(tmp_path)
+    assert len(manifest) == len(NABLA_ROWS)
+    storage = Storage(f"file://{tmp_path / 'out'}")
+    for row in manifest.values():
+        if row["id"] == "small":
+            continue  # invalid, not rendered (test_nabla_gang_job_records_approximate_sparse_attention)
+        assert row["status"] == "ok" and row["gang"] == "sp2"
+        frames = decode(storage.get_bytes(storage.key_of(row["uri"])), "npy")
+        assert_like_one_device(frames, nabla_one_device[row["id"]], ParallelSpec(ulysses=2), row["id"])
+    assert verify(f"file://{tmp_path / 'out'}") == []
     assert again.rendered == 0
+
+
+def test_nabla_gang_job_records_approximate_sparse_attention(killed_gang, nabla_one_device):
+    manifest = _manifest(killed_gang[0])
+    ok, small = manifest["a"], manifest["small"]
+    assert ok["status"] == "ok" and ok["approximate"] is True and ok["gang"] == "sp2"
+    assert json.loads(ok["options"]) == {"attention_backend": "flex", "attention_type": "nabla"}
+    assert_like_one_device(np.load(ok["uri"].removeprefix("file://")), nabla_one_device["a"], ParallelSpec(ulysses=2))
+    # NABLA tiles 8x8 latent patches: 64 px is not a multiple of 128, so the row is invalid, not rendered.
+    assert small["status"] == "invalid" and "multiple of 128" in small["error"]
 
 
 @pytest.mark.parametrize("override, key", [
     (["cluster.sequence_parallel=3"], "cluster.sequence_parallel=3"),
     (["cluster.sequence_parallel=8", "cluster.cfg_parallel=true"], "cluster.sequence_parallel=8"),
 ])
-def test_invalid_degree_is_refused_before_ray_starts(tmp_path, override, key):
+def test_invalid_degree_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys, override, key):
+    import ray
+
+    from kandinsky_batch.cli import main
+    from kandinsky_batch.fleet import cluster
+
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
         run(_config(tmp_path, ROWS, override), progress=False)
     assert "4 attention heads" in str(err.value)
     if key != "cluster.sequence_parallel=3":
         return  # the CLI path below is the same for every bad degree: run it once
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("no Ray may start for a config error")
+
+    monkeypatch.setattr(cluster, "connect", no_ray)
+    monkeypatch.setattr(ray, "init", no_ray)
     data = write_dataset(tmp_path / "p.parquet", ROWS)
-    proc = subprocess.run([sys.executable, "-m", "kandinsky_batch", "run", "configs/tiny.yaml", f"input.path={data}",
-                           f"output.uri={tmp_path / 'cli'}", *override], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: ") and key in proc.stderr
-    assert not (tmp_path / "ray").exists(), "no Ray may start for a config error"
-
-
-def test_kandinsky6_cfg_gang_renders_clips_with_sound_as_one_device(tmp_path, ray_local):
-    """Kandinsky 6 in a CFG-parallel gang through the job path: each clip, frames and waveform, equals the plain
-    pipeline's on one device; sequence parallel (no plan for its fused video/audio blocks) is refused before Ray."""
-    import numpy as np
-    import torch
-    from diffusers import Kandinsky6TI2VAPipeline
-
-    from kandinsky_batch.output.video import decode_npz
-    from pipelines import resolve_model
-
-    rows = [{"id": "talk", "prompt": "a man talking"}, {"id": "rain", "prompt": "rain", "guidance_scale": 1.0}]
-    shape = ["model.path=tiny-k6", "render.fps=24", "render.num_frames=5", "cluster.replicas=1"]
-    result = run(_config(tmp_path, rows, [*shape, "cluster.cfg_parallel=true"]), progress=False)
-    assert result.ok == 2 and result.restarts == 0
-    storage = Storage(f"file://{tmp_path / 'out'}")
-    pipe = Kandinsky6TI2VAPipeline.from_pretrained(resolve_model("tiny-k6"))
-    pipe.set_progress_bar_config(disable=True)
-    for row in read_manifest(storage).to_pylist():
-        assert row["gang"] == "cfg2"
-        frames, audio, _ = decode_npz(storage.get_bytes(storage.key_of(row["uri"])))
-        want = pipe(prompt=row["prompt"], negative_prompt=row["negative_prompt"], height=row["height"],
-                    width=row["width"], num_frames=5, num_inference_steps=row["num_inference_steps"],
-                    guidance_scale=row["guidance_scale"], generator=torch.Generator("cpu").manual_seed(row["seed"]),
-                    output_type="np")
-        np.testing.assert_array_equal(frames, np.round(want.frames[0] * 255).astype(np.uint8), err_msg=row["id"])
-        np.testing.assert_array_equal(audio, want.audio[:1], err_msg=row["id"])
-    assert verify(f"file://{tmp_path / 'out'}") == []
-    with pytest.raises(ConfigError, match="sequence_parallel=2: Kandinsky 6 has no sequence-parallel plan"):
-        run(_config(tmp_path, rows, [*shape, "cluster.sequence_parallel=2"]), progress=False)
+    code = main(["run", os.path.join(ROOT, "configs/tiny.yaml"), f"input.path={data}", f"output.uri={tmp_path / 'cli'}", *override])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and key in err

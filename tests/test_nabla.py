@@ -4,10 +4,9 @@ On CPU, eager flex attention computes every score and applies only the mask func
 sparsity is honoured by the compiled GPU kernel), so frame equality alone cannot show that a gang
 builds the right mask. The mask property the gang relies on is tested directly: NABLA's mask is per
 head, so building it from the whole sequence for a slice of heads (what a Ulysses rank does) gives
-exactly that slice of the single-device mask.
+exactly that slice of the single-device mask. A gang's frames against plain diffusers with NABLA: in the model layer
+(tests/test_parallel.py) and through a job on Ray (tests/test_gangs.py).
 """
-
-import json
 
 import numpy as np
 import pytest
@@ -17,38 +16,10 @@ from kandinsky_batch.config.schema import ConfigError
 
 from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from kandinsky_batch.output.manifest import read_manifest
-from kandinsky_batch.output.storage import Storage
-from pipelines import ParallelSpec
-from pipelines.render_common import set_attention_backend
-from tests.helpers import TINY_RENDER, assert_like_one_device, oracle, write_dataset
+from tests.fixtures_gangs import nabla_pipe  # noqa: F401 - a fixture
+from tests.helpers import oracle, write_dataset
 from tests.gang_ranks import NABLA
 from tests.gang_ranks import NABLA_REQUESTS as REQUESTS
-
-
-@pytest.fixture(scope="module")
-def nabla_pipe(model_cache):
-    """Plain diffusers with NABLA switched on the way its docs say: config + flex backend."""
-    from diffusers import Kandinsky5T2VPipeline
-
-    from pipelines import resolve_model
-
-    pipe = Kandinsky5T2VPipeline.from_pretrained(resolve_model("tiny"))
-    pipe.set_progress_bar_config(disable=True)
-    enable_nabla_as_documented(pipe)
-    return pipe
-
-
-def enable_nabla_as_documented(pipe) -> None:
-    """NABLA on a plain pipeline with diffusers' own processors (the oracle never runs ours)."""
-    from pipelines.nabla import NABLA_DEFAULTS
-
-    pipe.transformer.register_to_config(attention_type="nabla",
-                                        **{f"attention_{k}": v for k, v in NABLA_DEFAULTS.items()})
-    pipe.transformer.attention_type = "nabla"
-    # `pipe.transformer.set_attention_backend("flex")`, which also makes flex the process default for every model
-    # loaded later (the other tests' oracles): the helper calls it and puts the default back.
-    set_attention_backend(pipe.transformer, "flex")
 
 
 def test_a_head_slice_of_the_mask_is_the_mask_of_that_head_slice():
@@ -106,16 +77,6 @@ def test_nabla_renders_as_plain_diffusers(model_cache, nabla_pipe):
     assert np.array_equal(renderer.render(request), oracle(nabla_pipe, request.__dict__))
 
 
-# SP 2 x CFG 2 composes this with CFG parallel's branch exchange, which no attention processor touches
-# (tests/test_parallel.py runs that shape): SP 2 alone here.
-def test_sequence_parallel_nabla_matches_a_single_device(cpu_gangs, nabla_pipe, record_property):
-    """The stock processor would build the mask from a 160-token shard (and fail to tile it by 64)."""
-    spec = ParallelSpec(ulysses=2)
-    frames = cpu_gangs.frames["sp2-nabla"]
-    exact = [assert_like_one_device(got, oracle(nabla_pipe, r.__dict__), spec, r) for r, got in zip(REQUESTS, frames)]
-    record_property("bit_identical", f"{sum(exact)}/{len(exact)}")
-
-
 @pytest.mark.parametrize("overrides, message", [
     (["model.attention_type=sparse"], "model.attention_type='sparse'"),
     (["model.nabla_args={P: 1.5}"], "model.nabla_args.P=1.5"),
@@ -138,21 +99,3 @@ def test_nabla_options_the_model_cannot_run_are_refused_before_ray(tmp_path, mod
     with pytest.raises(ConfigError, match=message):
         run(cfg, progress=False)
     assert not (tmp_path / "out").exists(), "nothing started"
-
-
-@pytest.mark.slow
-def test_nabla_gang_job_records_approximate_sparse_attention(tmp_path, ray_local, nabla_pipe):
-    rows = [{"id": "a", "prompt": "a cat dancing", "height": 128, "width": 128, "num_frames": 9},
-            {"id": "small", "prompt": "a dog", "height": 64, "width": 64}]
-    data = write_dataset(tmp_path / "p.parquet", rows)
-    uri = f"file://{tmp_path / 'out'}"
-    cfg = load_config(None, [f"input.path={data}", f"output.uri={uri}", "output.format=npy", *TINY_RENDER,
-                             "model.attention_type=nabla", "cluster.sequence_parallel=2", "cluster.replicas=1"])
-    run(cfg, progress=False)
-    manifest = {r["id"]: r for r in read_manifest(Storage(uri)).to_pylist()}
-    ok, small = manifest["a"], manifest["small"]
-    assert ok["status"] == "ok" and ok["approximate"] is True and ok["gang"] == "sp2"
-    assert json.loads(ok["options"]) == {"attention_backend": "flex", "attention_type": "nabla"}
-    assert_like_one_device(np.load(ok["uri"].removeprefix("file://")), oracle(nabla_pipe, ok), ParallelSpec(ulysses=2))
-    # NABLA tiles 8x8 latent patches: 64 px is not a multiple of 128, so the row is invalid, not rendered.
-    assert small["status"] == "invalid" and "multiple of 128" in small["error"]

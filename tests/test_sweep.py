@@ -2,8 +2,9 @@
 
 The config and expansion tests run the streaming front end without Ray (the simulated model's limits); the
 end-to-end test renders a sweep of two tiny models x 2 step counts x 3 seeds with in-process replicas and checks
-every cell against plain diffusers for its model, seed and parameters, then adds a seed; a sweep of a single-replica
-model beside a gang model runs on a real local Ray (two models sharing the fleet, a gang placed beside single actors).
+every cell against plain diffusers for its model, seed and parameters, then adds a seed. A sweep of a single-replica
+model beside a gang model (two models sharing the fleet, a gang placed beside single actors) runs on a real local Ray
+in tests/test_gangs.py, where the gang tests share their actors.
 """
 
 from __future__ import annotations
@@ -194,18 +195,3 @@ def test_a_two_model_sweep_renders_each_cell_once_on_its_model_as_plain_diffuser
     new = [r for r in read_manifest(storage).to_pylist() if r["id"].endswith("__seed-3")]
     assert len(new) == 8 and all(r["status"] == "ok" for r in new)
     assert verify(cfg.output.uri) == []
-
-
-@pytest.mark.slow
-def test_a_model_of_a_sweep_can_run_as_a_gang_beside_single_replicas(tmp_path, ray_local, tiny_pipe):
-    """One model on single-rank replicas, the other on CFG-parallel gangs of 2 (bit-identical to one device)."""
-    cfg = _cfg(tmp_path, *TINY_RENDER, "model.path=tiny", "output.format=npy", "cluster.replicas=2",
-               "sweep.model=[{name: single, path: tiny},{name: gang, path: tiny, cluster: {cfg_parallel: true}}]")
-    result = run(cfg, progress=False)
-    assert (result.rows, result.ok) == (4, 4)
-    storage = Storage(cfg.output.uri)
-    for row in read_manifest(storage).to_pylist():
-        label = json.loads(row["sweep"])["model"]
-        assert row["gang"] == {"single": "1", "gang": "cfg2"}[label] and row["worker"].startswith(label + "/")
-        frames = decode(storage.get_bytes(storage.key_of(row["uri"])), "npy")
-        np.testing.assert_array_equal(frames, oracle(tiny_pipe, row), err_msg=row["id"])
