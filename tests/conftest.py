@@ -151,6 +151,27 @@ def tiny_pipe(model_cache):
     return pipe
 
 
+@pytest.fixture(scope="session")
+def nabla_pipe(model_cache):
+    """Plain diffusers with NABLA switched on the way its docs say (config + flex backend): the NABLA oracle of the
+    model-layer, gang-job and NABLA tests, loaded once per session."""
+    from diffusers import Kandinsky5T2VPipeline
+
+    from pipelines import resolve_model
+    from pipelines.nabla import NABLA_DEFAULTS
+    from pipelines.render_common import set_attention_backend
+
+    pipe = Kandinsky5T2VPipeline.from_pretrained(resolve_model("tiny"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.register_to_config(attention_type="nabla",
+                                        **{f"attention_{k}": v for k, v in NABLA_DEFAULTS.items()})
+    pipe.transformer.attention_type = "nabla"
+    # `pipe.transformer.set_attention_backend("flex")`, which also makes flex the process default for every model
+    # loaded later (the other tests' oracles): the helper calls it and puts the default back.
+    set_attention_backend(pipe.transformer, "flex")
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def ray_local(model_cache) -> Iterator[None]:
     """A loopback-only local Ray for a module's tests; jobs run in-process join it instead of starting their own.
@@ -209,7 +230,7 @@ class CpuGangs:
 @pytest.fixture(scope="session")
 def cpu_gangs(model_cache, tmp_path_factory) -> CpuGangs:
     """Rank 0's frames of every gang in `tests.gang_ranks.PINNED_GANGS`, on the replicas' pinned numerics, rendered
-    once per session by one pair of spawned rank processes (tests/test_parallel.py, tests/test_nabla.py). Under
+    once per session by one pair of spawned rank processes (tests/test_parallel.py). Under
     pytest-xdist the first worker to ask renders them and leaves them in the run's temp root for the other."""
     import pickle
 

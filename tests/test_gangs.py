@@ -24,7 +24,6 @@ from kandinsky_batch.output.storage import Storage
 from kandinsky_batch.output.verify import verify
 from kandinsky_batch.output.video import decode, decode_npz
 from pipelines import ParallelSpec
-from tests.fixtures_gangs import nabla_pipe  # noqa: F401 - a fixture
 from tests.helpers import TINY_RENDER, assert_like_one_device, oracle, write_dataset
 from tests.test_faults import _render_workers
 

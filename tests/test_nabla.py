@@ -16,7 +16,6 @@ from kandinsky_batch.config.schema import ConfigError
 
 from kandinsky_batch.config.load import load_config
 from kandinsky_batch.job import run
-from tests.fixtures_gangs import nabla_pipe  # noqa: F401 - a fixture
 from tests.helpers import oracle, write_dataset
 from tests.gang_ranks import NABLA
 from tests.gang_ranks import NABLA_REQUESTS as REQUESTS

@@ -8,7 +8,6 @@ host's own fastest one (AVX-512 on an Intel Xeon), where shard GEMMs round diffe
 import pytest
 
 from pipelines import CPU_NUMERICS_ENV, ParallelSpec
-from tests.fixtures_gangs import nabla_pipe  # noqa: F401 - a fixture
 from tests.gang_ranks import NABLA_REQUESTS
 from tests.gang_ranks import PARALLEL_REQUESTS as REQUESTS
 from tests.gang_ranks import run_gangs
