@@ -105,7 +105,7 @@ def test_job_through_the_simulated_model(tmp_path, inprocess):
 @pytest.mark.slow
 def test_a_job_feeds_its_live_metrics(tmp_path, inprocess, monkeypatch):
     """Every committed row is counted by status, and queue depth, busy fractions and the rate are set."""
-    import kandinsky_batch.job as job
+    import kandinsky_batch.progress as progress
     from kandinsky_batch.fleet.metrics import JobMetrics
 
     made = []
@@ -124,8 +124,8 @@ def test_a_job_feeds_its_live_metrics(tmp_path, inprocess, monkeypatch):
             self.queued_seen.append(count)
             super().queued(count)
 
-    monkeypatch.setattr(job, "JobMetrics", Recording)
-    monkeypatch.setattr(job, "METRICS_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "JobMetrics", Recording)
+    monkeypatch.setattr(progress, "METRICS_SECONDS", 0.0)
     rows = [{"id": f"r{i}", "prompt": f"prompt {i}"} for i in range(12)] + [{"id": "blank", "prompt": " "}]
     data = write_dataset(tmp_path / "prompts.parquet", rows)
     cfg = load_config(None, [f"input.path={data}", f"output.uri=file://{tmp_path / 'out'}", "output.format=npy",
