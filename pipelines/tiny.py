@@ -11,6 +11,7 @@ Its videos are noise: the weights are random.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -86,8 +87,9 @@ def qwen_bpe_ranks() -> str:
     return str(path)
 
 
+@functools.cache  # ~2.5 CPU-s of pure Python per call, and a process building several presets needs it for each
 def _vocab_and_merges(ranks_path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level BPE ranks as a vocabulary and one merge per multi-byte token, in rank order.
+    """Byte-level BPE ranks as a vocabulary and one merge per multi-byte token, in rank order (callers copy them).
 
     A token's merge is the pair that byte-pair encoding of its bytes with the lower ranks ends on: the
     151,387 merges of Qwen2's own merges.txt. (transformers' TikTokenConverter lists every valid split,
@@ -118,7 +120,7 @@ def build_qwen_tokenizer():
     from transformers import Qwen2Tokenizer
 
     vocab, merges = _vocab_and_merges(qwen_bpe_ranks())
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)  # adds <|endoftext|> as id 151643
+    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges))  # adds <|endoftext|> as id 151643
     tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL])
     ids = tokenizer.convert_tokens_to_ids(QWEN_SPECIAL)
     if ids != list(range(len(vocab), len(vocab) + len(QWEN_SPECIAL))):

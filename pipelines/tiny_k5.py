@@ -39,8 +39,13 @@ def _t2v_components() -> dict:
 
 
 def _shared(*names: str) -> dict:
-    """Fresh copies of `tiny`'s components, so pipelines built in one process share no module."""
-    return {name: copy.deepcopy(_t2v_components()[name]) for name in names}
+    """`tiny`'s components: fresh copies of its modules, so pipelines built in one process share no weights; its
+    tokenizers as they are (never changed by a pipeline; a copy of the Qwen processor costs as much as its build)."""
+    import torch
+
+    parts = _t2v_components()
+    return {name: copy.deepcopy(parts[name]) if isinstance(parts[name], torch.nn.Module) else parts[name]
+            for name in names}
 
 
 def _transformer(seed: int, visual_cond: bool):

@@ -78,12 +78,13 @@ def build_tiny_k6_pipeline(seed: int = 0, distilled: bool = False):
     )
     from transformers import Qwen2_5_VLProcessor
 
-    from pipelines.tiny import build_tiny_pipeline
+    from pipelines.tiny_k5 import _shared
 
-    # Kandinsky 5's tiny text encoders, tokenizers and video VAE; its transformer is dropped.
-    k5 = build_tiny_pipeline(0)
-    processor = Qwen2_5_VLProcessor(image_processor=k5.tokenizer.image_processor, tokenizer=k5.tokenizer.tokenizer,
-                                    video_processor=k5.tokenizer.video_processor, chat_template=QWEN_VL_CHAT_TEMPLATE)
+    # Kandinsky 5's tiny text encoders, tokenizers and video VAE (built once per process, as for the K5 kinds).
+    k5 = _shared("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    qwen = k5["tokenizer"]
+    processor = Qwen2_5_VLProcessor(image_processor=qwen.image_processor, tokenizer=qwen.tokenizer,
+                                    video_processor=qwen.video_processor, chat_template=QWEN_VL_CHAT_TEMPLATE)
     config = dict(TRANSFORMER)
     if distilled:
         config.update(out_visual_dim=config["in_visual_dim"] * PIFLOW_GRID,
@@ -98,8 +99,8 @@ def build_tiny_k6_pipeline(seed: int = 0, distilled: bool = False):
     scheduler = (PiflowScheduler(shift=SCHEDULER_SHIFT, n_grid=PIFLOW_GRID) if distilled
                  else FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT))
     return Kandinsky6TI2VAPipeline(
-        transformer=transformer.eval(), vae=k5.vae, text_encoder=k5.text_encoder, tokenizer=processor,
-        text_encoder_2=k5.text_encoder_2, tokenizer_2=k5.tokenizer_2, scheduler=scheduler,
+        transformer=transformer.eval(), vae=k5["vae"], text_encoder=k5["text_encoder"], tokenizer=processor,
+        text_encoder_2=k5["text_encoder_2"], tokenizer_2=k5["tokenizer_2"], scheduler=scheduler,
         audio_vae=audio_vae.eval(), vocoder=vocoder.eval(),
     )
 

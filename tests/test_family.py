@@ -15,22 +15,22 @@ from diffusers.pipelines.kandinsky5.pipeline_kandinsky import prompt_clean
 from PIL import Image
 from transformers import AutoProcessor
 
-from pipelines import RenderOptions, RenderRequest, Renderer, load_spec, to_uint8
+from pipelines import RenderOptions, RenderRequest, Renderer, load_spec, resolve_model, to_uint8
 from pipelines.limits import (
     I2I_HEAD_TOKENS, I2I_MAX_SEQUENCE_LENGTH, I2V_MIN_FRAMES, T2I_SIZES, TEMPLATE_TOKENS, image_size,
     k5_i2i_count_tokens, k5_i2i_image_tokens, k5_row_rules, k5_spec_fields,
 )
 from pipelines.render_common import decode_image
-from pipelines.tiny_k5 import build_tiny_k5, save_tiny_k5
+from pipelines.tiny_k5 import build_tiny_k5
 
 CLASSES = {"i2v": Kandinsky5I2VPipeline, "t2i": Kandinsky5T2IPipeline, "i2i": Kandinsky5I2IPipeline}
 W, H = T2I_SIZES[1]  # 640x1408: the T2I size with the fewest pixels
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("k5")
-    return {kind: str(save_tiny_k5(kind, root / kind)) for kind in CLASSES}
+def saved(model_cache) -> dict:
+    """The presets as every job gets them (`resolve_model`: built by the kind's builder, saved, cached per node)."""
+    return {kind: resolve_model(f"tiny-{kind}") for kind in CLASSES}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def _oracle(pipe, request: RenderRequest, **override) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["i2v", "t2i", "i2i"])
-def test_preset_round_trips_with_the_real_component_classes(kind, saved):
+def test_preset_round_trips_with_the_real_component_classes(kind, saved, plain):
     index = json.loads(open(f"{saved[kind]}/model_index.json").read())
     assert index["_class_name"] == CLASSES[kind].__name__
     assert index["transformer"] == ["diffusers", "Kandinsky5Transformer3DModel"]
@@ -87,7 +87,7 @@ def test_preset_round_trips_with_the_real_component_classes(kind, saved):
     assert index["text_encoder_2"] == ["transformers", "CLIPTextModel"]
     assert index["tokenizer_2"] == ["transformers", "CLIPTokenizer"]
     assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-    loaded, built = CLASSES[kind].from_pretrained(saved[kind]), build_tiny_k5(kind)
+    loaded, built = plain[kind], build_tiny_k5(kind)  # `plain`: the preset loaded with its kind's class
     # I2V's transformer takes latents + zero conditioning + first-frame mask (33 channels), as the hub's does;
     # I2I's takes latents + the image's latents + a mask of ones (33 too).
     assert loaded.transformer.config.visual_cond is (kind in ("i2v", "i2i"))

@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +19,14 @@ from pipelines.limits_k6 import (
 )
 from pipelines.render_k6 import K6Renderer
 from pipelines.request import DEFAULT_NEGATIVE_PROMPT, RenderOptions, RenderRequest
-from pipelines.tiny_k6 import QWEN_VL_CHAT_TEMPLATE, build_tiny_k6_pipeline, save_tiny_k6
+from pipelines.resolve import resolve_model
+from pipelines.tiny_k6 import QWEN_VL_CHAT_TEMPLATE, build_tiny_k6_pipeline
 
 
 @pytest.fixture(scope="module")
-def k6_dir(tmp_path_factory):
-    return save_tiny_k6(tmp_path_factory.mktemp("tiny-k6"))
+def k6_dir(model_cache) -> Path:
+    """The preset as every job gets it (`resolve_model`: built by its builder, saved, cached per node)."""
+    return Path(resolve_model("tiny-k6"))
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """The whole family through `job.run`: text-to-image, image-to-video and Kandinsky 6 (video with sound),
 each against plain diffusers for its kind (the seed contract), with images checked row by row, resume and verify.
 
-Image-to-video runs on a real local Ray (images read by URI inside the actors); the other kinds in-process
-(`inprocess`). Kandinsky 6 also runs on Ray in tests/test_gangs.py, and an upscale in tests/test_sr.py.
+Every kind runs its job on one in-process replica (`inprocess`: the same worker and queue, images read by URI
+inside the worker; one replica, a model load each, as which replica renders a row is not checked here). Kandinsky 6
+also runs on Ray in tests/test_gangs.py, and an upscale in tests/test_sr.py.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pipelines import resolve_model, to_uint8
 from tests.helpers import write_dataset
 
 pytestmark = pytest.mark.slow
-SIZE = ["render.height=32", "render.width=32", "render.num_inference_steps=2", "render.fps=8", "cluster.replicas=2"]
+SIZE = ["render.height=32", "render.width=32", "render.num_inference_steps=2", "render.fps=8", "cluster.replicas=1"]
 
 
 def _png(color, size=(48, 40)) -> bytes:
@@ -174,8 +175,7 @@ def test_kandinsky6_renders_video_with_sound_as_plain_diffusers(tmp_path, inproc
     # One row is enough for what the container and the options add (the rows above cover the kinds of row).
     one = write_dataset(tmp_path / "one.parquet", [{"id": "talk", "prompt": "a man talking"}])
     mp4 = load_config(None, [f"input.path={one}", f"output.uri={tmp_path / 'mp4'}", *SIZE,
-                             "model.path=tiny-k6", "render.num_frames=5", "render.fps=24", "model.expand_prompts=true",
-                             "cluster.replicas=1"])
+                             "model.path=tiny-k6", "render.num_frames=5", "render.fps=24", "model.expand_prompts=true"])
     assert run(mp4, progress=False).ok == 1
     storage, manifest = _objects(mp4)
     for rid, row in manifest.items():
@@ -188,7 +188,7 @@ def test_kandinsky6_renders_video_with_sound_as_plain_diffusers(tmp_path, inproc
     # Video alone (the pipeline's video-only mode: other frames, no sound), raw frames in an .npy.
     silent = load_config(None, [f"input.path={one}", f"output.uri={tmp_path / 'silent'}", *SIZE,
                                 "model.path=tiny-k6", "render.num_frames=5", "render.fps=24", "output.format=npy",
-                                "model.sample_audio=false", "cluster.replicas=1"])
+                                "model.sample_audio=false"])
     assert run(silent, progress=False).ok == 1
     storage, manifest = _objects(silent)
     row = manifest["talk"]

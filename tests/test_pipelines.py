@@ -7,15 +7,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import Kandinsky5T2VPipeline
 
 from pipelines import DEFAULT_NEGATIVE_PROMPT, RenderRequest, Renderer, load_spec, resolve_model, save_tiny
 from tests.helpers import oracle
 
 
-def test_tiny_saves_in_diffusers_format_with_the_real_component_classes(tmp_path):
-    save_tiny(tmp_path / "tiny")
-    index = json.loads((tmp_path / "tiny" / "model_index.json").read_text())
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A build of `tiny` of this process's own, saved apart from the node cache's."""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def renderer(model_cache) -> Renderer:
+    return Renderer("tiny")
+
+
+def test_tiny_saves_in_diffusers_format_with_the_real_component_classes(built):
+    index = json.loads((built / "model_index.json").read_text())
     assert index["_class_name"] == "Kandinsky5T2VPipeline"
     assert index["transformer"] == ["diffusers", "Kandinsky5Transformer3DModel"]
     assert index["vae"] == ["diffusers", "AutoencoderKLHunyuanVideo"]
@@ -24,16 +33,15 @@ def test_tiny_saves_in_diffusers_format_with_the_real_component_classes(tmp_path
     assert index["text_encoder_2"] == ["transformers", "CLIPTextModel"]
     assert index["tokenizer_2"] == ["transformers", "CLIPTokenizer"]
     assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-    assert list((tmp_path / "tiny" / "transformer").glob("*.safetensors")), "weights must be safetensors"
-    assert not list((tmp_path / "tiny").rglob("*.bin"))
+    assert list((built / "transformer").glob("*.safetensors")), "weights must be safetensors"
+    assert not list(built.rglob("*.bin"))
 
 
-def test_tiny_build_is_deterministic(tmp_path, model_cache):
+def test_tiny_build_is_deterministic(built, model_cache):
     """Two builds give identical weights, so every node's cached `tiny` is the same model."""
-    save_tiny(tmp_path / "again")
     cached = resolve_model("tiny")
     for component in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        [a] = (tmp_path / "again" / component).glob("*.safetensors")
+        [a] = (built / component).glob("*.safetensors")
         [b] = (Path(cached) / component).glob("*.safetensors")
         assert a.read_bytes() == b.read_bytes(), component
 
@@ -43,8 +51,8 @@ def test_tiny_build_is_deterministic(tmp_path, model_cache):
     RenderRequest("a dog running on the beach", "blurry", 48, 32, 9, 3, 3.5, 2**63 - 1),
     RenderRequest("no guidance", None, 32, 48, 1, 2, 1.0, 12345),
 ])
-def test_renderer_equals_plain_diffusers(request_, tiny_pipe):
-    frames = Renderer("tiny").render(request_)
+def test_renderer_equals_plain_diffusers(request_, renderer, tiny_pipe):
+    frames = renderer.render(request_)
     assert frames.dtype == np.uint8
     assert frames.shape == (request_.num_frames, request_.height, request_.width, 3)
     row = {**request_.__dict__}
@@ -96,8 +104,9 @@ def test_prompt_token_count_matches_the_pipelines_truncation_rule(tiny_pipe, cap
     assert _truncation_warned(tiny_pipe, over, caplog)
 
 
-def test_tiny_loads_with_plain_diffusers(model_cache):
-    pipe = Kandinsky5T2VPipeline.from_pretrained(resolve_model("tiny"))
+def test_tiny_loads_with_plain_diffusers(tiny_pipe):
+    """`tiny_pipe` is the preset loaded with `Kandinsky5T2VPipeline.from_pretrained` (tests/conftest.py)."""
+    pipe = tiny_pipe
     assert type(pipe).__name__ == "Kandinsky5T2VPipeline"
     assert pipe.transformer.config.model_dim == 64
 

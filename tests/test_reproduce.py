@@ -45,8 +45,9 @@ def outputs(tmp_path_factory, model_cache):
 
 
 def test_every_committed_row_reproduces_equal(outputs, capsys):
+    """The npy output's `plain` row reproduces equal in a process of its own (the re-exec test below)."""
     npy, mp4 = outputs
-    for uri, row_id in ((npy, "plain"), (npy, "seeded"), (mp4, "plain")):
+    for uri, row_id in ((npy, "seeded"), (mp4, "plain")):
         assert main(["reproduce", uri, row_id]) == 0, row_id
         out = capsys.readouterr().out
         assert out.rstrip().endswith("\nequal"), out
