@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-from pathlib import Path
 
 from pipelines.kinds import KINDS as REGISTRY
 from pipelines.limits import k5_spec_fields  # noqa: F401  (the limits of a checkpoint of these kinds)
@@ -104,12 +102,3 @@ def build_tiny_k5(kind: str, seed: int = 0):
     if kind not in BUILDERS:
         raise ValueError(f"kind={kind!r}: the Kandinsky 5 tiny presets are {', '.join(KINDS)}")
     return globals()[BUILDERS[kind]](seed)
-
-
-def save_tiny_k5(kind: str, directory: str | os.PathLike, seed: int = 0) -> Path:
-    """Build the tiny pipeline of `kind` and write it to `directory` in diffusers format (safetensors)."""
-    pipe = build_tiny_k5(kind, seed)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(directory, safe_serialization=True)
-    return directory

@@ -19,8 +19,6 @@ PiflowScheduler (n_grid 10, shift 5.0), whose transformer predicts n_grid output
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 # Transformer dims: 4 video heads of 16 (like `tiny`, so sequence-parallel degrees 2 and 4 divide them) and an audio
 # branch of half the width with the same head size, as Lite (28 + 14 heads of 64) and Pro (32 + 16 heads of 128) have:
@@ -118,11 +116,3 @@ def _randomize_zero_init(model, seed: int) -> None:
         for param in model.parameters():
             if not param.any():
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-
-
-def save_tiny_k6(directory: str | os.PathLike, seed: int = 0) -> Path:
-    """Build the tiny Kandinsky 6 pipeline and write it to `directory` in diffusers format (safetensors)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    build_tiny_k6_pipeline(seed).save_pretrained(directory, safe_serialization=True)
-    return directory
