@@ -13,6 +13,8 @@ from tests.gang_ranks import PARALLEL_REQUESTS as REQUESTS
 from tests.gang_ranks import run_gangs
 from tests.helpers import assert_like_one_device, oracle
 
+pytestmark = pytest.mark.slow  # spawned rank processes
+
 
 @pytest.fixture(scope="module")
 def one_device(tiny_pipe):
