@@ -20,7 +20,6 @@ import pytest
 from kandinsky_batch.cli import EXIT_NOTHING_OK, EXIT_OK, EXIT_USAGE
 from kandinsky_batch.output.video import encode
 from tests.cli_batch import run_here
-from tests.tiny_vocab import vocab_once
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,9 +29,8 @@ def presets(model_cache):
     """The tiny presets the cases load, built once here, so the CLI runs find them cached (and print nothing else)."""
     from pipelines import resolve_model
 
-    with vocab_once():
-        for name in ("tiny", "tiny-i2v", "tiny-t2i", "tiny-sr"):
-            resolve_model(name, spec_only=True)
+    for name in ("tiny", "tiny-i2v", "tiny-t2i", "tiny-sr"):
+        resolve_model(name, spec_only=True)
 
 
 def _dataset(path: Path, **columns) -> str:

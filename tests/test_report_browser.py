@@ -22,7 +22,6 @@ from kandinsky_batch.output.storage import Storage
 from tests.helpers import write_dataset
 from tests.scores_output import METRICS, expected_scores, write_scores
 from tests.sweep_output import expected_stats
-from tests.tiny_vocab import vocab_once
 
 pytestmark = pytest.mark.browser
 
@@ -45,8 +44,7 @@ def sweep_output(tmp_path_factory, inprocess_module) -> str:
     cfg = load_config(str(ROOT / "configs" / "tiny-sweep.yaml"), [f"input.path={data}", f"output.uri={uri}",
                                                                   "score.metrics=[]", "render.height=32",
                                                                   "render.width=32", "render.num_frames=9"])
-    with vocab_once():  # the sweep's two presets, when this session builds them
-        result = run(cfg, progress=False)
+    result = run(cfg, progress=False)
     assert (result.ok, result.invalid) == (48, 12)
     return uri
 

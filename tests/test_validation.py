@@ -28,7 +28,6 @@ from pipelines import load_spec
 from tests.cli_batch import run_here
 from tests.conftest import S3_BUCKET
 from tests.helpers import TINY_RENDER, build_tasks, read_table, write_dataset
-from tests.tiny_vocab import vocab_once
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,9 +38,8 @@ TYPES = {"id": pa.string(), "prompt": pa.string(), "negative_prompt": pa.string(
 
 @pytest.fixture(scope="module")
 def spec(model_cache):
-    with vocab_once():  # the module's two presets, when this session builds them
-        load_spec("tiny-i2v")
-        return load_spec("tiny")
+    load_spec("tiny-i2v")
+    return load_spec("tiny")
 
 
 @pytest.fixture(scope="module")
