@@ -21,8 +21,8 @@ from kandinsky_batch.output.storage import Storage
 from tests.export_source import put_sample
 
 ROOT = Path(__file__).resolve().parents[1]
-# The real wheel (`pip download vbench==0.1.5 --no-deps`); VBENCH_WHEEL names it where it lies elsewhere.
-WHEEL = Path(os.environ.get("VBENCH_WHEEL", "/work/wheels/vbench-0.1.5-py3-none-any.whl"))
+# The real wheel, as a user gets it (`pip download vbench==0.1.5 --no-deps`); VBENCH_WHEEL names one already there.
+VBENCH = "vbench==0.1.5"
 # Prompts of VBench's suite: one with a trailing period and a comma, one with a non-ASCII letter.
 PROMPTS = ["A 3D model of a 1800s victorian house.",
            "A tranquil tableau of at the edge of the Arabian Desert, the ancient city of Petra beckoned with its "
@@ -119,18 +119,32 @@ def test_more_seeds_than_five_are_kept_for_the_static_filter_when_they_run_from_
         vbench.check([s for s in _samples(source, PROMPTS[:1], seeds=7) if s.meta["sweep_seed_index"] != 5])
 
 
-def test_the_prompt_script_reads_the_wheel_into_one_row_per_distinct_prompt(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The vbench wheel: VBENCH_WHEEL, else downloaded from the package registry (its JSON is read, never installed)."""
+    if os.environ.get("VBENCH_WHEEL"):
+        return Path(os.environ["VBENCH_WHEEL"])
+    folder = tmp_path_factory.mktemp("vbench-wheel")
+    _script([sys.executable, "-m", "pip", "download", VBENCH, "--no-deps", "--quiet", "-d", str(folder)])
+    return next(folder.glob("vbench-*.whl"))
+
+
+def _script(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 0, (argv, proc.stderr[-3000:])
+
+
+def test_the_prompt_script_reads_the_wheel_into_one_row_per_distinct_prompt(tmp_path, wheel):
     import json
     import zipfile
 
     out = tmp_path / "vbench-prompts.parquet"
-    subprocess.run([sys.executable, str(ROOT / "jobs" / "vbench_prompts.py"), str(WHEEL), str(out)], check=True,
-                   capture_output=True)
+    _script([sys.executable, str(ROOT / "jobs" / "vbench_prompts.py"), str(wheel), str(out)])
     table = pq.read_table(out)
     assert table.schema == pa.schema([("id", pa.string()), ("prompt", pa.string()),
                                       ("dimension", pa.list_(pa.string()))])
-    with zipfile.ZipFile(WHEEL) as wheel:
-        entries = json.loads(wheel.read("vbench/VBench_full_info.json"))
+    with zipfile.ZipFile(wheel) as archive:
+        entries = json.loads(archive.read("vbench/VBench_full_info.json"))
     assert (len(entries), table.num_rows) == (946, 944)
     rows = table.to_pylist()
     assert [r["prompt"] for r in rows] == list(dict.fromkeys(e["prompt_en"] for e in entries))
@@ -147,8 +161,7 @@ def test_the_prompt_script_reads_the_wheel_into_one_row_per_distinct_prompt(tmp_
     again = tmp_path / "again.parquet"
     json_path = tmp_path / "VBench_full_info.json"
     json_path.write_text(json.dumps(entries))
-    subprocess.run([sys.executable, str(ROOT / "jobs" / "vbench_prompts.py"), str(json_path), str(again)],
-                   check=True, capture_output=True)
+    _script([sys.executable, str(ROOT / "jobs" / "vbench_prompts.py"), str(json_path), str(again)])
     assert pq.read_table(again).equals(table)
 
 

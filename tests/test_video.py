@@ -44,6 +44,16 @@ def test_mp4_bytes_are_deterministic():
     assert encode_mp4(frames, 24) == encode_mp4(frames.copy(), 24)
 
 
+def test_mp4_bytes_are_the_same_when_encodes_run_at_once_in_one_process():
+    """A replica encodes one row while it renders the next, and a process may hold several encoders at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    frames = smooth_frames(num_frames=17)
+    with ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(lambda _: encode_mp4(frames, 24), range(8)))
+    assert len(set(outputs)) == 1 and outputs[0] == encode_mp4(frames, 24)
+
+
 def test_npy_round_trip_is_exact():
     frames = np.random.default_rng(0).integers(0, 256, (3, 7, 5, 3), dtype=np.uint8)
     assert np.array_equal(decode_npy(encode_npy(frames)), frames)

@@ -11,8 +11,11 @@ from collections.abc import Callable
 import av
 import numpy as np
 
-# Fixed rather than "auto": x264's output depends on its thread count, and auto follows the host's cores.
-X264_THREADS = 4
+# One encoder thread: identical frames give identical bytes by construction, on every host. x264's output depends
+# on its thread count (so never "auto", which follows the host's cores), and with 4 frame threads two encodes of the
+# same frames in one process once differed in CI (Intel Xeon, AVX-512). A replica encodes off its render path (the
+# next batch renders meanwhile), so one thread (~5 s for 121 frames of 768x512 on one core) does not bound throughput.
+X264_THREADS = 1
 X264_OPTIONS = {"crf": "18", "preset": "medium"}
 # The index (moov) before the media (mdat): a browser starts playing a linked mp4 before it has all of it.
 MP4_OPTIONS = {"movflags": "+faststart"}
