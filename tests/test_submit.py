@@ -105,12 +105,19 @@ def _is_loopback(ip: str) -> bool:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
-    """A Ray head bound to 127.0.0.1 with token auth, on free ports; always stopped afterwards."""
+def ray_head(tmp_path, model_cache):
+    """A Ray head bound to 127.0.0.1 with token auth, on free ports; always stopped afterwards. Its node cache
+    (KANDINSKY_BATCH_CACHE) holds a copy of the session's tiny build, and its HOME is empty: a job that ignored the
+    variable would build the model into HOME's default cache instead."""
+    from pipelines import resolve_model
+
     # Ray's unix sockets live under the temp dir and must fit in 107 bytes: keep it short.
     temp = Path(tempfile.mkdtemp(prefix="kb-", dir="/tmp"))
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))
+    tiny = Path(resolve_model("tiny"))  # built once per session (model_cache); linked, not built again (~25 CPU-s)
+    shutil.copytree(tiny, tmp_path / "cache" / tiny.name, copy_function=os.link)
+    (tmp_path / "home").mkdir()
     marker = f"KB_TEST_RAY_HEAD={uuid.uuid4().hex}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({
@@ -119,6 +126,7 @@ def ray_head(tmp_path):
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token),  # a token of our own: ~/.ray/auth_token is left alone
         "KANDINSKY_BATCH_CACHE": str(tmp_path / "cache"),
+        "HOME": str(tmp_path / "home"),
         marker.split("=")[0]: marker.split("=")[1],
     })
     ports = _free_ports(len(PORT_FLAGS))
@@ -177,7 +185,8 @@ def test_submit_renders_dataset(ray_head, tmp_path):
     manifest = read_manifest(storage).to_pylist()
     assert sorted(r["id"] for r in manifest) == sorted(r["id"] for r in ROWS)
     assert [r["status"] for r in manifest] == ["ok"] * len(ROWS), manifest
-    assert any((tmp_path / "cache").iterdir()), "the job should build the tiny model into KANDINSKY_BATCH_CACHE"
+    # The driver and the actor found the model in KANDINSKY_BATCH_CACHE: nothing was built into HOME's default cache.
+    assert not (tmp_path / "home" / ".cache" / "kandinsky-batch").exists(), "the job ignored KANDINSKY_BATCH_CACHE"
 
     # `verify` through the CLI's entry point in this process: the submitted job is the separate process here.
     assert main(["verify", str(out)]) == 0
