@@ -120,15 +120,13 @@ def local_ray(replicas: int, trace_dir: Path) -> Iterator[None]:
     """A loopback-only local Ray sized as `cluster.connect` sizes one, with every render traced."""
     import ray
 
-    from kandinsky_batch.fleet.cluster import loopback_only
+    from kandinsky_batch.fleet.local_ray import start_local
 
     trace_dir.mkdir(parents=True, exist_ok=True)
     path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
-    loopback_only()
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False,
-             logging_level=logging.WARNING, _node_ip_address="127.0.0.1",
-             runtime_env={"worker_process_setup_hook": "orchestration.trace_renders",
-                          "env_vars": {TRACE_ENV: str(trace_dir), "PYTHONPATH": path}})
+    start_local(num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False, logging_level=logging.WARNING,
+                _node_ip_address="127.0.0.1", runtime_env={"worker_process_setup_hook": "orchestration.trace_renders",
+                                                           "env_vars": {TRACE_ENV: str(trace_dir), "PYTHONPATH": path}})
     try:
         yield
     finally:

@@ -180,16 +180,14 @@ def ray_local(model_cache) -> Iterator[None]:
     session than the ~6 CPU-s a start and a shutdown cost."""
     import ray
 
-    from kandinsky_batch.fleet.cluster import loopback_only
+    from kandinsky_batch.fleet.local_ray import start_local
 
-    loopback_only()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # `address="local"`: a fresh cluster even when a stale `ray start` left its address file on this host.
+    # `address="local"` (start_local): a fresh cluster even when a stale `ray start` left its address file on this
+    # host; started again once if the busy host made Ray's own start-up clock run out.
     # 8 logical CPUs: the largest fleet a test runs (tests/test_gangs.py: gangs of 2 and 4 ranks) holds one per rank.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1",
-             runtime_env={"worker_process_setup_hook": "tests.faults.install",
-                          "env_vars": {"PYTHONPATH": root}})
+    start_local(num_cpus=8, include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1",
+                runtime_env={"worker_process_setup_hook": "tests.faults.install", "env_vars": {"PYTHONPATH": root}})
     try:
         yield
     finally:

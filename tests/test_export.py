@@ -264,11 +264,10 @@ def ray_one_cpu(model_cache):
     where eight CPUs would start a worker, and pay its imports, per task."""
     import ray
 
-    from kandinsky_batch.fleet.cluster import loopback_only
+    from kandinsky_batch.fleet.local_ray import start_local
 
-    loopback_only()
-    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    start_local(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1",
+                runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
         yield
     finally:

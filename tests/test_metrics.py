@@ -190,13 +190,12 @@ def test_recording_is_cheap():
 # until its stdin closes, then shuts Ray down.
 DRIVER = r"""
 import json, logging, select, sys
-from kandinsky_batch.fleet.cluster import loopback_only
+from kandinsky_batch.fleet.local_ray import loopback_only, start_local
 loopback_only()
 import ray
 from kandinsky_batch.fleet.metrics import JobMetrics
 
-context = ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,
-                   _node_ip_address="127.0.0.1")
+context = start_local(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
 
 @ray.remote(num_cpus=0)
 class Replica:

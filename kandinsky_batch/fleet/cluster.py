@@ -16,23 +16,10 @@ from typing import Callable, Iterator
 
 from kandinsky_batch.config.schema import ClusterConfig, ReplicaGroup
 from kandinsky_batch.errors import ConfigError
+from kandinsky_batch.fleet.local_ray import start_local
 from kandinsky_batch.fleet.slot import ReplicaDrained, ReplicaLost
 from kandinsky_batch.fleet.worker import RenderWorker, WorkerSpec
 from pipelines import QUIET_ENV, SIMULATED, ParallelSpec, cpu_numerics_env
-
-
-def loopback_only() -> None:
-    """Make the local Ray we are about to start a single-machine instance bound to 127.0.0.1 only.
-
-    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when `ray` is first imported, and on Linux an unset
-    value means "bind the host's network address". So set the variable (for every Ray process we spawn)
-    and the constant already read from it (for this one), whatever the caller's environment says.
-    Only for a local Ray: a driver joining a real cluster must keep advertising its network address.
-    """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 @contextmanager
@@ -60,9 +47,8 @@ def connect(cfg: ClusterConfig, *others: ClusterConfig, verbose: bool = False,
             phase("starting Ray…")
             ranks = max(sum(g.parallel().world_size * (g.replicas or 1) for g in c.replica_groups())
                         for c in clusters)
-            loopback_only()
-            ray.init(address="local", num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, ranks),
-                     include_dashboard=False, logging_level=level, _node_ip_address="127.0.0.1")
+            start_local(num_cpus=cfg.num_cpus or max(os.cpu_count() or 1, ranks), include_dashboard=False,
+                        logging_level=level, _node_ip_address="127.0.0.1")
     try:
         yield
     finally:
