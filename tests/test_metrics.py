@@ -190,8 +190,7 @@ def test_recording_is_cheap():
 # until its stdin closes, then shuts Ray down.
 DRIVER = r"""
 import json, logging, select, sys
-from kandinsky_batch.fleet.local_ray import loopback_only, start_local
-loopback_only()
+from kandinsky_batch.fleet.local_ray import start_local  # binds loopback only, as the product's local Ray
 import ray
 from kandinsky_batch.fleet.metrics import JobMetrics
 
