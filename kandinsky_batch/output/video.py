@@ -11,12 +11,27 @@ from collections.abc import Callable
 import av
 import numpy as np
 
-# One encoder thread: identical frames give identical bytes by construction, on every host. x264's output depends
-# on its thread count (so never "auto", which follows the host's cores), and with 4 frame threads two encodes of the
-# same frames in one process once differed in CI (Intel Xeon, AVX-512). A replica encodes off its render path (the
-# next batch renders meanwhile), so one thread (~5 s for 121 frames of 768x512 on one core) does not bound throughput.
+# One encoder thread: x264's output depends on its thread count (so never "auto", which follows the host's cores).
+# A replica encodes off its render path (the next batch renders meanwhile), so one thread (~5 s for 121 frames of
+# 768x512 on one core) does not bound throughput.
 X264_THREADS = 1
-X264_OPTIONS = {"crf": "18", "preset": "medium"}
+
+
+def _x264_cpu_cap() -> dict[str, str]:
+    """x264's SIMD capped at AVX2 on a host with AVX-512: x264's AVX-512 code reads memory it has not written, so
+    the same frames gave different bytes now and then (19 of 640 encodes on an Intel Xeon; none with this cap, none
+    with `MALLOC_PERTURB_` set). x264's SIMD levels are bit-exact with its C code, so the cap changes no byte of a
+    good encode: every host writes the same bytes. `asm` names x264's flags outright, so only where AVX-512 (and so
+    AVX2) is present."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            avx512 = any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:  # not Linux: x264 detects its own SIMD
+        return {}
+    return {"x264-params": "asm=AVX2"} if avx512 else {}
+
+
+X264_OPTIONS = {"crf": "18", "preset": "medium", **_x264_cpu_cap()}
 # The index (moov) before the media (mdat): a browser starts playing a linked mp4 before it has all of it.
 MP4_OPTIONS = {"movflags": "+faststart"}
 
