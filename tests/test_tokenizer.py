@@ -123,3 +123,34 @@ def test_the_driver_cleans_prompts_as_diffusers_does():
 
     for text in TRICKY + ["&amp;amp; twice escaped", "a\u2028b\u2029c", "\x85next line", "  \r\n  "]:
         assert clean_prompt(text) == prompt_clean(text), repr(text)
+
+
+def test_saved_tokenizers_list_their_added_tokens_and_load_as_without_them(tmp_path, model_cache):
+    """Each tokenizer of a saved preset keeps its added tokens in `tokenizer_config.json` (the hub checkpoints' form,
+    which spares transformers a second parse of `tokenizer.json` at every load), and loads exactly as the same files
+    without that field do: same added and special tokens, same ids for every text, specials included."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from pipelines import resolve_model
+
+    texts = [*TRICKY, "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>a cat<|im_end|><|endoftext|>",
+             "<|startoftext|>a cat<|endoftext|>"]
+    preset = Path(resolve_model("tiny"))
+    for folder, load in (("tokenizer", lambda p: AutoProcessor.from_pretrained(p).tokenizer),
+                         ("tokenizer_2", AutoTokenizer.from_pretrained)):
+        config = json.loads((preset / folder / "tokenizer_config.json").read_text())
+        saved = load(str(preset / folder))
+        assert {int(i): t["content"] for i, t in config["added_tokens_decoder"].items()} == \
+               {i: str(t) for i, t in saved.added_tokens_decoder.items()} != {}
+        bare = tmp_path / folder
+        shutil.copytree(preset / folder, bare)
+        del config["added_tokens_decoder"]
+        (bare / "tokenizer_config.json").write_text(json.dumps(config))
+        without = load(str(bare))
+        assert saved.added_tokens_decoder == without.added_tokens_decoder, folder
+        assert saved.all_special_tokens == without.all_special_tokens and len(saved) == len(without), folder
+        assert saved(texts)["input_ids"] == without(texts)["input_ids"], folder
