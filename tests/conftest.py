@@ -245,6 +245,15 @@ def cpu_gangs(model_cache, tmp_path_factory) -> CpuGangs:
         return CpuGangs(PINNED_GANGS, pickle.loads(shared.read_bytes()))
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile` (addopts) with a lane for the modules that mostly wait (tests/lanes.py)."""
+    if config.getvalue("dist") == "loadfile":
+        from tests.lanes import WaitingLane
+
+        return WaitingLane(config, log)
+    return None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules with `slow` tests (Ray, spawned jobs) run first: pytest-xdist hands out whole modules in this order
     (`--no-loadscope-reorder`: its default order is by test count, which put the 4-test fleet module last), so the

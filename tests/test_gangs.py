@@ -181,14 +181,13 @@ NABLA_GANG = ["render.height=128", "render.width=128", "model.attention_type=nab
 def killed_gang(tmp_path_factory, ray_local):
     tmp_path = tmp_path_factory.mktemp("killed")
     storage = Storage(f"file://{tmp_path / 'out'}")
-    killed = []
+    killed, finished = [], threading.Event()
 
     def kill_one_rank():
         # Once the gang has committed a row, kill one of its ranks while it is inside a render
-        # (Ray retitles a busy actor process `ray::RenderWorker.render`).
+        # (Ray retitles a busy actor process `ray::RenderWorker.render`), however long the start takes on a busy host.
         # The process table is read only once a row is committed: it costs far more than a listing.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while not finished.is_set():
             if storage.list("videos"):
                 busy = [p for p in _render_workers() if " ".join(p.cmdline()).startswith("ray::RenderWorker.render")]
                 if busy:
@@ -199,8 +198,11 @@ def killed_gang(tmp_path_factory, ray_local):
 
     killer = threading.Thread(target=kill_one_rank, daemon=True)
     killer.start()
-    result = run(_config(tmp_path, NABLA_ROWS, [*NABLA_GANG, "cluster.max_attempts=5"]), progress=False)
-    killer.join()
+    try:
+        result = run(_config(tmp_path, NABLA_ROWS, [*NABLA_GANG, "cluster.max_attempts=5"]), progress=False)
+    finally:
+        finished.set()  # a job that ended before any rank was killed fails `killed` below
+        killer.join()
     again = run(_config(tmp_path, NABLA_ROWS, NABLA_GANG), progress=False)
     return tmp_path, result, killed, again
 

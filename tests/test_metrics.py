@@ -312,7 +312,7 @@ def test_a_local_ray_exports_job_metrics_from_driver_and_actor_to_prometheus(tmp
 
         def scrape_until_exported() -> dict:
             # Wait on the condition, never on a clock: a loaded host exports late, not wrongly.
-            deadline, seen = time.monotonic() + 90, {}
+            deadline, seen = time.monotonic() + 300, {}
             while time.monotonic() < deadline:
                 family.update(_family(driver.pid, ray_tmp))
                 seen = _scrape(port)
