@@ -1,6 +1,7 @@
 """The suite's own scheduling (tests/lanes.py): whole modules, the waiting ones on the first worker's lane."""
 
 from collections import OrderedDict
+from pathlib import Path
 from types import SimpleNamespace
 
 from tests.lanes import WAITING, WaitingLane
@@ -52,6 +53,12 @@ def test_the_first_of_three_workers_takes_the_waiting_modules_and_each_lane_the_
         sched._assign_work_unit(worker)
     assert _modules(sched, a) == ["tests/test_gangs.py", "tests/test_job.py", "tests/test_kinds.py"]
     assert _modules(sched, b) == ["tests/test_fleet.py"] and not lane.sent  # b took the lane's: it had none left
+
+
+def test_every_waiting_module_exists():
+    """A renamed module would silently leave the lane: the list names files that are there."""
+    root = Path(__file__).resolve().parents[1]
+    assert WAITING and all((root / module).is_file() for module in WAITING)
 
 
 def test_with_two_workers_it_is_plain_loadfile():
