@@ -257,6 +257,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules with `slow` tests (Ray, spawned jobs) run first: pytest-xdist hands out whole modules in this order
     (`--no-loadscope-reorder`: its default order is by test count, which put the 4-test fleet module last), so the
-    two workers end on short modules instead of one of them finishing a long one alone."""
+    workers end on short modules instead of one of them finishing a long one alone."""
     slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.module.__name__ not in slow)  # stable: file and test order kept otherwise

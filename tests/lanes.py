@@ -6,7 +6,7 @@ requests, a metrics scrape. On two cores and two workers, a worker in one of the
 With three workers, the first is their lane: it takes those modules (in collection order), the other two take the
 rest, and each lane takes from the other's once its own is empty. So the waits overlap with work on both cores
 instead of holding a worker, and the CPU-heavy modules (gangs above all, whose ranks stall each other when the
-cores are shared) never run three at once. With fewer than three workers it is plain `loadfile`.
+cores are shared) run two at once, not three, until only the short modules at the end of the order are left. With fewer than three workers it is plain `loadfile`.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def test_the_first_of_three_workers_takes_the_waiting_modules_and_each_lane_the_
     for worker in (a, a, a, b):
         sched._assign_work_unit(worker)
     assert _modules(sched, a) == ["tests/test_gangs.py", "tests/test_job.py", "tests/test_kinds.py"]
-    assert _modules(sched, b) == ["tests/test_fleet.py"] and not lane.sent  # b took the lane's: it had none left
+    assert _modules(sched, b) == ["tests/test_fleet.py"] and not lane.sent  # a took all of b's lane: b takes the lane's next
 
 
 def test_every_waiting_module_exists():
